@@ -1,0 +1,711 @@
+//! The one way rows reach pg_end: a batch of source transactions, the dead letters
+//! that came with it and the progress marker that covers both, applied in ONE pg_end
+//! database transaction, set-based.
+//!
+//! Invariant: a source transaction is counted in `main.balance` exactly once, however
+//! often its record is applied. The transaction id is the idempotency key: a row is
+//! inserted into `main.transactions` with `ON CONFLICT (id) DO NOTHING`, and only the
+//! rows that this very statement inserted (its `RETURNING`) are added to the balances.
+//! A record whose id is already there with other content is a `conflict` dead letter,
+//! never an overwrite. The progress marker (Kafka offsets or a source LSN) is written
+//! in the same transaction and only ever moves forward, so replaying a batch, applying
+//! it from two processes at once, or crashing at any instant changes nothing.
+//!
+//! ```text
+//!   ApplyBatch ──validate (Rust)──► records ok ─┬─► INSERT transactions ON CONFLICT DO NOTHING
+//!       │                                       │        └─RETURNING─► balance += per account
+//!       │                                       └─► not inserted: compare with pg_end's row
+//!       │                                               same = duplicate, else = conflict
+//!       └── dead letters (given + invalid + conflicts) ─► outbox_relay.dead_letters
+//!       └── progress ─► sink_offsets / direct_progress   (GREATEST: forward only)
+//!                                         all of it: one transaction, then COMMIT
+//! ```
+//!
+//! # One bad record never blocks a batch
+//! Values PostgreSQL would refuse (a non-numeric amount, an impossible date) are caught
+//! in Rust by [`validate`] and become dead letters before any SQL runs. If the batch
+//! still fails with a definite error, something unforeseen is wrong with one record:
+//! the batch is bisected under savepoints, still inside the same transaction, until
+//! the record is isolated and dead-lettered as `apply_failed`; the rest is applied.
+//! Errors on the bookkeeping statements themselves are returned as they are.
+//!
+//! # Deadlocks
+//! Two appliers that touch the same ids or accounts lock them in the same order: the
+//! rows are inserted sorted by id, the balances upserted sorted by account, the
+//! progress rows sorted by (topic, partition). A deadlock that still happens is a
+//! transient error: the caller retries the batch.
+//!
+//! # Dead letters are written once per origin
+//! A unique index on `(topic, partition, kafka_offset)` makes a replayed Kafka record's
+//! dead letter a no-op. Dead letters without a Kafka origin (direct mode) have no such
+//! key and would be written again if their batch were applied twice.
+
+pub mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use thiserror::Error;
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+use crate::lsn::Lsn;
+use crate::pg::{self, ErrorClass};
+
+/// One source transaction, as it is to be written to pg_end's `main.transactions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnRecord {
+    /// The client-made id: the idempotency key of the whole pipeline.
+    pub id: i64,
+    pub account_id: i64,
+    /// Exact decimal text (`-50`, `12.30`, `1.5e2`); never went through a float.
+    pub amount: String,
+    /// `timestamp without time zone` text in a form PostgreSQL accepts
+    /// (`2025-07-23 20:06:21.085330`).
+    pub created_at: String,
+}
+
+/// Where a record came from: kept with each record so that a dead letter made of it
+/// (now or after a conflict is found) carries its raw bytes and origin.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    /// The source commit LSN, when known (direct mode, or the connector's header).
+    pub source_lsn: Option<Lsn>,
+    /// Raw record key, as received.
+    pub key: Option<Vec<u8>>,
+    /// Raw record value, as received.
+    pub value: Option<Vec<u8>>,
+    /// Record headers (`[{"key": …, "value": …}]`), or `null`.
+    pub headers: serde_json::Value,
+}
+
+/// Why a record was not applied. Stored as text in `outbox_relay.dead_letters.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterKind {
+    /// The value is not JSON (or not UTF-8, or empty).
+    InvalidJson,
+    /// A required field is absent or `null`.
+    MissingField,
+    /// A field has the wrong JSON type (an object for an id, a boolean for an amount).
+    WrongType,
+    /// A field has the right type but a value pg_end cannot hold (a non-numeric amount,
+    /// an impossible date, an id beyond 64 bits).
+    InvalidValue,
+    /// JSON of no known record format.
+    UnknownFormat,
+    /// The value is larger than the sink accepts.
+    Oversized,
+    /// The record has no value at all (a tombstone) where one is required.
+    EmptyValue,
+    /// The id is already in pg_end (or earlier in the batch) with different content.
+    Conflict,
+    /// PostgreSQL refused the record for a reason the checks did not foresee.
+    ApplyFailed,
+}
+
+impl DeadLetterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::MissingField => "missing_field",
+            Self::WrongType => "wrong_type",
+            Self::InvalidValue => "invalid_value",
+            Self::UnknownFormat => "unknown_format",
+            Self::Oversized => "oversized",
+            Self::EmptyValue => "empty_value",
+            Self::Conflict => "conflict",
+            Self::ApplyFailed => "apply_failed",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record that is kept instead of applied, with why and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub kind: DeadLetterKind,
+    /// What is wrong, precise enough for a person; never the row's values.
+    pub error: String,
+    pub origin: Origin,
+}
+
+/// How far the applied batch reaches in its input; stored with the rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The last offset consumed (applied, skipped or dead-lettered) per partition.
+    KafkaOffsets(Vec<KafkaOffset>),
+    /// Direct mode: the commit LSN of the last source transaction in the batch.
+    SourceLsn { slot: String, commit_lsn: Lsn },
+    /// Nothing to record (tests, manual repairs).
+    None,
+}
+
+/// The last offset consumed in one partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KafkaOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub last_offset: i64,
+}
+
+/// What one pg_end transaction applies.
+#[derive(Debug, Clone)]
+pub struct ApplyBatch {
+    /// In input order: for repeated ids, the first occurrence wins.
+    pub records: Vec<(TxnRecord, Origin)>,
+    /// Records already known to be bad (unparsable input).
+    pub dead_letters: Vec<DeadLetter>,
+    pub progress: Progress,
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// New rows in `main.transactions`, each added to its account's balance.
+    pub inserted: u64,
+    /// Records whose id was already applied with the same content (in pg_end or
+    /// earlier in the batch): nothing changed.
+    pub duplicates: u64,
+    /// Records whose id was already there with other content (also dead letters).
+    pub conflicts: u64,
+    /// Dead letters of this batch: given, invalid values, conflicts, apply failures.
+    pub dead_letters: u64,
+    /// Of those, how many were new (a replayed record's dead letter is already there).
+    pub dead_letters_written: u64,
+    /// Whether a definite error made the batch be bisected.
+    pub bisected: bool,
+}
+
+/// Why a batch could not be applied; nothing of it was committed.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// pg_end is unreachable, restarting, or a deadlock/serialization failure: retry.
+    #[error("pg_end unavailable while {step}")]
+    Transient {
+        step: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// pg_end refused a bookkeeping statement (missing schema, permissions): a person
+    /// must look. Record content never causes this; it is bisected into dead letters.
+    #[error(
+        "pg_end refused the batch while {step} (is the schema there? run `outbox-relay migrate`)"
+    )]
+    Definite {
+        step: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl ApplyError {
+    fn new(step: &'static str, source: tokio_postgres::Error) -> Self {
+        match pg::classify(&source) {
+            ErrorClass::Transient => Self::Transient { step, source },
+            ErrorClass::Definite => Self::Definite { step, source },
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Transient { .. } => ErrorClass::Transient,
+            Self::Definite { .. } => ErrorClass::Definite,
+        }
+    }
+}
+
+/// Inserts the rows, then credits only the rows this statement inserted, aggregated
+/// per account. Input sorted by id and accounts upserted in order: a fixed lock order.
+const INSERT_RECORDS: &str = "\
+WITH input AS (
+    SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[]::numeric[], $4::text[]::timestamp[])
+        AS i(id, account_id, amount, created_at)
+), inserted AS (
+    INSERT INTO main.transactions AS t (id, account_id, amount, created_at)
+    SELECT id, account_id, amount, created_at FROM input ORDER BY id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING t.id, t.account_id, t.amount, t.created_at
+), credited AS (
+    INSERT INTO main.balance AS b (account_id, current_balance, updated_at)
+    SELECT account_id, sum(amount), max(created_at) FROM inserted
+    GROUP BY account_id ORDER BY account_id
+    ON CONFLICT (account_id) DO UPDATE
+        SET current_balance = b.current_balance + EXCLUDED.current_balance,
+            updated_at = GREATEST(b.updated_at, EXCLUDED.updated_at)
+)
+SELECT id FROM inserted";
+
+/// For ids the insert skipped: is pg_end's row the same? A separate statement, so that
+/// under READ COMMITTED it sees a row a concurrent applier committed after the insert
+/// statement's snapshot was taken (the insert waited for it, then skipped).
+const COMPARE_EXISTING: &str = "\
+SELECT x.id, t.id IS NOT NULL,
+       t.account_id = x.account_id, t.amount = x.amount, t.created_at = x.created_at
+FROM unnest($1::int8[], $2::int8[], $3::text[]::numeric[], $4::text[]::timestamp[])
+    AS x(id, account_id, amount, created_at)
+LEFT JOIN main.transactions t ON t.id = x.id";
+
+const INSERT_DEAD_LETTERS: &str = "\
+INSERT INTO outbox_relay.dead_letters
+    (kind, error, topic, partition, kafka_offset, source_lsn, record_key, record_value, headers)
+SELECT kind, error, topic, partition, kafka_offset, source_lsn::pg_lsn, record_key, record_value,
+       headers::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::text[], $7::bytea[],
+            $8::bytea[], $9::text[])
+    AS d(kind, error, topic, partition, kafka_offset, source_lsn, record_key, record_value, headers)
+ON CONFLICT (topic, partition, kafka_offset) DO NOTHING";
+
+const UPSERT_KAFKA_OFFSETS: &str = "\
+INSERT INTO outbox_relay.sink_offsets AS s (topic, partition, last_offset, updated_at)
+SELECT topic, partition, last_offset, now()
+FROM unnest($1::text[], $2::int4[], $3::int8[]) AS p(topic, partition, last_offset)
+ORDER BY topic, partition
+ON CONFLICT (topic, partition) DO UPDATE
+    SET last_offset = EXCLUDED.last_offset, updated_at = EXCLUDED.updated_at
+    WHERE EXCLUDED.last_offset > s.last_offset";
+
+const UPSERT_SOURCE_LSN: &str = "\
+INSERT INTO outbox_relay.direct_progress AS d (slot_name, commit_lsn, updated_at)
+VALUES ($1, $2::text::pg_lsn, now())
+ON CONFLICT (slot_name) DO UPDATE
+    SET commit_lsn = EXCLUDED.commit_lsn, updated_at = EXCLUDED.updated_at
+    WHERE EXCLUDED.commit_lsn > d.commit_lsn";
+
+const READ_KAFKA_OFFSETS: &str = "\
+SELECT s.topic, s.partition, s.last_offset
+FROM outbox_relay.sink_offsets s
+JOIN unnest($1::text[], $2::int4[]) AS p(topic, partition)
+    ON p.topic = s.topic AND p.partition = s.partition";
+
+const READ_SOURCE_LSN: &str =
+    "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = $1";
+
+/// Applies `batch` in one pg_end transaction; see the module documentation.
+///
+/// On `Err`, nothing was committed (or, if the connection broke during `COMMIT`, the
+/// outcome is unknown, which is why applying the same batch again must be, and is,
+/// harmless). The caller retries transient errors with the same batch.
+pub async fn apply(client: &mut Client, batch: &ApplyBatch) -> Result<ApplyOutcome, ApplyError> {
+    let mut outcome = ApplyOutcome::default();
+    let mut dead_letters: Vec<DeadLetter> = batch.dead_letters.clone();
+    let records = prepare(&batch.records, &mut dead_letters, &mut outcome);
+
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(|e| ApplyError::new("beginning a transaction", e))?;
+    apply_records(&mut tx, &records, &mut dead_letters, &mut outcome).await?;
+    outcome.dead_letters = dead_letters.len() as u64;
+    outcome.dead_letters_written = insert_dead_letters(&tx, &dead_letters).await?;
+    store_progress(&tx, &batch.progress).await?;
+    tx.commit()
+        .await
+        .map_err(|e| ApplyError::new("committing", e))?;
+
+    for letter in dead_letters.iter().filter(|l| {
+        matches!(
+            l.kind,
+            DeadLetterKind::Conflict | DeadLetterKind::ApplyFailed
+        )
+    }) {
+        tracing::warn!(
+            kind = %letter.kind,
+            topic = letter.origin.topic.as_deref().unwrap_or(""),
+            partition = letter.origin.partition,
+            offset = letter.origin.offset,
+            source_lsn = letter.origin.source_lsn.map(|l| l.to_string()),
+            error = %letter.error,
+            "dead letter"
+        );
+    }
+    Ok(outcome)
+}
+
+/// A record that passed the checks, with its canonical amount for comparisons.
+struct Checked<'a> {
+    record: &'a TxnRecord,
+    origin: &'a Origin,
+    canonical_amount: String,
+    created_at: chrono::NaiveDateTime,
+}
+
+/// Validates, drops in-batch repeats (a different repeat is a conflict), sorts by id.
+fn prepare<'a>(
+    input: &'a [(TxnRecord, Origin)],
+    dead_letters: &mut Vec<DeadLetter>,
+    outcome: &mut ApplyOutcome,
+) -> Vec<Checked<'a>> {
+    let mut by_id: HashMap<i64, Checked<'a>> = HashMap::with_capacity(input.len());
+    for (record, origin) in input {
+        let checked = validate::amount(&record.amount).and_then(|canonical_amount| {
+            Ok(Checked {
+                record,
+                origin,
+                canonical_amount,
+                created_at: validate::created_at(&record.created_at)?,
+            })
+        });
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(invalid) => {
+                dead_letters.push(DeadLetter {
+                    kind: DeadLetterKind::InvalidValue,
+                    error: invalid.to_string(),
+                    origin: origin.clone(),
+                });
+                continue;
+            }
+        };
+        match by_id.get(&record.id) {
+            None => {
+                by_id.insert(record.id, checked);
+            }
+            Some(first) => {
+                let differing = differing_fields(
+                    first.record.account_id == record.account_id,
+                    first.canonical_amount == checked.canonical_amount,
+                    first.created_at == checked.created_at,
+                );
+                if differing.is_empty() {
+                    outcome.duplicates += 1;
+                } else {
+                    outcome.conflicts += 1;
+                    dead_letters.push(DeadLetter {
+                        kind: DeadLetterKind::Conflict,
+                        error: format!(
+                            "id {} appears earlier in the same batch with a different {}",
+                            record.id,
+                            differing.join(", ")
+                        ),
+                        origin: origin.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let mut records: Vec<Checked<'a>> = by_id.into_values().collect();
+    records.sort_unstable_by_key(|c| c.record.id);
+    records
+}
+
+fn differing_fields(account_id: bool, amount: bool, created_at: bool) -> Vec<&'static str> {
+    [
+        (account_id, "account_id"),
+        (amount, "amount"),
+        (created_at, "created_at"),
+    ]
+    .into_iter()
+    .filter(|(same, _)| !same)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// The four parallel arrays the statements unnest.
+fn columns<'c>(records: &[&'c Checked<'_>]) -> (Vec<i64>, Vec<i64>, Vec<&'c str>, Vec<&'c str>) {
+    let mut ids = Vec::with_capacity(records.len());
+    let mut accounts = Vec::with_capacity(records.len());
+    let mut amounts = Vec::with_capacity(records.len());
+    let mut times = Vec::with_capacity(records.len());
+    for c in records {
+        ids.push(c.record.id);
+        accounts.push(c.record.account_id);
+        amounts.push(c.record.amount.as_str());
+        times.push(c.record.created_at.as_str());
+    }
+    (ids, accounts, amounts, times)
+}
+
+/// Inserts `records`, bisecting under savepoints on a definite error so that only the
+/// record PostgreSQL refuses becomes a dead letter.
+async fn apply_records(
+    tx: &mut Transaction<'_>,
+    records: &[Checked<'_>],
+    dead_letters: &mut Vec<DeadLetter>,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ApplyError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    // Ranges still to apply, the next one last.
+    let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
+    pending.push(0..records.len());
+    while let Some(range) = pending.pop() {
+        let part = &records[range.clone()];
+        let savepoint = tx
+            .savepoint("apply_part")
+            .await
+            .map_err(|e| ApplyError::new("setting a savepoint", e))?;
+        match insert_part(&savepoint, part, dead_letters, outcome).await {
+            Ok(()) => savepoint
+                .commit()
+                .await
+                .map_err(|e| ApplyError::new("releasing a savepoint", e))?,
+            Err(error) if pg::classify(&error) == ErrorClass::Definite => {
+                savepoint
+                    .rollback()
+                    .await
+                    .map_err(|e| ApplyError::new("rolling back to a savepoint", e))?;
+                outcome.bisected = true;
+                if part.len() == 1 {
+                    let c = &part[0];
+                    dead_letters.push(DeadLetter {
+                        kind: DeadLetterKind::ApplyFailed,
+                        error: format!("pg_end refused the record: {}", db_error_text(&error)),
+                        origin: c.origin.clone(),
+                    });
+                } else {
+                    let middle = range.start + part.len() / 2;
+                    pending.push(middle..range.end);
+                    pending.push(range.start..middle);
+                }
+            }
+            Err(error) => return Err(ApplyError::new("inserting the records", error)),
+        }
+    }
+    Ok(())
+}
+
+/// The error text of a refused statement, with its SQLSTATE.
+fn db_error_text(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
+/// Inserts one part and sorts its skipped ids into duplicates and conflicts.
+/// Counts into `outcome` only when the whole part succeeds.
+async fn insert_part(
+    tx: &Transaction<'_>,
+    part: &[Checked<'_>],
+    dead_letters: &mut Vec<DeadLetter>,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), tokio_postgres::Error> {
+    let (ids, accounts, amounts, times) = columns(&part.iter().collect::<Vec<_>>());
+    let rows = tx
+        .query(INSERT_RECORDS, &[&ids, &accounts, &amounts, &times])
+        .await?;
+    let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+    for row in &rows {
+        inserted.insert(row.try_get::<_, i64>(0)?);
+    }
+    let skipped: Vec<&Checked<'_>> = part
+        .iter()
+        .filter(|c| !inserted.contains(&c.record.id))
+        .collect();
+    let mut new_letters = Vec::new();
+    let mut duplicates = 0;
+    if !skipped.is_empty() {
+        let (ids, accounts, amounts, times) = columns(&skipped);
+        let rows = tx
+            .query(COMPARE_EXISTING, &[&ids, &accounts, &amounts, &times])
+            .await?;
+        let by_id: HashMap<i64, &Checked<'_>> = skipped.iter().map(|c| (c.record.id, *c)).collect();
+        for row in &rows {
+            let id: i64 = row.try_get(0)?;
+            let found: bool = row.try_get(1)?;
+            let Some(c) = by_id.get(&id) else { continue };
+            let same = |i: usize| row.try_get::<_, Option<bool>>(i).map(|v| v == Some(true));
+            let differing = differing_fields(same(2)?, same(3)?, same(4)?);
+            if found && differing.is_empty() {
+                duplicates += 1;
+            } else {
+                let error = if found {
+                    format!(
+                        "id {id} is already in pg_end's main.transactions with a different {}; \
+                         it was not overwritten",
+                        differing.join(", ")
+                    )
+                } else {
+                    format!("id {id} was neither inserted nor found in main.transactions")
+                };
+                new_letters.push(DeadLetter {
+                    kind: DeadLetterKind::Conflict,
+                    error,
+                    origin: c.origin.clone(),
+                });
+            }
+        }
+    }
+    outcome.inserted += inserted.len() as u64;
+    outcome.duplicates += duplicates;
+    outcome.conflicts += new_letters.len() as u64;
+    dead_letters.extend(new_letters);
+    Ok(())
+}
+
+/// Makes text storable in a `text` column (PostgreSQL refuses NUL characters).
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+async fn insert_dead_letters(
+    tx: &Transaction<'_>,
+    letters: &[DeadLetter],
+) -> Result<u64, ApplyError> {
+    if letters.is_empty() {
+        return Ok(0);
+    }
+    let kinds: Vec<&str> = letters.iter().map(|l| l.kind.as_str()).collect();
+    let errors: Vec<String> = letters.iter().map(|l| storable(&l.error)).collect();
+    let topics: Vec<Option<String>> = letters
+        .iter()
+        .map(|l| l.origin.topic.as_deref().map(storable))
+        .collect();
+    let partitions: Vec<Option<i32>> = letters.iter().map(|l| l.origin.partition).collect();
+    let offsets: Vec<Option<i64>> = letters.iter().map(|l| l.origin.offset).collect();
+    let lsns: Vec<Option<String>> = letters
+        .iter()
+        .map(|l| l.origin.source_lsn.map(|lsn| lsn.to_string()))
+        .collect();
+    let keys: Vec<Option<&[u8]>> = letters.iter().map(|l| l.origin.key.as_deref()).collect();
+    let values: Vec<Option<&[u8]>> = letters.iter().map(|l| l.origin.value.as_deref()).collect();
+    // serde_json escapes NUL as \u0000, which jsonb refuses: replace it in the text.
+    let headers: Vec<Option<String>> = letters
+        .iter()
+        .map(|l| {
+            (!l.origin.headers.is_null())
+                .then(|| l.origin.headers.to_string().replace("\\u0000", "\\ufffd"))
+        })
+        .collect();
+    tx.execute(
+        INSERT_DEAD_LETTERS,
+        &[
+            &kinds,
+            &errors,
+            &topics,
+            &partitions,
+            &offsets,
+            &lsns,
+            &keys,
+            &values,
+            &headers,
+        ],
+    )
+    .await
+    .map_err(|e| ApplyError::new("writing dead letters", e))
+}
+
+async fn store_progress(tx: &Transaction<'_>, progress: &Progress) -> Result<(), ApplyError> {
+    match progress {
+        Progress::None => Ok(()),
+        Progress::KafkaOffsets(offsets) => {
+            // One row per partition (an upsert may not touch a row twice), the highest.
+            let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+            for o in offsets {
+                let entry = last
+                    .entry((o.topic.as_str(), o.partition))
+                    .or_insert(o.last_offset);
+                *entry = (*entry).max(o.last_offset);
+            }
+            if last.is_empty() {
+                return Ok(());
+            }
+            let topics: Vec<&str> = last.keys().map(|(t, _)| *t).collect();
+            let partitions: Vec<i32> = last.keys().map(|(_, p)| *p).collect();
+            let offsets: Vec<i64> = last.values().copied().collect();
+            tx.execute(UPSERT_KAFKA_OFFSETS, &[&topics, &partitions, &offsets])
+                .await
+                .map_err(|e| ApplyError::new("storing the Kafka offsets", e))?;
+            Ok(())
+        }
+        Progress::SourceLsn { slot, commit_lsn } => {
+            tx.execute(UPSERT_SOURCE_LSN, &[slot, &commit_lsn.to_string()])
+                .await
+                .map_err(|e| ApplyError::new("storing the source LSN", e))?;
+            Ok(())
+        }
+    }
+}
+
+/// The last applied offset of each of `partitions` (topic, partition) that has one.
+pub async fn read_kafka_offsets(
+    client: &impl GenericClient,
+    partitions: &[(String, i32)],
+) -> Result<HashMap<(String, i32), i64>, ApplyError> {
+    let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+    let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+    let rows = client
+        .query(READ_KAFKA_OFFSETS, &[&topics, &numbers])
+        .await
+        .map_err(|e| ApplyError::new("reading the stored Kafka offsets", e))?;
+    rows.iter()
+        .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(|e| ApplyError::new("reading the stored Kafka offsets", e))
+}
+
+/// The commit LSN last applied from `slot` in direct mode, if any.
+pub async fn read_source_lsn(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<Lsn>, ApplyError> {
+    let row = client
+        .query_opt(READ_SOURCE_LSN, &[&slot])
+        .await
+        .map_err(|e| ApplyError::new("reading the stored source LSN", e))?;
+    let Some(row) = row else { return Ok(None) };
+    let text: String = row
+        .try_get(0)
+        .map_err(|e| ApplyError::new("reading the stored source LSN", e))?;
+    // PostgreSQL prints pg_lsn exactly as Lsn parses it.
+    Ok(text.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: i64, amount: &str, created_at: &str) -> (TxnRecord, Origin) {
+        (
+            TxnRecord {
+                id,
+                account_id: 1,
+                amount: amount.into(),
+                created_at: created_at.into(),
+            },
+            Origin {
+                offset: Some(id),
+                ..Origin::default()
+            },
+        )
+    }
+
+    #[test]
+    fn prepare_dedupes_validates_and_sorts() {
+        let t = "2025-07-23 20:06:21.085330";
+        let input = vec![
+            record(3, "50", t),
+            record(1, "10", t),
+            record(3, "50.0", "2025-07-23T20:06:21.08533"), // the same, written differently
+            record(3, "60", t),                             // a conflict
+            record(2, "abc", t),                            // invalid amount
+            record(4, "10", "2025-02-30 00:00:00"),         // impossible date
+        ];
+        let mut letters = Vec::new();
+        let mut outcome = ApplyOutcome::default();
+        let records = prepare(&input, &mut letters, &mut outcome);
+        let ids: Vec<i64> = records.iter().map(|c| c.record.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(records[1].record.amount, "50", "the first occurrence wins");
+        assert_eq!(outcome.duplicates, 1);
+        assert_eq!(outcome.conflicts, 1);
+        let kinds: Vec<_> = letters.iter().map(|l| (l.kind, l.origin.offset)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (DeadLetterKind::Conflict, Some(3)),
+                (DeadLetterKind::InvalidValue, Some(2)),
+                (DeadLetterKind::InvalidValue, Some(4)),
+            ]
+        );
+        assert!(letters[0].error.contains("amount"), "{}", letters[0].error);
+    }
+}

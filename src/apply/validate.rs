@@ -1,0 +1,295 @@
+//! Checks, in Rust and before any SQL, that a record's values are ones PostgreSQL will
+//! accept for `numeric` and `timestamp`, so that one bad value becomes one dead letter
+//! instead of failing the statement that carries the whole batch.
+//!
+//! Invariant: whatever passes [`amount`] and [`created_at`] is accepted by
+//! PostgreSQL's `numeric` and `timestamp` input functions. The checks are stricter than
+//! PostgreSQL (no whitespace, no `NaN`/`Infinity`, no `BC`, 4-digit years), never
+//! looser; anything unforeseen that still slips through is caught by the bisecting
+//! fallback in [`super::apply`].
+
+use std::fmt;
+
+use chrono::{Datelike, NaiveDateTime};
+
+/// At most this many digits in an amount (before and after the point together).
+///
+/// Far below PostgreSQL's `numeric` limits (131072 digits before the point, 16383
+/// after), so that nothing that passes here overflows there, and far above any money.
+pub const MAX_AMOUNT_DIGITS: usize = 1000;
+
+/// The largest exponent magnitude accepted in an amount written as `1.5e3`.
+pub const MAX_AMOUNT_EXPONENT: i32 = 1000;
+
+/// The longest timestamp text accepted (`2025-07-23 20:06:21.085330` is 26 bytes).
+pub const MAX_TIMESTAMP_LEN: usize = 40;
+
+/// The timestamp forms PostgreSQL prints (`ISO` date style) and ISO 8601's `T` form.
+pub const TIMESTAMP_FORMATS: [&str; 2] = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"];
+
+/// Why a value was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidValue {
+    /// The field, as named in the record (`amount`, `created_at`).
+    pub field: &'static str,
+    /// What is wrong with it, without the value itself.
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidValue {}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidValue {
+    InvalidValue {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Checks an amount and returns its canonical form: no `+`, no exponent, no leading
+/// zeros, no trailing zeros after the point, no point if there is no fraction, `0`
+/// for zero. Two amounts are equal as `numeric` exactly when their canonical forms are
+/// equal.
+///
+/// Grammar: `[+-]? (digits [. digits?] | . digits) ([eE] [+-]? digits)?`.
+pub fn amount(text: &str) -> Result<String, InvalidValue> {
+    const FIELD: &str = "amount";
+    let bytes = text.as_bytes();
+    if bytes.is_empty() {
+        return Err(invalid(FIELD, "is empty"));
+    }
+    let mut i = 0;
+    let negative = match bytes[0] {
+        b'-' => {
+            i += 1;
+            true
+        }
+        b'+' => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    let int_start = i;
+    while i < bytes.len() && bytes[i].is_ascii_digit() {
+        i += 1;
+    }
+    let int_digits = &text[int_start..i];
+    let mut frac_digits = "";
+    if i < bytes.len() && bytes[i] == b'.' {
+        i += 1;
+        let frac_start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        frac_digits = &text[frac_start..i];
+    }
+    if int_digits.is_empty() && frac_digits.is_empty() {
+        return Err(invalid(FIELD, "is not a decimal number"));
+    }
+    let mut exponent: i32 = 0;
+    if i < bytes.len() && (bytes[i] == b'e' || bytes[i] == b'E') {
+        i += 1;
+        let exp_negative = match bytes.get(i) {
+            Some(b'-') => {
+                i += 1;
+                true
+            }
+            Some(b'+') => {
+                i += 1;
+                false
+            }
+            _ => false,
+        };
+        let exp_start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        let exp_digits = &text[exp_start..i];
+        if exp_digits.is_empty() {
+            return Err(invalid(FIELD, "has an exponent without digits"));
+        }
+        let magnitude = exp_digits
+            .trim_start_matches('0')
+            .parse::<i32>()
+            .ok()
+            .or_else(|| exp_digits.bytes().all(|b| b == b'0').then_some(0))
+            .filter(|m| *m <= MAX_AMOUNT_EXPONENT)
+            .ok_or_else(|| {
+                invalid(
+                    FIELD,
+                    format!("has an exponent beyond ±{MAX_AMOUNT_EXPONENT}"),
+                )
+            })?;
+        exponent = if exp_negative { -magnitude } else { magnitude };
+    }
+    if i != bytes.len() {
+        return Err(invalid(FIELD, "is not a decimal number"));
+    }
+    if int_digits.len() + frac_digits.len() > MAX_AMOUNT_DIGITS {
+        return Err(invalid(
+            FIELD,
+            format!("has more than {MAX_AMOUNT_DIGITS} digits"),
+        ));
+    }
+
+    // digits × 10^(point - digits.len()), with `point` the position of the decimal point.
+    let digits: String = [int_digits, frac_digits].concat();
+    let point = int_digits.len() as i64 + i64::from(exponent);
+    let first = digits.find(|c| c != '0');
+    let Some(first) = first else {
+        return Ok("0".to_string());
+    };
+    let last = digits.rfind(|c| c != '0').unwrap_or(first) + 1;
+    let significant = &digits[first..last];
+    // Position of the point relative to the first significant digit.
+    let point = point - first as i64;
+    let mut out = String::with_capacity(significant.len() + 8);
+    if negative {
+        out.push('-');
+    }
+    let len = significant.len() as i64;
+    if point <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-point) as usize));
+        out.push_str(significant);
+    } else if point >= len {
+        out.push_str(significant);
+        out.extend(std::iter::repeat_n('0', (point - len) as usize));
+    } else {
+        out.push_str(&significant[..point as usize]);
+        out.push('.');
+        out.push_str(&significant[point as usize..]);
+    }
+    Ok(out)
+}
+
+/// Checks a `timestamp without time zone` text and returns its value.
+pub fn created_at(text: &str) -> Result<NaiveDateTime, InvalidValue> {
+    const FIELD: &str = "created_at";
+    if text.len() > MAX_TIMESTAMP_LEN {
+        return Err(invalid(
+            FIELD,
+            format!("is longer than {MAX_TIMESTAMP_LEN} bytes"),
+        ));
+    }
+    // chrono accepts a sign and more than four year digits; PostgreSQL's ISO output
+    // never has a sign, so refuse them rather than guess.
+    if !text.as_bytes().first().is_some_and(u8::is_ascii_digit) {
+        return Err(invalid(
+            FIELD,
+            "is not a timestamp (YYYY-MM-DD HH:MM:SS[.ffffff])",
+        ));
+    }
+    let parsed = TIMESTAMP_FORMATS
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .ok_or_else(|| {
+            invalid(
+                FIELD,
+                "is not a valid timestamp (YYYY-MM-DD HH:MM:SS[.ffffff])",
+            )
+        })?;
+    if !(1..=9999).contains(&parsed.year()) {
+        return Err(invalid(FIELD, "has a year outside 1..9999"));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_canonicalised() {
+        for (text, canonical) in [
+            ("50", "50"),
+            ("-50", "-50"),
+            ("+50", "50"),
+            ("12.30", "12.3"),
+            ("012.300", "12.3"),
+            ("0", "0"),
+            ("-0.000", "0"),
+            (".5", "0.5"),
+            ("5.", "5"),
+            ("1e3", "1000"),
+            ("1.5E+2", "150"),
+            ("-1.5e-3", "-0.0015"),
+            ("123.45e1", "1234.5"),
+            ("0.00e5", "0"),
+            ("1e-0", "1"),
+            ("100e-2", "1"),
+        ] {
+            assert_eq!(amount(text).as_deref(), Ok(canonical), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_amounts_are_refused() {
+        for text in [
+            "",
+            "-",
+            "+",
+            ".",
+            "abc",
+            "1.2.3",
+            "1e",
+            "1e+",
+            " 1",
+            "1 ",
+            "NaN",
+            "Infinity",
+            "0x10",
+            "1,5",
+            "--1",
+            "1e1001",
+            "1e99999999999",
+            "١٢",
+        ] {
+            assert!(amount(text).is_err(), "{text:?} should be refused");
+        }
+        assert!(amount(&"9".repeat(MAX_AMOUNT_DIGITS)).is_ok());
+        assert!(amount(&"9".repeat(MAX_AMOUNT_DIGITS + 1)).is_err());
+    }
+
+    #[test]
+    fn timestamps_in_postgres_forms_are_accepted() {
+        for text in [
+            "2025-07-23 20:06:21.085330",
+            "2025-07-23 20:06:21",
+            "2025-07-23T20:06:21.1",
+            "2024-02-29 00:00:00",
+        ] {
+            assert!(created_at(text).is_ok(), "{text}");
+        }
+        assert_eq!(
+            created_at("2025-07-23 20:06:21.085330").unwrap(),
+            created_at("2025-07-23T20:06:21.08533").unwrap()
+        );
+    }
+
+    #[test]
+    fn impossible_timestamps_are_refused() {
+        for text in [
+            "",
+            "yesterday",
+            "2025-02-30 00:00:00",
+            "2023-02-29 00:00:00",
+            "2025-13-01 00:00:00",
+            "2025-07-23 25:00:00",
+            "2025-07-23",
+            "+2025-07-23 00:00:00",
+            "12025-07-23 00:00:00",
+            "2025-07-23 20:06:21 BC",
+            "infinity",
+            " 2025-07-23 20:06:21",
+        ] {
+            assert!(created_at(text).is_err(), "{text:?} should be refused");
+        }
+    }
+}

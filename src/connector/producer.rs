@@ -1,0 +1,335 @@
+//! The Kafka side of the connector: one producer that makes a batch durable, either
+//! in one Kafka transaction (with the progress record) or, at-least-once, by waiting
+//! for every record's `acks=all` acknowledgement.
+//!
+//! Invariant: [`BatchProducer::commit`] returns `Ok` only when every record of the
+//! batch is durable in Kafka; on any doubt it retries the whole batch (an aborted
+//! Kafka transaction is invisible to `read_committed` readers).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use thiserror::Error;
+
+use super::Batch;
+use crate::kafka::{self, ProgressRecord};
+use crate::pg::ErrorClass;
+use crate::retry::Backoff;
+
+/// How batches are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeliveryMode {
+    /// One Kafka transaction per batch, with the progress record: exactly once.
+    Transactional,
+    /// Idempotent producer, acks=all, no transactions: duplicates after a crash.
+    AtLeastOnce,
+}
+
+#[derive(Debug, Error)]
+pub enum FlushError {
+    #[error(
+        "another connector with transactional.id {0} took over (this instance was fenced); \
+         run one connector per slot"
+    )]
+    Fenced(String),
+    #[error("the producer hit a fatal error")]
+    Fatal(#[source] KafkaError),
+    #[error("kafka producer setup failed")]
+    Setup(#[source] KafkaError),
+    #[error("stopping")]
+    Stopped,
+}
+
+impl FlushError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            FlushError::Fenced(_) | FlushError::Setup(_) => ErrorClass::Definite,
+            FlushError::Fatal(_) | FlushError::Stopped => ErrorClass::Transient,
+        }
+    }
+}
+
+/// Counts failed deliveries, so that an at-least-once batch with a lost record is
+/// sent again.
+#[derive(Default)]
+pub struct DeliveryCounter {
+    failed: AtomicU64,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%error, "record delivery failed");
+        }
+    }
+}
+
+pub struct BatchProducer {
+    brokers: String,
+    mode: DeliveryMode,
+    transactional_id: String,
+    producer: ThreadedProducer<DeliveryCounter>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Bound of one Kafka call; a broker outage is retried in a loop around it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl BatchProducer {
+    /// Creates the producer; in transactional mode, `init_transactions` fences any
+    /// earlier instance with the same transactional id and resolves its open
+    /// transaction. Blocking.
+    pub fn new(
+        brokers: &str,
+        mode: DeliveryMode,
+        transactional_id: &str,
+        stopping: Arc<AtomicBool>,
+    ) -> Result<Self, FlushError> {
+        let producer = Self::create(brokers, mode, transactional_id)?;
+        Ok(Self {
+            brokers: brokers.to_string(),
+            mode,
+            transactional_id: transactional_id.to_string(),
+            producer,
+            stopping,
+        })
+    }
+
+    fn create(
+        brokers: &str,
+        mode: DeliveryMode,
+        transactional_id: &str,
+    ) -> Result<ThreadedProducer<DeliveryCounter>, FlushError> {
+        let mut config = kafka::client_config(brokers);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.kbytes", "16384")
+            .set("queue.buffering.max.messages", "100000")
+            // Retry a record until the transaction gives up on it; never drop it.
+            .set("message.timeout.ms", "300000");
+        if mode == DeliveryMode::Transactional {
+            config
+                .set("transactional.id", transactional_id)
+                .set("transaction.timeout.ms", "300000");
+        }
+        let producer: ThreadedProducer<DeliveryCounter> = config
+            .create_with_context(DeliveryCounter::default())
+            .map_err(FlushError::Setup)?;
+        if mode == DeliveryMode::Transactional {
+            let mut backoff = Backoff::reconnect();
+            loop {
+                match producer.init_transactions(CALL_TIMEOUT) {
+                    Ok(()) => break,
+                    Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                        tracing::warn!(error = %e, "init_transactions: brokers not ready, retrying");
+                        std::thread::sleep(backoff.next_delay());
+                    }
+                    Err(error) => return Err(classify_fatal(error, transactional_id)),
+                }
+            }
+        }
+        Ok(producer)
+    }
+
+    /// Makes the whole batch durable; blocks until it is, or until a definite error.
+    pub fn commit(
+        &mut self,
+        topic: &str,
+        batch: &Batch,
+        progress_topic: &str,
+        slot: &str,
+        progress: &ProgressRecord,
+    ) -> Result<(), FlushError> {
+        let progress_value = progress.to_bytes();
+        let mut backoff = Backoff::reconnect();
+        loop {
+            if self.stopping.load(Ordering::SeqCst) && backoff.attempts() > 0 {
+                // A stop during an outage: leave the batch to the next run (the slot
+                // was not confirmed past it).
+                return Err(FlushError::Stopped);
+            }
+            let result = match self.mode {
+                DeliveryMode::Transactional => {
+                    self.commit_transaction(topic, batch, progress_topic, slot, &progress_value)
+                }
+                DeliveryMode::AtLeastOnce => {
+                    self.commit_acks(topic, batch, progress_topic, slot, &progress_value)
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(Attempt::Retry(error)) => {
+                    tracing::warn!(%error, records = batch.records.len(), "kafka batch not durable yet, retrying");
+                    std::thread::sleep(backoff.next_delay());
+                }
+                Err(Attempt::Recreate(error)) => {
+                    tracing::warn!(%error, "kafka producer must be recreated");
+                    std::thread::sleep(backoff.next_delay());
+                    self.producer = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
+                }
+                Err(Attempt::Definite(error)) => return Err(error),
+            }
+        }
+    }
+
+    fn commit_transaction(
+        &self,
+        topic: &str,
+        batch: &Batch,
+        progress_topic: &str,
+        slot: &str,
+        progress: &[u8],
+    ) -> Result<(), Attempt> {
+        self.producer
+            .begin_transaction()
+            .map_err(|e| self.txn_error(e))?;
+        let sent = self.send_all(topic, batch, progress_topic, slot, progress);
+        if let Err(error) = sent {
+            self.abort();
+            return Err(self.txn_error(error));
+        }
+        loop {
+            match self.producer.commit_transaction(CALL_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.txn_requires_abort() => {
+                    // The commit's outcome is not known yet: asking again is the
+                    // documented way to learn it.
+                    tracing::warn!(error = %e, "commit_transaction: retrying");
+                    if self.stopping.load(Ordering::SeqCst) {
+                        self.abort();
+                        return Err(Attempt::Definite(FlushError::Stopped));
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(error) => {
+                    let attempt = self.txn_error(error);
+                    if matches!(attempt, Attempt::Retry(_)) {
+                        self.abort();
+                    }
+                    return Err(attempt);
+                }
+            }
+        }
+    }
+
+    fn commit_acks(
+        &self,
+        topic: &str,
+        batch: &Batch,
+        progress_topic: &str,
+        slot: &str,
+        progress: &[u8],
+    ) -> Result<(), Attempt> {
+        let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+        self.send_all(topic, batch, progress_topic, slot, progress)
+            .map_err(Attempt::Retry)?;
+        // Wait until every record is acknowledged or failed.
+        loop {
+            match self.producer.flush(CALL_TIMEOUT) {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "waiting for acknowledgements");
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return Err(Attempt::Definite(FlushError::Stopped));
+                    }
+                }
+            }
+        }
+        let failed_after = self.producer.context().failed.load(Ordering::SeqCst);
+        if failed_after != failed_before {
+            return Err(Attempt::Retry(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues the batch and the progress record, waiting when the local queue is full.
+    fn send_all(
+        &self,
+        topic: &str,
+        batch: &Batch,
+        progress_topic: &str,
+        slot: &str,
+        progress: &[u8],
+    ) -> Result<(), KafkaError> {
+        for record in &batch.records {
+            let mut base = BaseRecord::to(topic).payload(record.value.as_ref());
+            if let Some(key) = &record.key {
+                base = base.key(key.as_ref());
+            }
+            if let Some(headers) = batch.headers.get(record.txn) {
+                base = base.headers(headers.clone());
+            }
+            self.send(base)?;
+        }
+        self.send(
+            BaseRecord::to(progress_topic)
+                .key(slot.as_bytes())
+                .payload(progress),
+        )
+    }
+
+    fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: the background thread drains the queue.
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    fn abort(&self) {
+        if let Err(error) = self.producer.abort_transaction(CALL_TIMEOUT) {
+            tracing::debug!(%error, "abort_transaction failed");
+        }
+    }
+
+    fn txn_error(&self, error: KafkaError) -> Attempt {
+        match &error {
+            KafkaError::Transaction(e) if e.is_fatal() => {
+                match classify_fatal(error, &self.transactional_id) {
+                    FlushError::Fenced(id) => Attempt::Definite(FlushError::Fenced(id)),
+                    FlushError::Fatal(e) => Attempt::Recreate(e),
+                    other => Attempt::Definite(other),
+                }
+            }
+            _ => Attempt::Retry(error),
+        }
+    }
+}
+
+enum Attempt {
+    Retry(KafkaError),
+    Recreate(KafkaError),
+    Definite(FlushError),
+}
+
+fn classify_fatal(error: KafkaError, transactional_id: &str) -> FlushError {
+    let code = match &error {
+        KafkaError::Transaction(e) => Some(e.code()),
+        other => other.rdkafka_error_code(),
+    };
+    match code {
+        Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch) => {
+            FlushError::Fenced(transactional_id.to_string())
+        }
+        _ => FlushError::Fatal(error),
+    }
+}

@@ -1,0 +1,30 @@
+//! outbox-relay: delivers the transactions a service writes to its outbox in one
+//! PostgreSQL database (pg_start) to another (pg_end), through Kafka or directly, so
+//! that every transaction is counted in pg_end exactly once, whatever fails.
+//!
+//! # Layout
+//! - [`lsn`]: the `Lsn` newtype.
+//! - [`pgoutput`]: pure decoder of the pgoutput logical replication protocol.
+//! - [`pg`]: PostgreSQL connections and error classification.
+//! - [`retry`]: the one backoff helper.
+//! - [`config`]: settings shared by the commands, defaulting to the local stack.
+//! - [`migrate`]: the schemas in `sql/`.
+//! - [`load`]: the load generator writing seed-shaped transactions to pg_start.
+//! - [`verify`]: the checker comparing pg_start and pg_end.
+//! - [`apply`]: the one set-based, idempotent apply to pg_end (sink and direct mode).
+//! - [`sink`]: `outbox-relay sink`, Kafka → pg_end with offsets stored in pg_end.
+
+pub mod apply;
+pub mod config;
+pub mod connector;
+pub mod kafka;
+pub mod load;
+pub mod lsn;
+pub mod migrate;
+pub mod pg;
+pub mod pgoutput;
+pub mod progress;
+pub mod retry;
+pub mod sink;
+pub mod source;
+pub mod verify;

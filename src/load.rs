@@ -1,0 +1,325 @@
+//! `outbox-relay load`: writes seed-shaped business transactions into pg_start.
+//!
+//! Each source transaction is ONE statement (so one database transaction and one round
+//! trip): insert into `main.transactions`, the same row into `outbox.transactions`, and
+//! add the amount to the account's `main.balance`.
+//!
+//! Invariant: a transaction is counted at most once, through any outage of pg_start.
+//! The id is chosen by the client before the first attempt and kept for every retry; a
+//! retry that hits the primary key means an earlier attempt committed (its reply was
+//! lost), so it is counted as committed and not written again. The source of truth is
+//! what pg_start holds, never the generator's counters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use thiserror::Error;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Statement};
+
+use crate::config::SourceArgs;
+use crate::pg::{self, ErrorClass};
+use crate::retry::Backoff;
+
+/// Inserts one transaction: ledger row, outbox row, balance upsert.
+const INSERT_TXN: &str = "\
+WITH t AS (
+    INSERT INTO main.transactions (id, account_id, amount, created_at)
+    VALUES ($1, $2, $3::int8, $4::text::timestamp)
+    RETURNING id, account_id, amount, created_at
+), o AS (
+    INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+    SELECT id, account_id, amount, created_at FROM t
+)
+INSERT INTO main.balance AS b (account_id, current_balance, updated_at)
+SELECT account_id, amount, created_at FROM t
+ON CONFLICT (account_id) DO UPDATE
+    SET current_balance = b.current_balance + EXCLUDED.current_balance,
+        updated_at = EXCLUDED.updated_at";
+
+/// Options of `outbox-relay load`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Transactions per second over all workers; 0 writes as fast as pg_start allows.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Stop after this many transactions (default 1000 when no --duration is given).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Concurrent connections writing transactions.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Accounts are numbered 1..=ACCOUNTS.
+    #[arg(long, default_value_t = 10)]
+    pub accounts: i64,
+    /// Give up on a single transaction after retrying it this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub give_up_after: f64,
+    /// Seconds between progress lines on stderr (0 for none).
+    #[arg(long, default_value_t = 1.0)]
+    pub progress_every: f64,
+}
+
+impl LoadArgs {
+    /// Options for `count` transactions against `source_url`, as fast as possible.
+    pub fn count(source_url: &str, count: u64) -> Self {
+        Self {
+            source: SourceArgs {
+                source_url: source_url.to_string(),
+            },
+            rate: 0.0,
+            count: Some(count),
+            duration: None,
+            concurrency: 4,
+            accounts: 10,
+            give_up_after: 600.0,
+            progress_every: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    #[error(
+        "pg_start refused a transaction with a non-retryable error \
+         (is the schema there? run `outbox-relay migrate`)"
+    )]
+    Definite(#[source] tokio_postgres::Error),
+}
+
+/// What a load run did, as the generator saw it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LoadSummary {
+    /// Transactions known to be committed (including `found_committed`).
+    pub committed: u64,
+    /// Of those, transactions whose reply was lost and which a retry found committed.
+    pub found_committed: u64,
+    /// Attempts repeated after a transient error.
+    pub retried: u64,
+    /// Transactions abandoned after `--give-up-after` seconds; their fate is unknown
+    /// to the generator (pg_start knows).
+    pub failed: u64,
+    pub elapsed_secs: f64,
+}
+
+/// One seed-shaped source transaction.
+#[derive(Debug, Clone)]
+pub struct SourceTxn {
+    pub id: i64,
+    pub account_id: i64,
+    pub amount: i64,
+    pub created_at: String,
+}
+
+impl SourceTxn {
+    /// A random transaction with the seed's value ranges: a client-made signed 64-bit
+    /// id, an account in 1..=accounts, an amount that is a multiple of 10 in 10..=100
+    /// with a random sign, and the client's local time.
+    pub fn random(rng: &mut impl Rng, accounts: i64) -> Self {
+        let sign = if rng.random_bool(0.5) { 1 } else { -1 };
+        Self {
+            id: rng.random(),
+            account_id: rng.random_range(1..=accounts.max(1)),
+            amount: sign * 10 * rng.random_range(1..=10i64),
+            created_at: chrono::Local::now()
+                .naive_local()
+                .format("%Y-%m-%d %H:%M:%S%.6f")
+                .to_string(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    committed: AtomicU64,
+    found_committed: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Runs a load to completion.
+pub async fn run(args: &LoadArgs) -> Result<LoadSummary, LoadError> {
+    if args.concurrency == 0 {
+        return Err(LoadError::InvalidOption(
+            "--concurrency must be at least 1".into(),
+        ));
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        return Err(LoadError::InvalidOption("--rate must be >= 0".into()));
+    }
+    if args.accounts < 1 {
+        return Err(LoadError::InvalidOption(
+            "--accounts must be at least 1".into(),
+        ));
+    }
+    let count = match (args.count, args.duration) {
+        (None, None) => Some(1000),
+        (count, _) => count,
+    };
+    let deadline = args
+        .duration
+        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let progress = (args.progress_every > 0.0).then(|| {
+        let counters = counters.clone();
+        let every = Duration::from_secs_f64(args.progress_every);
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                let committed = counters.committed.load(Ordering::Relaxed);
+                eprintln!(
+                    "load: committed {committed} ({:.0}/s), retried {}, failed {}",
+                    (committed - last) as f64 / every.as_secs_f64(),
+                    counters.retried.load(Ordering::Relaxed),
+                    counters.failed.load(Ordering::Relaxed),
+                );
+                last = committed;
+            }
+        })
+    });
+
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let worker = Worker {
+            url: args.source.source_url.clone(),
+            client: None,
+            give_up_after: Duration::from_secs_f64(args.give_up_after.max(0.0)),
+            counters: counters.clone(),
+        };
+        let (next, stop) = (next.clone(), stop.clone());
+        let (rate, accounts) = (args.rate, args.accounts);
+        workers.spawn(async move {
+            let mut worker = worker;
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if stop.load(Ordering::Relaxed)
+                    || count.is_some_and(|c| k >= c)
+                    || deadline.is_some_and(|d| Instant::now() >= d)
+                {
+                    return Ok(());
+                }
+                if rate > 0.0 {
+                    // Transaction k is due at start + k / rate: one schedule shared by
+                    // all workers, so the rate holds whatever the concurrency.
+                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let txn = SourceTxn::random(&mut rand::rng(), accounts);
+                if let Err(error) = worker.write(&txn).await {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(error);
+                }
+            }
+        });
+    }
+    let mut result = Ok(());
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => result = Err(error),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+    if let Some(progress) = progress {
+        progress.abort();
+    }
+    result?;
+    Ok(LoadSummary {
+        committed: counters.committed.load(Ordering::Relaxed),
+        found_committed: counters.found_committed.load(Ordering::Relaxed),
+        retried: counters.retried.load(Ordering::Relaxed),
+        failed: counters.failed.load(Ordering::Relaxed),
+        elapsed_secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// One writing connection, re-established after every transient failure.
+struct Worker {
+    url: String,
+    client: Option<(Client, Statement)>,
+    give_up_after: Duration,
+    counters: Arc<Counters>,
+}
+
+impl Worker {
+    /// Writes `txn` exactly once, retrying it with the same id through outages.
+    async fn write(&mut self, txn: &SourceTxn) -> Result<(), LoadError> {
+        let first = Instant::now();
+        let mut backoff = Backoff::reconnect();
+        let mut attempted = false;
+        let mut txn = txn.clone();
+        loop {
+            match self.attempt(&txn).await {
+                Ok(()) => {
+                    self.counters.committed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    if attempted {
+                        // An earlier attempt of this very transaction committed.
+                        self.counters.committed.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .found_committed
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    // A first attempt collided with an older transaction's id (about
+                    // one chance in 2^64 per pair): nothing was written, draw a new id.
+                    txn.id = rand::rng().random();
+                }
+                Err(error) if pg::classify(&error) == ErrorClass::Transient => {
+                    tracing::debug!(%error, id = txn.id, "transient error, retrying the same transaction");
+                    self.client = None;
+                    attempted = true;
+                    self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    if first.elapsed() >= self.give_up_after {
+                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            id = txn.id,
+                            "giving up on a transaction; pg_start knows whether it committed"
+                        );
+                        return Ok(());
+                    }
+                    backoff.wait().await;
+                }
+                Err(error) => return Err(LoadError::Definite(error)),
+            }
+        }
+    }
+
+    async fn attempt(&mut self, txn: &SourceTxn) -> Result<(), tokio_postgres::Error> {
+        let (client, statement) = match self.client.take() {
+            Some(connected) => connected,
+            None => {
+                let client = pg::connect(&self.url).await?;
+                let statement = client.prepare(INSERT_TXN).await?;
+                (client, statement)
+            }
+        };
+        let result = client
+            .execute(
+                &statement,
+                &[&txn.id, &txn.account_id, &txn.amount, &txn.created_at],
+            )
+            .await;
+        self.client = Some((client, statement));
+        result?;
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! The single owner of "what may be acknowledged to the replication slot".
+//!
+//! Synchronous and I/O-free, so that every rule below is unit-tested on its own.
+//!
+//! # Invariant
+//! The LSN returned by [`ProgressTracker::confirmable`] never passes a source
+//! transaction whose records are not durable in the next stage (committed in a Kafka
+//! transaction, acknowledged by `acks=all`, or committed in pg_end in direct mode).
+//! It only ever moves forward.
+//!
+//! # How
+//! Source transactions are registered in commit order, as they are read from the
+//! slot, each with the number of records still outstanding. Records become durable
+//! one by one (at-least-once producer) or all at once up to a ticket (a committed Kafka
+//! or pg_end transaction). The confirmable LSN is the commit end LSN of the newest
+//! transaction such that it and every earlier one are fully durable.
+//!
+//! A keepalive's WAL end (or a heartbeat's position) may be confirmed only when
+//! nothing is in flight and no transaction is half read: then every change before that
+//! position has been received and is durable, and a transaction that commits later
+//! will be sent again after a restart because its commit lies past the confirmed LSN.
+//! This keeps an idle outbox from pinning WAL while other tables are written.
+
+use std::collections::VecDeque;
+
+use crate::lsn::Lsn;
+
+/// Identifies a registered source transaction: its position in commit order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TxnTicket(u64);
+
+#[derive(Debug)]
+struct InFlight {
+    ticket: TxnTicket,
+    end_lsn: Lsn,
+    outstanding: u64,
+}
+
+/// Tracks source transactions from the moment they are read until they are durable.
+#[derive(Debug)]
+pub struct ProgressTracker {
+    /// The newest LSN that may be (or has been) confirmed.
+    confirmed: Lsn,
+    /// Registered transactions not yet confirmable, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// The next ticket to hand out.
+    next_ticket: u64,
+    /// A transaction has begun (Begin seen) but its Commit has not been read.
+    txn_open: bool,
+}
+
+impl ProgressTracker {
+    /// Starts from the slot's (or the next stage's) durable position.
+    pub fn new(confirmed: Lsn) -> Self {
+        Self {
+            confirmed,
+            in_flight: VecDeque::new(),
+            next_ticket: 0,
+            txn_open: false,
+        }
+    }
+
+    /// A Begin was read.
+    pub fn begin(&mut self) {
+        self.txn_open = true;
+    }
+
+    /// A Commit was read: the whole transaction is known, with `records` records
+    /// handed to the next stage. A transaction with no records is durable at once
+    /// once everything before it is.
+    pub fn commit(&mut self, end_lsn: Lsn, records: u64) -> TxnTicket {
+        self.txn_open = false;
+        let ticket = TxnTicket(self.next_ticket);
+        self.next_ticket += 1;
+        self.in_flight.push_back(InFlight {
+            ticket,
+            end_lsn,
+            outstanding: records,
+        });
+        self.advance();
+        ticket
+    }
+
+    /// The transaction being read was abandoned (the session broke mid-transaction);
+    /// it will be sent again from the slot.
+    pub fn abandon_open(&mut self) {
+        self.txn_open = false;
+    }
+
+    /// `count` records of `ticket` are durable (at-least-once producer acks).
+    pub fn records_durable(&mut self, ticket: TxnTicket, count: u64) {
+        if let Some(entry) = self.in_flight.iter_mut().find(|e| e.ticket == ticket) {
+            entry.outstanding = entry.outstanding.saturating_sub(count);
+        }
+        self.advance();
+    }
+
+    /// Every transaction up to and including `ticket` is durable (a committed Kafka
+    /// or pg_end transaction that held all of their records).
+    pub fn durable_through(&mut self, ticket: TxnTicket) {
+        for entry in self.in_flight.iter_mut().take_while(|e| e.ticket <= ticket) {
+            entry.outstanding = 0;
+        }
+        self.advance();
+    }
+
+    /// The server reported its WAL end (keepalive or heartbeat) at `wal_end`.
+    pub fn idle_position(&mut self, wal_end: Lsn) {
+        if self.in_flight.is_empty() && !self.txn_open {
+            self.confirmed = self.confirmed.max(wal_end);
+        }
+    }
+
+    /// The LSN that may be confirmed to the slot now.
+    pub fn confirmable(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Source transactions read but not yet durable.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn advance(&mut self) {
+        while let Some(front) = self.in_flight.front() {
+            if front.outstanding > 0 {
+                break;
+            }
+            self.confirmed = self.confirmed.max(front.end_lsn);
+            self.in_flight.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_only_a_fully_durable_prefix() {
+        let mut p = ProgressTracker::new(Lsn(100));
+        p.begin();
+        let a = p.commit(Lsn(200), 2);
+        p.begin();
+        let b = p.commit(Lsn(300), 1);
+        // The later transaction is durable first: nothing moves.
+        p.records_durable(b, 1);
+        assert_eq!(p.confirmable(), Lsn(100));
+        p.records_durable(a, 1);
+        assert_eq!(p.confirmable(), Lsn(100));
+        p.records_durable(a, 1);
+        assert_eq!(p.confirmable(), Lsn(300));
+        assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn durable_through_covers_earlier_tickets_only() {
+        let mut p = ProgressTracker::new(Lsn(0));
+        let a = p.commit(Lsn(10), 5);
+        let _b = p.commit(Lsn(20), 5);
+        p.durable_through(a);
+        assert_eq!(p.confirmable(), Lsn(10));
+        assert_eq!(p.in_flight(), 1);
+    }
+
+    #[test]
+    fn empty_transactions_confirm_in_order() {
+        let mut p = ProgressTracker::new(Lsn(0));
+        let a = p.commit(Lsn(10), 1);
+        p.commit(Lsn(20), 0);
+        assert_eq!(
+            p.confirmable(),
+            Lsn(0),
+            "an empty txn must wait for the one before it"
+        );
+        p.durable_through(a);
+        assert_eq!(p.confirmable(), Lsn(20));
+    }
+
+    #[test]
+    fn keepalive_confirms_only_when_idle() {
+        let mut p = ProgressTracker::new(Lsn(0));
+        p.begin();
+        p.idle_position(Lsn(50));
+        assert_eq!(p.confirmable(), Lsn(0), "a transaction is half read");
+        let a = p.commit(Lsn(60), 1);
+        p.idle_position(Lsn(70));
+        assert_eq!(p.confirmable(), Lsn(0), "a transaction is in flight");
+        p.durable_through(a);
+        p.idle_position(Lsn(70));
+        assert_eq!(p.confirmable(), Lsn(70));
+    }
+
+    #[test]
+    fn never_moves_backwards() {
+        let mut p = ProgressTracker::new(Lsn(500));
+        let a = p.commit(Lsn(400), 1);
+        p.durable_through(a);
+        p.idle_position(Lsn(300));
+        assert_eq!(p.confirmable(), Lsn(500));
+    }
+
+    #[test]
+    fn abandoning_an_open_transaction_allows_idle_confirmation() {
+        let mut p = ProgressTracker::new(Lsn(0));
+        p.begin();
+        p.abandon_open();
+        p.idle_position(Lsn(5));
+        assert_eq!(p.confirmable(), Lsn(5));
+    }
+}

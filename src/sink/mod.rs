@@ -1,0 +1,648 @@
+//! `outbox-relay sink`: applies the topic's records to pg_end so that every source
+//! transaction is counted in `main.balance` exactly once.
+//!
+//! Invariant: the sink's progress is the Kafka offset per (topic, partition) stored in
+//! pg_end's `outbox_relay.sink_offsets` by the same database transaction as the rows
+//! (and dead letters) up to it ([`crate::apply`]). Nothing else is trusted: on
+//! assignment a partition resumes at the stored offset + 1 ([`rebalance`]), Kafka's
+//! group offsets are committed after pg_end's commit for monitoring only, and a
+//! `kill -9` at any instant loses at most a batch that pg_end never committed, which
+//! is read again.
+//!
+//! ```text
+//!  Kafka (read_committed) ──recv──► decode (record.rs) ──► pending batch ──► apply ──► pg_end
+//!        ▲                              │ bad input: DeadLetter ─┘   │ size or linger    (one txn:
+//!        │ assign at stored+1           └ u/d/tombstone: skipped   │                    rows, dead
+//!        └── rebalance.rs ◄── sink_offsets ◄─────────────────────────┘                    letters,
+//!                                                                                         offsets)
+//! ```
+//!
+//! # Progress tracking
+//! A batch's progress is the highest offset consumed in each partition, whether the
+//! record there was applied, skipped (a Debezium update, a tombstone) or
+//! dead-lettered: every offset up to it is accounted for in pg_end. The stored offset
+//! only moves forward (`WHERE excluded.last_offset > last_offset`), so a batch applied
+//! late by a sink that has since lost the partition cannot move it back; and it cannot
+//! double-count, because rows are inserted by id with `ON CONFLICT DO NOTHING` and only
+//! inserted rows reach the balances.
+//!
+//! # Outages
+//! - pg_end down or restarting: the same batch is retried with capped backoff; the
+//!   consumer's position stays in memory and nothing advances.
+//! - brokers down or the coordinator moving: librdkafka reconnects and rejoins by
+//!   itself; the loop logs its errors and keeps polling.
+//! - a rebalance: buffered records of revoked partitions are dropped (the new owner
+//!   reads them from pg_end's offsets).
+//! - SIGTERM/SIGINT: polling stops, the buffered batch gets one attempt (abandoned if
+//!   pg_end does not take it), the consumer leaves the group, exit 0.
+//!
+//! A definite error from pg_end on the bookkeeping statements (the schema is missing)
+//! stops the sink with an error: it needs a person, and retrying changes nothing.
+
+pub mod rebalance;
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use thiserror::Error;
+use tokio_postgres::Client;
+
+use crate::apply::{
+    self, ApplyBatch, ApplyError, DeadLetter, KafkaOffset, Origin, Progress, TxnRecord,
+};
+use crate::config::{KafkaArgs, TargetArgs};
+use crate::lsn::Lsn;
+use crate::pg::{self, ErrorClass};
+use crate::retry::Backoff;
+use rebalance::{OffsetReader, RebalanceEvent, SinkContext};
+use record::{Decoded, Detected, Format};
+
+/// How long one attempt to apply a batch may take before it counts as a transient
+/// failure (a black-holed or frozen pg_end).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often a summary line is logged while records flow.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Options of `outbox-relay sink`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SinkArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Kafka consumer group: the sinks of one group share the topic's partitions.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_SINK_GROUP",
+        default_value = "outbox-relay-sink"
+    )]
+    pub group: String,
+    /// Apply a batch once it holds this many records.
+    #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_SIZE", default_value_t = 5000)]
+    pub batch_size: usize,
+    /// Apply a batch at the latest this many milliseconds after its first record.
+    #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_LINGER_MS", default_value_t = 100)]
+    pub batch_linger_ms: u64,
+    /// Record format: detected per record (auto), or one forced.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_SINK_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub format: Format,
+    /// Extra librdkafka consumer property (KEY=VALUE), repeatable; overrides the
+    /// sink's defaults except the ones correctness rests on (isolation level, auto
+    /// commit and offset store, which cannot be overridden).
+    #[arg(long = "consumer-property", value_name = "KEY=VALUE")]
+    pub consumer_properties: Vec<String>,
+}
+
+impl SinkArgs {
+    /// Options for a sink of `group` on `topic`, reading from `brokers`, writing to
+    /// `target_url`, with the defaults of the command line.
+    pub fn new(target_url: &str, brokers: &str, topic: &str, group: &str) -> Self {
+        Self {
+            target: TargetArgs {
+                target_url: target_url.to_string(),
+            },
+            kafka: KafkaArgs {
+                brokers: brokers.to_string(),
+                topic: topic.to_string(),
+            },
+            group: group.to_string(),
+            batch_size: 5000,
+            batch_linger_ms: 100,
+            format: Format::Auto,
+            consumer_properties: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    #[error("the Kafka consumer failed (creation, subscription, or a fatal error)")]
+    Consumer(#[source] KafkaError),
+    #[error("cannot start the offset reader thread")]
+    Thread(#[source] std::io::Error),
+    #[error("pg_end refused the sink's work; it needs a person")]
+    Definite(#[source] ApplyError),
+}
+
+/// What a sink run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SinkStats {
+    /// Records consumed from Kafka (all of them, whatever became of them).
+    pub consumed: u64,
+    /// Rows newly inserted into pg_end (and counted in the balances).
+    pub inserted: u64,
+    /// Records whose transaction pg_end already had, identical.
+    pub duplicates: u64,
+    /// Dead letters (bad input and conflicts).
+    pub dead_letters: u64,
+    /// Of those, conflicts: an id already applied with other content.
+    pub conflicts: u64,
+    /// Records skipped on purpose: Debezium updates/deletes/truncates/messages, tombstones.
+    pub skipped: u64,
+    pub connector_records: u64,
+    pub seed_records: u64,
+    pub debezium_records: u64,
+    /// Batches committed to pg_end.
+    pub batches: u64,
+    /// Apply attempts that failed transiently and were retried.
+    pub retries: u64,
+    /// Buffered records dropped because their partition was revoked.
+    pub dropped_on_revoke: u64,
+}
+
+/// Formats an error with its sources: `a: b: c`.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The records consumed and not yet applied.
+#[derive(Default)]
+struct Pending {
+    records: Vec<(TxnRecord, Origin)>,
+    dead_letters: Vec<DeadLetter>,
+    /// The highest offset consumed per partition.
+    last_offsets: BTreeMap<(String, i32), i64>,
+    /// Records consumed into this batch (applied, dead-lettered or skipped).
+    consumed: usize,
+    /// When the first record of this batch arrived.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.consumed == 0
+    }
+
+    /// Forgets everything of `partitions`.
+    fn drop_partitions(&mut self, partitions: &[(String, i32)]) -> u64 {
+        let of = |origin: &Origin| {
+            partitions.iter().any(|(topic, partition)| {
+                origin.topic.as_deref() == Some(topic.as_str())
+                    && origin.partition == Some(*partition)
+            })
+        };
+        let before = self.records.len() + self.dead_letters.len();
+        self.records.retain(|(_, origin)| !of(origin));
+        self.dead_letters.retain(|letter| !of(&letter.origin));
+        let dropped = before - self.records.len() - self.dead_letters.len();
+        for partition in partitions {
+            self.last_offsets.remove(partition);
+        }
+        if self.last_offsets.is_empty() {
+            *self = Pending::default();
+        }
+        dropped as u64
+    }
+
+    fn take_batch(&mut self) -> ApplyBatch {
+        let pending = std::mem::take(self);
+        ApplyBatch {
+            records: pending.records,
+            dead_letters: pending.dead_letters,
+            progress: Progress::KafkaOffsets(
+                pending
+                    .last_offsets
+                    .into_iter()
+                    .map(|((topic, partition), last_offset)| KafkaOffset {
+                        topic,
+                        partition,
+                        last_offset,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Runs the sink until `shutdown` resolves (the binary passes SIGTERM/SIGINT).
+pub async fn run_until(
+    args: &SinkArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<SinkStats, SinkError> {
+    if args.batch_size == 0 {
+        return Err(SinkError::InvalidOption(
+            "--batch-size must be at least 1".into(),
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.store(true, Ordering::Relaxed);
+            let _ = stop_tx.send(true);
+        })
+    };
+
+    let reader = OffsetReader::spawn(args.target.target_url.clone(), stop.clone())
+        .map_err(SinkError::Thread)?;
+    let consumer = consumer(args, SinkContext::new(reader))?;
+    consumer
+        .subscribe(&[args.kafka.topic.as_str()])
+        .map_err(SinkError::Consumer)?;
+    tracing::info!(
+        topic = %args.kafka.topic,
+        group = %args.group,
+        target = %pg::redact_url(&args.target.target_url),
+        batch_size = args.batch_size,
+        "sink started"
+    );
+
+    let linger = Duration::from_millis(args.batch_linger_ms);
+    let mut pending = Pending::default();
+    let mut stats = SinkStats::default();
+    let mut writer = Writer {
+        url: args.target.target_url.clone(),
+        client: None,
+    };
+    let mut report = Report::new();
+    let mut kafka_errors = 0u64;
+
+    let result = loop {
+        let deadline = pending.since.map(|since| since + linger);
+        tokio::select! {
+            biased;
+            _ = stop_rx.wait_for(|stopped| *stopped) => break Ok(()),
+            _ = sleep_until(deadline), if deadline.is_some() => {}
+            received = consumer.recv() => {
+                // Assignment changes happened inside this poll, before its message.
+                if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
+                    break Err(error);
+                }
+                match received {
+                    Ok(message) => {
+                        kafka_errors = 0;
+                        consume(&message, args.format, &mut pending, &mut stats);
+                    }
+                    Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
+                        // librdkafka gave up on this consumer (e.g. another instance
+                        // runs with the same group.instance.id): needs a person.
+                        break Err(SinkError::Consumer(error));
+                    }
+                    Err(error) => {
+                        kafka_errors += 1;
+                        // librdkafka retries by itself; log, and slow down if it repeats.
+                        tracing::warn!(%error, "kafka consumer error");
+                        if kafka_errors > 10 {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
+            break Err(error);
+        }
+        let due = pending
+            .since
+            .is_some_and(|since| since + linger <= tokio::time::Instant::now());
+        if !pending.is_empty() && (pending.consumed >= args.batch_size || due) {
+            let batch = pending.take_batch();
+            match writer.apply_until_done(&batch, &stop, &mut stats).await {
+                Ok(true) => commit_to_kafka(&consumer, &batch),
+                Ok(false) => break Ok(()), // stopping; the batch was abandoned
+                Err(error) => break Err(error),
+            }
+        }
+        report.maybe_log(&stats);
+    };
+
+    // Shutdown: one attempt at the buffered batch, then leave the group.
+    if result.is_ok() && !pending.is_empty() {
+        let batch = pending.take_batch();
+        if let Ok(true) = writer.apply_until_done(&batch, &stop, &mut stats).await {
+            commit_to_kafka(&consumer, &batch);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    watcher.abort();
+    drop(consumer);
+    tracing::info!(
+        consumed = stats.consumed,
+        inserted = stats.inserted,
+        duplicates = stats.duplicates,
+        dead_letters = stats.dead_letters,
+        skipped = stats.skipped,
+        "sink stopped"
+    );
+    result.map(|()| stats)
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Builds the consumer. Settings that correctness rests on are applied last, so that
+/// `--consumer-property` cannot override them.
+fn consumer(
+    args: &SinkArgs,
+    context: SinkContext,
+) -> Result<StreamConsumer<SinkContext>, SinkError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &args.kafka.brokers)
+        .set("group.id", &args.group)
+        .set("client.id", "outbox-relay-sink")
+        // Noticed within seconds when a sink dies, so its partitions move on quickly.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
+        // Bounds the memory of records fetched ahead while a batch is being applied.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("auto.offset.reset", "earliest");
+    for property in &args.consumer_properties {
+        let (key, value) = property.split_once('=').ok_or_else(|| {
+            SinkError::InvalidOption(format!("--consumer-property {property:?} is not KEY=VALUE"))
+        })?;
+        config.set(key.trim(), value.trim());
+    }
+    config
+        // Only committed records of transactional producers (the connector's).
+        .set("isolation.level", "read_committed")
+        // Progress lives in pg_end; Kafka's group offsets are written by us, after it.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    config
+        .create_with_context(context)
+        .map_err(SinkError::Consumer)
+}
+
+/// Acts on the assignment changes of the last poll.
+fn on_rebalance(
+    consumer: &StreamConsumer<SinkContext>,
+    pending: &mut Pending,
+    stats: &mut SinkStats,
+) -> Result<(), SinkError> {
+    let context = consumer.context();
+    if let Some(error) = context.take_fatal() {
+        return Err(SinkError::Definite(error));
+    }
+    for event in context.take_events() {
+        match event {
+            RebalanceEvent::Revoked(partitions) => {
+                let dropped = pending.drop_partitions(&partitions);
+                stats.dropped_on_revoke += dropped;
+                if dropped > 0 {
+                    tracing::info!(dropped, "dropped buffered records of revoked partitions");
+                }
+            }
+            RebalanceEvent::Assigned(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one record into the pending batch.
+fn consume(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    format: Format,
+    pending: &mut Pending,
+    stats: &mut SinkStats,
+) {
+    let topic = message.topic();
+    let partition = message.partition();
+    let offset = message.offset();
+    let headers: Vec<(&str, Option<&[u8]>)> = message
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default();
+    let lsn_header = headers
+        .iter()
+        .find(|(key, _)| *key == record::LSN_HEADER)
+        .map(|(_, value)| *value);
+    let source_lsn = lsn_header
+        .flatten()
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<Lsn>().ok());
+    let value = message.payload();
+    let origin = || Origin {
+        topic: Some(topic.to_string()),
+        partition: Some(partition),
+        offset: Some(offset),
+        source_lsn,
+        key: message.key().map(<[u8]>::to_vec),
+        value: value.map(<[u8]>::to_vec),
+        headers: record::headers_json(headers.iter().copied()),
+    };
+
+    stats.consumed += 1;
+    match record::decode(format, value, lsn_header.is_some()) {
+        Ok(Decoded::Insert(txn, detected)) => {
+            match detected {
+                Detected::Connector => stats.connector_records += 1,
+                Detected::Seed => stats.seed_records += 1,
+                Detected::Debezium => stats.debezium_records += 1,
+            }
+            pending.records.push((txn, origin()));
+        }
+        Ok(Decoded::Skip(skip)) => {
+            stats.skipped += 1;
+            tracing::debug!(topic, partition, offset, ?skip, "record skipped");
+        }
+        Err(rejected) => {
+            stats.dead_letters += 1;
+            tracing::warn!(
+                topic,
+                partition,
+                offset,
+                kind = %rejected.kind,
+                error = %rejected.error,
+                "dead letter"
+            );
+            pending.dead_letters.push(DeadLetter {
+                kind: rejected.kind,
+                error: rejected.error,
+                origin: origin(),
+            });
+        }
+    }
+    let last = pending
+        .last_offsets
+        .entry((topic.to_string(), partition))
+        .or_insert(offset);
+    *last = (*last).max(offset);
+    pending.consumed += 1;
+    if pending.since.is_none() {
+        pending.since = Some(tokio::time::Instant::now());
+    }
+}
+
+/// After pg_end committed a batch: tell Kafka too, for lag monitoring only.
+fn commit_to_kafka(consumer: &StreamConsumer<SinkContext>, batch: &ApplyBatch) {
+    let Progress::KafkaOffsets(offsets) = &batch.progress else {
+        return;
+    };
+    let mut tpl = TopicPartitionList::new();
+    for o in offsets {
+        if let Err(error) =
+            tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.last_offset + 1))
+        {
+            tracing::debug!(%error, "cannot list an offset to commit to kafka");
+        }
+    }
+    if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+        // Harmless: pg_end holds the offsets that count.
+        tracing::debug!(%error, "cannot commit offsets to kafka (monitoring only)");
+    }
+}
+
+/// The pg_end connection used to apply batches, re-established after failures.
+struct Writer {
+    url: String,
+    client: Option<Client>,
+}
+
+impl Writer {
+    /// Applies `batch`, retrying transient failures with backoff until it is committed
+    /// (`Ok(true)`) or the sink stops (`Ok(false)`: abandoned, nothing advanced).
+    async fn apply_until_done(
+        &mut self,
+        batch: &ApplyBatch,
+        stop: &AtomicBool,
+        stats: &mut SinkStats,
+    ) -> Result<bool, SinkError> {
+        let mut backoff = Backoff::reconnect();
+        loop {
+            match self.attempt(batch).await {
+                Ok(outcome) => {
+                    stats.batches += 1;
+                    stats.inserted += outcome.inserted;
+                    stats.duplicates += outcome.duplicates;
+                    stats.conflicts += outcome.conflicts;
+                    // Parse failures were counted when consumed; count the rest now.
+                    stats.dead_letters += outcome
+                        .dead_letters
+                        .saturating_sub(batch.dead_letters.len() as u64);
+                    tracing::debug!(
+                        records = batch.records.len(),
+                        inserted = outcome.inserted,
+                        duplicates = outcome.duplicates,
+                        dead_letters = outcome.dead_letters,
+                        bisected = outcome.bisected,
+                        "batch applied"
+                    );
+                    return Ok(true);
+                }
+                Err(Failure::Definite(error)) => return Err(SinkError::Definite(error)),
+                Err(Failure::Transient(error)) => {
+                    self.client = None;
+                    stats.retries += 1;
+                    tracing::warn!(
+                        %error,
+                        attempt = backoff.attempts() + 1,
+                        records = batch.records.len(),
+                        "cannot apply the batch to pg_end; retrying"
+                    );
+                }
+            }
+            if stop.load(Ordering::Relaxed) {
+                tracing::info!("stopping: the unapplied batch is abandoned; it will be read again");
+                return Ok(false);
+            }
+            let delay = backoff.next_delay();
+            let until = tokio::time::Instant::now() + delay;
+            while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100).min(delay)).await;
+            }
+        }
+    }
+
+    async fn attempt(&mut self, batch: &ApplyBatch) -> Result<apply::ApplyOutcome, Failure> {
+        let client = match &mut self.client {
+            Some(client) if !client.is_closed() => client,
+            _ => {
+                let client = pg::connect(&self.url)
+                    .await
+                    .map_err(|e| match pg::classify(&e) {
+                        ErrorClass::Transient => Failure::Transient(error_chain(&e)),
+                        ErrorClass::Definite => Failure::Definite(ApplyError::Definite {
+                            step: "connecting",
+                            source: e,
+                        }),
+                    })?;
+                self.client.insert(client)
+            }
+        };
+        match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, batch)).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(error)) if error.class() == ErrorClass::Transient => {
+                Err(Failure::Transient(error_chain(&error)))
+            }
+            Ok(Err(error)) => Err(Failure::Definite(error)),
+            Err(_) => Err(Failure::Transient(format!(
+                "applying the batch took more than {}s",
+                APPLY_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+enum Failure {
+    Transient(String),
+    Definite(ApplyError),
+}
+
+/// A summary line every [`REPORT_EVERY`] while records flow.
+struct Report {
+    last: Instant,
+    consumed: u64,
+}
+
+impl Report {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            consumed: 0,
+        }
+    }
+
+    fn maybe_log(&mut self, stats: &SinkStats) {
+        let elapsed = self.last.elapsed();
+        if elapsed < REPORT_EVERY || stats.consumed == self.consumed {
+            return;
+        }
+        tracing::info!(
+            consumed = stats.consumed,
+            rate = format!(
+                "{:.0}/s",
+                (stats.consumed - self.consumed) as f64 / elapsed.as_secs_f64()
+            ),
+            inserted = stats.inserted,
+            duplicates = stats.duplicates,
+            dead_letters = stats.dead_letters,
+            skipped = stats.skipped,
+            batches = stats.batches,
+            "sink progress"
+        );
+        self.last = Instant::now();
+        self.consumed = stats.consumed;
+    }
+}

@@ -1,0 +1,309 @@
+//! Partition assignment: each partition this sink is given resumes right after the
+//! last offset pg_end has applied, never where Kafka's group offsets say.
+//!
+//! Invariant: a partition is handed to librdkafka with an explicit start offset
+//! (`stored + 1`, or the beginning when pg_end has none) in the same rebalance
+//! callback that receives it, so not one record of it is fetched from any other
+//! position. Records of a revoked partition that were buffered and not yet applied
+//! are dropped by the poll loop (see [`RebalanceEvent`]); the new owner reads them
+//! again from pg_end's offsets.
+//!
+//! # Why a blocking read on a thread of its own
+//! librdkafka calls the rebalance callback inside `poll`, that is inside
+//! `StreamConsumer::recv` on the sink's tokio task; the callback cannot `.await`. The
+//! alternatives were to assign the partitions paused and seek them later from async
+//! code (but records already fetched from the group offsets race with the seek, and a
+//! gap in offsets is normal in a transactional topic, so they cannot be told apart),
+//! or to block the tokio worker on a future (`block_in_place`, which needs the
+//! multi-threaded runtime and makes the library unusable from a current-thread one).
+//! Instead, [`OffsetReader`] owns a plain thread with a current-thread runtime of its
+//! own; the callback sends it the partitions over a std channel and waits for the
+//! answer. The read is one indexed query (milliseconds). While pg_end is down the
+//! callback waits, retrying with backoff: a sink cannot consume without knowing where
+//! to start, librdkafka's heartbeats run on its own threads meanwhile, and the wait
+//! ends at shutdown ([`OffsetReader::read`] returns `None`, the partitions are not
+//! taken). A definite error (the bookkeeping table is missing) is handed to the poll
+//! loop, which stops the sink. The wait blocks the tokio worker that polls; on the
+//! binary's multi-threaded runtime the shutdown watcher runs on another worker and
+//! ends the wait, while on a current-thread runtime a shutdown requested during such
+//! an outage is noticed only once pg_end answers.
+//!
+//! Both rebalance protocols are handled: eager (`assign`/`unassign`, the default
+//! `range,roundrobin`) and cooperative (`incremental_assign`/`incremental_unassign`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::error_chain;
+use crate::apply::{self, ApplyError};
+use crate::pg::{self, ErrorClass};
+use crate::retry::Backoff;
+
+/// A (topic, partition) pair.
+pub type Partition = (String, i32);
+
+/// A change of assignment, for the poll loop to act on after `recv` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    /// These partitions now start at the given offsets (`None`: the beginning).
+    Assigned(Vec<(Partition, Option<i64>)>),
+    /// These partitions are no longer ours: drop their buffered records.
+    Revoked(Vec<Partition>),
+}
+
+/// How long one attempt to read the stored offsets may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why no offsets came back.
+#[derive(Debug)]
+pub enum ReadFailure {
+    /// The sink is stopping.
+    Stopped,
+    /// pg_end refused the query for a reason a retry will not cure.
+    Definite(ApplyError),
+}
+
+/// Reads the stored offsets on a thread of its own; see the module documentation.
+pub struct OffsetReader {
+    requests: mpsc::Sender<Request>,
+}
+
+struct Request {
+    partitions: Vec<Partition>,
+    reply: mpsc::Sender<Result<HashMap<Partition, i64>, ReadFailure>>,
+}
+
+impl OffsetReader {
+    /// Starts the reader thread. It ends when the `OffsetReader` is dropped.
+    pub fn spawn(target_url: String, stop: Arc<AtomicBool>) -> std::io::Result<Self> {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("sink-offsets".into())
+            .spawn(move || {
+                while let Ok(request) = incoming.recv() {
+                    let result =
+                        runtime.block_on(read_until_done(&target_url, &request.partitions, &stop));
+                    let _ = request.reply.send(result);
+                }
+            })?;
+        Ok(Self { requests })
+    }
+
+    /// Blocks until pg_end answered, the sink stops, or pg_end refused definitively.
+    pub fn read(&self, partitions: &[Partition]) -> Result<HashMap<Partition, i64>, ReadFailure> {
+        let (reply, answer) = mpsc::channel();
+        let request = Request {
+            partitions: partitions.to_vec(),
+            reply,
+        };
+        if self.requests.send(request).is_err() {
+            return Err(ReadFailure::Stopped);
+        }
+        answer.recv().unwrap_or(Err(ReadFailure::Stopped))
+    }
+}
+
+/// One failed attempt to read the offsets.
+enum Failed {
+    Transient(String),
+    Definite(ApplyError),
+}
+
+async fn read_until_done(
+    url: &str,
+    partitions: &[Partition],
+    stop: &AtomicBool,
+) -> Result<HashMap<Partition, i64>, ReadFailure> {
+    let mut backoff = Backoff::reconnect();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(ReadFailure::Stopped);
+        }
+        let attempt = tokio::time::timeout(READ_TIMEOUT, async {
+            let client = pg::connect(url).await.map_err(|e| match pg::classify(&e) {
+                ErrorClass::Transient => Failed::Transient(error_chain(&e)),
+                ErrorClass::Definite => Failed::Definite(ApplyError::Definite {
+                    step: "connecting to read the stored Kafka offsets",
+                    source: e,
+                }),
+            })?;
+            apply::read_kafka_offsets(&client, partitions)
+                .await
+                .map_err(|e| match e.class() {
+                    ErrorClass::Transient => Failed::Transient(error_chain(&e)),
+                    ErrorClass::Definite => Failed::Definite(e),
+                })
+        })
+        .await;
+        match attempt {
+            Ok(Ok(offsets)) => return Ok(offsets),
+            Ok(Err(Failed::Definite(error))) => return Err(ReadFailure::Definite(error)),
+            Ok(Err(Failed::Transient(error))) => tracing::warn!(
+                %error,
+                attempt = backoff.attempts() + 1,
+                "cannot read the stored offsets from pg_end; retrying"
+            ),
+            Err(_) => tracing::warn!(
+                timeout_secs = READ_TIMEOUT.as_secs(),
+                "reading the stored offsets from pg_end timed out; retrying"
+            ),
+        }
+        let delay = backoff.next_delay();
+        // Sleep in short steps so that a shutdown is noticed quickly.
+        let until = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100).min(delay)).await;
+        }
+    }
+}
+
+/// The sink's consumer context: decides where assigned partitions start and tells the
+/// poll loop about every change of assignment.
+pub struct SinkContext {
+    reader: OffsetReader,
+    /// Changes of assignment since the poll loop last looked, oldest first.
+    events: Mutex<Vec<RebalanceEvent>>,
+    /// A definite error met in a callback; the poll loop stops the sink with it.
+    fatal: Mutex<Option<ApplyError>>,
+}
+
+impl SinkContext {
+    pub fn new(reader: OffsetReader) -> Self {
+        Self {
+            reader,
+            events: Mutex::new(Vec::new()),
+            fatal: Mutex::new(None),
+        }
+    }
+
+    /// The changes of assignment since the last call, oldest first.
+    pub fn take_events(&self) -> Vec<RebalanceEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A definite error met in a callback, if any.
+    pub fn take_fatal(&self) -> Option<ApplyError> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn push(&self, event: RebalanceEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+    }
+
+    fn assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+        cooperative: bool,
+    ) {
+        let partitions: Vec<Partition> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let stored = match self.reader.read(&partitions) {
+            Ok(stored) => stored,
+            Err(failure) => {
+                if let ReadFailure::Definite(error) = failure {
+                    tracing::error!(error = %error_chain(&error), "cannot read the stored offsets from pg_end");
+                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+                }
+                // Take nothing: with no start position the partitions must not be read.
+                if !cooperative {
+                    let _ = consumer.unassign();
+                }
+                return;
+            }
+        };
+        let mut starts = Vec::with_capacity(partitions.len());
+        for (topic, partition) in partitions {
+            let last = stored.get(&(topic.clone(), partition)).copied();
+            let start = match last {
+                Some(last) => Offset::Offset(last.saturating_add(1)),
+                None => Offset::Beginning,
+            };
+            if let Err(error) = tpl.set_partition_offset(&topic, partition, start) {
+                tracing::error!(%error, topic, partition, "cannot set a partition's start offset");
+            }
+            tracing::info!(topic, partition, resume_at = ?start, "partition assigned");
+            starts.push(((topic, partition), last));
+        }
+        let assigned = if cooperative {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        match assigned {
+            Ok(()) => self.push(RebalanceEvent::Assigned(starts)),
+            Err(error) => tracing::error!(%error, "cannot take the assigned partitions"),
+        }
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, cooperative: bool) {
+        let partitions: Vec<Partition> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        for (topic, partition) in &partitions {
+            tracing::info!(
+                topic,
+                partition,
+                lost = consumer.assignment_lost(),
+                "partition revoked"
+            );
+        }
+        // Tell the poll loop before the partitions go: nothing after this callback
+        // may apply their buffered records.
+        self.push(RebalanceEvent::Revoked(partitions));
+        let result = if cooperative {
+            consumer.incremental_unassign(tpl)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "cannot release the revoked partitions");
+        }
+    }
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.assign(consumer, tpl, cooperative)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, tpl, cooperative)
+            }
+            other => {
+                // As librdkafka recommends: on a rebalance error, drop the assignment.
+                tracing::warn!(error = ?other, "rebalance error; releasing the partitions");
+                self.revoke(consumer, tpl, cooperative)
+            }
+        }
+    }
+}

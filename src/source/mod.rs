@@ -1,0 +1,353 @@
+//! The source side: checks of pg_start, the replication slot and publication, and the
+//! replication session settings.
+//!
+//! Invariant: a slot is created only when it never existed for this relay. A slot that
+//! is missing after the relay used it, or whose WAL was removed (`wal_status = lost`),
+//! is a [`SourceError::Definite`] error that says how to recover: recreating it would
+//! silently skip every transaction written in between.
+
+use std::time::Duration;
+
+use pgwire_replication::ReplicationConfig;
+use thiserror::Error;
+use tokio_postgres::Client;
+
+use crate::lsn::Lsn;
+use crate::pg::{self, ErrorClass};
+
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// A retry may cure it (the server restarting, the network).
+    #[error("pg_start is unavailable: {context}")]
+    Transient {
+        context: String,
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+    /// Needs a person; the message says what to do.
+    #[error("{0}")]
+    Definite(String),
+    #[error("{context}")]
+    Query {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl SourceError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SourceError::Transient { .. } => ErrorClass::Transient,
+            SourceError::Definite(_) => ErrorClass::Definite,
+            SourceError::Query { source, .. } => pg::classify(source),
+        }
+    }
+
+    fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        let context = context.into();
+        move |source| SourceError::Query { context, source }
+    }
+}
+
+/// A schema-qualified table name, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` (or `table`, meaning `public.table`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (schema, name) = match text.split_once('.') {
+            Some((s, n)) => (s, n),
+            None => ("public", text),
+        };
+        for part in [schema, name] {
+            validate_identifier(part)?;
+        }
+        Ok(Self {
+            schema: schema.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The name quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Names from the configuration used in SQL: letters, digits, `_` and `$`, at most 63
+/// bytes, not starting with a digit. Anything else is refused before it reaches SQL.
+pub fn validate_identifier(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name: use letters, digits, '_' or '$' (at most 63, not starting with a digit)"
+        ))
+    }
+}
+
+/// Double-quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A published column of the outbox table, in table order.
+#[derive(Debug, Clone)]
+pub struct TableColumn {
+    pub name: String,
+    pub type_oid: u32,
+}
+
+/// What the relay needs to know about the source before streaming.
+#[derive(Debug, Clone)]
+pub struct SourceInfo {
+    pub server_version_num: i32,
+    pub columns: Vec<TableColumn>,
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub wal_status: Option<String>,
+    pub active_pid: Option<i32>,
+}
+
+/// Checks the server version, `wal_level`, the outbox table and the publication
+/// (creating the publication if it is missing and `create_publication` is set).
+pub async fn check_source(
+    client: &Client,
+    table: &TableName,
+    publication: &str,
+    create_publication: bool,
+) -> Result<SourceInfo, SourceError> {
+    validate_identifier(publication).map_err(SourceError::Definite)?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4, current_setting('wal_level')",
+            &[],
+        )
+        .await
+        .map_err(SourceError::query("reading server settings"))?;
+    let version: i32 = row.get(0);
+    let wal_level: String = row.get(1);
+    if version < 140000 {
+        return Err(SourceError::Definite(format!(
+            "pg_start runs PostgreSQL {version}; outbox-relay needs PostgreSQL 14 or newer"
+        )));
+    }
+    if wal_level != "logical" {
+        return Err(SourceError::Definite(format!(
+            "pg_start has wal_level = {wal_level}; set wal_level = logical in postgresql.conf and restart the server"
+        )));
+    }
+    let columns = client
+        .query(
+            "SELECT a.attname::text, a.atttypid::int8
+             FROM pg_attribute a
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(SourceError::query("reading the outbox table's columns"))?;
+    if columns.is_empty() {
+        return Err(SourceError::Definite(format!(
+            "the outbox table {table} does not exist in pg_start (run `outbox-relay migrate` or set --table)"
+        )));
+    }
+    let columns = columns
+        .iter()
+        .map(|r| TableColumn {
+            name: r.get(0),
+            type_oid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+        })
+        .collect();
+
+    let publishes: Option<bool> = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(SourceError::query("reading pg_publication"))?
+        .map(|r| r.get(0));
+    match publishes {
+        None if create_publication => {
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                    quote_ident(publication),
+                    table.quoted()
+                ))
+                .await
+                .map_err(SourceError::query(format!(
+                    "creating publication {publication}"
+                )))?;
+            tracing::info!(publication, %table, "created publication");
+        }
+        None => {
+            return Err(SourceError::Definite(format!(
+                "publication {publication} does not exist in pg_start; create it with \
+                 CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert')"
+            )))
+        }
+        Some(false) => {
+            return Err(SourceError::Definite(format!(
+                "publication {publication} does not publish inserts; \
+                 ALTER PUBLICATION {publication} SET (publish = 'insert')"
+            )))
+        }
+        Some(true) => {}
+    }
+    let in_publication: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(SourceError::query("reading pg_publication_tables"))?
+        .get(0);
+    if !in_publication {
+        return Err(SourceError::Definite(format!(
+            "the outbox table {table} is not in publication {publication}; \
+             ALTER PUBLICATION {publication} ADD TABLE {table}"
+        )));
+    }
+    Ok(SourceInfo {
+        server_version_num: version,
+        columns,
+    })
+}
+
+/// Reads the slot's state; `None` if it does not exist.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status, active_pid
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(SourceError::query("reading pg_replication_slots"))?;
+    Ok(row.map(|r| SlotState {
+        plugin: r.get(0),
+        database: r.get(1),
+        confirmed_flush_lsn: r.get::<_, Option<String>>(2).and_then(|s| s.parse().ok()),
+        wal_status: r.get(3),
+        active_pid: r.get(4),
+    }))
+}
+
+/// Checks that an existing slot can be streamed from.
+pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), SourceError> {
+    if state.plugin.as_deref() != Some("pgoutput") {
+        return Err(SourceError::Definite(format!(
+            "slot {slot} uses plugin {:?}, not pgoutput; choose another --slot",
+            state.plugin
+        )));
+    }
+    if state.database.as_deref() != Some(database) {
+        return Err(SourceError::Definite(format!(
+            "slot {slot} belongs to database {:?}, not {database}; choose another --slot",
+            state.database
+        )));
+    }
+    if state.wal_status.as_deref() == Some("lost") {
+        return Err(SourceError::Definite(format!(
+            "slot {slot} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, \
+             so transactions may be missing from Kafka. Recover: run `outbox-relay reconcile` to \
+             copy what pg_end lacks, then drop the slot (SELECT pg_drop_replication_slot('{slot}')) \
+             and start the connector with a new --slot"
+        )));
+    }
+    Ok(())
+}
+
+/// Replication session settings for `url`, `slot` and `publication`.
+pub fn replication_config(
+    url: &str,
+    slot: &str,
+    publication: &str,
+    start: Lsn,
+) -> Result<ReplicationConfig, SourceError> {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| SourceError::Definite(format!("the source URL is not valid: {e}")))?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "127.0.0.1".to_string(),
+    };
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let mut replication = ReplicationConfig::new(
+        host,
+        config.get_user().unwrap_or("postgres"),
+        password,
+        config.get_dbname().unwrap_or("postgres"),
+        slot,
+        publication,
+    )
+    .with_port(config.get_ports().first().copied().unwrap_or(5432))
+    .with_start_lsn(pgwire_replication::Lsn::from_u64(start.as_u64()))
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(5))
+    .with_buffer_size(8192)
+    .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3")
+    .with_application_name(format!("outbox-relay:{slot}"));
+    replication.tls = pgwire_replication::TlsConfig::disabled();
+    Ok(replication)
+}
+
+/// The database name in a connection URL.
+pub fn database_of(url: &str) -> Option<String> {
+    url.parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|c| c.get_dbname().map(str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated_and_quoted() {
+        let t = TableName::parse("outbox.transactions").unwrap();
+        assert_eq!(t.quoted(), "\"outbox\".\"transactions\"");
+        assert_eq!(TableName::parse("plain").unwrap().schema, "public");
+        for bad in [
+            "outbox.t; DROP TABLE main.balance",
+            "a.b\"c",
+            "a.",
+            "1abc.x",
+            "x.y z",
+        ] {
+            assert!(TableName::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,365 @@
+//! Helpers shared by the integration tests, which run against the real local stack
+//! (`scripts/stack up`): two PostgreSQL clusters and three Kafka brokers.
+//!
+//! Each test gets its own pair of databases with random names, created from the
+//! schemas in `sql/` and dropped when the [`TestDbs`] value is dropped, so tests in one
+//! binary can run in parallel. Tests that stop or kill a shared component take
+//! [`fault_lock`] so that they never overlap.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_postgres::Client;
+
+pub const PG_START_ADMIN: &str = "postgres://postgres:postgres@127.0.0.1:8000/postgres";
+pub const PG_END_ADMIN: &str = "postgres://postgres:postgres@127.0.0.1:8001/postgres";
+pub const BROKERS: &str = outbox_relay::config::DEFAULT_BROKERS;
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `scripts/stack ARGS…` and panics with its output if it fails.
+pub fn stack(args: &[&str]) {
+    let output = Command::new(repo().join("scripts/stack"))
+        .args(args)
+        .output()
+        .expect("scripts/stack runs");
+    assert!(
+        output.status.success(),
+        "scripts/stack {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Serialises the tests that stop, kill or pause a shared component.
+pub async fn fault_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// A random lowercase name with a prefix, for databases, topics, slots and groups.
+pub fn random_name(prefix: &str) -> String {
+    let suffix: u64 = rand::rng().random();
+    format!("{prefix}_{suffix:016x}")
+}
+
+/// Connects, retrying for up to 60 s (a cluster may be restarting).
+pub async fn connect(url: &str) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match outbox_relay::pg::connect(url).await {
+            Ok(client) => return client,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("waiting for {url}: {error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("cannot connect to {url}: {error}"),
+        }
+    }
+}
+
+/// Polls `condition` every 100 ms until it holds, or panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fresh source database on pg_start and target database on pg_end, with the
+/// project's schemas, dropped on `Drop`.
+pub struct TestDbs {
+    pub name: String,
+    pub source_url: String,
+    pub target_url: String,
+}
+
+impl TestDbs {
+    pub async fn new() -> Self {
+        let name = random_name("ort");
+        for admin in [PG_START_ADMIN, PG_END_ADMIN] {
+            connect(admin)
+                .await
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+        }
+        let dbs = Self {
+            source_url: format!("postgres://postgres:postgres@127.0.0.1:8000/{name}"),
+            target_url: format!("postgres://postgres:postgres@127.0.0.1:8001/{name}"),
+            name,
+        };
+        outbox_relay::migrate::source(&dbs.source_url)
+            .await
+            .expect("migrate source");
+        outbox_relay::migrate::target(&dbs.target_url)
+            .await
+            .expect("migrate target");
+        dbs
+    }
+
+    pub async fn source(&self) -> Client {
+        connect(&self.source_url).await
+    }
+
+    pub async fn target(&self) -> Client {
+        connect(&self.target_url).await
+    }
+
+    /// Copies pg_start's transactions to pg_end and derives pg_end's balances from
+    /// them: what a perfect pipeline would leave behind.
+    pub async fn copy_source_to_target(&self) {
+        let source = self.source().await;
+        let target = self.target().await;
+        let rows = source
+            .query(
+                "SELECT id, account_id, amount::text, created_at::text FROM main.transactions",
+                &[],
+            )
+            .await
+            .unwrap();
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let accounts: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
+        let amounts: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+        let times: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
+        target
+            .execute(
+                "INSERT INTO main.transactions (id, account_id, amount, created_at)
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[]::numeric[], $4::text[]::timestamp[])",
+                &[&ids, &accounts, &amounts, &times],
+            )
+            .await
+            .unwrap();
+        target
+            .batch_execute(
+                "INSERT INTO main.balance (account_id, current_balance, updated_at)
+                 SELECT account_id, sum(amount), max(created_at) FROM main.transactions GROUP BY account_id",
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Runs `verify` on this pair once.
+    pub async fn verify(&self) -> outbox_relay::verify::Report {
+        outbox_relay::verify::compare(&self.source().await, &self.target().await)
+            .await
+            .expect("verify reads both databases")
+    }
+}
+
+impl Drop for TestDbs {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any async context we may block; use a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                for admin in [PG_START_ADMIN, PG_END_ADMIN] {
+                    if let Ok(client) = outbox_relay::pg::connect(admin).await {
+                        // Replication slots pin a database; drop the test's slots first
+                        // (ending any walsender still holding one).
+                        let _ = client
+                            .execute(
+                                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                                 WHERE database = $1 AND active",
+                                &[&name],
+                            )
+                            .await;
+                        for _ in 0..50 {
+                            let dropped = client
+                                .execute(
+                                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                                     WHERE database = $1",
+                                    &[&name],
+                                )
+                                .await;
+                            if dropped.is_ok() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads every committed record of `topic` (`isolation.level=read_committed`), from the
+/// beginning to the current end of each partition.
+pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::ClientConfig;
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", random_name("reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .expect("metadata");
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in &partitions {
+        assignment
+            .add_partition_offset(topic, *p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut at_end = std::collections::HashSet::new();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while at_end.len() < partitions.len() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end"
+        );
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("read_topic: {e}"),
+            Some(Ok(m)) => {
+                at_end.remove(&m.partition());
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(ReadRecord {
+                    partition: m.partition(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+        }
+    }
+    records
+}
+
+/// The outbox rows of the source database, as the connector must render them:
+/// `{"id":…,"account_id":…,"amount":…,"created_at":"…"}`, keyed by id.
+pub async fn expected_records(source: &Client) -> std::collections::HashMap<i64, String> {
+    source
+        .query(
+            "SELECT id, account_id::text, amount::text, created_at::text FROM outbox.transactions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let value = format!(
+                "{{\"id\":{id},\"account_id\":{},\"amount\":{},\"created_at\":\"{}\"}}",
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3)
+            );
+            (id, value)
+        })
+        .collect()
+}
+
+/// A child process of the `outbox-relay` binary, killed on drop.
+pub struct Relay {
+    pub child: std::process::Child,
+}
+
+impl Relay {
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", random_name("relay")));
+        let file = std::fs::File::create(&log).unwrap();
+        eprintln!("relay {args:?} logs to {}", log.display());
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(args)
+            .envs(envs.iter().copied())
+            .env("OUTBOX_RELAY_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn outbox-relay");
+        Self { child }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+/// Waits for the relay to exit by itself, or panics after `timeout`.
+pub async fn wait_for_exit(relay: &mut Relay, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not exit within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

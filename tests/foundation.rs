@@ -1,0 +1,191 @@
+//! Foundation: the load generator and the verifier against the real PostgreSQL stack.
+
+mod common;
+
+use common::TestDbs;
+use outbox_relay::load::{self, LoadArgs};
+
+async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn load_writes_each_transaction_to_ledger_outbox_and_balance() {
+    let dbs = TestDbs::new().await;
+    let summary = load::run(&LoadArgs::count(&dbs.source_url, 500))
+        .await
+        .unwrap();
+    assert_eq!(summary.committed, 500);
+    assert_eq!(summary.failed, 0);
+
+    let source = dbs.source().await;
+    assert_eq!(count(&source, "main.transactions").await, 500);
+    assert_eq!(count(&source, "outbox.transactions").await, 500);
+    // The outbox row is the ledger row.
+    let differing: i64 = source
+        .query_one(
+            "SELECT count(*) FROM main.transactions t FULL JOIN outbox.transactions o USING (id)
+             WHERE (t.account_id, t.amount, t.created_at) IS DISTINCT FROM (o.account_id, o.amount, o.created_at)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(differing, 0);
+    // Seed value ranges.
+    let bad: i64 = source
+        .query_one(
+            "SELECT count(*) FROM main.transactions
+             WHERE account_id NOT BETWEEN 1 AND 10 OR abs(amount) NOT BETWEEN 10 AND 100 OR amount % 10 <> 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+    // Balances equal the sums on the source side.
+    let report = dbs.verify().await;
+    assert!(report.source_drift.is_empty(), "{}", report.render());
+}
+
+#[tokio::test]
+async fn verify_passes_on_equal_databases() {
+    let dbs = TestDbs::new().await;
+    load::run(&LoadArgs::count(&dbs.source_url, 300))
+        .await
+        .unwrap();
+    dbs.copy_source_to_target().await;
+    let report = dbs.verify().await;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.source_transactions, 300);
+    assert_eq!(report.target_transactions, 300);
+}
+
+#[tokio::test]
+async fn verify_passes_on_empty_databases_and_fails_when_target_is_empty() {
+    let dbs = TestDbs::new().await;
+    assert!(dbs.verify().await.ok);
+    load::run(&LoadArgs::count(&dbs.source_url, 50))
+        .await
+        .unwrap();
+    let report = dbs.verify().await;
+    assert!(!report.ok);
+    assert_eq!(report.missing_count, 50);
+    assert_eq!(report.missing_sample.len(), 20);
+}
+
+/// Sets up an equal pair, applies `damage` to pg_end, and returns the report.
+async fn damaged(damage: &str) -> (TestDbs, outbox_relay::verify::Report, i64, i64) {
+    let dbs = TestDbs::new().await;
+    load::run(&LoadArgs::count(&dbs.source_url, 200))
+        .await
+        .unwrap();
+    dbs.copy_source_to_target().await;
+    let target = dbs.target().await;
+    let row = target
+        .query_one(
+            "SELECT id, account_id FROM main.transactions ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, account): (i64, i64) = (row.get(0), row.get(1));
+    target
+        .batch_execute(
+            &damage
+                .replace("$ID", &id.to_string())
+                .replace("$ACCOUNT", &account.to_string()),
+        )
+        .await
+        .unwrap();
+    let report = dbs.verify().await;
+    assert!(!report.ok, "damage went unnoticed: {damage}");
+    (dbs, report, id, account)
+}
+
+#[tokio::test]
+async fn verify_reports_a_missing_transaction() {
+    // The row is gone and its amount taken back out of the balance: the balances
+    // are self-consistent on pg_end but differ from pg_start.
+    let (_dbs, report, id, account) = damaged(
+        "UPDATE main.balance b SET current_balance = b.current_balance - t.amount
+           FROM main.transactions t WHERE t.id = $ID AND b.account_id = t.account_id;
+         DELETE FROM main.transactions WHERE id = $ID;",
+    )
+    .await;
+    assert_eq!(report.missing_count, 1);
+    assert_eq!(report.missing_sample, vec![id]);
+    assert_eq!((report.extra_count, report.changed_count), (0, 0));
+    assert_eq!(report.balance_diffs.len(), 1);
+    assert_eq!(report.balance_diffs[0].account_id, account);
+    assert!(report.target_drift.is_empty() && report.source_drift.is_empty());
+    assert!(
+        report.render().contains("missing in pg_end: 1"),
+        "{}",
+        report.render()
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_an_extra_transaction() {
+    let (_dbs, report, _, _) = damaged(
+        "INSERT INTO main.transactions VALUES (42, 3, 10, '2025-07-23 20:06:21.08533');
+         UPDATE main.balance SET current_balance = current_balance + 10 WHERE account_id = 3;",
+    )
+    .await;
+    assert_eq!(report.extra_count, 1);
+    assert_eq!(report.extra_sample, vec![42]);
+    assert_eq!((report.missing_count, report.changed_count), (0, 0));
+    assert!(report.target_drift.is_empty());
+    assert!(
+        report.render().contains("extra in pg_end"),
+        "{}",
+        report.render()
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_a_changed_row() {
+    let (_dbs, report, id, _) =
+        damaged("UPDATE main.transactions SET created_at = created_at + interval '1 second' WHERE id = $ID;").await;
+    assert_eq!(report.changed_count, 1);
+    assert_eq!(report.changed_sample[0].source.id, id);
+    assert_ne!(
+        report.changed_sample[0].source.created_at,
+        report.changed_sample[0].target.created_at
+    );
+    assert_eq!((report.missing_count, report.extra_count), (0, 0));
+    assert!(report.balance_diffs.is_empty());
+    assert!(
+        report.render().contains("rows that differ: 1"),
+        "{}",
+        report.render()
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_balance_drift() {
+    let (_dbs, report, _, account) =
+        damaged("UPDATE main.balance SET current_balance = current_balance + 10 WHERE account_id = $ACCOUNT;").await;
+    assert_eq!(
+        (
+            report.missing_count,
+            report.extra_count,
+            report.changed_count
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(report.balance_diffs.len(), 1);
+    assert_eq!(report.target_drift.len(), 1);
+    assert_eq!(report.target_drift[0].account_id, account);
+    assert!(report.source_drift.is_empty());
+    assert!(
+        report.render().contains("transactions sum to"),
+        "{}",
+        report.render()
+    );
+}
