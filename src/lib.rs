@@ -17,12 +17,14 @@
 pub mod apply;
 pub mod config;
 pub mod connector;
+pub mod direct;
 pub mod kafka;
 pub mod load;
 pub mod lsn;
 pub mod migrate;
 pub mod pg;
 pub mod pgoutput;
+pub mod pipeline;
 pub mod progress;
 pub mod retry;
 pub mod sink;

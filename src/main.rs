@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use outbox_relay::config::{SourceArgs, TargetArgs};
-use outbox_relay::{connector, load, migrate, sink, verify};
+use outbox_relay::{connector, direct, load, migrate, sink, verify};
 
 #[derive(Parser)]
 #[command(name = "outbox-relay", version, about)]
@@ -40,6 +40,8 @@ enum Command {
     },
     /// Stream the outbox's inserts from a replication slot into Kafka, exactly once.
     Connector(connector::ConnectorArgs),
+    /// Stream the outbox's inserts from a replication slot straight into pg_end (no Kafka).
+    Direct(direct::DirectArgs),
     /// Write seed-shaped business transactions into pg_start.
     Load(load::LoadArgs),
     /// Compare pg_start and pg_end; exit 1 on any difference.
@@ -107,6 +109,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
             .await?;
             eprintln!("sink: {}", serde_json::to_string(&stats)?);
+        }
+        Command::Direct(args) => {
+            direct::run(args, shutdown_signal()).await?;
         }
         Command::Load(args) => {
             let summary = load::run(&args).await?;

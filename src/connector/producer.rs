@@ -6,18 +6,19 @@
 //! batch is durable in Kafka; on any doubt it retries the whole batch (an aborted
 //! Kafka transaction is invisible to `read_committed` readers).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use thiserror::Error;
+use tokio::sync::watch;
 
 use super::Batch;
 use crate::kafka::{self, ProgressRecord};
 use crate::pg::ErrorClass;
+use crate::pipeline::PipelineError;
 use crate::retry::Backoff;
 
 /// How batches are made durable.
@@ -77,7 +78,7 @@ pub struct BatchProducer {
     mode: DeliveryMode,
     transactional_id: String,
     producer: ThreadedProducer<DeliveryCounter>,
-    stopping: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
 }
 
 /// Bound of one Kafka call; a broker outage is retried in a loop around it.
@@ -91,7 +92,7 @@ impl BatchProducer {
         brokers: &str,
         mode: DeliveryMode,
         transactional_id: &str,
-        stopping: Arc<AtomicBool>,
+        stop: watch::Receiver<bool>,
     ) -> Result<Self, FlushError> {
         let producer = Self::create(brokers, mode, transactional_id)?;
         Ok(Self {
@@ -99,7 +100,7 @@ impl BatchProducer {
             mode,
             transactional_id: transactional_id.to_string(),
             producer,
-            stopping,
+            stop,
         })
     }
 
@@ -154,7 +155,7 @@ impl BatchProducer {
         let progress_value = progress.to_bytes();
         let mut backoff = Backoff::reconnect();
         loop {
-            if self.stopping.load(Ordering::SeqCst) && backoff.attempts() > 0 {
+            if *self.stop.borrow() && backoff.attempts() > 0 {
                 // A stop during an outage: leave the batch to the next run (the slot
                 // was not confirmed past it).
                 return Err(FlushError::Stopped);
@@ -206,7 +207,7 @@ impl BatchProducer {
                     // The commit's outcome is not known yet: asking again is the
                     // documented way to learn it.
                     tracing::warn!(error = %e, "commit_transaction: retrying");
-                    if self.stopping.load(Ordering::SeqCst) {
+                    if *self.stop.borrow() {
                         self.abort();
                         return Err(Attempt::Definite(FlushError::Stopped));
                     }
@@ -240,7 +241,7 @@ impl BatchProducer {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(%error, "waiting for acknowledgements");
-                    if self.stopping.load(Ordering::SeqCst) {
+                    if *self.stop.borrow() {
                         return Err(Attempt::Definite(FlushError::Stopped));
                     }
                 }
@@ -331,5 +332,17 @@ fn classify_fatal(error: KafkaError, transactional_id: &str) -> FlushError {
             FlushError::Fenced(transactional_id.to_string())
         }
         _ => FlushError::Fatal(error),
+    }
+}
+
+/// Maps a producer failure onto the pipeline's error, keeping its class.
+pub(super) fn destination_error(error: FlushError) -> PipelineError {
+    if matches!(error, FlushError::Stopped) {
+        return PipelineError::Stopped;
+    }
+    PipelineError::Destination {
+        context: "kafka".into(),
+        class: error.class(),
+        source: Box::new(error),
     }
 }

@@ -154,6 +154,48 @@ impl TestDbs {
             .unwrap();
     }
 
+    /// Creates a `test_decoding` slot that records every transaction from now on.
+    pub async fn create_witness_slot(&self) -> String {
+        let name = random_name("witness");
+        self.source()
+            .await
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// The commit end LSN of every transaction that inserted into the outbox since the
+    /// witness slot was created, ascending (test_decoding reports a COMMIT at its end).
+    pub async fn outbox_commit_lsns(&self, witness: &str) -> Vec<outbox_relay::lsn::Lsn> {
+        let rows = self
+            .source()
+            .await
+            .query(
+                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, NULL)",
+                &[&witness],
+            )
+            .await
+            .unwrap();
+        let mut commits = Vec::new();
+        let mut touches_outbox = false;
+        for row in rows {
+            let data: String = row.get(1);
+            if data.starts_with("BEGIN") {
+                touches_outbox = false;
+            } else if data.starts_with("table outbox.transactions: INSERT") {
+                touches_outbox = true;
+            } else if data.starts_with("COMMIT") && touches_outbox {
+                commits.push(row.get::<_, String>(0).parse().unwrap());
+            }
+        }
+        commits.sort();
+        commits
+    }
+
     /// Runs `verify` on this pair once.
     pub async fn verify(&self) -> outbox_relay::verify::Report {
         outbox_relay::verify::compare(&self.source().await, &self.target().await)

@@ -1,0 +1,350 @@
+//! `outbox-relay direct`: outbox → inbox without a queue. The outbox's inserts stream
+//! from a replication slot straight into pg_end, through the same [`crate::pipeline`]
+//! as the connector and the same [`crate::apply`] as the sink.
+//!
+//! # Progress: a bookkeeping row, not a replication origin
+//! The commit end LSN of the last applied source transaction is stored in
+//! `outbox_relay.direct_progress` (one row per slot) by the same pg_end transaction
+//! that applies the rows ([`apply::Progress::SourceLsn`]). A replication origin
+//! (`pg_replication_origin_xact_setup`) would do the same job, but needs superuser or
+//! `pg_replication_origin_*` grants on pg_end, ties the progress to one database
+//! cluster's catalog (lost on a logical dump/restore), and would be a second way of
+//! storing progress next to the sink's offsets table. The row is plain data: it moves
+//! only forward, it is visible to `status`, and it is restored with the data it covers.
+//!
+//! # Invariants
+//! 1. Many source transactions go into one pg_end transaction, never one source
+//!    transaction into two ([`crate::pipeline`] hands whole transactions over).
+//! 2. The slot is confirmed only after the pg_end commit that holds the rows and the
+//!    progress row; on start the progress row is read and transactions at or below it
+//!    are skipped, so `kill -9` at any instant neither loses nor repeats.
+//! 3. Rows that cannot be applied become dead letters in the same pg_end transaction;
+//!    the stream goes on.
+//! 4. pg_end outages are retried with capped backoff; while a batch waits, nothing
+//!    more is read from the slot (bounded memory).
+
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
+use crate::config::{SourceArgs, TargetArgs};
+use crate::kafka::encode::{self, ColumnSpec};
+use crate::kafka::{ProgressRecord, ProgressState};
+use crate::lsn::Lsn;
+use crate::pg::{self, ErrorClass};
+use crate::pipeline::{ColumnDef, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta};
+use crate::retry::Backoff;
+
+/// Options of `outbox-relay direct`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DirectArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The logical replication slot (created if missing, unless --no-create-slot).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DIRECT_SLOT",
+        default_value = "outbox_relay_direct"
+    )]
+    pub slot: String,
+    #[command(flatten)]
+    pub stream: StreamArgs,
+}
+
+/// Runs direct mode until `stop` turns true or a definite error occurs.
+pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    let destination = PgEndDestination {
+        url: args.target.target_url.clone(),
+        client: None,
+        stop: stop.clone(),
+        columns: None,
+        specs: Vec::new(),
+        batch: ApplyBatch {
+            records: Vec::new(),
+            dead_letters: Vec::new(),
+            progress: Progress::None,
+        },
+        value_bytes: 0,
+        txn: None,
+    };
+    let mut pipeline = Pipeline::new(
+        args.source.source_url.clone(),
+        args.slot.clone(),
+        args.stream.clone(),
+        destination,
+        stop,
+    )?;
+    pipeline.run().await
+}
+
+/// Positions of the seed's columns in the outbox rows.
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    id: usize,
+    account_id: usize,
+    amount: usize,
+    created_at: usize,
+}
+
+/// Where the open source transaction's rows start, and its commit LSN.
+#[derive(Debug, Clone, Copy)]
+struct OpenTxn {
+    records: usize,
+    dead_letters: usize,
+    commit_lsn: Lsn,
+}
+
+struct PgEndDestination {
+    url: String,
+    client: Option<Client>,
+    stop: watch::Receiver<bool>,
+    columns: Option<Columns>,
+    /// For rendering a row as JSON in a dead letter.
+    specs: Vec<ColumnSpec>,
+    batch: ApplyBatch,
+    value_bytes: usize,
+    txn: Option<OpenTxn>,
+}
+
+impl PgEndDestination {
+    /// A connected client, retrying transient failures until a stop.
+    async fn client(&mut self) -> Result<&mut Client, PipelineError> {
+        let mut backoff = Backoff::reconnect();
+        while self.client.is_none() {
+            match pg::connect(&self.url).await {
+                Ok(client) => self.client = Some(client),
+                Err(error) if pg::classify(&error) == ErrorClass::Transient => {
+                    tracing::warn!(%error, "pg_end unavailable, retrying");
+                    if *self.stop.borrow() {
+                        return Err(PipelineError::Stopped);
+                    }
+                    backoff.wait().await;
+                }
+                Err(error) => {
+                    return Err(PipelineError::Destination {
+                        context: format!("connecting to pg_end ({})", pg::redact_url(&self.url)),
+                        class: ErrorClass::Definite,
+                        source: Box::new(error),
+                    })
+                }
+            }
+        }
+        self.client.as_mut().ok_or(PipelineError::Stopped)
+    }
+
+    fn dead_letter(&mut self, kind: DeadLetterKind, error: String, values: &[Option<&[u8]>]) {
+        let mut value = Vec::new();
+        encode::encode_row(&mut value, &self.specs, values.iter().copied());
+        self.batch.dead_letters.push(DeadLetter {
+            kind,
+            error,
+            origin: Origin {
+                source_lsn: self.txn.map(|t| t.commit_lsn),
+                value: Some(value),
+                ..Origin::default()
+            },
+        });
+    }
+}
+
+fn text<'a>(values: &[Option<&'a [u8]>], index: usize) -> Result<&'a str, String> {
+    let bytes = values
+        .get(index)
+        .copied()
+        .flatten()
+        .ok_or_else(|| "is NULL".to_string())?;
+    std::str::from_utf8(bytes).map_err(|_| "is not UTF-8".to_string())
+}
+
+fn integer(
+    values: &[Option<&[u8]>],
+    index: usize,
+    name: &str,
+) -> Result<i64, (DeadLetterKind, String)> {
+    let value =
+        text(values, index).map_err(|e| (DeadLetterKind::MissingField, format!("{name} {e}")))?;
+    value.parse().map_err(|_| {
+        (
+            DeadLetterKind::InvalidValue,
+            format!("{name} {value:?} is not a 64-bit integer"),
+        )
+    })
+}
+
+impl Destination for PgEndDestination {
+    async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
+        let mut backoff = Backoff::reconnect();
+        loop {
+            let client = self.client().await?;
+            match apply::read_source_lsn(&*client, slot).await {
+                // The snapshot marker is the progress row at 0/0.
+                Ok(Some(lsn)) if lsn.is_zero() => {
+                    return Ok(Some(ProgressRecord {
+                        state: ProgressState::Snapshot,
+                        lsn: lsn.to_string(),
+                    }))
+                }
+                Ok(Some(lsn)) => return Ok(Some(ProgressRecord::streaming(lsn))),
+                Ok(None) => return Ok(None),
+                Err(error) if error.class() == ErrorClass::Transient => {
+                    tracing::warn!(%error, "reading direct-mode progress, retrying");
+                    self.client = None;
+                    if *self.stop.borrow() {
+                        return Err(PipelineError::Stopped);
+                    }
+                    backoff.wait().await;
+                }
+                Err(error) => {
+                    return Err(PipelineError::Destination {
+                        context: "reading direct-mode progress from pg_end".into(),
+                        class: ErrorClass::Definite,
+                        source: Box::new(error),
+                    })
+                }
+            }
+        }
+    }
+
+    fn set_columns(&mut self, columns: &[ColumnDef]) -> Result<(), PipelineError> {
+        let find = |name: &str| {
+            columns.iter().position(|c| c.name == name).ok_or_else(|| {
+                PipelineError::Definite(format!(
+                    "the outbox table has no column {name}; direct mode needs id, account_id, amount, created_at"
+                ))
+            })
+        };
+        self.columns = Some(Columns {
+            id: find("id")?,
+            account_id: find("account_id")?,
+            amount: find("amount")?,
+            created_at: find("created_at")?,
+        });
+        self.specs = columns
+            .iter()
+            .map(|c| ColumnSpec::new(&c.name, c.type_oid))
+            .collect();
+        Ok(())
+    }
+
+    fn begin_txn(&mut self, meta: TxnMeta) {
+        self.txn = Some(OpenTxn {
+            records: self.batch.records.len(),
+            dead_letters: self.batch.dead_letters.len(),
+            commit_lsn: meta.commit_lsn,
+        });
+    }
+
+    fn row(&mut self, values: &[Option<&[u8]>]) {
+        let Some(c) = self.columns else {
+            return;
+        };
+        let record = (|| {
+            Ok::<_, (DeadLetterKind, String)>(TxnRecord {
+                id: integer(values, c.id, "id")?,
+                account_id: integer(values, c.account_id, "account_id")?,
+                amount: text(values, c.amount)
+                    .map_err(|e| (DeadLetterKind::MissingField, format!("amount {e}")))?
+                    .to_string(),
+                created_at: text(values, c.created_at)
+                    .map_err(|e| (DeadLetterKind::MissingField, format!("created_at {e}")))?
+                    .to_string(),
+            })
+        })();
+        match record {
+            Ok(record) => {
+                self.value_bytes += 64 + record.amount.len() + record.created_at.len();
+                self.batch.records.push((
+                    record,
+                    Origin {
+                        source_lsn: self.txn.map(|t| t.commit_lsn),
+                        ..Origin::default()
+                    },
+                ));
+            }
+            Err((kind, error)) => {
+                tracing::warn!(%kind, %error, "outbox row cannot be applied; dead-lettered");
+                self.dead_letter(kind, error, values);
+            }
+        }
+    }
+
+    fn end_txn(&mut self) {
+        self.txn = None;
+    }
+
+    fn discard_txn(&mut self) {
+        if let Some(txn) = self.txn.take() {
+            self.batch.records.truncate(txn.records);
+            self.batch.dead_letters.truncate(txn.dead_letters);
+        }
+    }
+
+    fn batch_size(&self) -> (usize, usize) {
+        (
+            self.batch.records.len() + self.batch.dead_letters.len(),
+            self.value_bytes,
+        )
+    }
+
+    async fn commit(&mut self, slot: &str, progress: &ProgressRecord) -> Result<(), PipelineError> {
+        self.batch.progress = Progress::SourceLsn {
+            slot: slot.to_string(),
+            commit_lsn: progress.lsn().unwrap_or(Lsn::ZERO),
+        };
+        let mut backoff = Backoff::reconnect();
+        loop {
+            let batch = std::mem::replace(
+                &mut self.batch,
+                ApplyBatch {
+                    records: Vec::new(),
+                    dead_letters: Vec::new(),
+                    progress: Progress::None,
+                },
+            );
+            let client = match self.client().await {
+                Ok(client) => client,
+                Err(error) => {
+                    self.batch = batch;
+                    return Err(error);
+                }
+            };
+            let result = apply::apply(client, &batch).await;
+            match result {
+                Ok(outcome) => {
+                    if outcome.dead_letters > 0 {
+                        tracing::warn!(
+                            dead_letters = outcome.dead_letters,
+                            "rows dead-lettered in pg_end"
+                        );
+                    }
+                    tracing::debug!(
+                        inserted = outcome.inserted,
+                        duplicates = outcome.duplicates,
+                        "applied"
+                    );
+                    self.value_bytes = 0;
+                    return Ok(());
+                }
+                Err(error) if error.class() == ErrorClass::Transient => {
+                    self.batch = batch;
+                    tracing::warn!(%error, "pg_end apply failed, retrying the same batch");
+                    self.client = None;
+                    if *self.stop.borrow() {
+                        return Err(PipelineError::Stopped);
+                    }
+                    backoff.wait().await;
+                }
+                Err(error) => {
+                    self.batch = batch;
+                    return Err(PipelineError::Destination {
+                        context: "applying to pg_end".into(),
+                        class: ErrorClass::Definite,
+                        source: Box::new(error),
+                    });
+                }
+            }
+        }
+    }
+}

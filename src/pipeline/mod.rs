@@ -1,0 +1,628 @@
+//! The replication pipeline shared by the connector (slot → Kafka) and direct mode
+//! (slot → pg_end): sessions, the slot's lifecycle, decoding, batching and the
+//! acknowledgement of the slot. What differs is the [`Destination`].
+//!
+//! ```text
+//!  pg_start ──walsender──▶ pgwire-replication ──▶ pgoutput::decode ──▶ Destination batch
+//!     ▲                                                                 │ commit(batch + progress)
+//!     │ update_applied_lsn(confirmable)                                 │ in ONE Kafka or pg_end
+//!     └──────────── ProgressTracker ◀── durable_through(ticket) ◀───────┘ transaction
+//! ```
+//!
+//! # Invariants
+//! 1. The slot's confirmed flush LSN is advanced only to what [`ProgressTracker`]
+//!    allows: the commit end LSN of a source transaction that, with every earlier one,
+//!    is durable in the destination (or, idle, a keepalive's WAL end).
+//! 2. Each destination commit also stores the commit end LSN of its last source
+//!    transaction, atomically with the rows ([`ProgressRecord`]: the Kafka progress
+//!    topic, or pg_end's `outbox_relay.direct_progress`). Every (re)start reads it back
+//!    and skips source transactions at or below it, so a kill between the destination
+//!    commit and the slot confirmation re-reads those transactions and drops them.
+//! 3. One source transaction is never split across two destination commits.
+//! 4. Memory is bounded: a batch holds at most `--batch-size` rows (plus the rest of
+//!    one source transaction) and `--batch-bytes`; while it is committed nothing more
+//!    is read, and pgwire-replication's bounded channel makes the walsender wait.
+//! 5. Transient failures are retried with capped backoff; only a definite error (a lost
+//!    slot, a fenced producer, a bad configuration) stops the pipeline.
+//! 6. A slot is created only when the destination has no streaming progress for it. A
+//!    slot missing after use, or invalidated, is a definite error (see [`source`]).
+
+mod snapshot;
+
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::kafka::{KafkaSetupError, ProgressRecord, ProgressState};
+use crate::lsn::Lsn;
+use crate::pg::{self, ErrorClass};
+use crate::pgoutput::{self, LogicalMessage};
+use crate::progress::{ProgressTracker, TxnTicket};
+use crate::retry::Backoff;
+use crate::source::{self, SourceError, TableName};
+
+/// Settings of the replication side, shared by `connector` and `direct`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StreamArgs {
+    /// The publication that holds the outbox table.
+    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", default_value = "outbox_relay")]
+    pub publication: String,
+    /// The outbox table, schema-qualified.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_TABLE",
+        default_value = "outbox.transactions"
+    )]
+    pub table: String,
+    /// Rows per destination commit (a source transaction is never split).
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 5000)]
+    pub batch_size: usize,
+    /// Bytes of row data per destination commit.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub batch_bytes: usize,
+    /// Longest time a row waits for its batch to fill, in milliseconds.
+    #[arg(long, env = "OUTBOX_RELAY_LINGER_MS", default_value_t = 20)]
+    pub linger_ms: u64,
+    /// Fail instead of creating a missing slot.
+    #[arg(long)]
+    pub no_create_slot: bool,
+    /// Fail instead of creating a missing publication.
+    #[arg(long)]
+    pub no_create_publication: bool,
+    /// Emit a `pg_logical_emit_message` heartbeat this often (seconds; 0 = off) so
+    /// that the slot advances on a database whose other tables are busy.
+    #[arg(long, default_value_t = 0.0)]
+    pub heartbeat_secs: f64,
+}
+
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
+    #[error("{0}")]
+    Definite(String),
+    #[error("replication stream: {0}")]
+    Replication(#[source] PgWireError),
+    /// A destination commit failed; `class` says whether to retry.
+    #[error("{context}")]
+    Destination {
+        context: String,
+        class: ErrorClass,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("undecodable pgoutput message at {lsn}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error("stopping")]
+    Stopped,
+}
+
+impl PipelineError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PipelineError::Source(e) => e.class(),
+            PipelineError::Kafka(KafkaSetupError::Config(_))
+            | PipelineError::Kafka(KafkaSetupError::BadProgressRecord { .. })
+            | PipelineError::Definite(_)
+            | PipelineError::Decode { .. } => ErrorClass::Definite,
+            PipelineError::Kafka(_) | PipelineError::Stopped => ErrorClass::Transient,
+            PipelineError::Replication(e) => match e {
+                PgWireError::Auth(_)
+                | PgWireError::Tls(_)
+                | PgWireError::MessageTooLarge { .. } => ErrorClass::Definite,
+                _ => ErrorClass::Transient,
+            },
+            PipelineError::Destination { class, .. } => *class,
+        }
+    }
+}
+
+/// Formats an error with its sources, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A column of the outbox table: its name and type OID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnDef {
+    pub name: String,
+    pub type_oid: u32,
+}
+
+/// What the source says about one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnMeta {
+    /// LSN of the commit record (`None` for the rows of the initial snapshot).
+    pub commit_lsn: Lsn,
+    pub xid: Option<u32>,
+    /// Commit time, µs since 2000-01-01.
+    pub commit_time_micros: Option<i64>,
+}
+
+/// Where the outbox rows go. The pipeline hands it whole source transactions, then
+/// asks it to make its batch durable together with a progress record.
+#[allow(async_fn_in_trait)]
+pub trait Destination {
+    /// Reads the progress stored with the destination's data for `slot`.
+    async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError>;
+    /// The outbox table's columns, in the order rows list them (after every Relation
+    /// message, and before the snapshot's rows).
+    fn set_columns(&mut self, columns: &[ColumnDef]) -> Result<(), PipelineError>;
+    /// A source transaction starts.
+    fn begin_txn(&mut self, meta: TxnMeta);
+    /// One inserted row of the current transaction; `None` is NULL.
+    fn row(&mut self, values: &[Option<&[u8]>]);
+    /// The current transaction is complete: its rows join the batch.
+    fn end_txn(&mut self);
+    /// The current transaction is abandoned (the session broke in its middle).
+    fn discard_txn(&mut self);
+    /// Rows and bytes in the batch.
+    fn batch_size(&self) -> (usize, usize);
+    /// Makes the batch and `progress` durable, atomically; retries transient
+    /// failures itself unless `stopping`; empties the batch on success.
+    async fn commit(&mut self, slot: &str, progress: &ProgressRecord) -> Result<(), PipelineError>;
+}
+
+/// The pipeline's state across replication sessions.
+pub struct Pipeline<D: Destination> {
+    source_url: String,
+    slot: String,
+    args: StreamArgs,
+    table: TableName,
+    dest: D,
+    /// Everything at or below this LSN is durable in the destination.
+    durable_lsn: Lsn,
+    stop: watch::Receiver<bool>,
+}
+
+/// How a session ended without an error.
+enum SessionEnd {
+    Stopped,
+}
+
+impl<D: Destination> Pipeline<D> {
+    pub fn new(
+        source_url: String,
+        slot: String,
+        args: StreamArgs,
+        dest: D,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, PipelineError> {
+        let table = TableName::parse(&args.table)
+            .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
+        source::validate_identifier(&slot)
+            .map_err(|e| PipelineError::Definite(format!("--slot: {e}")))?;
+        if args.batch_size == 0 {
+            return Err(PipelineError::Definite(
+                "--batch-size must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            source_url,
+            slot,
+            args,
+            table,
+            dest,
+            durable_lsn: Lsn::ZERO,
+            stop,
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Runs sessions until a stop or a definite error.
+    pub async fn run(&mut self) -> Result<(), PipelineError> {
+        let mut backoff = Backoff::reconnect();
+        let mut stop = self.stop.clone();
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            match self.session(&mut backoff).await {
+                Ok(SessionEnd::Stopped) | Err(PipelineError::Stopped) => {
+                    tracing::info!(slot = %self.slot, "stopped");
+                    return Ok(());
+                }
+                Err(error) if error.class() == ErrorClass::Transient => {
+                    tracing::warn!(error = %error_chain(&error), "session ended, reconnecting");
+                    tokio::select! {
+                        _ = backoff.wait() => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One replication session: checks, slot, stream until an error or a stop.
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<SessionEnd, PipelineError> {
+        let url = self.source_url.clone();
+        let client = pg::connect(&url)
+            .await
+            .map_err(|source| SourceError::Transient {
+                context: format!("connecting to {}", pg::redact_url(&url)),
+                source: Some(source),
+            })?;
+        let info = source::check_source(
+            &client,
+            &self.table,
+            &self.args.publication,
+            !self.args.no_create_publication,
+        )
+        .await?;
+        let database = source::database_of(&url).unwrap_or_default();
+        let slot_state = source::slot_state(&client, &self.slot).await?;
+        let progress = self.dest.read_progress(&self.slot).await?;
+        let slot = self.slot.clone();
+
+        let mut replication = match (slot_state, &progress) {
+            (None, Some(record)) if record.state == ProgressState::Streaming => {
+                return Err(PipelineError::Definite(format!(
+                    "slot {slot} is missing, but this relay has streamed from it (its destination \
+                     holds up to LSN {}): recreating it would skip every transaction written since. \
+                     Recover: run `outbox-relay reconcile` so pg_end holds everything pg_start has, \
+                     then start with a new --slot (a new slot emits the outbox rows present when \
+                     it is created)",
+                    record.lsn
+                )));
+            }
+            (None, _) if self.args.no_create_slot => {
+                return Err(PipelineError::Definite(format!(
+                    "slot {slot} does not exist in pg_start; create it \
+                     (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) \
+                     or start without --no-create-slot"
+                )));
+            }
+            (Some(state), Some(record)) if record.state == ProgressState::Snapshot => {
+                // The relay created this slot and its snapshot never became durable (no
+                // streaming record was committed): nothing of it was delivered, so a
+                // fresh slot and snapshot lose and repeat nothing.
+                if let Some(pid) = state.active_pid {
+                    return Err(SourceError::Transient {
+                        context: format!("slot {slot} is still held by pid {pid}"),
+                        source: None,
+                    }
+                    .into());
+                }
+                tracing::warn!(%slot, "the slot's initial snapshot never completed; recreating it");
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                    .map_err(|source| SourceError::Query {
+                        context: format!("dropping the unfinished slot {slot}"),
+                        source,
+                    })?;
+                self.create_slot(&info).await?
+            }
+            (None, _) => self.create_slot(&info).await?,
+            (Some(state), _) => {
+                source::check_slot(&slot, &state, &database)?;
+                self.durable_lsn = progress
+                    .as_ref()
+                    .and_then(ProgressRecord::lsn)
+                    .unwrap_or(Lsn::ZERO);
+                let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                let config =
+                    source::replication_config(&url, &slot, &self.args.publication, start)?;
+                let mut replication = ReplicationClient::connect_gated(config)
+                    .await
+                    .map_err(PipelineError::Replication)?;
+                replication
+                    .start()
+                    .await
+                    .map_err(PipelineError::Replication)?;
+                replication
+            }
+        };
+        replication
+            .wait_started()
+            .await
+            .map_err(PipelineError::Replication)?;
+        tracing::info!(%slot, durable_lsn = %self.durable_lsn, "streaming");
+        backoff.reset();
+        drop(client);
+        let heartbeat = self.spawn_heartbeat();
+        let result = self.stream(&mut replication).await;
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        // Dropping the client ends the session (stop()+join() can hang on some paths).
+        drop(replication);
+        result
+    }
+
+    async fn create_slot(
+        &mut self,
+        info: &source::SourceInfo,
+    ) -> Result<ReplicationClient, PipelineError> {
+        let (replication, lsn) = snapshot::create_slot_and_emit(self, info).await?;
+        self.durable_lsn = lsn;
+        Ok(replication)
+    }
+
+    fn spawn_heartbeat(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if self.args.heartbeat_secs <= 0.0 {
+            return None;
+        }
+        let url = self.source_url.clone();
+        let every = Duration::from_secs_f64(self.args.heartbeat_secs);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut client = None;
+            loop {
+                tick.tick().await;
+                if client.is_none() {
+                    client = pg::connect(&url).await.ok();
+                }
+                if let Some(c) = &client {
+                    // Non-transactional: it reaches the slot at once and touches no table.
+                    let sent = c
+                        .execute(
+                            "SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
+                            &[],
+                        )
+                        .await;
+                    if sent.is_err() {
+                        client = None;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Streams from the slot into the destination until an error or a stop.
+    async fn stream(
+        &mut self,
+        replication: &mut ReplicationClient,
+    ) -> Result<SessionEnd, PipelineError> {
+        let mut tracker = ProgressTracker::new(self.durable_lsn);
+        let mut outbox_rel: Option<u32> = None;
+        // Whether a transaction is open, and whether it is skipped (already durable).
+        let mut open: Option<bool> = None;
+        let mut batch = BatchMark::default();
+        let linger = Duration::from_millis(self.args.linger_ms);
+        let mut confirmed = Lsn::ZERO;
+        let mut stop = self.stop.clone();
+
+        loop {
+            // The batch may only be committed between source transactions: the rows of
+            // an open one are in the destination's batch but not complete.
+            let deadline = if open.is_none() {
+                batch.started.map(|s| s + linger)
+            } else {
+                None
+            };
+            let event = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => {
+                    if open.take().is_some() {
+                        // Read again from the slot on the next start.
+                        self.dest.discard_txn();
+                        tracker.abandon_open();
+                    }
+                    self.flush(&mut batch, &mut tracker).await?;
+                    confirm(replication, &tracker, &mut confirmed);
+                    // Give the worker a moment to send the final status update.
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                    return Ok(SessionEnd::Stopped);
+                }
+                _ = sleep_until_opt(deadline) => {
+                    self.flush(&mut batch, &mut tracker).await?;
+                    confirm(replication, &tracker, &mut confirmed);
+                    continue;
+                }
+                event = replication.recv() => event,
+            };
+            let event = match event {
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    return Err(PipelineError::Replication(PgWireError::Protocol(
+                        "replication stream ended".into(),
+                    )))
+                }
+                Err(error) => {
+                    // Complete transactions in the batch are valid: make them durable
+                    // before reconnecting, so the next session does not redo them.
+                    if open.take().is_some() {
+                        self.dest.discard_txn();
+                    }
+                    tracker.abandon_open();
+                    if self.flush(&mut batch, &mut tracker).await.is_ok() {
+                        confirm(replication, &tracker, &mut confirmed);
+                    }
+                    return Err(PipelineError::Replication(error));
+                }
+            };
+            match event {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
+                    tracker.begin();
+                    let commit_lsn = Lsn(final_lsn.as_u64());
+                    let skip = commit_lsn < self.durable_lsn;
+                    if !skip {
+                        self.dest.begin_txn(TxnMeta {
+                            commit_lsn,
+                            xid: Some(xid),
+                            commit_time_micros: Some(commit_time_micros),
+                        });
+                    }
+                    open = Some(skip);
+                }
+                ReplicationEvent::XLogData {
+                    data, wal_start, ..
+                } => {
+                    let message =
+                        pgoutput::decode(&data).map_err(|source| PipelineError::Decode {
+                            lsn: Lsn(wal_start.as_u64()),
+                            source,
+                        })?;
+                    match message {
+                        LogicalMessage::Relation(relation)
+                            if relation.namespace == self.table.schema
+                                && relation.name == self.table.name =>
+                        {
+                            let columns: Vec<ColumnDef> = relation
+                                .columns
+                                .iter()
+                                .map(|c| ColumnDef {
+                                    name: c.name.clone(),
+                                    type_oid: c.type_oid,
+                                })
+                                .collect();
+                            self.dest.set_columns(&columns)?;
+                            outbox_rel = Some(relation.rel_id);
+                        }
+                        LogicalMessage::Insert(insert)
+                            if open == Some(false) && outbox_rel == Some(insert.rel_id) =>
+                        {
+                            let values: Vec<Option<&[u8]>> =
+                                insert.new.columns.iter().map(|c| c.as_text()).collect();
+                            self.dest.row(&values);
+                        }
+                        // Updates, deletes and truncates of the outbox are not published;
+                        // types, origins and messages carry nothing to relay.
+                        _ => {}
+                    }
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    let end_lsn = Lsn(end_lsn.as_u64());
+                    match open.take() {
+                        None => {}
+                        Some(true) => {
+                            tracker.commit(end_lsn, 0);
+                        }
+                        Some(false) if end_lsn <= self.durable_lsn => {
+                            self.dest.discard_txn();
+                            tracker.commit(end_lsn, 0);
+                        }
+                        Some(false) => {
+                            self.dest.end_txn();
+                            batch.last_end_lsn = Some(end_lsn);
+                            batch.last_ticket = Some(tracker.commit(end_lsn, 1));
+                            batch.started.get_or_insert_with(Instant::now);
+                            let (rows, bytes) = self.dest.batch_size();
+                            let lingered = batch.started.is_some_and(|s| s.elapsed() >= linger);
+                            if rows >= self.args.batch_size
+                                || bytes >= self.args.batch_bytes
+                                || lingered
+                            {
+                                self.flush(&mut batch, &mut tracker).await?;
+                            }
+                        }
+                    }
+                    confirm(replication, &tracker, &mut confirmed);
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if batch.is_empty() {
+                        tracker.idle_position(Lsn(wal_end.as_u64()));
+                        confirm(replication, &tracker, &mut confirmed);
+                    }
+                }
+                ReplicationEvent::Message {
+                    transactional: false,
+                    lsn,
+                    ..
+                } => {
+                    if batch.is_empty() {
+                        tracker.idle_position(Lsn(lsn.as_u64()));
+                        confirm(replication, &tracker, &mut confirmed);
+                    }
+                }
+                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            }
+        }
+    }
+
+    /// Commits the batch (the destination retries through outages) and marks it durable.
+    async fn flush(
+        &mut self,
+        batch: &mut BatchMark,
+        tracker: &mut ProgressTracker,
+    ) -> Result<(), PipelineError> {
+        let (Some(last_lsn), Some(ticket)) = (batch.last_end_lsn, batch.last_ticket) else {
+            return Ok(());
+        };
+        self.dest
+            .commit(&self.slot, &ProgressRecord::streaming(last_lsn))
+            .await?;
+        self.durable_lsn = self.durable_lsn.max(last_lsn);
+        tracker.durable_through(ticket);
+        *batch = BatchMark::default();
+        crash_point_after_commit();
+        Ok(())
+    }
+}
+
+/// Which source transactions the destination's batch holds.
+#[derive(Debug, Default)]
+struct BatchMark {
+    /// Commit end LSN of the last complete source transaction in the batch.
+    last_end_lsn: Option<Lsn>,
+    /// The tracker ticket of that transaction.
+    last_ticket: Option<TxnTicket>,
+    /// When the first transaction entered the batch.
+    started: Option<Instant>,
+}
+
+impl BatchMark {
+    fn is_empty(&self) -> bool {
+        self.last_ticket.is_none()
+    }
+}
+
+/// Tells the slot what may be confirmed.
+fn confirm(replication: &ReplicationClient, tracker: &ProgressTracker, confirmed: &mut Lsn) {
+    let lsn = tracker.confirmable();
+    if lsn > *confirmed {
+        replication.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.as_u64()));
+        *confirmed = lsn;
+    }
+}
+
+/// Test hook: `OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS=N` aborts the process right after
+/// the Nth destination commit, before the slot is told, to prove that such a crash
+/// causes no duplicate.
+fn crash_point_after_commit() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COMMITS: AtomicU64 = AtomicU64::new(0);
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(limit) = limit {
+        if COMMITS.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+            eprintln!("test hook: aborting after a destination commit, before confirming the slot");
+            std::process::abort();
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,155 @@
+//! Slot creation with an exported snapshot, and the delivery of the rows that were in
+//! the outbox at that moment.
+//!
+//! Invariant: the rows present when the slot is created are delivered exactly once,
+//! together with the slot's starting LSN. The sequence is:
+//! 1. commit a `snapshot` progress record (the relay is about to create the slot);
+//! 2. create the slot on a replication session, exporting its snapshot;
+//! 3. read the outbox under that snapshot (exactly the rows committed before the slot's
+//!    consistent point; later ones come from the slot);
+//! 4. commit those rows and a `streaming` progress record at the consistent point in
+//!    ONE destination transaction.
+//!
+//! A crash before 4 leaves a `snapshot` record and maybe a slot whose rows were never
+//! delivered; the next start drops that slot and begins again. A crash after 4 streams
+//! from the slot, whose first transactions commit after the consistent point.
+
+use pgwire_replication::ReplicationClient;
+
+use super::{ColumnDef, Destination, Pipeline, PipelineError, TxnMeta};
+use crate::kafka::{ProgressRecord, ProgressState};
+use crate::lsn::Lsn;
+use crate::pg;
+use crate::source::{self, quote_ident, SourceError, SourceInfo};
+
+pub(super) async fn create_slot_and_emit<D: Destination>(
+    pipeline: &mut Pipeline<D>,
+    info: &SourceInfo,
+) -> Result<(ReplicationClient, Lsn), PipelineError> {
+    let slot = pipeline.slot.clone();
+
+    // 1. The marker.
+    let marker = ProgressRecord {
+        state: ProgressState::Snapshot,
+        lsn: Lsn::ZERO.to_string(),
+    };
+    pipeline.dest.commit(&slot, &marker).await?;
+
+    // 2. The slot, on a session that stays idle until the snapshot is imported.
+    let config = source::replication_config(
+        &pipeline.source_url,
+        &slot,
+        &pipeline.args.publication,
+        Lsn::ZERO,
+    )?;
+    let mut replication = ReplicationClient::connect_gated(config)
+        .await
+        .map_err(PipelineError::Replication)?;
+    let command = if info.server_version_num >= 150000 {
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            quote_ident(&slot)
+        )
+    } else {
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(&slot)
+        )
+    };
+    let rows = replication
+        .simple_query(&command)
+        .await
+        .map_err(PipelineError::Replication)?;
+    let text = |i: usize| -> Option<String> {
+        rows.first()
+            .and_then(|r| r.get(i))
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let consistent_point: Lsn = text(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+        PipelineError::Definite("CREATE_REPLICATION_SLOT returned no consistent point".into())
+    })?;
+    let snapshot = text(2).ok_or_else(|| {
+        PipelineError::Definite("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    tracing::info!(%slot, %consistent_point, "created replication slot");
+
+    // 3. The rows under the snapshot.
+    let mut client =
+        pg::connect(&pipeline.source_url)
+            .await
+            .map_err(|source| SourceError::Transient {
+                context: "connecting to read the initial snapshot".into(),
+                source: Some(source),
+            })?;
+    let txn = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "starting the snapshot transaction".into(),
+            source,
+        })?;
+    txn.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await
+    .map_err(|source| SourceError::Query {
+        context: "importing the slot's snapshot".into(),
+        source,
+    })?;
+    let select = format!(
+        "SELECT {} FROM {}",
+        info.columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        pipeline.table.quoted()
+    );
+    let rows = txn
+        .query(&select, &[])
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "reading the outbox under the slot's snapshot".into(),
+            source,
+        })?;
+    drop(txn);
+
+    let columns: Vec<ColumnDef> = info
+        .columns
+        .iter()
+        .map(|c| ColumnDef {
+            name: c.name.clone(),
+            type_oid: c.type_oid,
+        })
+        .collect();
+    pipeline.dest.set_columns(&columns)?;
+    pipeline.dest.begin_txn(TxnMeta {
+        commit_lsn: consistent_point,
+        xid: None,
+        commit_time_micros: None,
+    });
+    for row in &rows {
+        let texts: Vec<Option<&str>> = (0..columns.len()).map(|i| row.get(i)).collect();
+        let values: Vec<Option<&[u8]>> = texts.iter().map(|v| v.map(str::as_bytes)).collect();
+        pipeline.dest.row(&values);
+    }
+    pipeline.dest.end_txn();
+
+    // 4. Rows and the streaming record, atomically.
+    pipeline
+        .dest
+        .commit(&slot, &ProgressRecord::streaming(consistent_point))
+        .await?;
+    tracing::info!(%slot, rows = rows.len(), "delivered the outbox rows present at slot creation");
+
+    replication
+        .start()
+        .await
+        .map_err(PipelineError::Replication)?;
+    Ok((replication, consistent_point))
+}
