@@ -38,10 +38,31 @@ pub fn stack(args: &[&str]) {
     );
 }
 
-/// Serialises the tests that stop, kill or pause a shared component.
-pub async fn fault_lock() -> tokio::sync::MutexGuard<'static, ()> {
+/// Held while a test stops, kills or pauses a shared component.
+pub struct FaultGuard {
+    _in_process: tokio::sync::MutexGuard<'static, ()>,
+    /// An exclusive lock on a file next to the stack, so that test binaries run by
+    /// different processes at once never inject faults at the same time either.
+    _file: std::fs::File,
+}
+
+/// Serialises the tests that stop, kill or pause a shared component, within this
+/// process and across processes.
+pub async fn fault_lock() -> FaultGuard {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+    let in_process = LOCK.lock().await;
+    let file = tokio::task::spawn_blocking(|| {
+        let path = std::env::temp_dir().join("outbox-relay-fault-tests.lock");
+        let file = std::fs::File::create(path).expect("create the fault lock file");
+        file.lock().expect("lock the fault lock file");
+        file
+    })
+    .await
+    .expect("fault lock task");
+    FaultGuard {
+        _in_process: in_process,
+        _file: file,
+    }
 }
 
 /// A random lowercase name with a prefix, for databases, topics, slots and groups.
