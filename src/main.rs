@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use outbox_relay::config::{SourceArgs, TargetArgs};
-use outbox_relay::{connector, direct, load, migrate, sink, verify};
+use outbox_relay::{
+    chaos, check, connector, direct, load, migrate, reconcile, sink, status, verify,
+};
 
 #[derive(Parser)]
 #[command(name = "outbox-relay", version, about)]
@@ -19,6 +21,10 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// A TOML configuration file (see docs/configuration.md); flags and OUTBOX_RELAY_*
+    /// environment variables override it.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +44,11 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Validate the configuration and connect to everything it names; exit 1 on a failure.
+    Check(check::CheckArgs),
+    /// Print docs/configuration.md: every setting with its flag, variable and default.
+    #[command(hide = true)]
+    ConfigReference,
     /// Stream the outbox's inserts from a replication slot into Kafka, exactly once.
     Connector(connector::ConnectorArgs),
     /// Stream the outbox's inserts from a replication slot straight into pg_end (no Kafka).
@@ -48,6 +59,28 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Apply the topic's records to pg_end, exactly once, offsets stored in pg_end.
     Sink(sink::SinkArgs),
+    /// Health and lag of every component: slots, topic, sink offsets, dead letters;
+    /// exit 1 if a component is unreachable or a slot is lost.
+    Status(status::StatusArgs),
+    /// Copy the transactions pg_end lacks from pg_start (after a lost slot or an empty
+    /// pg_end); report, never overwrite, rows that differ; exit 1 unless equal after.
+    Reconcile(reconcile::ReconcileArgs),
+    /// Run the pipelines on a stack instance of its own under a seeded schedule of
+    /// faults, then heal, drain and check; exit 1 unless nothing was lost or repeated.
+    Chaos(chaos::ChaosArgs),
+}
+
+impl Command {
+    /// The Kafka settings of the commands that talk to Kafka.
+    fn kafka(&self) -> Option<&outbox_relay::config::KafkaArgs> {
+        match self {
+            Command::Connector(args) => Some(&args.kafka),
+            Command::Sink(args) => Some(&args.kafka),
+            Command::Status(args) => Some(&args.kafka),
+            Command::Check(args) => Some(&args.kafka),
+            _ => None,
+        }
+    }
 }
 
 /// A watch that turns true on SIGTERM or SIGINT: long-running commands stop reading,
@@ -67,6 +100,44 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
+/// Parses the command line merged with the configuration file, if any.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = outbox_relay::config::with_env_vars(Cli::command());
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (argv, origins) = outbox_relay::config::file::merge(&command, argv).map_err(|error| {
+        eprintln!("error: {error}");
+        ExitCode::from(2)
+    })?;
+    command
+        .try_get_matches_from(argv)
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+        .map_err(|error| {
+            // Name the file's key when its value is the one clap refused.
+            let flag = error
+                .get(clap::error::ContextKind::InvalidArg)
+                .map(|arg| arg.to_string())
+                .and_then(|arg| {
+                    arg.split_whitespace()
+                        .next()
+                        .map(|f| f.trim_start_matches('-').to_string())
+                });
+            match flag.and_then(|f| origins.keys.get(&f)) {
+                Some(key) => {
+                    eprintln!(
+                        "error: configuration file {}: key `{key}`: {error}",
+                        origins.path.display()
+                    );
+                    ExitCode::from(2)
+                }
+                None => {
+                    let _ = error.print();
+                    ExitCode::from(if error.use_stderr() { 2 } else { 0 })
+                }
+            }
+        })
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -81,8 +152,14 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     init_logging(cli.log_format);
+    if let Some(kafka) = cli.command.kafka() {
+        outbox_relay::kafka::set_client_properties(&kafka.kafka_property);
+    }
     match run(cli.command).await {
         Ok(code) => code,
         Err(error) => {
@@ -98,6 +175,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             migrate::source(&source.source_url).await?;
             migrate::target(&target.target_url).await?;
             eprintln!("migrate: pg_start and pg_end schemas are in place");
+        }
+        Command::ConfigReference => {
+            use clap::CommandFactory;
+            let command = outbox_relay::config::with_env_vars(Cli::command());
+            print!("{}", outbox_relay::config::reference(&command));
+        }
+        Command::Check(args) => {
+            let lines = check::run(&args).await;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                println!("{}", check::render(&lines));
+            }
+            if lines.iter().any(|l| !l.ok) {
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Connector(args) => {
             connector::run(args, shutdown_signal()).await?;
@@ -124,6 +217,38 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 summary.retried,
                 summary.failed
             );
+        }
+        Command::Status(args) => {
+            let report = status::run(&args).await;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render());
+            }
+            if !report.ok {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Reconcile(args) => {
+            let report = reconcile::run(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render());
+            }
+            if !report.ok() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Chaos(args) => {
+            let report = chaos::run(&args).await.map_err(anyhow::Error::msg)?;
+            eprintln!("{}", report.render());
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            if !report.pass {
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Verify(args) => {
             let report = verify::run(&args)

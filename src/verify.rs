@@ -263,9 +263,22 @@ pub async fn compare(source: &Client, target: &Client) -> Result<Report, VerifyE
     Ok(report.finish())
 }
 
-/// Merges two id-sorted row lists into the report's missing/extra/changed entries.
-fn diff_rows(source: &[TxnRow], target: &[TxnRow], report: &mut Report) {
+/// Every difference between two id-sorted row lists, in full (not sampled).
+#[derive(Debug, Clone, Default)]
+pub struct RowDiff {
+    /// In pg_start, not in pg_end.
+    pub missing: Vec<TxnRow>,
+    /// In pg_end, not in pg_start.
+    pub extra: Vec<TxnRow>,
+    /// On both sides, with different values.
+    pub changed: Vec<ChangedRow>,
+}
+
+/// Merges two id-sorted row lists (as [`bucket_rows`] returns them) into their
+/// differences.
+pub fn row_diff(source: &[TxnRow], target: &[TxnRow]) -> RowDiff {
     use std::cmp::Ordering;
+    let mut diff = RowDiff::default();
     let (mut s, mut t) = (source.iter().peekable(), target.iter().peekable());
     loop {
         let order = match (s.peek(), t.peek()) {
@@ -275,37 +288,54 @@ fn diff_rows(source: &[TxnRow], target: &[TxnRow], report: &mut Report) {
             (Some(a), Some(b)) => a.id.cmp(&b.id),
         };
         match order {
-            Ordering::Less => {
-                if let Some(a) = s.next() {
-                    report.missing_count += 1;
-                    if report.missing_sample.len() < SAMPLE {
-                        report.missing_sample.push(a.id);
-                    }
-                }
-            }
-            Ordering::Greater => {
-                if let Some(b) = t.next() {
-                    report.extra_count += 1;
-                    if report.extra_sample.len() < SAMPLE {
-                        report.extra_sample.push(b.id);
-                    }
-                }
-            }
+            Ordering::Less => diff.missing.extend(s.next().cloned()),
+            Ordering::Greater => diff.extra.extend(t.next().cloned()),
             Ordering::Equal => {
                 if let (Some(a), Some(b)) = (s.next(), t.next()) {
                     if a != b {
-                        report.changed_count += 1;
-                        if report.changed_sample.len() < SAMPLE {
-                            report.changed_sample.push(ChangedRow {
-                                source: a.clone(),
-                                target: b.clone(),
-                            });
-                        }
+                        diff.changed.push(ChangedRow {
+                            source: a.clone(),
+                            target: b.clone(),
+                        });
                     }
                 }
             }
         }
     }
+    diff
+}
+
+/// Merges two id-sorted row lists into the report's missing/extra/changed entries.
+fn diff_rows(source: &[TxnRow], target: &[TxnRow], report: &mut Report) {
+    let diff = row_diff(source, target);
+    report.missing_count += diff.missing.len() as u64;
+    report.extra_count += diff.extra.len() as u64;
+    report.changed_count += diff.changed.len() as u64;
+    let room = |sample_len: usize| SAMPLE.saturating_sub(sample_len);
+    let take = room(report.missing_sample.len());
+    report
+        .missing_sample
+        .extend(diff.missing.iter().take(take).map(|r| r.id));
+    let take = room(report.extra_sample.len());
+    report
+        .extra_sample
+        .extend(diff.extra.iter().take(take).map(|r| r.id));
+    let take = room(report.changed_sample.len());
+    report
+        .changed_sample
+        .extend(diff.changed.into_iter().take(take));
+}
+
+/// The hash buckets (`id & (BUCKETS - 1)`) whose rows differ between the sides: one
+/// aggregate query per side, no rows fetched. Equal sides give an empty list.
+pub async fn differing_buckets(source: &Client, target: &Client) -> Result<Vec<i32>, VerifyError> {
+    let (source_buckets, target_buckets) = tokio::try_join!(
+        bucket_digests("pg_start", source),
+        bucket_digests("pg_end", target)
+    )?;
+    Ok((0..BUCKETS)
+        .filter(|b| source_buckets.get(b) != target_buckets.get(b))
+        .collect())
 }
 
 async fn bucket_digests(
@@ -338,7 +368,9 @@ async fn bucket_digests(
         .collect()
 }
 
-async fn bucket_rows(
+/// The rows of `buckets` on one side (`which` names it in errors), sorted by id, with
+/// values in the canonical text form that [`row_diff`] compares.
+pub async fn bucket_rows(
     which: &'static str,
     client: &Client,
     buckets: &[i32],

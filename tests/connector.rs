@@ -2,121 +2,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{random_name, read_topic, Relay, TestDbs, BROKERS};
+use common::connector::KafkaPipeline as Pipeline;
 use outbox_relay::load::{self, LoadArgs};
-
-/// A connector wired to a test's own databases, topic, progress topic and slot.
-struct Pipeline {
-    dbs: TestDbs,
-    topic: String,
-    progress_topic: String,
-    slot: String,
-}
-
-impl Pipeline {
-    async fn new() -> Self {
-        Self {
-            dbs: TestDbs::new().await,
-            topic: random_name("outbox"),
-            progress_topic: random_name("progress"),
-            slot: random_name("slot"),
-        }
-    }
-
-    fn connector_args(&self) -> Vec<String> {
-        [
-            "connector",
-            "--source-url",
-            &self.dbs.source_url,
-            "--brokers",
-            BROKERS,
-            "--topic",
-            &self.topic,
-            "--progress-topic",
-            &self.progress_topic,
-            "--slot",
-            &self.slot,
-            "--batch-size",
-            "500",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
-    fn spawn_connector(&self, extra: &[&str], envs: &[(&str, &str)]) -> Relay {
-        let mut args = self.connector_args();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Relay::spawn(&args, envs)
-    }
-
-    /// Waits until the topic holds every outbox row, then checks that each id is there
-    /// exactly once with exactly the source's values, keyed by account_id.
-    async fn assert_topic_exactly_once(&self) {
-        let source = self.dbs.source().await;
-        let expected = common::expected_records(&source).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(180);
-        let last = loop {
-            let topic = self.topic.clone();
-            let records = tokio::task::spawn_blocking(move || read_topic(&topic))
-                .await
-                .unwrap();
-            if records.len() >= expected.len() {
-                break records;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "only {} of {} outbox rows reached Kafka",
-                records.len(),
-                expected.len()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        let mut seen: HashMap<i64, usize> = HashMap::new();
-        for record in &last {
-            let value: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
-            let id = value["id"].as_i64().unwrap();
-            *seen.entry(id).or_default() += 1;
-            let text = std::str::from_utf8(&record.value).unwrap();
-            assert_eq!(
-                Some(text),
-                expected.get(&id).map(String::as_str),
-                "value of id {id}"
-            );
-            assert_eq!(
-                record.key.as_deref(),
-                Some(value["account_id"].to_string().as_bytes()),
-                "key of id {id}"
-            );
-            assert!(record.headers.iter().any(|(k, _)| k == "outbox-relay.lsn"));
-        }
-        let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            duplicated.is_empty(),
-            "{} ids duplicated, e.g. {:?}",
-            duplicated.len(),
-            &duplicated[..duplicated.len().min(5)]
-        );
-        assert_eq!(seen.len(), expected.len(), "ids in Kafka vs outbox rows");
-    }
-
-    async fn confirmed_flush_lsn(&self) -> Option<String> {
-        self.dbs
-            .source()
-            .await
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await
-            .unwrap()
-            .and_then(|r| r.get(0))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_rows_and_streamed_rows_arrive_exactly_once_with_exact_values() {
@@ -236,4 +125,77 @@ async fn at_least_once_mode_delivers_every_id() {
         .await
         .unwrap();
     p.assert_topic_exactly_once().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_load_exits_0_and_a_restart_continues_exactly_once() {
+    let p = Pipeline::new().await;
+    let mut args = LoadArgs::count(&p.dbs.source_url, 3000);
+    args.rate = 300.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    for round in 0..3 {
+        let mut connector = p.spawn_connector(&[], &[]);
+        // Let it stream for a while (it has read part of the load once Kafka holds some).
+        let wait_ms = 2500 + rand::random::<u64>() % 2000;
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        eprintln!("round {round}: SIGTERM after {wait_ms} ms");
+        let status = connector.terminate();
+        assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    }
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 3000);
+    let mut connector = p.spawn_connector(&[], &[]);
+    p.assert_topic_exactly_once().await;
+    assert!(connector.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_empties_the_outbox_and_every_id_stays_in_kafka_exactly_once() {
+    let p = Pipeline::new().await;
+    // Rows present when the slot is created come from its snapshot; they are cleaned
+    // up too.
+    load::run(&LoadArgs::count(&p.dbs.source_url, 500))
+        .await
+        .unwrap();
+    let cleanup = ["--cleanup", "--cleanup-every-ms", "200"];
+    let mut args = LoadArgs::count(&p.dbs.source_url, 2500);
+    args.rate = 400.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    let mut connector = p.spawn_connector(&cleanup, &[]);
+    // Rows are deleted while the load runs, not only at the end.
+    common::wait_until(
+        "outbox rows to be deleted during the load",
+        Duration::from_secs(120),
+        || async {
+            let row = p
+                .dbs
+                .source()
+                .await
+                .query_one(
+                    "SELECT (SELECT count(*) FROM outbox.transactions),
+                            (SELECT count(*) FROM main.transactions)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (outbox, ledger): (i64, i64) = (row.get(0), row.get(1));
+            ledger >= 1000 && outbox < ledger / 2
+        },
+    )
+    .await;
+    // A graceful stop in the middle deletes what it delivered before exiting.
+    let status = connector.terminate();
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    let mut connector = p.spawn_connector(&cleanup, &[]);
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 2500);
+    common::wait_until(
+        "the outbox to be empty",
+        Duration::from_secs(180),
+        || async { p.outbox_rows().await == 0 },
+    )
+    .await;
+    p.assert_topic_exactly_once_per_ledger().await;
+    assert!(connector.terminate().success());
+    assert_eq!(p.outbox_rows().await, 0);
 }

@@ -293,6 +293,7 @@ const READ_SOURCE_LSN: &str =
 /// outcome is unknown, which is why applying the same batch again must be, and is,
 /// harmless). The caller retries transient errors with the same batch.
 pub async fn apply(client: &mut Client, batch: &ApplyBatch) -> Result<ApplyOutcome, ApplyError> {
+    let started = std::time::Instant::now();
     let mut outcome = ApplyOutcome::default();
     let mut dead_letters: Vec<DeadLetter> = batch.dead_letters.clone();
     let records = prepare(&batch.records, &mut dead_letters, &mut outcome);
@@ -308,6 +309,9 @@ pub async fn apply(client: &mut Client, batch: &ApplyBatch) -> Result<ApplyOutco
     tx.commit()
         .await
         .map_err(|e| ApplyError::new("committing", e))?;
+    ::metrics::histogram!(crate::metrics::APPLY_DURATION).record(started.elapsed().as_secs_f64());
+    ::metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE).record(batch.records.len() as f64);
+    ::metrics::counter!(crate::metrics::DEAD_LETTERS).increment(outcome.dead_letters_written);
 
     for letter in dead_letters.iter().filter(|l| {
         matches!(

@@ -20,7 +20,11 @@
 //! every record of it is acknowledged, and a crash may send a batch again (the sink is
 //! idempotent). The progress record is still written, but only as the mark that the
 //! slot has been used; it is never used to skip.
+//!
+//! With `--cleanup`, the ids of each committed batch are handed to [`cleanup`], which
+//! deletes those rows from the outbox on a connection of its own.
 
+pub mod cleanup;
 mod producer;
 
 use std::time::Duration;
@@ -36,7 +40,9 @@ use crate::lsn::Lsn;
 use crate::pg::ErrorClass;
 use crate::pipeline::{ColumnDef, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta};
 use crate::retry::Backoff;
+use crate::source::TableName;
 
+use cleanup::{CleanupArgs, OutboxCleaner, PendingIds};
 use producer::BatchProducer;
 pub use producer::DeliveryMode;
 
@@ -76,10 +82,18 @@ pub struct ConnectorArgs {
         default_value = "transactional"
     )]
     pub delivery: DeliveryMode,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
+    #[command(flatten)]
+    pub cleanup: CleanupArgs,
 }
 
 /// Runs the connector until `stop` turns true or a definite error occurs.
 pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    args.metrics
+        .start(crate::metrics::CONNECTOR_METRICS)
+        .await
+        .map_err(PipelineError::Definite)?;
     let mut backoff = Backoff::reconnect();
     // Topics and producer: retried until the brokers answer.
     let producer = loop {
@@ -92,6 +106,10 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
             Err(error) => return Err(error),
         }
     };
+    let pending = args
+        .cleanup
+        .cleanup
+        .then(|| PendingIds::new(args.cleanup.cleanup_max_pending));
     let destination = KafkaDestination {
         topic: args.kafka.topic.clone(),
         progress_topic: args.progress_topic.clone(),
@@ -103,7 +121,11 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         key_index: None,
         batch: Batch::default(),
         txn_start: 0,
+        txn_ids_start: 0,
         txn_headers: None,
+        id_column: args.cleanup.id_column.clone(),
+        id_index: None,
+        cleanup: pending.clone(),
     };
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
@@ -112,7 +134,27 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         destination,
         stop,
     )?;
-    pipeline.run().await
+    let Some(pending) = pending else {
+        return pipeline.run().await;
+    };
+    let table = TableName::parse(&args.stream.table)
+        .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
+    let cleaner = OutboxCleaner::new(
+        args.source.source_url.clone(),
+        table,
+        &args.cleanup,
+        pending,
+    );
+    let (finish, finished) = watch::channel(false);
+    let cleaner = tokio::spawn(cleaner.run(finished));
+    let result = pipeline.run().await;
+    // The pipeline has made its last batch durable (or failed): delete what it
+    // delivered, within a bound, then exit.
+    let _ = finish.send(true);
+    if let Err(error) = cleaner.await {
+        tracing::warn!(%error, "outbox cleanup task ended abnormally");
+    }
+    result
 }
 
 async fn setup_kafka(
@@ -164,6 +206,8 @@ pub struct Batch {
     /// One header set per source transaction (commit LSN, xid, commit time).
     pub headers: Vec<OwnedHeaders>,
     pub value_bytes: usize,
+    /// The `--id-column` value of each record, with `--cleanup` only.
+    pub ids: Vec<String>,
 }
 
 /// The Kafka destination of the pipeline.
@@ -180,10 +224,19 @@ struct KafkaDestination {
     batch: Batch,
     /// Where the open source transaction's records start in the batch.
     txn_start: usize,
+    /// Where the open source transaction's ids start in the batch.
+    txn_ids_start: usize,
     txn_headers: Option<OwnedHeaders>,
+    /// The column that identifies an outbox row, for the cleanup.
+    id_column: String,
+    id_index: Option<usize>,
+    /// Where committed ids go to be deleted (`--cleanup`), else `None`.
+    cleanup: Option<PendingIds>,
 }
 
 impl Destination for KafkaDestination {
+    const STAGE: &'static str = "connector";
+
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
         let (brokers, topic, slot) = (
             self.brokers.clone(),
@@ -214,6 +267,13 @@ impl Destination for KafkaDestination {
                 self.key_column
             )));
         }
+        self.id_index = columns.iter().position(|c| c.name == self.id_column);
+        if self.cleanup.is_some() && self.id_index.is_none() {
+            return Err(PipelineError::Definite(format!(
+                "--id-column {} is not a column of the outbox table (needed by --cleanup)",
+                self.id_column
+            )));
+        }
         self.columns = columns
             .iter()
             .map(|c| ColumnSpec::new(&c.name, c.type_oid))
@@ -223,6 +283,7 @@ impl Destination for KafkaDestination {
 
     fn begin_txn(&mut self, meta: TxnMeta) {
         self.txn_start = self.batch.records.len();
+        self.txn_ids_start = self.batch.ids.len();
         self.txn_headers = Some(txn_headers(
             meta.commit_lsn,
             meta.xid,
@@ -237,6 +298,16 @@ impl Destination for KafkaDestination {
             .key_index
             .and_then(|k| values.get(k).copied().flatten())
             .map(Bytes::copy_from_slice);
+        if self.cleanup.is_some() {
+            // A NULL or non-text id cannot be matched: that row stays.
+            if let Some(id) = self
+                .id_index
+                .and_then(|i| values.get(i).copied().flatten())
+                .and_then(|v| std::str::from_utf8(v).ok())
+            {
+                self.batch.ids.push(id.to_string());
+            }
+        }
         self.batch.value_bytes += value.len();
         self.batch.records.push(OutRecord {
             key,
@@ -253,6 +324,7 @@ impl Destination for KafkaDestination {
 
     fn discard_txn(&mut self) {
         self.batch.records.truncate(self.txn_start);
+        self.batch.ids.truncate(self.txn_ids_start);
         self.txn_headers = None;
     }
 
@@ -267,7 +339,11 @@ impl Destination for KafkaDestination {
             producer.commit(topic, batch, progress_topic, slot, progress)
         })
         .map_err(producer::destination_error)?;
-        self.batch = Batch::default();
+        let batch = std::mem::take(&mut self.batch);
+        // Only now, after the Kafka commit, may the rows be deleted.
+        if let Some(pending) = &self.cleanup {
+            pending.push(batch.ids);
+        }
         Ok(())
     }
 }

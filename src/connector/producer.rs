@@ -171,10 +171,13 @@ impl BatchProducer {
             match result {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Retry(error)) => {
+                    ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka").increment(1);
                     tracing::warn!(%error, records = batch.records.len(), "kafka batch not durable yet, retrying");
                     std::thread::sleep(backoff.next_delay());
                 }
                 Err(Attempt::Recreate(error)) => {
+                    ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka_producer_recreated")
+                        .increment(1);
                     tracing::warn!(%error, "kafka producer must be recreated");
                     std::thread::sleep(backoff.next_delay());
                     self.producer = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
@@ -192,23 +195,32 @@ impl BatchProducer {
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
-        self.producer
-            .begin_transaction()
-            .map_err(|e| self.txn_error(e))?;
+        if let Err(error) = self.producer.begin_transaction() {
+            let attempt = self.txn_error(error);
+            if matches!(attempt, Attempt::Retry(_)) {
+                // E.g. an earlier abort that is not complete yet: finish it first.
+                self.abort()?;
+            }
+            return Err(attempt);
+        }
         let sent = self.send_all(topic, batch, progress_topic, slot, progress);
         if let Err(error) = sent {
-            self.abort();
+            self.abort()?;
             return Err(self.txn_error(error));
         }
         loop {
             match self.producer.commit_transaction(CALL_TIMEOUT) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    ::metrics::counter!(crate::metrics::KAFKA_TRANSACTIONS, "outcome" => "committed")
+                        .increment(1);
+                    return Ok(());
+                }
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.txn_requires_abort() => {
                     // The commit's outcome is not known yet: asking again is the
                     // documented way to learn it.
                     tracing::warn!(error = %e, "commit_transaction: retrying");
                     if *self.stop.borrow() {
-                        self.abort();
+                        let _ = self.abort();
                         return Err(Attempt::Definite(FlushError::Stopped));
                     }
                     std::thread::sleep(Duration::from_millis(500));
@@ -216,7 +228,7 @@ impl BatchProducer {
                 Err(error) => {
                     let attempt = self.txn_error(error);
                     if matches!(attempt, Attempt::Retry(_)) {
-                        self.abort();
+                        self.abort()?;
                     }
                     return Err(attempt);
                 }
@@ -296,9 +308,36 @@ impl BatchProducer {
         }
     }
 
-    fn abort(&self) {
-        if let Err(error) = self.producer.abort_transaction(CALL_TIMEOUT) {
-            tracing::debug!(%error, "abort_transaction failed");
+    /// Aborts the open transaction and returns only when the abort is complete (or
+    /// there was nothing to abort). A timed-out `abort_transaction` goes on inside
+    /// librdkafka, and every other transactional call then fails with "conflicting
+    /// abort_transaction API call is already in progress" until `abort_transaction` is
+    /// called again and succeeds: giving up after one call wedged the producer for
+    /// good after an outage of two brokers (regression test:
+    /// `two_brokers_down_below_min_isr_the_connector_waits_and_loses_nothing`).
+    fn abort(&self) -> Result<(), Attempt> {
+        ::metrics::counter!(crate::metrics::KAFKA_TRANSACTIONS, "outcome" => "aborted")
+            .increment(1);
+        let mut backoff = Backoff::reconnect();
+        loop {
+            match self.producer.abort_transaction(CALL_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(e)) if e.is_fatal() => {
+                    return Err(self.txn_error(KafkaError::Transaction(e)));
+                }
+                Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                    if *self.stop.borrow() {
+                        return Err(Attempt::Definite(FlushError::Stopped));
+                    }
+                    tracing::warn!(error = %e, "abort_transaction not complete yet, retrying");
+                    std::thread::sleep(backoff.next_delay());
+                }
+                Err(error) => {
+                    // No transaction in progress: nothing to abort.
+                    tracing::debug!(%error, "abort_transaction");
+                    return Ok(());
+                }
+            }
         }
     }
 

@@ -51,10 +51,16 @@ pub struct DirectArgs {
     pub slot: String,
     #[command(flatten)]
     pub stream: StreamArgs,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 /// Runs direct mode until `stop` turns true or a definite error occurs.
 pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    args.metrics
+        .start(crate::metrics::DIRECT_METRICS)
+        .await
+        .map_err(PipelineError::Definite)?;
     let destination = PgEndDestination {
         url: args.target.target_url.clone(),
         client: None,
@@ -68,6 +74,7 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         },
         value_bytes: 0,
         txn: None,
+        commit_times: Vec::new(),
     };
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
@@ -94,6 +101,8 @@ struct OpenTxn {
     records: usize,
     dead_letters: usize,
     commit_lsn: Lsn,
+    /// Source commit time, µs since 2000-01-01, for the end-to-end latency.
+    commit_time_micros: Option<i64>,
 }
 
 struct PgEndDestination {
@@ -106,6 +115,8 @@ struct PgEndDestination {
     batch: ApplyBatch,
     value_bytes: usize,
     txn: Option<OpenTxn>,
+    /// Source commit times of the batch's transactions.
+    commit_times: Vec<i64>,
 }
 
 impl PgEndDestination {
@@ -174,6 +185,8 @@ fn integer(
 }
 
 impl Destination for PgEndDestination {
+    const STAGE: &'static str = "direct";
+
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
         let mut backoff = Backoff::reconnect();
         loop {
@@ -233,6 +246,7 @@ impl Destination for PgEndDestination {
             records: self.batch.records.len(),
             dead_letters: self.batch.dead_letters.len(),
             commit_lsn: meta.commit_lsn,
+            commit_time_micros: meta.commit_time_micros,
         });
     }
 
@@ -271,7 +285,9 @@ impl Destination for PgEndDestination {
     }
 
     fn end_txn(&mut self) {
-        self.txn = None;
+        if let Some(micros) = self.txn.take().and_then(|t| t.commit_time_micros) {
+            self.commit_times.push(micros);
+        }
     }
 
     fn discard_txn(&mut self) {
@@ -325,6 +341,14 @@ impl Destination for PgEndDestination {
                         "applied"
                     );
                     self.value_bytes = 0;
+                    let now = chrono::Utc::now();
+                    for micros in self.commit_times.drain(..) {
+                        if let Some(committed) = crate::connector::pg_micros_to_utc(micros) {
+                            let latency = (now - committed).num_microseconds().unwrap_or(0).max(0);
+                            ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => Self::STAGE)
+                                .record(latency as f64 / 1e6);
+                        }
+                    }
                     return Ok(());
                 }
                 Err(error) if error.class() == ErrorClass::Transient => {

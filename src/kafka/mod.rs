@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::lsn::Lsn;
+use crate::secret::Secret;
 
 #[derive(Debug, Error)]
 pub enum KafkaSetupError {
@@ -68,13 +69,128 @@ pub struct TopicSpec<'a> {
     pub configs: &'a [(&'a str, &'a str)],
 }
 
-/// Base client settings shared by every client the relay makes.
+/// A librdkafka property given with `--kafka-property KEY=VALUE`: how the relay
+/// reaches a secured cluster (TLS, SASL) without a flag per setting.
+///
+/// The value is a [`Secret`]: printed only for keys that cannot hold one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaProperty {
+    pub key: String,
+    pub value: Secret,
+}
+
+/// Properties the relay sets itself because exactly-once rests on them; a
+/// `--kafka-property` may not change them.
+const RESERVED_PROPERTIES: [&str; 9] = [
+    "bootstrap.servers",
+    "group.id",
+    "transactional.id",
+    "enable.idempotence",
+    "acks",
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "transaction.timeout.ms",
+];
+
+impl KafkaProperty {
+    /// Parses `KEY=VALUE`; `KEY_file=PATH` reads the value of `KEY` from a file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| "a Kafka property must be KEY=VALUE".to_string())?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err("a Kafka property must be KEY=VALUE".into());
+        }
+        let (key, value) = match key.strip_suffix("_file") {
+            Some(real) => {
+                let path = std::path::Path::new(value.trim());
+                let secret = Secret::from_file(path)
+                    .map_err(|e| format!("cannot read {key}={}: {e}", path.display()))?;
+                (real, secret)
+            }
+            None => (key, Secret::new(value.trim())),
+        };
+        if RESERVED_PROPERTIES.contains(&key) {
+            return Err(format!(
+                "{key} is set by outbox-relay itself (exactly-once depends on it) and cannot be overridden"
+            ));
+        }
+        Ok(Self {
+            key: key.to_string(),
+            value,
+        })
+    }
+
+    /// Whether the value may be a credential: passwords, secrets, keys, JAAS and
+    /// OAuth settings. Their values are never printed.
+    pub fn is_sensitive(&self) -> bool {
+        let key = self.key.to_ascii_lowercase();
+        [
+            "password",
+            "secret",
+            "jaas",
+            "oauthbearer",
+            "ssl.key.pem",
+            "token",
+        ]
+        .iter()
+        .any(|word| key.contains(word))
+    }
+}
+
+impl std::fmt::Debug for KafkaProperty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::fmt::Display for KafkaProperty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_sensitive() {
+            write!(f, "{}={}", self.key, self.value)
+        } else {
+            write!(f, "{}={}", self.key, self.value.expose())
+        }
+    }
+}
+
+/// The `--kafka-property` settings of this process, applied by [`client_config`].
+///
+/// Process-wide because `client_config(brokers)` is called from every corner of the
+/// relay; the command sets them once, at start, before it makes any client.
+static CLIENT_PROPERTIES: std::sync::RwLock<Vec<KafkaProperty>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Sets the properties every Kafka client of this process gets, and logs them with
+/// their secrets redacted.
+pub fn set_client_properties(properties: &[KafkaProperty]) {
+    if !properties.is_empty() {
+        let shown: Vec<String> = properties.iter().map(ToString::to_string).collect();
+        tracing::info!(properties = %shown.join(", "), "kafka client properties");
+    }
+    let mut current = CLIENT_PROPERTIES
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *current = properties.to_vec();
+}
+
+/// Base client settings shared by every client the relay makes: the bootstrap
+/// servers, then the `--kafka-property` settings (security and tuning). Callers set
+/// what their role needs after this, so those settings win.
 pub fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
         .set("client.id", "outbox-relay")
         .set("socket.keepalive.enable", "true");
+    let properties = CLIENT_PROPERTIES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for property in properties.iter() {
+        config.set(property.key.as_str(), property.value.expose());
+    }
     config
 }
 
@@ -146,6 +262,20 @@ impl ProgressRecord {
     }
 }
 
+/// A consumer context for reading a partition to its end: reaching the end is the
+/// goal, not an error worth a log line.
+pub struct EndOfPartitionIsExpected;
+
+impl rdkafka::ClientContext for EndOfPartitionIsExpected {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsExpected {}
+
 /// Reads the last committed progress record of `slot` from the progress topic.
 ///
 /// Blocking: call it from `spawn_blocking`. It reads the single partition with
@@ -161,12 +291,12 @@ pub fn read_progress(
         topic: topic.to_string(),
         source,
     };
-    let consumer: BaseConsumer = client_config(brokers)
+    let consumer: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
         .set("group.id", "outbox-relay-progress-reader")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(EndOfPartitionIsExpected)
         .map_err(KafkaSetupError::Config)?;
     let mut assignment = TopicPartitionList::new();
     assignment
@@ -220,4 +350,33 @@ pub fn read_progress(
         }
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse_redact_and_refuse_what_exactly_once_rests_on() {
+        let p = KafkaProperty::parse("security.protocol=SASL_SSL").unwrap();
+        assert_eq!(p.to_string(), "security.protocol=SASL_SSL");
+        let p = KafkaProperty::parse("sasl.password=hunter2").unwrap();
+        assert_eq!(p.to_string(), "sasl.password=<redacted>");
+        assert_eq!(format!("{p:?}"), "sasl.password=<redacted>");
+        assert_eq!(p.value.expose(), "hunter2");
+        assert!(KafkaProperty::parse("isolation.level=read_uncommitted")
+            .unwrap_err()
+            .contains("cannot be overridden"));
+        assert!(KafkaProperty::parse("no-equals").is_err());
+
+        let path =
+            std::env::temp_dir().join(format!("outbox-relay-kafka-pw-{}", std::process::id()));
+        std::fs::write(&path, "from-file\n").unwrap();
+        let p = KafkaProperty::parse(&format!("sasl.password_file={}", path.display())).unwrap();
+        assert_eq!(
+            (p.key.as_str(), p.value.expose()),
+            ("sasl.password", "from-file")
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
 }

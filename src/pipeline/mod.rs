@@ -37,6 +37,7 @@ use tokio::sync::watch;
 
 use crate::kafka::{KafkaSetupError, ProgressRecord, ProgressState};
 use crate::lsn::Lsn;
+use crate::metrics;
 use crate::pg::{self, ErrorClass};
 use crate::pgoutput::{self, LogicalMessage};
 use crate::progress::{ProgressTracker, TxnTicket};
@@ -158,6 +159,8 @@ pub struct TxnMeta {
 /// asks it to make its batch durable together with a progress record.
 #[allow(async_fn_in_trait)]
 pub trait Destination {
+    /// The `stage` label of this destination's metrics.
+    const STAGE: &'static str;
     /// Reads the progress stored with the destination's data for `slot`.
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError>;
     /// The outbox table's columns, in the order rows list them (after every Relation
@@ -241,6 +244,8 @@ impl<D: Destination> Pipeline<D> {
                     return Ok(());
                 }
                 Err(error) if error.class() == ErrorClass::Transient => {
+                    metrics::health().set_ready(false);
+                    ::metrics::counter!(metrics::RETRIES, "cause" => "session").increment(1);
                     tracing::warn!(error = %error_chain(&error), "session ended, reconnecting");
                     tokio::select! {
                         _ = backoff.wait() => {}
@@ -337,6 +342,7 @@ impl<D: Destination> Pipeline<D> {
             .await
             .map_err(PipelineError::Replication)?;
         tracing::info!(%slot, durable_lsn = %self.durable_lsn, "streaming");
+        metrics::health().set_ready(true);
         backoff.reset();
         drop(client);
         let heartbeat = self.spawn_heartbeat();
@@ -520,8 +526,13 @@ impl<D: Destination> Pipeline<D> {
                             self.dest.end_txn();
                             batch.last_end_lsn = Some(end_lsn);
                             batch.last_ticket = Some(tracker.commit(end_lsn, 1));
+                            batch.transactions += 1;
                             batch.started.get_or_insert_with(Instant::now);
                             let (rows, bytes) = self.dest.batch_size();
+                            ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE)
+                                .set(rows as f64);
+                            ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE)
+                                .set(bytes as f64);
                             let lingered = batch.started.is_some_and(|s| s.elapsed() >= linger);
                             if rows >= self.args.batch_size
                                 || bytes >= self.args.batch_bytes
@@ -534,8 +545,11 @@ impl<D: Destination> Pipeline<D> {
                     confirm(replication, &tracker, &mut confirmed);
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    let wal_end = Lsn(wal_end.as_u64());
+                    ::metrics::gauge!(metrics::SLOT_LAG_BYTES, "stage" => D::STAGE)
+                        .set(wal_end.as_u64().saturating_sub(confirmed.as_u64()) as f64);
                     if batch.is_empty() {
-                        tracker.idle_position(Lsn(wal_end.as_u64()));
+                        tracker.idle_position(wal_end);
                         confirm(replication, &tracker, &mut confirmed);
                     }
                 }
@@ -563,9 +577,15 @@ impl<D: Destination> Pipeline<D> {
         let (Some(last_lsn), Some(ticket)) = (batch.last_end_lsn, batch.last_ticket) else {
             return Ok(());
         };
+        let (rows, _) = self.dest.batch_size();
         self.dest
             .commit(&self.slot, &ProgressRecord::streaming(last_lsn))
             .await?;
+        ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(rows as u64);
+        ::metrics::counter!(metrics::TRANSACTIONS, "stage" => D::STAGE)
+            .increment(batch.transactions);
+        ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE).set(0.0);
+        ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE).set(0.0);
         self.durable_lsn = self.durable_lsn.max(last_lsn);
         tracker.durable_through(ticket);
         *batch = BatchMark::default();
@@ -577,6 +597,8 @@ impl<D: Destination> Pipeline<D> {
 /// Which source transactions the destination's batch holds.
 #[derive(Debug, Default)]
 struct BatchMark {
+    /// Source transactions in the batch.
+    transactions: u64,
     /// Commit end LSN of the last complete source transaction in the batch.
     last_end_lsn: Option<Lsn>,
     /// The tracker ticket of that transaction.
@@ -595,6 +617,7 @@ impl BatchMark {
 fn confirm(replication: &ReplicationClient, tracker: &ProgressTracker, confirmed: &mut Lsn) {
     let lsn = tracker.confirmable();
     if lsn > *confirmed {
+        ::metrics::gauge!(metrics::CONFIRMED_LSN).set(lsn.as_u64() as f64);
         replication.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.as_u64()));
         *confirmed = lsn;
     }

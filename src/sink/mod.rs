@@ -4,7 +4,8 @@
 //! Invariant: the sink's progress is the Kafka offset per (topic, partition) stored in
 //! pg_end's `outbox_relay.sink_offsets` by the same database transaction as the rows
 //! (and dead letters) up to it ([`crate::apply`]). Nothing else is trusted: on
-//! assignment a partition resumes at the stored offset + 1 ([`rebalance`]), Kafka's
+//! assignment a partition resumes at the stored offset + 1 ([`rebalance`]; or, once,
+//! at an earlier position asked for with `--from-…`, see [`replay`]), Kafka's
 //! group offsets are committed after pg_end's commit for monitoring only, and a
 //! `kill -9` at any instant loses at most a batch that pg_end never committed, which
 //! is read again.
@@ -41,6 +42,7 @@
 
 pub mod rebalance;
 pub mod record;
+pub mod replay;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -48,7 +50,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
@@ -106,6 +107,11 @@ pub struct SinkArgs {
     /// commit and offset store, which cannot be overridden).
     #[arg(long = "consumer-property", value_name = "KEY=VALUE")]
     pub consumer_properties: Vec<String>,
+    /// Start from an earlier position than pg_end's stored offsets (see [`replay`]).
+    #[command(flatten)]
+    pub replay: replay::ReplayArgs,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 impl SinkArgs {
@@ -119,12 +125,18 @@ impl SinkArgs {
             kafka: KafkaArgs {
                 brokers: brokers.to_string(),
                 topic: topic.to_string(),
+                kafka_property: Vec::new(),
             },
             group: group.to_string(),
             batch_size: 5000,
             batch_linger_ms: 100,
             format: Format::Auto,
             consumer_properties: Vec::new(),
+            replay: replay::ReplayArgs::default(),
+            // Embedded sinks (tests, the chaos runner) serve no endpoint of their own.
+            metrics: crate::metrics::MetricsArgs {
+                metrics_addr: Some("off".into()),
+            },
         }
     }
 }
@@ -139,6 +151,8 @@ pub enum SinkError {
     Thread(#[source] std::io::Error),
     #[error("pg_end refused the sink's work; it needs a person")]
     Definite(#[source] ApplyError),
+    #[error("cannot find where to replay from")]
+    Replay(#[source] replay::ReplayError),
 }
 
 /// What a sink run did.
@@ -190,6 +204,9 @@ struct Pending {
     consumed: usize,
     /// When the first record of this batch arrived.
     since: Option<tokio::time::Instant>,
+    /// Source commit times (the connector's header) of the batch's records, for the
+    /// end-to-end latency.
+    commit_times: Vec<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Pending {
@@ -259,9 +276,16 @@ pub async fn run_until(
         })
     };
 
+    args.metrics
+        .start(crate::metrics::SINK_METRICS)
+        .await
+        .map_err(SinkError::InvalidOption)?;
+    let replay = replay::resolve(&args.replay, &args.kafka.brokers, &args.kafka.topic)
+        .await
+        .map_err(SinkError::Replay)?;
     let reader = OffsetReader::spawn(args.target.target_url.clone(), stop.clone())
         .map_err(SinkError::Thread)?;
-    let consumer = consumer(args, SinkContext::new(reader))?;
+    let consumer = consumer(args, SinkContext::new(reader).with_replay(replay))?;
     consumer
         .subscribe(&[args.kafka.topic.as_str()])
         .map_err(SinkError::Consumer)?;
@@ -322,9 +346,13 @@ pub async fn run_until(
             .since
             .is_some_and(|since| since + linger <= tokio::time::Instant::now());
         if !pending.is_empty() && (pending.consumed >= args.batch_size || due) {
+            let commit_times = std::mem::take(&mut pending.commit_times);
             let batch = pending.take_batch();
             match writer.apply_until_done(&batch, &stop, &mut stats).await {
-                Ok(true) => commit_to_kafka(&consumer, &batch),
+                Ok(true) => {
+                    record_latency(&commit_times);
+                    commit_to_kafka(&consumer, &batch)
+                }
                 Ok(false) => break Ok(()), // stopping; the batch was abandoned
                 Err(error) => break Err(error),
             }
@@ -353,6 +381,17 @@ pub async fn run_until(
     result.map(|()| stats)
 }
 
+/// Source commit → pg_end commit, per applied record that carries the connector's
+/// commit-time header.
+fn record_latency(commit_times: &[chrono::DateTime<chrono::Utc>]) {
+    let now = chrono::Utc::now();
+    for committed in commit_times {
+        let micros = (now - *committed).num_microseconds().unwrap_or(0).max(0);
+        ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => "sink")
+            .record(micros as f64 / 1e6);
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -366,9 +405,9 @@ fn consumer(
     args: &SinkArgs,
     context: SinkContext,
 ) -> Result<StreamConsumer<SinkContext>, SinkError> {
-    let mut config = ClientConfig::new();
+    // The base of every client: brokers and the --kafka-property security settings.
+    let mut config = crate::kafka::client_config(&args.kafka.brokers);
     config
-        .set("bootstrap.servers", &args.kafka.brokers)
         .set("group.id", &args.group)
         .set("client.id", "outbox-relay-sink")
         // Noticed within seconds when a sink dies, so its partitions move on quickly.
@@ -376,6 +415,8 @@ fn consumer(
         .set("heartbeat.interval.ms", "3000")
         // Bounds the memory of records fetched ahead while a batch is being applied.
         .set("queued.max.messages.kbytes", "16384")
+        // Per-partition consumer lag for the metrics (SinkContext::stats).
+        .set("statistics.interval.ms", "5000")
         .set("auto.offset.reset", "earliest");
     for property in &args.consumer_properties {
         let (key, value) = property.split_once('=').ok_or_else(|| {
@@ -438,6 +479,16 @@ fn consume(
         .iter()
         .find(|(key, _)| *key == record::LSN_HEADER)
         .map(|(_, value)| *value);
+    if let Some(committed) = headers
+        .iter()
+        .find(|(key, _)| *key == crate::connector::HEADER_COMMIT_TS)
+        .and_then(|(_, value)| std::str::from_utf8((*value)?).ok())
+        .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+    {
+        pending
+            .commit_times
+            .push(committed.with_timezone(&chrono::Utc));
+    }
     let source_lsn = lsn_header
         .flatten()
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -533,6 +584,7 @@ impl Writer {
         loop {
             match self.attempt(batch).await {
                 Ok(outcome) => {
+                    crate::metrics::health().set_ready(true);
                     stats.batches += 1;
                     stats.inserted += outcome.inserted;
                     stats.duplicates += outcome.duplicates;
@@ -553,6 +605,8 @@ impl Writer {
                 }
                 Err(Failure::Definite(error)) => return Err(SinkError::Definite(error)),
                 Err(Failure::Transient(error)) => {
+                    crate::metrics::health().set_ready(false);
+                    ::metrics::counter!(crate::metrics::RETRIES, "cause" => "pg_end").increment(1);
                     self.client = None;
                     stats.retries += 1;
                     tracing::warn!(

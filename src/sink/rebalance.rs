@@ -4,7 +4,9 @@
 //! Invariant: a partition is handed to librdkafka with an explicit start offset
 //! (`stored + 1`, or the beginning when pg_end has none) in the same rebalance
 //! callback that receives it, so not one record of it is fetched from any other
-//! position. Records of a revoked partition that were buffered and not yet applied
+//! position. The one exception is a replay ([`super::replay`]): the first time this
+//! process is assigned a partition, it starts at the replay position instead, which
+//! is safe because applying a record twice changes nothing. Records of a revoked partition that were buffered and not yet applied
 //! are dropped by the poll loop (see [`RebalanceEvent`]); the new owner reads them
 //! again from pg_end's offsets.
 //!
@@ -31,7 +33,7 @@
 //! Both rebalance protocols are handled: eager (`assign`/`unassign`, the default
 //! `range,roundrobin`) and cooperative (`incremental_assign`/`incremental_unassign`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +43,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::error_chain;
+use super::replay::ReplayStart;
 use crate::apply::{self, ApplyError};
 use crate::pg::{self, ErrorClass};
 use crate::retry::Backoff;
@@ -174,6 +177,10 @@ pub struct SinkContext {
     events: Mutex<Vec<RebalanceEvent>>,
     /// A definite error met in a callback; the poll loop stops the sink with it.
     fatal: Mutex<Option<ApplyError>>,
+    /// `--from-…`: where partitions start on their first assignment, if not pg_end's.
+    replay: Option<ReplayStart>,
+    /// The partitions this process was assigned before: they no longer replay.
+    assigned_before: Mutex<HashSet<Partition>>,
 }
 
 impl SinkContext {
@@ -182,7 +189,27 @@ impl SinkContext {
             reader,
             events: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
+            replay: None,
+            assigned_before: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Starts each partition at `replay` the first time it is assigned (see
+    /// [`super::replay`]); `None` keeps pg_end's stored offsets.
+    pub fn with_replay(mut self, replay: Option<ReplayStart>) -> Self {
+        self.replay = replay;
+        self
+    }
+
+    /// The replay start of `partition` if this is its first assignment here.
+    fn replay_start(&self, partition: &Partition) -> Option<Offset> {
+        let replay = self.replay.as_ref()?;
+        let first = self
+            .assigned_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition.clone());
+        first.then(|| replay.offset_of(partition.1))
     }
 
     /// The changes of assignment since the last call, oldest first.
@@ -230,14 +257,20 @@ impl SinkContext {
         let mut starts = Vec::with_capacity(partitions.len());
         for (topic, partition) in partitions {
             let last = stored.get(&(topic.clone(), partition)).copied();
-            let start = match last {
-                Some(last) => Offset::Offset(last.saturating_add(1)),
-                None => Offset::Beginning,
+            let replay = self.replay_start(&(topic.clone(), partition));
+            let start = match (replay, last) {
+                (Some(replay), _) => replay,
+                (None, Some(last)) => Offset::Offset(last.saturating_add(1)),
+                (None, None) => Offset::Beginning,
             };
             if let Err(error) = tpl.set_partition_offset(&topic, partition, start) {
                 tracing::error!(%error, topic, partition, "cannot set a partition's start offset");
             }
-            tracing::info!(topic, partition, resume_at = ?start, "partition assigned");
+            if replay.is_some() {
+                tracing::info!(topic, partition, replay_from = ?start, stored_last = ?last, "partition assigned, replaying");
+            } else {
+                tracing::info!(topic, partition, resume_at = ?start, "partition assigned");
+            }
             starts.push(((topic, partition), last));
         }
         let assigned = if cooperative {
@@ -279,7 +312,23 @@ impl SinkContext {
     }
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    /// librdkafka's statistics carry each assigned partition's consumer lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for topic in statistics.topics.values() {
+            for (partition, stats) in &topic.partitions {
+                if *partition >= 0 && stats.consumer_lag >= 0 {
+                    ::metrics::gauge!(
+                        crate::metrics::CONSUMER_LAG,
+                        "topic" => topic.topic.clone(),
+                        "partition" => partition.to_string()
+                    )
+                    .set(stats.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn rebalance(

@@ -140,26 +140,51 @@ pub async fn check_source(
     publication: &str,
     create_publication: bool,
 ) -> Result<SourceInfo, SourceError> {
-    validate_identifier(publication).map_err(SourceError::Definite)?;
-    let row = client
-        .query_one(
-            "SELECT current_setting('server_version_num')::int4, current_setting('wal_level')",
-            &[],
-        )
+    let server_version_num = check_version(client).await?;
+    check_wal_level(client).await?;
+    let columns = outbox_columns(client, table).await?;
+    check_publication(client, table, publication, create_publication).await?;
+    Ok(SourceInfo {
+        server_version_num,
+        columns,
+    })
+}
+
+/// PostgreSQL 14 or newer; returns `server_version_num`.
+pub async fn check_version(client: &Client) -> Result<i32, SourceError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await
-        .map_err(SourceError::query("reading server settings"))?;
-    let version: i32 = row.get(0);
-    let wal_level: String = row.get(1);
+        .map_err(SourceError::query("reading server_version_num"))?
+        .get(0);
     if version < 140000 {
         return Err(SourceError::Definite(format!(
             "pg_start runs PostgreSQL {version}; outbox-relay needs PostgreSQL 14 or newer"
         )));
     }
+    Ok(version)
+}
+
+/// `wal_level = logical`.
+pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
+    let wal_level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(SourceError::query("reading wal_level"))?
+        .get(0);
     if wal_level != "logical" {
         return Err(SourceError::Definite(format!(
             "pg_start has wal_level = {wal_level}; set wal_level = logical in postgresql.conf and restart the server"
         )));
     }
+    Ok(())
+}
+
+/// The outbox table's columns, in table order; an error if it does not exist.
+pub async fn outbox_columns(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<TableColumn>, SourceError> {
     let columns = client
         .query(
             "SELECT a.attname::text, a.atttypid::int8
@@ -175,14 +200,24 @@ pub async fn check_source(
             "the outbox table {table} does not exist in pg_start (run `outbox-relay migrate` or set --table)"
         )));
     }
-    let columns = columns
+    Ok(columns
         .iter()
         .map(|r| TableColumn {
             name: r.get(0),
             type_oid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
         })
-        .collect();
+        .collect())
+}
 
+/// The publication exists, publishes inserts and holds the outbox table (it is
+/// created if missing and `create` is set).
+pub async fn check_publication(
+    client: &Client,
+    table: &TableName,
+    publication: &str,
+    create: bool,
+) -> Result<(), SourceError> {
+    validate_identifier(publication).map_err(SourceError::Definite)?;
     let publishes: Option<bool> = client
         .query_opt(
             "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
@@ -192,7 +227,7 @@ pub async fn check_source(
         .map_err(SourceError::query("reading pg_publication"))?
         .map(|r| r.get(0));
     match publishes {
-        None if create_publication => {
+        None if create => {
             client
                 .batch_execute(&format!(
                     "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
@@ -234,10 +269,7 @@ pub async fn check_source(
              ALTER PUBLICATION {publication} ADD TABLE {table}"
         )));
     }
-    Ok(SourceInfo {
-        server_version_num: version,
-        columns,
-    })
+    Ok(())
 }
 
 /// Reads the slot's state; `None` if it does not exist.
@@ -291,18 +323,15 @@ pub fn replication_config(
     publication: &str,
     start: Lsn,
 ) -> Result<ReplicationConfig, SourceError> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| SourceError::Definite(format!("the source URL is not valid: {e}")))?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
-        None => "127.0.0.1".to_string(),
-    };
-    let password = config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
+    // The one reading of the URL, shared with the regular connections: same host,
+    // password (URL or password_file) and TLS settings.
+    let target = pg::PgTarget::from_url(url)
+        .map_err(|e| SourceError::Definite(format!("the source URL cannot be used: {e}")))?;
+    let config = &target.config;
+    let host = target.host().1;
+    let password = target
+        .password()
+        .map(|p| p.expose().to_string())
         .unwrap_or_default();
     let mut replication = ReplicationConfig::new(
         host,
@@ -312,22 +341,22 @@ pub fn replication_config(
         slot,
         publication,
     )
-    .with_port(config.get_ports().first().copied().unwrap_or(5432))
+    .with_port(target.port())
     .with_start_lsn(pgwire_replication::Lsn::from_u64(start.as_u64()))
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(5))
     .with_buffer_size(8192)
     .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3")
     .with_application_name(format!("outbox-relay:{slot}"));
-    replication.tls = pgwire_replication::TlsConfig::disabled();
+    replication.tls = target.replication_tls();
     Ok(replication)
 }
 
 /// The database name in a connection URL.
 pub fn database_of(url: &str) -> Option<String> {
-    url.parse::<tokio_postgres::Config>()
+    pg::PgTarget::parse(url)
         .ok()
-        .and_then(|c| c.get_dbname().map(str::to_string))
+        .and_then(|t| t.config.get_dbname().map(str::to_string))
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod connector;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -382,8 +384,10 @@ impl Relay {
         eprintln!("relay {args:?} logs to {}", log.display());
         let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .args(args)
-            .envs(envs.iter().copied())
             .env("OUTBOX_RELAY_LOG", "info,librdkafka=warn,rdkafka=warn")
+            // Tests run several relays at once: each serves metrics on a port of its own.
+            .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
+            .envs(envs.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()

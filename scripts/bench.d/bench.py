@@ -1,0 +1,1091 @@
+#!/usr/bin/env python3
+"""The driver of scripts/bench: runs every leg of docs/benchmarks.md on its own stack
+instance and writes the report. See scripts/bench --help and docs/benchmarks.md.
+
+Each run (repeated --runs times, every tool in the same run on the same data):
+  1. pg_start is emptied, then one logical slot per tool is created, then the backlog of N
+     seed-shaped source transactions is written (each its own database transaction), the
+     last one (the "marker") after reading X = pg_current_wal_insert_lsn(): every backlog
+     transaction ends at or before X, only the marker ends after it.
+  2. Source -> Kafka, one tool at a time: pg_recvlogical (ceiling), the connector
+     (transactional, then at-least-once), Debezium in Kafka Connect standalone.
+  3. Slot -> pg_end: direct mode, then a native subscription.
+  4. Kafka -> pg_end: the sink on the transactional topic, the seed-style consumer, COPY.
+  5. Steady state (latency) at fixed source rates, Kafka path then direct mode.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PASSWORD = "postgres"
+
+
+def log(*parts):
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"bench {stamp}:", *parts, file=sys.stderr, flush=True)
+
+
+def lsn_int(text):
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def lsn_text(value):
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# ---------------------------------------------------------------------------------------
+# Processes: started by the bench, measured from /proc (CPU, VmHWM) or from wait4's rusage.
+# ---------------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process whose CPU time and peak RSS are read before it is stopped."""
+
+    def __init__(self, name, argv, log_path, env=None, cwd=None):
+        self.name = name
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        self.cpu = None
+        self.peak_rss = None
+        self.exit_status = None
+
+    def sample(self):
+        """CPU seconds (user+system) and peak RSS (bytes) so far, from /proc."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            # fields[0] is field 3 (state): utime is field 14, stime field 15.
+            cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            hwm = None
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+            self.cpu, self.peak_rss = cpu, hwm
+        except (OSError, IndexError, ValueError):
+            pass
+        return self.cpu, self.peak_rss
+
+    def alive(self):
+        return self.exit_status is None and self.popen.poll() is None
+
+    def wait_exit(self, timeout):
+        """Waits for a process that ends by itself; its rusage is the measurement."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self._reaped(status, usage)
+                return True
+            time.sleep(0.005)
+        return False
+
+    def _reaped(self, status, usage):
+        self.exit_status = os.waitstatus_to_exitcode(status)
+        self.popen.returncode = self.exit_status
+        self.cpu = usage.ru_utime + usage.ru_stime
+        self.peak_rss = usage.ru_maxrss * 1024
+        self.log_file.close()
+
+    def stop(self, grace=30):
+        """SIGTERM (the relay's graceful stop), SIGKILL after `grace` seconds. Keeps the
+        last /proc sample as the measurement (taken by the caller when the work was done)."""
+        if self.exit_status is not None:
+            return
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        self.exit_status = self.popen.returncode
+        self.log_file.close()
+
+    def tail(self, lines=20):
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_for(what, condition, timeout, every=0.05, procs=()):
+    """Polls `condition` until it returns a true value; fails on timeout or if one of
+    `procs` exits early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{what}: {p.name} exited early ({p.popen.returncode}):\n{p.tail()}")
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{what}: not done after {timeout:.0f} s")
+        time.sleep(every)
+
+
+# ---------------------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------------------
+
+
+class Stack:
+    def __init__(self, args):
+        self.dir = args.stack_dir
+        self.offset = args.port_offset
+        self.start_port = 8000 + self.offset
+        self.end_port = 8001 + self.offset
+        self.brokers = ",".join(f"127.0.0.1:{19090 + self.offset + i}" for i in range(3))
+        self.start_url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{self.start_port}/db_start"
+        self.end_url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{self.end_port}/db_end"
+        self.env = {
+            "OUTBOX_RELAY_STACK_DIR": self.dir,
+            "OUTBOX_RELAY_STACK_PORT_OFFSET": str(self.offset),
+        }
+
+    def script(self, *argv):
+        subprocess.run(
+            [str(REPO / "scripts" / "stack"), *argv],
+            env={**os.environ, **self.env},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def pg(self, which):
+        url = self.start_url if which == "start" else self.end_url
+        return psycopg.connect(url, autocommit=True)
+
+    def psql(self, which, *argv, **kw):
+        port = self.start_port if which == "start" else self.end_port
+        db = "db_start" if which == "start" else "db_end"
+        return subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(port),
+             "-U", "postgres", "-d", db, *argv],
+            env={**os.environ, "PGPASSWORD": PASSWORD, "PGOPTIONS": "-c client_min_messages=warning",
+                 **kw.pop("env", {})},
+            check=True, **kw)
+
+
+SOURCE_SETUP = """
+CREATE SCHEMA IF NOT EXISTS bench;
+CREATE SEQUENCE IF NOT EXISTS bench.ids;
+-- One seed-shaped source transaction per loop iteration, each committed on its own (the
+-- COMMIT inside the procedure), so logical decoding sees n transactions. The caller sets
+-- synchronous_commit=off: the WAL is the same, only the wait for each flush is skipped.
+CREATE OR REPLACE PROCEDURE bench.seed(n int, accounts int) LANGUAGE plpgsql AS $$
+DECLARE
+    i int; v_id bigint; v_acc bigint; v_amt numeric; v_ts timestamp;
+BEGIN
+    FOR i IN 1..n LOOP
+        v_id := nextval('bench.ids');
+        v_acc := 1 + floor(random() * accounts)::bigint;
+        v_amt := (CASE WHEN random() < 0.5 THEN -10 ELSE 10 END) * (1 + floor(random() * 10))::int;
+        v_ts := localtimestamp;
+        INSERT INTO main.transactions (id, account_id, amount, created_at)
+            VALUES (v_id, v_acc, v_amt, v_ts);
+        INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+            VALUES (v_id, v_acc, v_amt, v_ts);
+        INSERT INTO main.balance AS b (account_id, current_balance, updated_at)
+            VALUES (v_acc, v_amt, v_ts)
+            ON CONFLICT (account_id) DO UPDATE
+            SET current_balance = b.current_balance + EXCLUDED.current_balance,
+                updated_at = EXCLUDED.updated_at;
+        COMMIT;
+    END LOOP;
+END $$;
+"""
+
+TARGET_SETUP = """
+CREATE SCHEMA IF NOT EXISTS bench;
+-- The write ceiling: COPY into a table without any index or constraint.
+CREATE TABLE IF NOT EXISTS bench.copy_target (
+    id bigint, account_id bigint, amount numeric, created_at timestamp);
+-- The native subscription's target: the publication's table, with the same primary key
+-- as main.transactions (the rows only; native replication keeps no balance).
+CREATE SCHEMA IF NOT EXISTS outbox;
+CREATE TABLE IF NOT EXISTS outbox.transactions (
+    id bigint PRIMARY KEY, account_id bigint, amount numeric, created_at timestamp);
+"""
+
+
+def ensure_commit_timestamps(stack):
+    """The latency leg reads commit times with pg_xact_commit_timestamp: both clusters of
+    the bench's own stack get track_commit_timestamp=on (a restart)."""
+    for which, name in (("start", "pg_start"), ("end", "pg_end")):
+        with stack.pg(which) as conn:
+            on = conn.execute("SHOW track_commit_timestamp").fetchone()[0] == "on"
+            if not on:
+                conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
+        if not on:
+            log(f"{name}: enabling track_commit_timestamp (restart)")
+            stack.script("stop", name)
+            stack.script("start", name)
+
+
+def prepare_schemas(stack):
+    stack.psql("start", "-f", str(REPO / "sql" / "pg_start.sql"))
+    stack.psql("end", "-f", str(REPO / "sql" / "pg_end.sql"))
+    stack.psql("start", "-c", SOURCE_SETUP)
+    stack.psql("end", "-c", TARGET_SETUP)
+
+
+def drop_bench_slots(stack):
+    """Subscriptions and slots left by this bench (also by an interrupted earlier run)."""
+    with stack.pg("end") as conn:
+        for (name,) in conn.execute(
+                "SELECT subname FROM pg_subscription WHERE subname LIKE 'bench\\_%'").fetchall():
+            conn.execute(f'ALTER SUBSCRIPTION "{name}" DISABLE')
+            conn.execute(f'ALTER SUBSCRIPTION "{name}" SET (slot_name = NONE)')
+            conn.execute(f'DROP SUBSCRIPTION "{name}"')
+    with stack.pg("start") as conn:
+        rows = conn.execute(
+            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE slot_name LIKE 'bench\\_%'"
+        ).fetchall()
+        for name, pid in rows:
+            if pid:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                time.sleep(0.2)
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+
+
+def empty_target(stack):
+    with stack.pg("end") as conn:
+        conn.execute(
+            "TRUNCATE main.transactions, main.balance, outbox_relay.sink_offsets, "
+            "outbox_relay.direct_progress, outbox_relay.dead_letters, bench.copy_target, "
+            "outbox.transactions")
+        conn.execute("VACUUM ANALYZE main.transactions, main.balance")
+
+
+def empty_source(stack):
+    with stack.pg("start") as conn:
+        conn.execute("TRUNCATE main.transactions, outbox.transactions, main.balance")
+        conn.execute("CHECKPOINT")
+
+
+def write_backlog(stack, n, clients=2):
+    """n seed-shaped transactions in `clients` parallel sessions; returns (X, seconds)
+    where X is the insert LSN read before the last transaction (the marker)."""
+    started = time.monotonic()
+    per = [(n - 1) // clients + (1 if i < (n - 1) % clients else 0) for i in range(clients)]
+    port = str(stack.start_port)
+    procs = [
+        subprocess.Popen(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", port,
+             "-U", "postgres", "-d", "db_start", "-c", f"CALL bench.seed({k}, 10)"],
+            env={**os.environ, "PGPASSWORD": PASSWORD,
+                 "PGOPTIONS": "-c synchronous_commit=off"})
+        for k in per if k > 0
+    ]
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError("writing the backlog failed")
+    with stack.pg("start") as conn:
+        x = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+        conn.execute("CALL bench.seed(1, 10)")
+        count = conn.execute("SELECT count(*) FROM outbox.transactions").fetchone()[0]
+        conn.execute("CHECKPOINT")
+    if count != n:
+        raise RuntimeError(f"backlog has {count} rows, expected {n}")
+    return lsn_int(x), time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------
+# Kafka helpers
+# ---------------------------------------------------------------------------------------
+
+
+def admin(stack):
+    return AdminClient({"bootstrap.servers": stack.brokers})
+
+
+def create_topic(stack, name, partitions=3):
+    client = admin(stack)
+    futures = client.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=3)])
+    for f in futures.values():
+        try:
+            f.result(30)
+        except Exception as e:  # noqa: BLE001 - an existing topic is fine
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+
+
+def delete_topics(stack, prefix):
+    a = admin(stack)
+    names = [t for t in a.list_topics(timeout=30).topics if t.startswith(prefix)]
+    if names:
+        for f in a.delete_topics(names, operation_timeout=30).values():
+            try:
+                f.result(60)
+            except Exception as e:  # noqa: BLE001
+                log(f"deleting topics: {e}")
+
+
+class Watermarks:
+    """High watermarks of a topic (sum over partitions)."""
+
+    def __init__(self, stack, topic):
+        self.topic = topic
+        self.consumer = Consumer({"bootstrap.servers": stack.brokers, "group.id": "bench-watch",
+                                  "enable.auto.commit": False})
+        self.partitions = None
+
+    def total(self):
+        if self.partitions is None:
+            md = self.consumer.list_topics(self.topic, timeout=10)
+            t = md.topics.get(self.topic)
+            if t is None or t.error is not None or not t.partitions:
+                return 0
+            self.partitions = sorted(t.partitions)
+        total = 0
+        for p in self.partitions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+            except KafkaException:
+                # A new topic's leaders may not be known yet (NOT_LEADER_FOR_PARTITION): ask again.
+                return 0
+            total += max(high, 0)
+        return total
+
+    def close(self):
+        self.consumer.close()
+
+
+class ProgressReader:
+    """The connector's committed progress records (read_committed) for one slot."""
+
+    def __init__(self, stack, topic, slot):
+        self.slot = slot.encode()
+        self.consumer = Consumer({
+            "bootstrap.servers": stack.brokers, "group.id": "bench-progress",
+            "enable.auto.commit": False, "isolation.level": "read_committed",
+            "topic.metadata.refresh.interval.ms": 500})
+        self.consumer.assign([TopicPartition(topic, 0, 0)])
+        self.lsn = 0
+
+    def poll(self):
+        while True:
+            msg = self.consumer.poll(0.02)
+            if msg is None:
+                return self.lsn
+            if msg.error() or msg.key() != self.slot or msg.value() is None:
+                continue
+            record = json.loads(msg.value())
+            if record.get("state") == "streaming":
+                self.lsn = max(self.lsn, lsn_int(record["lsn"]))
+
+    def close(self):
+        self.consumer.close()
+
+
+def last_data_offsets(stack, topic):
+    """Per partition, the offset of the last record a read_committed consumer sees."""
+    c = Consumer({"bootstrap.servers": stack.brokers, "group.id": "bench-tail",
+                  "enable.auto.commit": False, "isolation.level": "read_committed",
+                  "enable.partition.eof": True})
+    md = c.list_topics(topic, timeout=10)
+    result = {}
+    for p in sorted(md.topics[topic].partitions):
+        for attempt in range(30):
+            try:
+                low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                break
+            except KafkaException:
+                if attempt == 29:
+                    raise
+                time.sleep(1)
+        if high <= low:
+            continue
+        c.assign([TopicPartition(topic, p, max(low, high - 200))])
+        last = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = c.poll(1.0)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == -191:  # _PARTITION_EOF
+                    break
+                continue
+            last = msg.offset()
+        if last is not None:
+            result[p] = last
+    c.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Legs
+# ---------------------------------------------------------------------------------------
+
+
+def result(tool, n, seconds, proc=None, startup=None, note=None, count=None):
+    r = {"tool": tool, "n": count or n, "seconds": seconds, "tps": (count or n) / seconds}
+    if proc is not None:
+        cpu, rss = proc.cpu, proc.peak_rss
+        if cpu is not None:
+            r["cpu_per_100k"] = cpu / (count or n) * 100_000
+        if rss is not None:
+            r["peak_rss"] = rss
+    if startup is not None:
+        r["startup"] = startup
+    if note:
+        r["note"] = note
+    return r
+
+
+class Bench:
+    def __init__(self, args, stack, binary):
+        self.args = args
+        self.stack = stack
+        self.bin = binary
+        self.logs = Path(args.stack_dir) / "bench-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def relay(self, name, *argv, env=None):
+        # The metrics endpoint is turned off: its default ports are shared by every relay on
+        # the machine (and the bench runs a connector and a sink at once).
+        return Proc(name, [self.bin, *argv], self.logs / f"{name}.log",
+                    env={"OUTBOX_RELAY_LOG": "warn", "OUTBOX_RELAY_METRICS_ADDR": "off", **(env or {})})
+
+    def broker_cpu(self):
+        """CPU seconds used so far by the three Kafka brokers of the bench's stack."""
+        total = 0.0
+        for n in (1, 2, 3):
+            try:
+                pid = Path(self.args.stack_dir, f"kafka{n}", "kafka.pid").read_text().strip()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            except (OSError, ValueError, IndexError):
+                return None
+        return total
+
+    # --- source -> Kafka -------------------------------------------------------------
+
+    def recvlogical(self, r, slot, x):
+        argv = ["pg_recvlogical", "-h", "127.0.0.1", "-p", str(self.stack.start_port),
+                "-U", "postgres", "-d", "db_start", "--slot", slot, "--start", "--no-loop",
+                "-o", "proto_version=1", "-o", "publication_names=outbox_relay",
+                f"--endpos={lsn_text(x + 1)}", "-f", "/dev/null"]
+        p = Proc(f"r{r}-recvlogical", argv, self.logs / f"r{r}-recvlogical.log",
+                 env={"PGPASSWORD": PASSWORD})
+        if not p.wait_exit(1800):
+            p.stop()
+            raise RuntimeError("pg_recvlogical did not finish")
+        if p.exit_status != 0:
+            raise RuntimeError(f"pg_recvlogical failed:\n{p.tail()}")
+        return result("pg_recvlogical (decode ceiling)", self.args.n,
+                      time.monotonic() - p.started, p)
+
+    def connector(self, r, slot, x, mode):
+        topic = f"bench-r{r}-{mode}"
+        progress = f"bench-r{r}-progress-{mode}"
+        p = self.relay(f"r{r}-connector-{mode}", "connector",
+                       "--source-url", self.stack.start_url, "--brokers", self.stack.brokers,
+                       "--topic", topic, "--progress-topic", progress, "--slot", slot,
+                       "--no-create-slot", "--no-create-publication", "--delivery", mode,
+                       *self.args.connector_extra.split())
+        first = [None]
+        brokers_before = self.broker_cpu()
+        try:
+            if mode == "transactional":
+                # Done when the progress record committed with the last Kafka transaction
+                # passes X: the marker (the last source transaction) is committed in Kafka.
+                reader = [None]
+
+                def done():
+                    if reader[0] is None:
+                        client = admin(self.stack)
+                        if progress not in client.list_topics(timeout=10).topics:
+                            return False
+                        reader[0] = ProgressReader(self.stack, progress, slot)
+                    lsn = reader[0].poll()
+                    if lsn and first[0] is None:
+                        first[0] = time.monotonic()
+                    return lsn > x
+                wait_for(f"connector {mode}", done, 1800, procs=[p])
+                reader[0].close()
+            else:
+                # Done when every one of the N records is acknowledged (no control records
+                # without transactions, and a clean run writes no duplicate).
+                marks = Watermarks(self.stack, topic)
+
+                def done():
+                    total = marks.total()
+                    if total and first[0] is None:
+                        first[0] = time.monotonic()
+                    return total >= self.args.n
+                wait_for(f"connector {mode}", done, 1800, every=0.05, procs=[p])
+                marks.close()
+            elapsed = time.monotonic() - p.started
+            p.sample()
+            brokers_after = self.broker_cpu()
+        finally:
+            p.stop()
+        label = f"outbox-relay connector ({'transactional' if mode == 'transactional' else 'at-least-once'})"
+        if self.args.connector_extra:
+            label += f" [{self.args.connector_extra}]"
+        res = result(label, self.args.n, elapsed, p,
+                     startup=(first[0] - p.started) if first[0] else None)
+        if brokers_before is not None and brokers_after is not None:
+            res["broker_cpu_per_100k"] = (brokers_after - brokers_before) / self.args.n * 100_000
+        return res, topic
+
+    def debezium(self, r, slot):
+        libs = Path(self.args.stack_dir) / "debezium-libs"
+        run_dir = Path(self.args.stack_dir) / f"debezium-r{r}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "offsets").unlink(missing_ok=True)
+        connect_log = self.logs / f"r{r}-debezium-connect.log"
+        connect_log.unlink(missing_ok=True)
+        prefix = f"bench_r{r}"
+        topic = f"{prefix}.outbox.transactions"
+        create_topic(self.stack, topic)
+        worker = run_dir / "worker.properties"
+        worker.write_text(f"""bootstrap.servers={self.stack.brokers}
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+key.converter.schemas.enable=false
+value.converter.schemas.enable=false
+offset.storage.file.filename={run_dir}/offsets
+offset.flush.interval.ms=10000
+plugin.discovery=service_load
+listeners=http://127.0.0.1:{18083 + self.stack.offset}
+""")
+        connector = run_dir / "connector.properties"
+        connector.write_text(f"""name=bench-debezium-r{r}
+connector.class=io.debezium.connector.postgresql.PostgresConnector
+tasks.max=1
+database.hostname=127.0.0.1
+database.port={self.stack.start_port}
+database.user=postgres
+database.password={PASSWORD}
+database.dbname=db_start
+topic.prefix={prefix}
+plugin.name=pgoutput
+slot.name={slot}
+publication.name=outbox_relay
+publication.autocreate.mode=disabled
+table.include.list=outbox.transactions
+message.key.columns=outbox.transactions:account_id
+snapshot.mode={self.args.debezium_snapshot_mode}
+""")
+        argv = ["java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={HERE / 'log4j2-connect.xml'}",
+                f"-Dbench.connect.log={connect_log}",
+                "-cp", f"{libs}/*", "org.apache.kafka.connect.cli.ConnectStandalone",
+                str(worker), str(connector)]
+        p = Proc(f"r{r}-debezium", argv, self.logs / f"r{r}-debezium.log")
+        first = [None]
+        brokers_before = self.broker_cpu()
+        marks = Watermarks(self.stack, topic)
+        status_url = f"http://127.0.0.1:{18083 + self.stack.offset}/connectors/bench-debezium-r{r}/status"
+        checked = [0.0]
+
+        def failed():
+            # A task that fails stays failed inside a live JVM: ask Connect's REST API.
+            if time.monotonic() - checked[0] < 2:
+                return
+            checked[0] = time.monotonic()
+            try:
+                with urllib.request.urlopen(status_url, timeout=2) as resp:
+                    status = json.load(resp)
+            except (OSError, ValueError):
+                return
+            states = [status.get("connector", {}).get("state")] + [t.get("state") for t in status.get("tasks", [])]
+            if "FAILED" in states:
+                raise RuntimeError(f"debezium failed: {json.dumps(status)[:2000]}")
+        try:
+            def done():
+                failed()
+                total = marks.total()
+                if total and first[0] is None:
+                    first[0] = time.monotonic()
+                return total >= self.args.n
+            wait_for("debezium", done, 3600, every=0.05, procs=[p])
+            elapsed = time.monotonic() - p.started
+            p.sample()
+            brokers_after = self.broker_cpu()
+        finally:
+            marks.close()
+            p.stop(grace=20)
+        res = result("Debezium 3.6.1 PostgreSQL connector (Kafka Connect standalone)",
+                     self.args.n, elapsed, p,
+                     startup=(first[0] - p.started) if first[0] else None)
+        if brokers_before is not None and brokers_after is not None:
+            res["broker_cpu_per_100k"] = (brokers_after - brokers_before) / self.args.n * 100_000
+        return res
+
+    # --- slot -> pg_end -------------------------------------------------------------
+
+    def direct(self, r, slot, x):
+        empty_target(self.stack)
+        p = self.relay(f"r{r}-direct", "direct", "--source-url", self.stack.start_url,
+                       "--target-url", self.stack.end_url, "--slot", slot, "--no-create-slot",
+                       "--no-create-publication")
+        first = [None]
+        with self.stack.pg("end") as conn:
+            def done():
+                row = conn.execute(
+                    "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = %s",
+                    (slot,)).fetchone()
+                lsn = lsn_int(row[0]) if row else 0
+                if lsn and first[0] is None:
+                    first[0] = time.monotonic()
+                return lsn > x
+            try:
+                wait_for("direct", done, 3600, every=0.05, procs=[p])
+                elapsed = time.monotonic() - p.started
+                p.sample()
+            finally:
+                p.stop()
+            count = conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0]
+        if count != self.args.n:
+            raise RuntimeError(f"direct: pg_end has {count} rows, expected {self.args.n}")
+        return result("outbox-relay direct", self.args.n, elapsed, p,
+                      startup=(first[0] - p.started) if first[0] else None)
+
+    def native(self, r, slot, x):
+        empty_target(self.stack)
+        sub = slot
+        with self.stack.pg("end") as conn:
+            conn.execute(
+                f"CREATE SUBSCRIPTION {sub} CONNECTION 'host=127.0.0.1 port={self.stack.start_port} "
+                f"dbname=db_start user=postgres password={PASSWORD}' PUBLICATION outbox_relay "
+                f"WITH (create_slot = false, slot_name = '{slot}', copy_data = false, enabled = false)")
+            oid = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (sub,)).fetchone()[0]
+            started = time.monotonic()
+            conn.execute(f"ALTER SUBSCRIPTION {sub} ENABLE")
+            worker = [None]
+            first = [None]
+            cpu = {}
+
+            def done():
+                if worker[0] is None:
+                    row = conn.execute(
+                        "SELECT pid FROM pg_stat_subscription WHERE subid = %s AND pid IS NOT NULL",
+                        (oid,)).fetchone()
+                    if row:
+                        worker[0] = row[0]
+                row = conn.execute(
+                    "SELECT remote_lsn::text FROM pg_replication_origin_status WHERE external_id = %s",
+                    (f"pg_{oid}",)).fetchone()
+                lsn = lsn_int(row[0]) if row and row[0] else 0
+                if lsn and first[0] is None:
+                    first[0] = time.monotonic()
+                if worker[0]:
+                    try:
+                        fields = Path(f"/proc/{worker[0]}/stat").read_text().rsplit(")", 1)[1].split()
+                        cpu["cpu"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+                        for line in Path(f"/proc/{worker[0]}/status").read_text().splitlines():
+                            if line.startswith("VmHWM:"):
+                                cpu["rss"] = int(line.split()[1]) * 1024
+                    except OSError:
+                        pass
+                return lsn > x
+            wait_for("native subscription", done, 3600, every=0.05)
+            elapsed = time.monotonic() - started
+            conn.execute(f"ALTER SUBSCRIPTION {sub} DISABLE")
+            count = conn.execute("SELECT count(*) FROM outbox.transactions").fetchone()[0]
+        if count != self.args.n:
+            raise RuntimeError(f"native: pg_end has {count} rows, expected {self.args.n}")
+        r_ = result("PostgreSQL native logical replication (subscription)", self.args.n, elapsed,
+                    startup=(first[0] - started) if first[0] else None,
+                    note="apply worker; rows only, no balance")
+        if "cpu" in cpu:
+            r_["cpu_per_100k"] = cpu["cpu"] / self.args.n * 100_000
+            r_["peak_rss"] = cpu.get("rss")
+        return r_
+
+    # --- Kafka -> pg_end ------------------------------------------------------------
+
+    def sink(self, r, topic):
+        empty_target(self.stack)
+        targets = last_data_offsets(self.stack, topic)
+        p = self.relay(f"r{r}-sink", "sink", "--target-url", self.stack.end_url,
+                       "--brokers", self.stack.brokers, "--topic", topic,
+                       "--group", f"bench-r{r}-sink", *self.args.sink_extra.split())
+        first = [None]
+        with self.stack.pg("end") as conn:
+            def done():
+                rows = dict(conn.execute(
+                    "SELECT partition, last_offset FROM outbox_relay.sink_offsets WHERE topic = %s",
+                    (topic,)).fetchall())
+                if rows and first[0] is None:
+                    first[0] = time.monotonic()
+                return all(rows.get(part, -1) >= off for part, off in targets.items())
+            try:
+                wait_for("sink", done, 3600, every=0.05, procs=[p])
+                elapsed = time.monotonic() - p.started
+                p.sample()
+            finally:
+                p.stop()
+            count = conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0]
+        if count != self.args.n:
+            raise RuntimeError(f"sink: pg_end has {count} rows, expected {self.args.n}")
+        label = "outbox-relay sink" + (f" [{self.args.sink_extra}]" if self.args.sink_extra else "")
+        return result(label, self.args.n, elapsed, p,
+                      startup=(first[0] - p.started) if first[0] else None)
+
+    def naive(self, r, topic):
+        empty_target(self.stack)
+        count = min(self.args.n, self.args.naive_count)
+        p = Proc(f"r{r}-naive", [sys.executable, str(HERE / "naive_consumer.py"), self.stack.brokers,
+                                 topic, f"bench-r{r}-naive", self.stack.end_url, str(count)],
+                 self.logs / f"r{r}-naive.log")
+        if not p.wait_exit(3600):
+            p.stop()
+            raise RuntimeError("the naive consumer did not finish")
+        if p.exit_status != 0:
+            raise RuntimeError(f"the naive consumer failed:\n{p.tail()}")
+        # Its own clock: from before creating the consumer to the last commit (the
+        # interpreter's start and exit are left out).
+        elapsed = json.loads(Path(p.log_path).read_text().strip().splitlines()[-1])["seconds"]
+        note = None if count == self.args.n else f"timed on the first {count:,} records"
+        return result("seed-style consumer (1 record per pg_end transaction, Python)", count,
+                      elapsed, p, note=note, count=count)
+
+    def copy(self, r):
+        empty_target(self.stack)
+        path = Path(self.args.stack_dir) / "copy-rows.csv"
+        with open(path, "wb") as f:
+            subprocess.run(
+                ["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.stack.start_port), "-U",
+                 "postgres", "-d", "db_start", "-c",
+                 "COPY (SELECT id, account_id, amount, created_at FROM main.transactions) TO STDOUT"],
+                env={**os.environ, "PGPASSWORD": PASSWORD}, stdout=f, check=True)
+        p = Proc(f"r{r}-copy", ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                                "-p", str(self.stack.end_port), "-U", "postgres", "-d", "db_end",
+                                "-c", f"\\copy bench.copy_target FROM '{path}'"],
+                 self.logs / f"r{r}-copy.log", env={"PGPASSWORD": PASSWORD})
+        if not p.wait_exit(1800) or p.exit_status != 0:
+            raise RuntimeError(f"COPY failed:\n{p.tail()}")
+        elapsed = time.monotonic() - p.started
+        path.unlink()
+        return result("COPY into an unindexed table (write ceiling)", self.args.n, elapsed,
+                      note="client: psql \\copy")
+
+    # --- steady state ---------------------------------------------------------------
+
+    def steady(self, r):
+        out = []
+        for path in self.args.steady_paths:
+            empty_source(self.stack)
+            empty_target(self.stack)
+            slot = f"bench_r{r}_ss_{path.replace('-', '_')}"
+            with self.stack.pg("start") as conn:
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+            procs = []
+            try:
+                if path.startswith("kafka"):
+                    topic = f"bench-r{r}-ss-{path}"
+                    delivery = "at-least-once" if path == "kafka-alo" else "transactional"
+                    # kafka-lowlat: the same exactly-once path, configured for latency: the
+                    # connector's and the sink's batching windows and the consumer's fetch wait
+                    # (librdkafka's fetch.wait.max.ms defaults to 500 ms) made short.
+                    lowlat = path == "kafka-lowlat"
+                    conn_extra = ["--linger-ms", "5"] if lowlat else []
+                    sink_extra = (["--batch-linger-ms", "5", "--consumer-property", "fetch.wait.max.ms=10"]
+                                  if lowlat else [])
+                    procs.append(self.relay(
+                        f"r{r}-ss-connector", "connector", "--source-url", self.stack.start_url,
+                        "--brokers", self.stack.brokers, "--topic", topic,
+                        "--progress-topic", f"bench-r{r}-progress-ss", "--slot", slot,
+                        "--no-create-slot", "--no-create-publication", "--delivery", delivery,
+                        *conn_extra, *self.args.connector_extra.split()))
+                    procs.append(self.relay(
+                        f"r{r}-ss-sink", "sink", "--target-url", self.stack.end_url,
+                        "--brokers", self.stack.brokers, "--topic", topic,
+                        "--group", f"bench-r{r}-ss-sink-{path}", *sink_extra,
+                        *self.args.sink_extra.split()))
+                else:
+                    procs.append(self.relay(
+                        f"r{r}-ss-direct", "direct", "--source-url", self.stack.start_url,
+                        "--target-url", self.stack.end_url, "--slot", slot, "--no-create-slot",
+                        "--no-create-publication"))
+                # Warm-up: until a first transaction makes it through.
+                self.load(50, 2.0)
+                with self.stack.pg("end") as conn:
+                    wait_for(f"steady {path} warm-up", lambda: conn.execute(
+                        "SELECT count(*) FROM main.transactions").fetchone()[0] > 0, 120,
+                        every=0.2, procs=procs)
+                for rate in self.args.rates:
+                    out.append({"path": path, "rate": rate, **self.step(path, rate, procs)})
+            finally:
+                for p in procs:
+                    p.stop()
+        return out
+
+    def load(self, rate, seconds):
+        p = subprocess.run(
+            [self.bin, "load", "--source-url", self.stack.start_url, "--rate", str(rate),
+             "--duration", str(seconds), "--concurrency", str(self.args.load_concurrency),
+             "--progress-every", "0"], capture_output=True, text=True, check=True)
+        m = re.search(r"committed (\d+)", p.stdout)
+        return int(m.group(1)) if m else 0
+
+    def step(self, path, rate, procs):
+        with self.stack.pg("start") as src:
+            t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
+        committed = self.load(rate, self.args.steady_seconds)
+        with self.stack.pg("start") as src:
+            rows = src.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
+                "WHERE pg_xact_commit_timestamp(xmin) >= %s", (t0,)).fetchall()
+        ids = [i for i, _ in rows]
+        source = dict(rows)
+        with self.stack.pg("end") as dst:
+            def arrived():
+                return dst.execute("SELECT count(*) FROM main.transactions WHERE id = ANY(%s)",
+                                   (ids,)).fetchone()[0] >= len(ids)
+            wait_for(f"steady {path} {rate}/s", arrived, 300, every=0.5, procs=procs)
+            target = dst.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
+                (ids,)).fetchall()
+        lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target)
+        achieved = committed / self.args.steady_seconds
+        return {
+            "achieved": achieved,
+            "count": len(lat),
+            "p50": percentile(lat, 50),
+            "p99": percentile(lat, 99),
+            "max": lat[-1] if lat else None,
+        }
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------------------------------
+# One run, all runs, the report
+# ---------------------------------------------------------------------------------------
+
+
+def one_run(bench, r, legs):
+    stack, n = bench.stack, bench.args.n
+    out = {"run": r, "legs": {}}
+    log(f"run {r}: preparing pg_start, slots and a backlog of {n:,} transactions")
+    delete_topics(stack, f"bench-r{r}-")
+    delete_topics(stack, f"bench_r{r}.")
+    drop_bench_slots(stack)
+    empty_source(stack)
+    empty_target(stack)
+    tools = ["recv", "tx", "alo", "dbz", "direct", "native"]
+    slots = {t: f"bench_r{r}_{t}" for t in tools}
+    with stack.pg("start") as conn:
+        for s in slots.values():
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s,))
+    x, seed_secs = write_backlog(stack, n)
+    out["backlog_seconds"] = seed_secs
+    log(f"run {r}: backlog written in {seed_secs:.1f} s ({n / seed_secs:,.0f}/s), X = {lsn_text(x)}")
+
+    def record(leg, fn, *argv):
+        """Runs one tool; a failure is logged and kept in the results, and the run goes on."""
+        try:
+            res = fn(*argv)
+        except Exception as e:  # noqa: BLE001 - one tool's failure must not lose the others' figures
+            log(f"run {r}: {leg}: {fn.__name__} FAILED: {e}")
+            out.setdefault("failures", []).append({"leg": leg, "tool": fn.__name__, "error": str(e)[:2000]})
+            return None
+        if isinstance(res, tuple):
+            res, extra_value = res
+        else:
+            extra_value = None
+        out["legs"].setdefault(leg, []).append(res)
+        extra = f", {res['cpu_per_100k']:.1f} CPU s/100k" if res.get("cpu_per_100k") is not None else ""
+        rss = f", {res['peak_rss'] / 2**20:.0f} MiB" if res.get("peak_rss") else ""
+        log(f"run {r}: {res['tool']}: {res['seconds']:.1f} s, {res['tps']:,.0f} tx/s{extra}{rss}")
+        return extra_value
+
+    kafka_topic = None
+    if "kafka" in legs:
+        record("kafka", bench.recvlogical, r, slots["recv"], x)
+        kafka_topic = record("kafka", bench.connector, r, slots["tx"], x, "transactional")
+        record("kafka", bench.connector, r, slots["alo"], x, "at-least-once")
+        if not bench.args.skip_debezium:
+            record("kafka", bench.debezium, r, slots["dbz"])
+    if "direct" in legs:
+        record("direct", bench.direct, r, slots["direct"], x)
+        record("direct", bench.native, r, slots["native"], x)
+    drop_bench_slots(stack)
+    if "sink" in legs and kafka_topic:
+        record("sink", bench.sink, r, kafka_topic)
+        record("sink", bench.naive, r, kafka_topic)
+        record("sink", bench.copy, r)
+    if "steady" in legs:
+        try:
+            out["steady"] = bench.steady(r)
+        except Exception as e:  # noqa: BLE001
+            log(f"run {r}: steady state FAILED: {e}")
+            out.setdefault("failures", []).append({"leg": "steady", "tool": "steady", "error": str(e)[:2000]})
+            out["steady"] = []
+        for s in out["steady"]:
+            log(f"run {r}: steady {s['path']} {s['rate']}/s (achieved {s['achieved']:.0f}/s): "
+                f"p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms, max {s['max']:.0f} ms")
+        drop_bench_slots(stack)
+    delete_topics(stack, f"bench-r{r}-")
+    delete_topics(stack, f"bench_r{r}.")
+    return out
+
+
+def summarize(runs):
+    """Median and spread per (leg, tool)."""
+    table = {}
+    for run in runs:
+        for leg, results in run["legs"].items():
+            for res in results:
+                table.setdefault(leg, {}).setdefault(res["tool"], []).append(res)
+    summary = {}
+    for leg, tools in table.items():
+        summary[leg] = []
+        for tool, rs in tools.items():
+            tps = [x["tps"] for x in rs]
+            row = {"tool": tool, "tps": statistics.median(tps), "tps_min": min(tps),
+                   "tps_max": max(tps), "runs": len(rs), "n": rs[0]["n"],
+                   "seconds": statistics.median(x["seconds"] for x in rs)}
+            for key in ("cpu_per_100k", "peak_rss", "startup", "broker_cpu_per_100k"):
+                vals = [x[key] for x in rs if x.get(key) is not None]
+                if vals:
+                    row[key] = max(vals) if key == "peak_rss" else statistics.median(vals)
+            notes = {x["note"] for x in rs if x.get("note")}
+            if notes:
+                row["note"] = "; ".join(sorted(notes))
+            summary[leg].append(row)
+    steady = {}
+    for run in runs:
+        for s in run.get("steady", []):
+            steady.setdefault((s["path"], s["rate"]), []).append(s)
+    summary["steady"] = [
+        {"path": path, "rate": rate, "runs": len(ss),
+         "achieved": statistics.median(s["achieved"] for s in ss),
+         "p50": statistics.median(s["p50"] for s in ss),
+         "p99": statistics.median(s["p99"] for s in ss),
+         "p99_min": min(s["p99"] for s in ss), "p99_max": max(s["p99"] for s in ss),
+         "max": max(s["max"] for s in ss)}
+        for (path, rate), ss in sorted(steady.items())
+    ]
+    return summary
+
+
+def machine():
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    pg = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"nproc": os.cpu_count(), "memory_gib": mem / 2**30, "kernel": platform.release(),
+            "cpu": cpu, "postgres": pg}
+
+
+def main():
+    ap = argparse.ArgumentParser(prog="scripts/bench")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("-n", type=int)
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--legs", default="kafka,direct,sink,steady")
+    ap.add_argument("--rates")
+    ap.add_argument("--steady-seconds", type=float)
+    ap.add_argument("--steady-paths", default="kafka,kafka-lowlat,kafka-alo,direct")
+    ap.add_argument("--naive-count", type=int, default=5_000)
+    ap.add_argument("--load-concurrency", type=int, default=8)
+    ap.add_argument("--skip-debezium", action="store_true")
+    ap.add_argument("--connector-extra", default="", help="extra connector flags (experiments)")
+    ap.add_argument("--sink-extra", default="", help="extra sink flags (experiments)")
+    ap.add_argument("--debezium-snapshot-mode", default="no_data")
+    ap.add_argument("--stack-dir", required=True)
+    ap.add_argument("--port-offset", type=int, required=True)
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--report", help="write the markdown report and chart here (docs/benchmarks.md)")
+    ap.add_argument("--results", required=True, help="JSON results file")
+    ap.add_argument("--command", default="scripts/bench")
+    args = ap.parse_args()
+    if args.quick:
+        args.n = args.n or 20_000
+        args.runs = args.runs or 2
+        args.rates = args.rates or "250,1000"
+        args.steady_seconds = args.steady_seconds or 4
+        args.naive_count = min(args.naive_count, 1_000)
+    args.n = args.n or 1_000_000
+    args.runs = args.runs or 3
+    args.rates = [int(x) for x in (args.rates or "250,500,1000,2000").split(",")]
+    args.steady_seconds = args.steady_seconds or 15
+    legs = set(args.legs.split(","))
+    args.steady_paths = args.steady_paths.split(",")
+
+    stack = Stack(args)
+    ensure_commit_timestamps(stack)
+    prepare_schemas(stack)
+    bench = Bench(args, stack, args.bin)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    runs = []
+    for r in range(1, args.runs + 1):
+        runs.append(one_run(bench, r, legs))
+        Path(args.results).write_text(json.dumps({"runs": runs}, indent=1, default=str))
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    data = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "command": args.command,
+        "n": args.n, "runs_count": args.runs, "rates": args.rates,
+        "steady_seconds": args.steady_seconds, "naive_count": args.naive_count,
+        "machine": machine(),
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    Path(args.results).write_text(json.dumps(data, indent=1, default=str))
+    log(f"results: {args.results}")
+    if args.report:
+        import report  # noqa: PLC0415 - matplotlib is only needed here
+        report.write(data, Path(args.report))
+        log(f"report: {args.report}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

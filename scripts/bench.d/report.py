@@ -1,0 +1,256 @@
+"""Writes docs/benchmarks.md and its PNG chart from the results of bench.py."""
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CEILING = {
+    "kafka": "pg_recvlogical (decode ceiling)",
+    "sink": "COPY into an unindexed table (write ceiling)",
+}
+BASELINE = {
+    "kafka": ("Debezium", "Debezium 3.6.1 PostgreSQL connector (Kafka Connect standalone)"),
+    "sink": ("seed-style", "seed-style consumer (1 record per pg_end transaction, Python)"),
+    "direct": ("native", "PostgreSQL native logical replication (subscription)"),
+}
+TITLES = {
+    "kafka": "Backlog drain, pg_start → Kafka",
+    "direct": "Backlog drain, pg_start → pg_end without Kafka",
+    "sink": "Drain, Kafka → pg_end",
+}
+
+
+def fmt_int(x):
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def fmt(x, digits=1):
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def row_of(summary, leg, tool):
+    return next((r for r in summary.get(leg, []) if r["tool"] == tool), None)
+
+
+def leg_table(data, leg):
+    summary = data["summary"]
+    rows = summary.get(leg)
+    if not rows:
+        return []
+    ceiling = row_of(summary, leg, CEILING.get(leg, ""))
+    base_name, base_tool = BASELINE[leg]
+    base = row_of(summary, leg, base_tool)
+    head = ["tool", "tx/s (median)", "spread (min–max)", "time (s)", "startup (s)"]
+    if ceiling:
+        head.append("× ceiling")
+    if base:
+        head.append(f"× {base_name}")
+    head += ["CPU s / 100k tx", "peak RSS (MiB)"]
+    brokers = any(r.get("broker_cpu_per_100k") is not None for r in rows)
+    if brokers:
+        head.append("brokers' CPU s / 100k tx")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["tool"] + (f" ({r['note']})" if r.get("note") else ""),
+            fmt_int(r["tps"]),
+            f"{fmt_int(r['tps_min'])}–{fmt_int(r['tps_max'])}",
+            fmt(r["seconds"]),
+            fmt(r.get("startup")),
+        ]
+        if ceiling:
+            cells.append(f"{r['tps'] / ceiling['tps']:.2f}")
+        if base:
+            cells.append(f"{r['tps'] / base['tps']:.2f}")
+        cells.append(fmt(r.get("cpu_per_100k")))
+        cells.append(fmt(r["peak_rss"] / 2**20, 0) if r.get("peak_rss") else "–")
+        if brokers:
+            cells.append(fmt(r.get("broker_cpu_per_100k")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def latency_table(data):
+    rows = data["summary"].get("steady", [])
+    if not rows:
+        return []
+    lines = [
+        "| path | target rate (tx/s) | achieved (tx/s) | p50 (ms) | p99 (ms, median) | p99 spread (ms) | max (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"kafka": "Kafka, transactional connector + sink",
+             "kafka-lowlat": "Kafka, transactional, short batching windows¹",
+             "kafka-alo": "Kafka, at-least-once connector + sink", "direct": "direct mode"}
+    for r in rows:
+        lines.append(
+            f"| {names.get(r['path'], r['path'])} | {r['rate']:,} | {fmt_int(r['achieved'])} | "
+            f"{fmt_int(r['p50'])} | {fmt_int(r['p99'])} | {fmt_int(r['p99_min'])}–{fmt_int(r['p99_max'])} | "
+            f"{fmt_int(r['max'])} |")
+    if any(r["path"] == "kafka-lowlat" for r in rows):
+        lines += ["", "¹ connector `--linger-ms 5`, sink `--batch-linger-ms 5 --consumer-property "
+                  "fetch.wait.max.ms=10`; every other row runs with the defaults (connector linger 20 ms, "
+                  "sink linger 100 ms, librdkafka fetch wait 500 ms)."]
+    return lines
+
+
+def targets(data):
+    s = data["summary"]
+    out = []
+
+    def ratio(leg, tool, other):
+        a, b = row_of(s, leg, tool), row_of(s, leg, other)
+        return (a["tps"] / b["tps"]) if a and b else None
+
+    def line(target, value, ok):
+        mark = "–" if ok is None else ("met" if ok else "**missed**")
+        out.append(f"| {target} | {value} | {mark} |")
+
+    tx = "outbox-relay connector (transactional)"
+    alo = "outbox-relay connector (at-least-once)"
+    for tool in (tx, alo):
+        r = ratio("kafka", tool, BASELINE["kafka"][1])
+        line(f"{tool.split('(')[1][:-1]} connector ≥ 2× Debezium", fmt(r, 2) + "×" if r else "not measured",
+             None if r is None else r >= 2)
+        r = ratio("kafka", tool, CEILING["kafka"])
+        line(f"{tool.split('(')[1][:-1]} connector ≥ 0.7× pg_recvlogical", fmt(r, 2) + "×" if r else "not measured",
+             None if r is None else r >= 0.7)
+    r = ratio("sink", "outbox-relay sink", BASELINE["sink"][1])
+    line("sink ≥ 10× the seed-style consumer", fmt(r, 1) + "×" if r else "not measured",
+         None if r is None else r >= 10)
+    r = ratio("sink", "outbox-relay sink", CEILING["sink"])
+    line("sink ≥ 0.3× COPY", fmt(r, 2) + "×" if r else "not measured", None if r is None else r >= 0.3)
+    r = ratio("direct", "outbox-relay direct", BASELINE["direct"][1])
+    line("direct ≥ native logical replication", fmt(r, 2) + "×" if r else "not measured",
+         None if r is None else r >= 1)
+    for path, label in (("kafka", "defaults"), ("kafka-lowlat", "short batching windows")):
+        k1000 = next((x for x in s.get("steady", []) if x["path"] == path and x["rate"] == 1000), None)
+        if k1000 or path == "kafka":
+            line(f"p99 end-to-end < 100 ms at 1,000 tx/s (Kafka path, {label})",
+                 f"{fmt_int(k1000['p99'])} ms (source achieved {fmt_int(k1000['achieved'])} tx/s)"
+                 if k1000 else "not measured",
+                 None if k1000 is None else k1000["p99"] < 100)
+    for leg, tool, label in (("kafka", tx, "connector"), ("sink", "outbox-relay sink", "sink")):
+        r = row_of(s, leg, tool)
+        rss = r.get("peak_rss") if r else None
+        line(f"{label} < 64 MiB peak RSS draining {data['n']:,}",
+             f"{rss / 2**20:.0f} MiB" if rss else "not measured", None if rss is None else rss < 64 * 2**20)
+    return ["| target | measured | |", "|---|---|---|", *out]
+
+
+def chart(data, path):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    legs = [leg for leg in ("kafka", "direct", "sink") if data["summary"].get(leg)]
+    steady = data["summary"].get("steady", [])
+    panels = len(legs) + (1 if steady else 0)
+    cols = 2 if panels > 1 else 1
+    rows_n = (panels + cols - 1) // cols
+    fig, grid = plt.subplots(rows_n, cols, figsize=(6.2 * cols, 4.6 * rows_n), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.axis("off")
+    short = {
+        "pg_recvlogical (decode ceiling)": "pg_recvlogical\n(ceiling)",
+        "outbox-relay connector (transactional)": "relay\ntransactional",
+        "outbox-relay connector (at-least-once)": "relay\nat-least-once",
+        "Debezium 3.6.1 PostgreSQL connector (Kafka Connect standalone)": "Debezium\n3.6.1",
+        "outbox-relay direct": "relay\ndirect",
+        "PostgreSQL native logical replication (subscription)": "native\nsubscription",
+        "outbox-relay sink": "relay\nsink",
+        "seed-style consumer (1 record per pg_end transaction, Python)": "seed-style\nconsumer",
+        "COPY into an unindexed table (write ceiling)": "COPY\n(ceiling)",
+    }
+    for ax, leg in zip(axes, legs):
+        rows = data["summary"][leg]
+        names = [short.get(r["tool"], r["tool"]) for r in rows]
+        vals = [r["tps"] for r in rows]
+        err = [[r["tps"] - r["tps_min"] for r in rows], [r["tps_max"] - r["tps"] for r in rows]]
+        colors = ["#d62728" if r["tool"].startswith("outbox-relay") else "#7f7f7f" for r in rows]
+        ax.bar(names, vals, yerr=err, color=colors, capsize=4)
+        ax.set_title(TITLES[leg], fontsize=10)
+        if leg == "sink":
+            ax.set_yscale("log")
+        ax.set_ylabel("transactions/s (median, min–max)")
+        ax.tick_params(axis="x", labelsize=8)
+        for i, (v, r) in enumerate(zip(vals, rows)):
+            ax.text(i, r["tps_max"] * (1.15 if leg == "sink" else 1.02), f"{v:,.0f}", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_ylim(top=max(r["tps_max"] for r in rows) * (3 if leg == "sink" else 1.12))
+    if steady:
+        ax = axes[len(legs)]
+        for p, label, color in (("kafka", "Kafka (transactional)", "#1f77b4"),
+                                ("kafka-lowlat", "Kafka (transactional, short windows)", "#ff7f0e"),
+                                ("kafka-alo", "Kafka (at-least-once)", "#9467bd"),
+                                ("direct", "direct mode", "#2ca02c")):
+            pts = [x for x in steady if x["path"] == p]
+            if pts:
+                ax.plot([x["rate"] for x in pts], [x["p99"] for x in pts], "o-", color=color, label=f"{label} p99")
+                ax.plot([x["rate"] for x in pts], [x["p50"] for x in pts], "o--", color=color, alpha=0.6,
+                        label=f"{label} p50")
+        ax.axhline(100, color="#d62728", linestyle=":", linewidth=1, label="100 ms target")
+        ax.set_xlabel("source rate (tx/s)")
+        ax.set_ylabel("source commit → pg_end commit (ms)")
+        ax.set_title("End-to-end latency, steady state", fontsize=10)
+        ax.legend(fontsize=7)
+    m = data["machine"]
+    fig.suptitle(f"outbox-relay benchmarks: N={data['n']:,}, {data['runs_count']} runs, "
+                 f"{m['nproc']} cores, {data['started'][:10]}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(data, md_path):
+    md_path = Path(md_path)
+    png = md_path.with_suffix(".png")
+    chart(data, png)
+    m = data["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by scripts/bench (scripts/bench.d/report.py): edit those, not this file. -->",
+        "",
+        f"Generated by `{data['command']}` on {data['started'][:16].replace('T', ' ')} UTC "
+        f"(finished {data['finished'][11:16]} UTC).",
+        f"N = **{data['n']:,}** source transactions per run, **{data['runs_count']} runs**; every figure "
+        "is the median of the runs, with the spread (min–max) beside it. All competitors of a leg ran in "
+        "the same run on the same WAL, one after the other, so the ratios hold on a noisy machine.",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']:.0f} GiB memory, Linux {m['kernel']}, "
+        f"{m['postgres']}, Apache Kafka 4.1.2 (3 KRaft nodes, RF 3, min.insync.replicas=2), all of it on "
+        "the same machine as the tools measured (the whole stack shares the 2 cores), with other "
+        "engineers' builds and tests running beside it.",
+        "",
+        f"![benchmarks]({png.name})",
+        "",
+        "## Targets",
+        "",
+        *targets(data),
+        "",
+    ]
+    for leg in ("kafka", "direct", "sink"):
+        table = leg_table(data, leg)
+        if table:
+            lines += [f"## {TITLES[leg]}", "", *table, ""]
+    lat = latency_table(data)
+    if lat:
+        lines += ["## End-to-end latency at fixed source rates", "", *lat, ""]
+    notes = HERE / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    failures = [(run["run"], f) for run in data["runs"] for f in run.get("failures", [])]
+    if failures:
+        lines += ["## Failures", "", "Measurements that failed in a run (their figures are missing above):", ""]
+        for run, f in failures:
+            lines.append(f"- run {run}, {f['leg']} / {f['tool']}: `{f['error'].splitlines()[0][:300]}`")
+        lines.append("")
+    lines += ["## Per-run figures", "", "| run | leg | tool | tx/s | time (s) |", "|---|---|---|---|---|"]
+    for run in data["runs"]:
+        for leg, results in run["legs"].items():
+            for r in results:
+                lines.append(f"| {run['run']} | {leg} | {r['tool']} | {fmt_int(r['tps'])} | {fmt(r['seconds'])} |")
+    lines.append("")
+    md_path.write_text("\n".join(lines))

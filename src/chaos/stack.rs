@@ -1,0 +1,302 @@
+//! The chaos runner's hands on the stack: `scripts/stack` for the databases and the
+//! brokers of one stack instance (its own state dir and port offset), and a toxiproxy
+//! server between the relay and every component for the network faults.
+//!
+//! Every address is derived from the port offset, exactly as `scripts/stack` derives
+//! it, so a runner on offset 1000 never touches the default stack on offset 0.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The PostgreSQL password of the local stack.
+const PG_PASSWORD: &str = "postgres";
+
+/// One instance of the local stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub script: PathBuf,
+    pub dir: PathBuf,
+    pub offset: u16,
+}
+
+impl Stack {
+    pub fn pg_start_port(&self) -> u16 {
+        8000 + self.offset
+    }
+    pub fn pg_end_port(&self) -> u16 {
+        8001 + self.offset
+    }
+    /// Where toxiproxy listens for the relay's pg_start and pg_end connections.
+    pub fn pg_start_proxy_port(&self) -> u16 {
+        8002 + self.offset
+    }
+    pub fn pg_end_proxy_port(&self) -> u16 {
+        8003 + self.offset
+    }
+    /// The toxiproxy API.
+    pub fn toxiproxy_api_port(&self) -> u16 {
+        8474 + self.offset
+    }
+    /// Node `n` (1..=3): its plain client listener.
+    pub fn broker_port(&self, n: u8) -> u16 {
+        19089 + self.offset + n as u16
+    }
+    /// Node `n`: the listener that advertises the proxy (scripts/stack's PROXIED).
+    pub fn broker_proxied_port(&self, n: u8) -> u16 {
+        19289 + self.offset + n as u16
+    }
+    /// Node `n`: where toxiproxy listens, forwarding to [`Self::broker_proxied_port`].
+    pub fn broker_proxy_port(&self, n: u8) -> u16 {
+        19389 + self.offset + n as u16
+    }
+
+    /// The brokers, reached directly (the runner's own checks).
+    pub fn brokers(&self) -> String {
+        (1..=3)
+            .map(|n| format!("127.0.0.1:{}", self.broker_port(n)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The brokers through toxiproxy (the relay).
+    pub fn proxied_brokers(&self) -> String {
+        (1..=3)
+            .map(|n| format!("127.0.0.1:{}", self.broker_proxy_port(n)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn url(port: u16, db: &str) -> String {
+        format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{port}/{db}")
+    }
+
+    /// Runs `scripts/stack ARGS…` with this instance's dir and offset.
+    pub fn run(&self, args: &[&str]) -> Result<(), String> {
+        let output = Command::new(&self.script)
+            .args(args)
+            .env("OUTBOX_RELAY_STACK_DIR", &self.dir)
+            .env("OUTBOX_RELAY_STACK_PORT_OFFSET", self.offset.to_string())
+            .env("OUTBOX_RELAY_STACK_KAFKA_PROXY", "1")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.script.display()))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+            Err(format!(
+                "scripts/stack {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ))
+        }
+    }
+
+    /// [`Self::run`] off the async runtime.
+    pub async fn run_async(&self, args: &[&str]) -> Result<(), String> {
+        let stack = self.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            stack.run(&args)
+        })
+        .await
+        .map_err(|e| format!("stack task: {e}"))?
+    }
+
+    /// Whether the brokers were started with the proxied listener.
+    pub fn proxied_listener_up(&self) -> bool {
+        (1..=3).all(|n| {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], self.broker_proxied_port(n))),
+                Duration::from_secs(2),
+            )
+            .is_ok()
+        })
+    }
+}
+
+/// Finds `toxiproxy-server`, or installs it with `go install` into `dir`.
+pub fn toxiproxy_binary(dir: &Path) -> Result<PathBuf, String> {
+    if let Ok(path) = std::env::var("OUTBOX_RELAY_TOXIPROXY") {
+        return Ok(PathBuf::from(path));
+    }
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v toxiproxy-server"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if let Some(path) = on_path {
+        return Ok(path);
+    }
+    // v2.5.0 is the newest release the Go module proxy resolves for the /v2 module
+    // path; its server lives in cmd/server (the binary is called `server`).
+    let bin = dir.join("toxiproxy");
+    let installed = bin.join("server");
+    if installed.exists() {
+        return Ok(installed);
+    }
+    eprintln!(
+        "chaos: installing toxiproxy-server v2.5.0 with go install into {}",
+        bin.display()
+    );
+    let status = Command::new("go")
+        .args([
+            "install",
+            "github.com/Shopify/toxiproxy/v2/cmd/server@v2.5.0",
+        ])
+        .env("GOBIN", &bin)
+        .status()
+        .map_err(|e| format!("cannot run go (needed to install toxiproxy): {e}"))?;
+    if !status.success() || !installed.exists() {
+        return Err(format!("go install of toxiproxy failed ({status})"));
+    }
+    Ok(installed)
+}
+
+/// A toxiproxy server run by the runner, with one proxy per component.
+pub struct Toxiproxy {
+    child: Child,
+    api: String,
+}
+
+/// The proxies: name, listen port, upstream port.
+pub fn proxies(stack: &Stack) -> Vec<(String, u16, u16)> {
+    let mut list = vec![
+        (
+            "pg_start".to_string(),
+            stack.pg_start_proxy_port(),
+            stack.pg_start_port(),
+        ),
+        (
+            "pg_end".to_string(),
+            stack.pg_end_proxy_port(),
+            stack.pg_end_port(),
+        ),
+    ];
+    for n in 1..=3 {
+        list.push((
+            format!("kafka{n}"),
+            stack.broker_proxy_port(n),
+            stack.broker_proxied_port(n),
+        ));
+    }
+    list
+}
+
+impl Toxiproxy {
+    pub fn start(binary: &Path, stack: &Stack, log: &Path) -> Result<Self, String> {
+        let api = format!("http://127.0.0.1:{}", stack.toxiproxy_api_port());
+        let log = std::fs::File::create(log).map_err(|e| format!("toxiproxy log: {e}"))?;
+        let child = Command::new(binary)
+            .args([
+                "-host",
+                "127.0.0.1",
+                "-port",
+                &stack.toxiproxy_api_port().to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let proxy = Self { child, api };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while proxy.curl("GET", "/version", None).is_err() {
+            if Instant::now() > deadline {
+                return Err("toxiproxy did not answer within 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A server left over from a crashed runner may hold proxies already.
+        for (name, listen, upstream) in proxies(stack) {
+            let _ = proxy.curl("DELETE", &format!("/proxies/{name}"), None);
+            proxy.curl(
+                "POST",
+                "/proxies",
+                Some(&format!(
+                    r#"{{"name":"{name}","listen":"127.0.0.1:{listen}","upstream":"127.0.0.1:{upstream}","enabled":true}}"#
+                )),
+            )?;
+        }
+        Ok(proxy)
+    }
+
+    fn curl(&self, method: &str, path: &str, body: Option<&str>) -> Result<String, String> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-f", "-m", "10", "-X", method]);
+        if let Some(body) = body {
+            cmd.args(["-H", "Content-Type: application/json", "-d", body]);
+        }
+        let output = cmd
+            .arg(format!("{}{path}", self.api))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run curl: {e}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(format!(
+                "toxiproxy {method} {path}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    /// Closes every connection through `name` and refuses new ones (or accepts again).
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), String> {
+        self.curl(
+            "POST",
+            &format!("/proxies/{name}"),
+            Some(&format!(r#"{{"enabled":{enabled}}}"#)),
+        )
+        .map(|_| ())
+    }
+
+    /// Stalls every byte through `name`, both ways, without closing anything: a
+    /// latency far beyond the hold, removed at the heal (toxiproxy then lets the held
+    /// bytes through, so the streams stay intact, as TCP's would).
+    pub fn blackhole(&self, name: &str) -> Result<(), String> {
+        for stream in ["upstream", "downstream"] {
+            self.curl(
+                "POST",
+                &format!("/proxies/{name}/toxics"),
+                Some(&format!(
+                    r#"{{"name":"blackhole_{stream}","type":"latency","stream":"{stream}","toxicity":1.0,"attributes":{{"latency":3600000,"jitter":0}}}}"#
+                )),
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn unblackhole(&self, name: &str) -> Result<(), String> {
+        for stream in ["upstream", "downstream"] {
+            let _ = self.curl(
+                "DELETE",
+                &format!("/proxies/{name}/toxics/blackhole_{stream}"),
+                None,
+            );
+        }
+        Ok(())
+    }
+
+    /// Every proxy enabled and without toxics.
+    pub fn heal_all(&self, stack: &Stack) -> Result<(), String> {
+        for (name, _, _) in proxies(stack) {
+            self.unblackhole(&name)?;
+            self.set_enabled(&name, true)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Toxiproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

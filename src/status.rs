@@ -1,0 +1,820 @@
+//! `outbox-relay status`: one screen answering "is it healthy, and how far behind?".
+//!
+//! It reads, each part on its own and bounded by `--timeout`:
+//! - pg_start: the connector's and the direct mode's slots (active pid, confirmed flush
+//!   LSN, lag in bytes behind `pg_current_wal_lsn()`, `wal_status`, `safe_wal_size`);
+//! - Kafka: the topic's low and high watermarks per partition, and the connector's
+//!   progress-topic record (the LSN of the last source transaction in Kafka);
+//! - pg_end: the sink's stored offsets per partition (with their lag against the high
+//!   watermark), the direct mode's stored LSN, and the dead letters.
+//!
+//! Invariant: status only reads (no slot, topic, group or row is created or moved), and
+//! a component that is down makes its own part say `unreachable: <error>` while the
+//! others are still shown; the command then exits 1. A lost slot (`wal_status = lost`)
+//! is a problem too. What needs a look but is not an outage (dead letters, a slot with
+//! no walsender, a missing slot) is a warning.
+//!
+//! The sink's lag per partition is `high watermark - 1 - last stored offset`. On a
+//! topic the connector writes in Kafka transactions, the last offset of a partition is
+//! the commit marker of its last transaction, which the sink never sees: a caught-up
+//! partition shows a lag of 1 there.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::{KafkaArgs, SourceArgs, TargetArgs};
+use crate::kafka::{self, ProgressState};
+use crate::pg;
+use crate::pipeline::error_chain;
+use crate::sink::replay::topic_partitions;
+
+/// Options of `outbox-relay status`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// The connector's slot (its progress-topic key as well).
+    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = "outbox_relay")]
+    pub slot: String,
+    /// The direct mode's slot (its `outbox_relay.direct_progress` key as well).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DIRECT_SLOT",
+        default_value = "outbox_relay_direct"
+    )]
+    pub direct_slot: String,
+    /// The connector's compacted progress topic.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_PROGRESS_TOPIC",
+        default_value = "outbox-relay-progress"
+    )]
+    pub progress_topic: String,
+    /// Skip Kafka (a deployment that runs only direct mode).
+    #[arg(long)]
+    pub no_kafka: bool,
+    /// Seconds each part may take before it counts as unreachable.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StatusArgs {
+    /// Options for the given databases, brokers and topic, with the defaults otherwise.
+    pub fn new(source_url: &str, target_url: &str, brokers: &str, topic: &str) -> Self {
+        Self {
+            source: SourceArgs {
+                source_url: source_url.to_string(),
+            },
+            target: TargetArgs {
+                target_url: target_url.to_string(),
+            },
+            kafka: KafkaArgs {
+                brokers: brokers.to_string(),
+                topic: topic.to_string(),
+                kafka_property: Vec::new(),
+            },
+            slot: "outbox_relay".into(),
+            direct_slot: "outbox_relay_direct".into(),
+            progress_topic: "outbox-relay-progress".into(),
+            no_kafka: false,
+            timeout: 10.0,
+            json: false,
+        }
+    }
+}
+
+/// One component's part of the report.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Part<T> {
+    Reachable(T),
+    Unreachable { error: String },
+    Skipped,
+}
+
+impl<T> Part<T> {
+    pub fn reachable(&self) -> Option<&T> {
+        match self {
+            Part::Reachable(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// pg_start's part.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    pub url: String,
+    pub server_version: String,
+    pub current_wal_lsn: String,
+    /// The connector's slot, then the direct mode's.
+    pub slots: Vec<SlotStatus>,
+}
+
+/// One replication slot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    /// `connector` or `direct`.
+    pub role: &'static str,
+    pub exists: bool,
+    pub database: Option<String>,
+    pub plugin: Option<String>,
+    /// Whether a walsender streams from it now.
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<String>,
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn`: WAL the slot holds back.
+    pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` (about to be lost) or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is lost (with
+    /// `max_slot_wal_keep_size`), or `None` when unlimited.
+    pub safe_wal_size: Option<i64>,
+}
+
+/// Kafka's part.
+#[derive(Debug, Clone, Serialize)]
+pub struct KafkaStatus {
+    pub brokers: String,
+    pub topic: String,
+    /// Watermarks per partition; empty with `topic_error`.
+    pub partitions: Vec<PartitionStatus>,
+    pub topic_error: Option<String>,
+    pub progress_topic: String,
+    /// The connector's progress record for its slot.
+    pub progress: Option<ProgressStatus>,
+    /// Why the progress record could not be read (`None`: read, or there is none).
+    pub progress_error: Option<String>,
+}
+
+/// One partition's watermarks.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    /// The first offset still in the log.
+    pub low_watermark: i64,
+    /// The offset the next record will get.
+    pub high_watermark: i64,
+}
+
+/// The connector's last progress record.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressStatus {
+    /// `snapshot` or `streaming`.
+    pub state: ProgressState,
+    /// Commit end LSN of the last source transaction in Kafka.
+    pub lsn: String,
+}
+
+/// pg_end's part.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetStatus {
+    pub url: String,
+    /// The sink's stored offset per partition of the topic (with the lag once Kafka
+    /// answered), partition order.
+    pub sink: Vec<SinkPartition>,
+    /// The direct mode's stored LSN for its slot.
+    pub direct: Option<DirectStatus>,
+    pub dead_letters: i64,
+    pub dead_letters_by_kind: BTreeMap<String, i64>,
+    pub last_dead_letter_at: Option<String>,
+}
+
+/// The sink's progress in one partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkPartition {
+    pub partition: i32,
+    /// The last offset applied (`None`: nothing yet; the sink starts at the beginning).
+    pub last_offset: Option<i64>,
+    pub updated_at: Option<String>,
+    pub high_watermark: Option<i64>,
+    /// Records not yet applied (see the module documentation for the commit marker).
+    pub lag: Option<i64>,
+}
+
+/// The direct mode's progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirectStatus {
+    pub slot: String,
+    pub commit_lsn: String,
+    pub updated_at: String,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// No component unreachable and no slot lost.
+    pub ok: bool,
+    /// What makes `ok` false.
+    pub problems: Vec<String>,
+    /// What needs a look but is not an outage.
+    pub warnings: Vec<String>,
+    pub pg_start: Part<SourceStatus>,
+    pub kafka: Part<KafkaStatus>,
+    pub pg_end: Part<TargetStatus>,
+}
+
+const SLOTS: &str = "\
+SELECT s.name, s.ord, r.database::text, r.plugin::text, coalesce(r.active, false), r.active_pid,
+       r.confirmed_flush_lsn::text,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn)::int8,
+       r.wal_status, r.safe_wal_size::int8, r.slot_name IS NOT NULL
+FROM unnest($1::text[]) WITH ORDINALITY AS s(name, ord)
+LEFT JOIN pg_replication_slots r ON r.slot_name = s.name
+ORDER BY s.ord";
+
+const SINK_OFFSETS: &str = "\
+SELECT partition, last_offset, updated_at::text FROM outbox_relay.sink_offsets
+WHERE topic = $1 ORDER BY partition";
+
+const DIRECT_PROGRESS: &str = "\
+SELECT commit_lsn::text, updated_at::text FROM outbox_relay.direct_progress WHERE slot_name = $1";
+
+const DEAD_LETTERS: &str = "\
+SELECT kind, count(*)::int8, max(received_at)::text FROM outbox_relay.dead_letters GROUP BY kind";
+
+/// Reads every part, concurrently, each bounded by `args.timeout`.
+pub async fn run(args: &StatusArgs) -> StatusReport {
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.1));
+    let (pg_start, kafka, pg_end) = tokio::join!(
+        bounded(timeout, source_status(args)),
+        async {
+            if args.no_kafka {
+                Part::Skipped
+            } else {
+                bounded(timeout, kafka_status(args, timeout)).await
+            }
+        },
+        bounded(timeout, target_status(args)),
+    );
+    let mut report = StatusReport {
+        ok: true,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+        pg_start,
+        kafka,
+        pg_end,
+    };
+    join_lag(&mut report);
+    judge(args, &mut report);
+    report
+}
+
+async fn bounded<T>(timeout: Duration, part: impl Future<Output = Result<T, String>>) -> Part<T> {
+    match tokio::time::timeout(timeout, part).await {
+        Ok(Ok(t)) => Part::Reachable(t),
+        Ok(Err(error)) => Part::Unreachable { error },
+        Err(_) => Part::Unreachable {
+            error: format!("no answer within {:.1}s", timeout.as_secs_f64()),
+        },
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, String> {
+    pg::connect(url).await.map_err(|e| error_chain(&e))
+}
+
+async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
+    let url = &args.source.source_url;
+    let client = connect(url).await?;
+    let query_error = |e: tokio_postgres::Error| error_chain(&e);
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .map_err(query_error)?;
+    let names = vec![args.slot.clone(), args.direct_slot.clone()];
+    let rows = client.query(SLOTS, &[&names]).await.map_err(query_error)?;
+    let mut slots = Vec::with_capacity(rows.len());
+    for (r, role) in rows.iter().zip(["connector", "direct"]) {
+        slots.push(SlotStatus {
+            name: r.try_get(0).map_err(query_error)?,
+            role,
+            database: r.try_get(2).map_err(query_error)?,
+            plugin: r.try_get(3).map_err(query_error)?,
+            active: r.try_get(4).map_err(query_error)?,
+            active_pid: r.try_get(5).map_err(query_error)?,
+            confirmed_flush_lsn: r.try_get(6).map_err(query_error)?,
+            lag_bytes: r.try_get(7).map_err(query_error)?,
+            wal_status: r.try_get(8).map_err(query_error)?,
+            safe_wal_size: r.try_get(9).map_err(query_error)?,
+            exists: r.try_get(10).map_err(query_error)?,
+        });
+    }
+    Ok(SourceStatus {
+        url: pg::redact_url(url),
+        server_version: row.try_get(0).map_err(query_error)?,
+        current_wal_lsn: row.try_get(1).map_err(query_error)?,
+        slots,
+    })
+}
+
+async fn kafka_status(args: &StatusArgs, timeout: Duration) -> Result<KafkaStatus, String> {
+    let (brokers, topic, progress_topic, slot) = (
+        args.kafka.brokers.clone(),
+        args.kafka.topic.clone(),
+        args.progress_topic.clone(),
+        args.slot.clone(),
+    );
+    // librdkafka's calls block: a thread of the blocking pool, each call bounded.
+    let per_call = timeout.mul_f64(0.8);
+    tokio::task::spawn_blocking(move || {
+        kafka_status_blocking(&brokers, &topic, &progress_topic, &slot, per_call)
+    })
+    .await
+    .map_err(|e| format!("the kafka status task failed: {e}"))?
+}
+
+fn kafka_status_blocking(
+    brokers: &str,
+    topic: &str,
+    progress_topic: &str,
+    slot: &str,
+    timeout: Duration,
+) -> Result<KafkaStatus, String> {
+    let consumer: BaseConsumer = kafka::client_config(brokers)
+        .set("group.id", "outbox-relay-status")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| error_chain(&e))?;
+    // Any broker answering metadata at all is "reachable"; a missing topic is not an outage.
+    let metadata = consumer
+        .fetch_metadata(None, timeout)
+        .map_err(|e| format!("no broker answered: {}", error_chain(&e)))?;
+    let exists = |name: &str| metadata.topics().iter().any(|t| t.name() == name);
+
+    let mut status = KafkaStatus {
+        brokers: brokers.to_string(),
+        topic: topic.to_string(),
+        partitions: Vec::new(),
+        topic_error: None,
+        progress_topic: progress_topic.to_string(),
+        progress: None,
+        progress_error: None,
+    };
+    if exists(topic) {
+        match topic_partitions(&consumer, topic, timeout) {
+            Ok(partitions) => {
+                for partition in partitions {
+                    let (low, high) = consumer
+                        .fetch_watermarks(topic, partition, timeout)
+                        .map_err(|e| {
+                            format!("watermarks of {topic}/{partition}: {}", error_chain(&e))
+                        })?;
+                    status.partitions.push(PartitionStatus {
+                        partition,
+                        low_watermark: low,
+                        high_watermark: high,
+                    });
+                }
+            }
+            Err(error) => status.topic_error = Some(error_chain(&error)),
+        }
+    } else {
+        status.topic_error = Some("does not exist".into());
+    }
+    if exists(progress_topic) {
+        match kafka::read_progress(brokers, progress_topic, slot, timeout) {
+            Ok(record) => {
+                status.progress = record.map(|r| ProgressStatus {
+                    state: r.state,
+                    lsn: r.lsn,
+                })
+            }
+            Err(error) => status.progress_error = Some(error_chain(&error)),
+        }
+    }
+    Ok(status)
+}
+
+async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
+    let url = &args.target.target_url;
+    let client = connect(url).await?;
+    let query_error = |e: tokio_postgres::Error| error_chain(&e);
+    let offsets = client
+        .query(SINK_OFFSETS, &[&args.kafka.topic])
+        .await
+        .map_err(query_error)?;
+    let direct = client
+        .query_opt(DIRECT_PROGRESS, &[&args.direct_slot])
+        .await
+        .map_err(query_error)?;
+    let letters = client.query(DEAD_LETTERS, &[]).await.map_err(query_error)?;
+    let mut sink = Vec::with_capacity(offsets.len());
+    for r in &offsets {
+        sink.push(SinkPartition {
+            partition: r.try_get(0).map_err(query_error)?,
+            last_offset: Some(r.try_get(1).map_err(query_error)?),
+            updated_at: Some(r.try_get(2).map_err(query_error)?),
+            high_watermark: None,
+            lag: None,
+        });
+    }
+    let direct = match direct {
+        Some(r) => Some(DirectStatus {
+            slot: args.direct_slot.clone(),
+            commit_lsn: r.try_get(0).map_err(query_error)?,
+            updated_at: r.try_get(1).map_err(query_error)?,
+        }),
+        None => None,
+    };
+    let mut by_kind = BTreeMap::new();
+    let mut last_at: Option<String> = None;
+    for r in &letters {
+        let kind: String = r.try_get(0).map_err(query_error)?;
+        by_kind.insert(kind, r.try_get::<_, i64>(1).map_err(query_error)?);
+        let at: Option<String> = r.try_get(2).map_err(query_error)?;
+        // Same format and time zone on every row: text order is time order.
+        if at > last_at {
+            last_at = at;
+        }
+    }
+    Ok(TargetStatus {
+        url: pg::redact_url(url),
+        sink,
+        direct,
+        dead_letters: by_kind.values().sum(),
+        dead_letters_by_kind: by_kind,
+        last_dead_letter_at: last_at,
+    })
+}
+
+/// Puts the watermarks next to the sink's offsets: every partition of the topic gets a
+/// row, with the lag `high - 1 - last` (or `high - low` when nothing is stored).
+fn join_lag(report: &mut StatusReport) {
+    let (Part::Reachable(kafka), Part::Reachable(target)) = (&report.kafka, &mut report.pg_end)
+    else {
+        return;
+    };
+    for p in &kafka.partitions {
+        let row = match target.sink.iter_mut().find(|s| s.partition == p.partition) {
+            Some(row) => row,
+            None => {
+                target.sink.push(SinkPartition {
+                    partition: p.partition,
+                    last_offset: None,
+                    updated_at: None,
+                    high_watermark: None,
+                    lag: None,
+                });
+                target.sink.last_mut().expect("just pushed")
+            }
+        };
+        row.high_watermark = Some(p.high_watermark);
+        row.lag = Some(match row.last_offset {
+            Some(last) => (p.high_watermark - 1 - last).max(0),
+            None => p.high_watermark - p.low_watermark,
+        });
+    }
+    target.sink.sort_by_key(|s| s.partition);
+}
+
+/// Fills `ok`, `problems` and `warnings`.
+fn judge(args: &StatusArgs, report: &mut StatusReport) {
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    for (name, error) in [
+        ("pg_start", unreachable(&report.pg_start)),
+        ("kafka", unreachable(&report.kafka)),
+        ("pg_end", unreachable(&report.pg_end)),
+    ] {
+        if let Some(error) = error {
+            problems.push(format!("{name} unreachable: {error}"));
+        }
+    }
+    if let Some(source) = report.pg_start.reachable() {
+        for slot in &source.slots {
+            if !slot.exists {
+                continue;
+            }
+            match slot.wal_status.as_deref() {
+                Some("lost") => problems.push(format!(
+                    "slot {} is lost (wal_status = lost): PostgreSQL removed WAL it needed; \
+                     recover with `outbox-relay reconcile` and a new slot (docs/operations.md)",
+                    slot.name
+                )),
+                Some("unreserved") => warnings.push(format!(
+                    "slot {} is about to be lost (wal_status = unreserved): its consumer must \
+                     catch up now",
+                    slot.name
+                )),
+                _ => {}
+            }
+            if !slot.active {
+                warnings.push(format!(
+                    "slot {} has no walsender: is the {} running?",
+                    slot.name, slot.role
+                ));
+            }
+        }
+        if source.slots.iter().all(|s| !s.exists) {
+            warnings.push(format!(
+                "neither slot {} nor {} exists on pg_start",
+                args.slot, args.direct_slot
+            ));
+        }
+    }
+    if let Some(kafka) = report.kafka.reachable() {
+        if let Some(error) = &kafka.topic_error {
+            warnings.push(format!("topic {}: {error}", kafka.topic));
+        }
+        if let Some(error) = &kafka.progress_error {
+            warnings.push(format!("progress topic {}: {error}", kafka.progress_topic));
+        }
+    }
+    if let Some(target) = report.pg_end.reachable() {
+        if target.dead_letters > 0 {
+            warnings.push(format!(
+                "{} dead letters in pg_end's outbox_relay.dead_letters (last at {})",
+                target.dead_letters,
+                target.last_dead_letter_at.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    report.ok = problems.is_empty();
+    report.problems = problems;
+    report.warnings = warnings;
+}
+
+fn unreachable<T>(part: &Part<T>) -> Option<&str> {
+    match part {
+        Part::Unreachable { error } => Some(error),
+        _ => None,
+    }
+}
+
+/// `1234` → `1.2 KiB`.
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value.abs() >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+impl StatusReport {
+    /// The human-readable form: one screen.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "outbox-relay status: {}",
+            if !self.ok {
+                "UNHEALTHY"
+            } else if self.warnings.is_empty() {
+                "OK"
+            } else {
+                "OK, with warnings"
+            }
+        );
+        match &self.pg_start {
+            Part::Reachable(s) => {
+                let _ = writeln!(
+                    out,
+                    "pg_start  {}  PostgreSQL {}, WAL at {}",
+                    s.url, s.server_version, s.current_wal_lsn
+                );
+                for slot in &s.slots {
+                    if !slot.exists {
+                        let _ = writeln!(out, "  slot {:<24} ({}) absent", slot.name, slot.role);
+                        continue;
+                    }
+                    let _ = writeln!(
+                        out,
+                        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}",
+                        slot.name,
+                        slot.role,
+                        match slot.active_pid {
+                            Some(pid) => format!("active pid {pid}"),
+                            None => "inactive".into(),
+                        },
+                        slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                        slot.lag_bytes.map(bytes).unwrap_or_else(|| "-".into()),
+                        slot.wal_status.as_deref().unwrap_or("-"),
+                        slot.safe_wal_size
+                            .map(|s| format!("  safe_wal_size {}", bytes(s)))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Part::Unreachable { error } => {
+                let _ = writeln!(out, "pg_start  unreachable: {error}");
+            }
+            Part::Skipped => {}
+        }
+        match &self.kafka {
+            Part::Reachable(k) => {
+                let total: i64 = k
+                    .partitions
+                    .iter()
+                    .map(|p| p.high_watermark - p.low_watermark)
+                    .sum();
+                let _ = match &k.topic_error {
+                    Some(error) => {
+                        writeln!(out, "kafka     {}  topic {}: {error}", k.brokers, k.topic)
+                    }
+                    None => writeln!(
+                        out,
+                        "kafka     {}  topic {}: {} partitions, {} offsets in the log",
+                        k.brokers,
+                        k.topic,
+                        k.partitions.len(),
+                        total
+                    ),
+                };
+                let progress = match (&k.progress, &k.progress_error) {
+                    (Some(p), _) => format!(
+                        "{} ({})",
+                        p.lsn,
+                        match p.state {
+                            ProgressState::Snapshot => "snapshot",
+                            ProgressState::Streaming => "streaming",
+                        }
+                    ),
+                    (None, Some(error)) => format!("unreadable: {error}"),
+                    (None, None) => "none".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  progress topic {}: connector LSN in Kafka {progress}",
+                    k.progress_topic
+                );
+            }
+            Part::Unreachable { error } => {
+                let _ = writeln!(out, "kafka     unreachable: {error}");
+            }
+            Part::Skipped => {
+                let _ = writeln!(out, "kafka     skipped (--no-kafka)");
+            }
+        }
+        match &self.pg_end {
+            Part::Reachable(t) => {
+                let _ = writeln!(out, "pg_end    {}", t.url);
+                if !t.sink.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  {:>9}  {:>12}  {:>14}  {:>10}",
+                        "partition", "sink offset", "high watermark", "lag"
+                    );
+                    let dash = || "-".to_string();
+                    for s in &t.sink {
+                        let _ = writeln!(
+                            out,
+                            "  {:>9}  {:>12}  {:>14}  {:>10}",
+                            s.partition,
+                            s.last_offset.map(|o| o.to_string()).unwrap_or_else(dash),
+                            s.high_watermark.map(|o| o.to_string()).unwrap_or_else(dash),
+                            s.lag.map(|o| o.to_string()).unwrap_or_else(dash)
+                        );
+                    }
+                } else {
+                    let _ = writeln!(out, "  sink: no stored offsets for this topic");
+                }
+                match &t.direct {
+                    Some(d) => {
+                        let _ = writeln!(
+                            out,
+                            "  direct: slot {} applied through {} (at {})",
+                            d.slot, d.commit_lsn, d.updated_at
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "  direct: no progress stored");
+                    }
+                }
+                let kinds: Vec<String> = t
+                    .dead_letters_by_kind
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  dead letters: {}{}",
+                    t.dead_letters,
+                    if kinds.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", kinds.join(", "))
+                    }
+                );
+            }
+            Part::Unreachable { error } => {
+                let _ = writeln!(out, "pg_end    unreachable: {error}");
+            }
+            Part::Skipped => {}
+        }
+        for p in &self.problems {
+            let _ = writeln!(out, "PROBLEM: {p}");
+        }
+        for w in &self.warnings {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        out.truncate(out.trim_end().len());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+
+    fn report(kafka: Part<KafkaStatus>, sink: Vec<SinkPartition>) -> StatusReport {
+        StatusReport {
+            ok: true,
+            problems: vec![],
+            warnings: vec![],
+            pg_start: Part::Unreachable {
+                error: "connection refused".into(),
+            },
+            kafka,
+            pg_end: Part::Reachable(TargetStatus {
+                url: "postgres://postgres@127.0.0.1:8001/db_end".into(),
+                sink,
+                direct: None,
+                dead_letters: 0,
+                dead_letters_by_kind: BTreeMap::new(),
+                last_dead_letter_at: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn lag_joins_watermarks_and_offsets_and_unreachable_is_a_problem() {
+        let kafka = KafkaStatus {
+            brokers: "b".into(),
+            topic: "t".into(),
+            partitions: vec![
+                PartitionStatus {
+                    partition: 0,
+                    low_watermark: 0,
+                    high_watermark: 11,
+                },
+                PartitionStatus {
+                    partition: 1,
+                    low_watermark: 2,
+                    high_watermark: 7,
+                },
+            ],
+            topic_error: None,
+            progress_topic: "p".into(),
+            progress: None,
+            progress_error: None,
+        };
+        let stored = SinkPartition {
+            partition: 0,
+            last_offset: Some(9),
+            updated_at: None,
+            high_watermark: None,
+            lag: None,
+        };
+        let mut r = report(Part::Reachable(kafka), vec![stored]);
+        join_lag(&mut r);
+        let args = StatusArgs::new("a", "b", "c", "t");
+        judge(&args, &mut r);
+        let sink = &r.pg_end.reachable().unwrap().sink;
+        assert_eq!(sink.len(), 2);
+        assert_eq!((sink[0].lag, sink[1].lag), (Some(1), Some(5)));
+        assert!(!r.ok);
+        assert!(r.problems[0].starts_with("pg_start unreachable: connection refused"));
+        let text = r.render();
+        assert!(
+            text.contains("pg_start  unreachable: connection refused"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["pg_start"]["state"], "unreachable");
+        assert_eq!(json["pg_end"]["state"], "reachable");
+        assert_eq!(json["pg_end"]["sink"][1]["lag"], 5);
+    }
+}

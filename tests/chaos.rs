@@ -1,0 +1,119 @@
+//! The short chaos run of CI: `outbox-relay chaos` with both scenarios (Kafka path and
+//! direct mode) at once and every fault kind at least once, on a stack instance of its
+//! own (its own state dir and port offset, brokers with the proxied listener), which is
+//! stopped afterwards. It must report nothing lost, nothing duplicated, and pass.
+//!
+//! It holds `common::fault_lock()` all along: it does not touch the shared stack, but
+//! it loads the machine, and the other fault tests have timing of their own.
+
+mod common;
+
+use std::process::Command;
+
+/// Offset 2000: pg 10000/10001, brokers 21090.., controllers 21190.., proxies 21390..
+const PORT_OFFSET: &str = "2000";
+
+fn stack_dir() -> String {
+    std::env::var("OUTBOX_RELAY_CHAOS_CI_STACK_DIR")
+        .unwrap_or_else(|_| "/var/tmp/outbox-relay-chaos-ci".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_chaos_run_loses_and_duplicates_nothing() {
+    let _lock = common::fault_lock().await;
+    let dir = stack_dir();
+    let seed = std::env::var("OUTBOX_RELAY_CHAOS_SEED").unwrap_or_else(|_| "20261126".into());
+    let output = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .args([
+                    "chaos",
+                    "--seed",
+                    &seed,
+                    "--duration",
+                    "60",
+                    "--scenarios",
+                    "kafka,direct",
+                    "--faults",
+                    "all",
+                    "--rate",
+                    "40",
+                    "--stack-dir",
+                    &dir,
+                    "--port-offset",
+                    PORT_OFFSET,
+                    "--drain-timeout",
+                    "240",
+                    "--json",
+                ])
+                .env("OUTBOX_RELAY_LOG", "warn,librdkafka=off,rdkafka=off")
+                .output()
+                .expect("run outbox-relay chaos")
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stderr}");
+
+    // The instance is stopped whatever the outcome, so that the rest of CI has the
+    // machine back.
+    let down = Command::new(common::repo().join("scripts/stack"))
+        .arg("down")
+        .env("OUTBOX_RELAY_STACK_DIR", &dir)
+        .env("OUTBOX_RELAY_STACK_PORT_OFFSET", PORT_OFFSET)
+        .output()
+        .expect("scripts/stack down");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}); exit {}", output.status));
+    for kind in [
+        "pg-start-kill",
+        "pg-start-crash",
+        "walsender-kill",
+        "pg-end-kill",
+        "pg-end-hang",
+        "net-pg-start-cut",
+        "net-pg-start-blackhole",
+        "net-pg-end-cut",
+        "net-pg-end-blackhole",
+        "direct-kill",
+        "direct-term",
+        "broker-kill",
+        "broker-hang",
+        "brokers-two-down",
+        "brokers-all-down",
+        "leader-kill",
+        "net-kafka-cut",
+        "net-kafka-blackhole",
+        "connector-kill",
+        "connector-term",
+        "sink-kill",
+        "sink-term",
+    ] {
+        assert!(
+            report["faults_by_kind"][kind].as_u64().unwrap_or(0) >= 1,
+            "fault kind {kind} was not injected"
+        );
+    }
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    assert_eq!(scenarios.len(), 2);
+    for s in scenarios {
+        assert!(s["committed_at_source"].as_u64().unwrap_or(0) > 1000, "{s}");
+        assert_eq!(s["lost"], 0, "{s}");
+        assert_eq!(s["duplicated"], 0, "{s}");
+        assert_eq!(s["dead_letters"], 0, "{s}");
+        assert_eq!(s["lsn"]["violations"], 0, "{s}");
+    }
+    assert_eq!(
+        report["pass"], true,
+        "chaos run failed; see the report above"
+    );
+    assert!(output.status.success());
+}

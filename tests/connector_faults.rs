@@ -1,0 +1,221 @@
+//! The connector through outages of the shared stack: a broker killed, two brokers
+//! down at once (below `min.insync.replicas=2`), pg_start killed and stopped, and the
+//! connector itself killed. Every test holds [`common::fault_lock`], ends with "every
+//! id exactly once in read_committed", and samples the slot's confirmed LSN against
+//! Kafka's progress all along: the slot never confirms an outbox transaction that
+//! Kafka does not hold (see [`common::connector::LsnSampler`]).
+
+mod common;
+
+use std::time::Duration;
+
+use common::connector::{
+    assert_never_confirmed_past_kafka, assert_running, KafkaPipeline, LsnSampler,
+};
+use common::{stack, Relay};
+use outbox_relay::load::{self, LoadArgs, LoadError, LoadSummary};
+use outbox_relay::lsn::Lsn;
+
+/// A stack component taken down by a test; brought back on drop if the test did not
+/// (a failing test must not leave the shared stack broken).
+struct Down {
+    name: &'static str,
+    up: bool,
+}
+
+impl Down {
+    fn kill(name: &'static str) -> Self {
+        eprintln!("fault: kill {name}");
+        stack(&["kill", name]);
+        Self { name, up: false }
+    }
+
+    fn stop(name: &'static str) -> Self {
+        eprintln!("fault: stop {name}");
+        stack(&["stop", name]);
+        Self { name, up: false }
+    }
+
+    fn start(mut self) {
+        eprintln!("fault: start {}", self.name);
+        stack(&["start", self.name]);
+        self.up = true;
+    }
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if !self.up {
+            let _ = std::process::Command::new(common::repo().join("scripts/stack"))
+                .args(["start", self.name])
+                .status();
+        }
+    }
+}
+
+/// Spaces fault injections (not a synchronisation: every check below polls).
+async fn pause_for(secs: f64) {
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+}
+
+/// A test's run: its pipeline, a witness slot created before any load, the sampler
+/// and the load in the background.
+struct Run {
+    p: KafkaPipeline,
+    witness: String,
+    sampler: Option<LsnSampler>,
+    load: Option<tokio::task::JoinHandle<Result<LoadSummary, LoadError>>>,
+    count: u64,
+}
+
+impl Run {
+    async fn start(count: u64, rate: f64) -> Self {
+        let p = KafkaPipeline::new().await;
+        let witness = p.dbs.create_witness_slot().await;
+        let sampler = p.start_sampler();
+        let mut args = LoadArgs::count(&p.dbs.source_url, count);
+        args.rate = rate;
+        let load = tokio::spawn(async move { load::run(&args).await });
+        Self {
+            p,
+            witness,
+            sampler: Some(sampler),
+            load: Some(load),
+            count,
+        }
+    }
+
+    /// Waits for the load, then checks every id exactly once in read_committed and
+    /// that the slot never confirmed past Kafka.
+    async fn check(&mut self) {
+        let load = self.load.take().expect("checked once");
+        let summary = load.await.unwrap().unwrap();
+        assert_eq!(summary.failed, 0, "the load gave up on transactions");
+        assert_eq!(summary.committed, self.count);
+        let commits = self.p.dbs.outbox_commit_lsns(&self.witness).await;
+        assert!(
+            commits.len() as u64 >= self.count,
+            "the witness saw {} outbox transactions",
+            commits.len()
+        );
+        // Keep sampling until the slot is confirmed past the last outbox transaction
+        // (the connector caught up), then check the samples before the topic, so that
+        // a confirmation past Kafka is reported as such even when it also lost rows.
+        let last = commits.last().copied().unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while std::time::Instant::now() < deadline {
+            let confirmed = self.p.confirmed_flush_lsn().await;
+            if confirmed.and_then(|c| c.parse::<Lsn>().ok()) >= Some(last) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let sampler = self.sampler.take().expect("checked once");
+        let samples = sampler.finish().await;
+        assert_never_confirmed_past_kafka(&samples, &commits);
+        self.p.assert_topic_exactly_once().await;
+    }
+}
+
+/// Polls until the connector has delivered something to Kafka (its slot is confirmed
+/// past its creation), so that the faults below hit a streaming connector.
+async fn wait_streaming(p: &KafkaPipeline, connector: &mut Relay) {
+    common::wait_until(
+        "the connector to stream",
+        Duration::from_secs(120),
+        || async { p.confirmed_flush_lsn().await.is_some() },
+    )
+    .await;
+    assert_running(connector, "before the faults");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_sigkilled_during_load_loses_and_duplicates_nothing() {
+    let _lock = common::fault_lock().await;
+    let mut run = Run::start(5000, 250.0).await;
+    let mut connector = run.p.spawn_connector(&[], &[]);
+    wait_streaming(&run.p, &mut connector).await;
+    pause_for(3.0).await;
+    let down = Down::kill("kafka2");
+    pause_for(8.0).await;
+    assert_running(&mut connector, "while kafka2 was down");
+    down.start();
+    run.check().await;
+    assert_running(&mut connector, "after kafka2 came back");
+    assert!(connector.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_brokers_down_below_min_isr_the_connector_waits_and_loses_nothing() {
+    let _lock = common::fault_lock().await;
+    let mut run = Run::start(5000, 250.0).await;
+    let mut connector = run.p.spawn_connector(&[], &[]);
+    wait_streaming(&run.p, &mut connector).await;
+    pause_for(3.0).await;
+    // One broker left: below min.insync.replicas=2 (and the KRaft quorum is lost), so
+    // no Kafka transaction can commit; the connector must wait, neither exit nor lose.
+    let down2 = Down::kill("kafka2");
+    let down3 = Down::kill("kafka3");
+    pause_for(15.0).await;
+    assert_running(&mut connector, "while two brokers were down");
+    down2.start();
+    down3.start();
+    run.check().await;
+    assert_running(&mut connector, "after the brokers came back");
+    assert!(connector.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_start_killed_and_stopped_during_load_loses_and_duplicates_nothing() {
+    let _lock = common::fault_lock().await;
+    let mut run = Run::start(8000, 250.0).await;
+    let mut connector = run.p.spawn_connector(&[], &[]);
+    wait_streaming(&run.p, &mut connector).await;
+    pause_for(3.0).await;
+    // A crash (SIGKILL of the postmaster), then a clean shutdown.
+    let down = Down::kill("pg_start");
+    pause_for(3.0).await;
+    down.start();
+    pause_for(5.0).await;
+    assert_running(&mut connector, "after pg_start crashed");
+    let down = Down::stop("pg_start");
+    pause_for(3.0).await;
+    down.start();
+    run.check().await;
+    assert_running(&mut connector, "after pg_start came back");
+    assert!(connector.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirmed_flush_lsn_never_passes_what_kafka_holds_through_connector_and_broker_kills() {
+    let _lock = common::fault_lock().await;
+    let mut run = Run::start(6000, 250.0).await;
+    // Killed right after a Kafka commit, before the slot is confirmed.
+    let mut connector = run
+        .p
+        .spawn_connector(&[], &[("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", "3")]);
+    let status = common::wait_for_exit(&mut connector, Duration::from_secs(120)).await;
+    assert!(!status.success(), "the test hook aborts the process");
+    // Killed at random moments, one of them while a broker is down.
+    let mut down = None;
+    for round in 0..4 {
+        let mut connector = run.p.spawn_connector(&[], &[]);
+        let wait_ms = 1500 + rand::random::<u64>() % 2500;
+        pause_for(wait_ms as f64 / 1000.0).await;
+        if round == 1 {
+            down = Some(Down::kill("kafka1"));
+            pause_for(2.0).await;
+        }
+        eprintln!("round {round}: SIGKILL of the connector after {wait_ms} ms");
+        connector.kill9();
+        if round == 2 {
+            if let Some(down) = down.take() {
+                down.start();
+            }
+        }
+    }
+    let mut connector = run.p.spawn_connector(&[], &[]);
+    run.check().await;
+    assert_running(&mut connector, "at the end");
+    assert!(connector.terminate().success());
+}

@@ -1,0 +1,350 @@
+//! Operations: the configuration file, `check`, and the metrics and health endpoints.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{random_name, stack, Relay, TestDbs, BROKERS};
+use outbox_relay::load::{self, LoadArgs};
+
+fn relay(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .output()
+        .expect("run outbox-relay")
+}
+
+fn write_config(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", random_name("relay")));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn docs_configuration_md_is_current() {
+    let output = relay(&["config-reference"]);
+    assert!(output.status.success());
+    let docs = std::fs::read_to_string(common::repo().join("docs/configuration.md")).unwrap();
+    assert!(
+        docs == String::from_utf8(output.stdout).unwrap(),
+        "docs/configuration.md is stale: run `outbox-relay config-reference > docs/configuration.md`"
+    );
+}
+
+#[test]
+fn a_bad_configuration_file_gives_a_precise_error() {
+    for (text, expected) in [
+        (
+            "[connector]\nbach_size = 10\n",
+            "unknown key `connector.bach_size`",
+        ),
+        (
+            "[connector]\nbatch_size = \"many\"\n",
+            "key `connector.batch_size`",
+        ),
+        (
+            "[connector]\nno_create_slot = 1\n",
+            "key `connector.no_create_slot` must be a boolean",
+        ),
+        ("[connector]\nslot =\n", "not valid TOML"),
+        ("[connectr]\nslot = \"x\"\n", "unknown key `connectr`"),
+    ] {
+        let path = write_config(text);
+        let output = relay(&["connector", "--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{text}: expected {expected:?} in {stderr}"
+        );
+        assert!(
+            stderr.contains(path.to_str().unwrap()),
+            "names the file: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn configuration_file_environment_and_flags_take_effect_in_that_order() {
+    let dbs = TestDbs::new().await;
+    // The file points at a database that does not exist; the flag fixes it.
+    let path = write_config(&format!(
+        "source_url = \"postgres://postgres:postgres@127.0.0.1:8000/nope\"\ntarget_url = \"{}\"\n[check]\nno_kafka = true\n",
+        dbs.target_url
+    ));
+    let output = relay(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "the file's source is wrong");
+    let output = relay(&[
+        "check",
+        "--config",
+        path.to_str().unwrap(),
+        "--source-url",
+        &dbs.source_url,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        !stdout.contains("kafka:"),
+        "no_kafka = true from the file: {stdout}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .env("OUTBOX_RELAY_SOURCE_URL", &dbs.source_url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the environment overrides the file"
+    );
+}
+
+#[tokio::test]
+async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
+    let dbs = TestDbs::new().await;
+    let output = relay(&[
+        "check",
+        "--source-url",
+        &dbs.source_url,
+        "--target-url",
+        &dbs.target_url,
+        "--brokers",
+        BROKERS,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.lines().all(|l| l.starts_with("ok")), "{stdout}");
+
+    dbs.source()
+        .await
+        .batch_execute("DROP PUBLICATION outbox_relay")
+        .await
+        .unwrap();
+    let output = relay(&[
+        "check",
+        "--source-url",
+        &dbs.source_url,
+        "--target-url",
+        &dbs.target_url,
+        "--no-kafka",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL  pg_start: publication: publication outbox_relay does not exist"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("CREATE PUBLICATION outbox_relay FOR TABLE"),
+        "says what to do: {stdout}"
+    );
+}
+
+/// A throw-away PostgreSQL cluster with `wal_level = replica`, stopped on drop.
+struct ReplicaCluster {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl ReplicaCluster {
+    fn start() -> Self {
+        let dir =
+            std::path::PathBuf::from(format!("/var/tmp/{}", random_name("outbox-relay-replica")));
+        let port = 8090 + (rand::random::<u16>() % 9);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .max()
+            .unwrap();
+        let run = |args: &[&str]| {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "{args:?}");
+        };
+        Command::new("chown")
+            .args(["postgres:postgres", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        let data = dir.join("data");
+        run(&[
+            bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]);
+        let options = format!("-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=replica", dir.display());
+        run(&[
+            bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &options,
+            "-l",
+            dir.join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        Self { dir, port }
+    }
+}
+
+impl Drop for ReplicaCluster {
+    fn drop(&mut self) {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .max()
+            .unwrap();
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("pg_ctl"))
+            .args([
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn check_fails_on_wal_level_replica() {
+    let cluster = ReplicaCluster::start();
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let output = relay(&["check", "--source-url", &url, "--no-kafka"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "FAIL  pg_start: wal_level: pg_start has wal_level = replica; set wal_level = logical"
+        ),
+        "{stdout}"
+    );
+}
+
+async fn scrape(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, response)
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_move_during_a_run_and_readyz_turns_unready_when_pg_start_is_down() {
+    let _lock = common::fault_lock().await;
+    let dbs = TestDbs::new().await;
+    let port = 20000 + rand::random::<u16>() % 20000;
+    let addr = format!("127.0.0.1:{port}");
+    let slot = random_name("metrics");
+    let _direct = Relay::spawn(
+        &[
+            "direct",
+            "--source-url",
+            &dbs.source_url,
+            "--target-url",
+            &dbs.target_url,
+            "--slot",
+            &slot,
+            "--metrics-addr",
+            &addr,
+        ],
+        &[],
+    );
+    common::wait_until("/readyz to turn ready", Duration::from_secs(60), || async {
+        scrape(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(scrape(&addr, "/healthz").await.0, 200);
+    load::run(&LoadArgs::count(&dbs.source_url, 500))
+        .await
+        .unwrap();
+    common::wait_until(
+        "the transactions to be counted",
+        Duration::from_secs(60),
+        || async {
+            let body = scrape(&addr, "/metrics").await.1;
+            metric(&body, "outbox_relay_transactions_total").unwrap_or(0.0) >= 500.0
+        },
+    )
+    .await;
+    let body = scrape(&addr, "/metrics").await.1;
+    for series in [
+        "outbox_relay_records_total",
+        "outbox_relay_confirmed_lsn",
+        "outbox_relay_in_flight_records",
+        "outbox_relay_apply_duration_seconds_bucket",
+        "outbox_relay_apply_batch_size_bucket",
+        "outbox_relay_end_to_end_latency_seconds_bucket",
+    ] {
+        assert!(body.contains(series), "{series} missing from:\n{body}");
+    }
+    let confirmed = metric(&body, "outbox_relay_confirmed_lsn").unwrap();
+    load::run(&LoadArgs::count(&dbs.source_url, 100))
+        .await
+        .unwrap();
+    common::wait_until(
+        "the confirmed LSN to move",
+        Duration::from_secs(60),
+        || async {
+            metric(
+                &scrape(&addr, "/metrics").await.1,
+                "outbox_relay_confirmed_lsn",
+            )
+            .unwrap_or(0.0)
+                > confirmed
+        },
+    )
+    .await;
+
+    stack(&["stop", "pg_start"]);
+    let unready = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if scrape(&addr, "/readyz").await.0 == 503 {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    stack(&["start", "pg_start"]);
+    assert!(unready, "/readyz stayed ready with pg_start down");
+    common::wait_until(
+        "/readyz to turn ready again",
+        Duration::from_secs(90),
+        || async { scrape(&addr, "/readyz").await.0 == 200 },
+    )
+    .await;
+}
