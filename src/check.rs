@@ -98,7 +98,11 @@ async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<Chec
         Err(e) => {
             lines.push(line(
                 "pg_start: connect",
-                Err(format!("{}: {e}", pg::redact_url(url))),
+                Err(format!(
+                    "{}: {}",
+                    pg::redact_url(url),
+                    crate::pipeline::error_chain(&e)
+                )),
             ));
             return;
         }
@@ -176,7 +180,11 @@ async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
         Err(e) => {
             lines.push(line(
                 "pg_end: connect",
-                Err(format!("{}: {e}", pg::redact_url(url))),
+                Err(format!(
+                    "{}: {}",
+                    pg::redact_url(url),
+                    crate::pipeline::error_chain(&e)
+                )),
             ));
             return;
         }

@@ -38,7 +38,10 @@ async fn apply(which: &'static str, url: &str, sql: &str) -> Result<(), MigrateE
             url: pg::redact_url(url),
             source,
         })?;
-    let script = format!("BEGIN;\nSELECT pg_advisory_xact_lock(7283517041);\n{sql}\nCOMMIT;");
+    // Notices ("already exists, skipping") are expected on every run after the first.
+    let script = format!(
+        "SET client_min_messages = warning;\nBEGIN;\nSELECT pg_advisory_xact_lock(7283517041);\n{sql}\nCOMMIT;"
+    );
     client
         .batch_execute(&script)
         .await

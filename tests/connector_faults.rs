@@ -111,6 +111,7 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let sampler = self.sampler.take().expect("checked once");
+        sampler.wait_for_samples(30, Duration::from_secs(120)).await;
         let samples = sampler.finish().await;
         assert_never_confirmed_past_kafka(&samples, &commits);
         self.p.assert_topic_exactly_once().await;

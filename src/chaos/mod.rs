@@ -544,10 +544,13 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
         t_load.elapsed().as_secs_f64()
     );
 
-    let mut drains = Vec::new();
-    for run in &ctx.runs {
-        drains.push(drain(run, healed, Duration::from_secs_f64(args.drain_timeout)).await);
-    }
+    // Concurrently: each scenario's drain time is its own.
+    let drains: Vec<Option<f64>> = futures_util::future::join_all(
+        ctx.runs
+            .iter()
+            .map(|run| drain(run, healed, Duration::from_secs_f64(args.drain_timeout))),
+    )
+    .await;
     stop_sampling.store(true, Ordering::Relaxed);
     let mut all_samples = Vec::new();
     for sampler in samplers {
@@ -753,6 +756,14 @@ async fn prepare(
     let relay_source = Stack::url(stack.pg_start_proxy_port(), &db);
     let relay_target = Stack::url(stack.pg_end_proxy_port(), &db);
     let s = |v: &str| v.to_string();
+    // Each relay process serves its metrics on a port of this instance (the defaults,
+    // 9641-9643, belong to the relay of the default stack, or of another runner).
+    let metrics = |n: u16| {
+        vec![(
+            s("OUTBOX_RELAY_METRICS_ADDR"),
+            format!("127.0.0.1:{}", 9641 + stack.offset + n),
+        )]
+    };
     let relays = match scenario {
         Scenario::Kafka => {
             let brokers = stack.brokers();
@@ -792,6 +803,7 @@ async fn prepare(
                         s("--slot"),
                         slot.clone(),
                     ],
+                    metrics(0),
                     run_dir,
                     unexpected.clone(),
                     t0,
@@ -810,6 +822,7 @@ async fn prepare(
                         s("--group"),
                         format!("{db}_sink"),
                     ],
+                    metrics(1),
                     run_dir,
                     unexpected,
                     t0,
@@ -828,6 +841,7 @@ async fn prepare(
                 s("--slot"),
                 slot.clone(),
             ],
+            metrics(2),
             run_dir,
             unexpected,
             t0,

@@ -34,6 +34,8 @@ pub struct RelayProc {
     pub name: String,
     binary: PathBuf,
     args: Vec<String>,
+    /// Extra environment, e.g. a metrics address of its own.
+    envs: Vec<(String, String)>,
     log: PathBuf,
     state: Arc<Mutex<State>>,
     unexpected: Arc<Mutex<Vec<UnexpectedExit>>>,
@@ -45,6 +47,7 @@ impl RelayProc {
         name: &str,
         binary: &Path,
         args: Vec<String>,
+        envs: Vec<(String, String)>,
         log_dir: &Path,
         unexpected: Arc<Mutex<Vec<UnexpectedExit>>>,
         t0: Instant,
@@ -53,6 +56,7 @@ impl RelayProc {
             name: name.to_string(),
             binary: binary.to_path_buf(),
             args,
+            envs,
             log: log_dir.join(format!("{name}.log")),
             state: Arc::new(Mutex::new(State {
                 child: None,
@@ -76,6 +80,7 @@ impl RelayProc {
             .map_err(|e| format!("{}: {e}", self.log.display()))?;
         let child = Command::new(&self.binary)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "OUTBOX_RELAY_LOG",
                 "info,librdkafka=warn,rdkafka=warn,outbox_relay::sink=info",

@@ -167,7 +167,12 @@ async fn setup_kafka(
             name: &args.kafka.topic,
             partitions: args.partitions,
             replication_factor: args.replication_factor,
-            configs: &[],
+            // An acknowledged record must survive the loss of a broker.
+            configs: if args.replication_factor >= 3 {
+                &[("min.insync.replicas", "2")]
+            } else {
+                &[]
+            },
         },
     )
     .await?;

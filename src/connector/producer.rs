@@ -244,9 +244,17 @@ impl BatchProducer {
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
+        // The rows first, all acknowledged; only then the progress record, which marks
+        // the slot as used (a snapshot's rows must all be in Kafka before it says so).
+        self.send_and_wait(|| self.send_records(topic, batch))?;
+        self.send_and_wait(|| self.send_progress(progress_topic, slot, progress))
+    }
+
+    /// Sends with `send`, then waits until every record is acknowledged; a failed
+    /// delivery makes the attempt fail (the whole batch is sent again).
+    fn send_and_wait(&self, send: impl FnOnce() -> Result<(), KafkaError>) -> Result<(), Attempt> {
         let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
-        self.send_all(topic, batch, progress_topic, slot, progress)
-            .map_err(Attempt::Retry)?;
+        send().map_err(Attempt::Retry)?;
         // Wait until every record is acknowledged or failed.
         loop {
             match self.producer.flush(CALL_TIMEOUT) {
@@ -277,6 +285,12 @@ impl BatchProducer {
         slot: &str,
         progress: &[u8],
     ) -> Result<(), KafkaError> {
+        self.send_records(topic, batch)?;
+        self.send_progress(progress_topic, slot, progress)
+    }
+
+    /// Enqueues the batch's records, waiting when the local queue is full.
+    fn send_records(&self, topic: &str, batch: &Batch) -> Result<(), KafkaError> {
         for record in &batch.records {
             let mut base = BaseRecord::to(topic).payload(record.value.as_ref());
             if let Some(key) = &record.key {
@@ -287,6 +301,15 @@ impl BatchProducer {
             }
             self.send(base)?;
         }
+        Ok(())
+    }
+
+    fn send_progress(
+        &self,
+        progress_topic: &str,
+        slot: &str,
+        progress: &[u8],
+    ) -> Result<(), KafkaError> {
         self.send(
             BaseRecord::to(progress_topic)
                 .key(slot.as_bytes())

@@ -55,6 +55,9 @@ pub struct DirectArgs {
     pub metrics: crate::metrics::MetricsArgs,
 }
 
+/// How long one apply attempt may take before it counts as a transient failure.
+const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs direct mode until `stop` turns true or a definite error occurs.
 pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
     args.metrics
@@ -326,7 +329,14 @@ impl Destination for PgEndDestination {
                     return Err(error);
                 }
             };
-            let result = apply::apply(client, &batch).await;
+            // A frozen or black-holed pg_end must not hold the pipeline forever: an
+            // attempt that outlasts APPLY_TIMEOUT is a transient failure, retried on a
+            // new connection (applying the same batch twice is harmless).
+            let result =
+                match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, &batch)).await {
+                    Ok(result) => result.map_err(Some),
+                    Err(_) => Err(None),
+                };
             match result {
                 Ok(outcome) => {
                     if outcome.dead_letters > 0 {
@@ -351,7 +361,16 @@ impl Destination for PgEndDestination {
                     }
                     return Ok(());
                 }
-                Err(error) if error.class() == ErrorClass::Transient => {
+                Err(None) => {
+                    self.batch = batch;
+                    tracing::warn!(timeout = ?APPLY_TIMEOUT, "pg_end apply timed out, retrying the same batch");
+                    self.client = None;
+                    if *self.stop.borrow() {
+                        return Err(PipelineError::Stopped);
+                    }
+                    backoff.wait().await;
+                }
+                Err(Some(error)) if error.class() == ErrorClass::Transient => {
                     self.batch = batch;
                     tracing::warn!(%error, "pg_end apply failed, retrying the same batch");
                     self.client = None;
@@ -360,7 +379,7 @@ impl Destination for PgEndDestination {
                     }
                     backoff.wait().await;
                 }
-                Err(error) => {
+                Err(Some(error)) => {
                     self.batch = batch;
                     return Err(PipelineError::Destination {
                         context: "applying to pg_end".into(),

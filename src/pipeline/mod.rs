@@ -260,11 +260,13 @@ impl<D: Destination> Pipeline<D> {
     /// One replication session: checks, slot, stream until an error or a stop.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<SessionEnd, PipelineError> {
         let url = self.source_url.clone();
+        // A refused password or a missing database is definite; a server that is
+        // down or starting is transient (SourceError::Query classifies by SQLSTATE).
         let client = pg::connect(&url)
             .await
-            .map_err(|source| SourceError::Transient {
-                context: format!("connecting to {}", pg::redact_url(&url)),
-                source: Some(source),
+            .map_err(|source| SourceError::Query {
+                context: format!("connecting to pg_start ({})", pg::redact_url(&url)),
+                source,
             })?;
         let info = source::check_source(
             &client,

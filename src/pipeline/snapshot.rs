@@ -101,6 +101,14 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         context: "importing the slot's snapshot".into(),
         source,
     })?;
+    // The same rendering as the replication session's (see source::replication_config),
+    // so that snapshot rows and streamed rows are byte for byte alike.
+    txn.batch_execute("SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3")
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "setting the snapshot session's formats".into(),
+            source,
+        })?;
     let select = format!(
         "SELECT {} FROM {}",
         info.columns

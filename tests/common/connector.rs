@@ -199,19 +199,28 @@ pub struct LsnSample {
 /// slot created before the load.
 pub struct LsnSampler {
     stop: tokio::sync::watch::Sender<bool>,
+    /// Samples taken so far whose K is not the snapshot marker.
+    checkable: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<Vec<LsnSample>>,
 }
 
 impl LsnSampler {
     fn start(source_url: String, progress_topic: String, slot: String) -> Self {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let checkable = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = checkable.clone();
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
             let (started, mut misses) = (Instant::now(), 0);
             while !*stopped.borrow() {
                 let t = Instant::now();
                 match sample(&source_url, &progress_topic, &slot).await {
-                    Ok(sample) => samples.push(sample),
+                    Ok(sample) => {
+                        if !sample.in_kafka.is_zero() {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        samples.push(sample);
+                    }
                     Err(why) => {
                         misses += 1;
                         eprintln!("lsn sampler: no sample ({why}) after {:?}", t.elapsed());
@@ -229,7 +238,22 @@ impl LsnSampler {
             );
             samples
         });
-        Self { stop, task }
+        Self {
+            stop,
+            checkable,
+            task,
+        }
+    }
+
+    /// Keeps sampling until at least `n` checkable samples are taken (components
+    /// that were down leave gaps), or `timeout` passes.
+    pub async fn wait_for_samples(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.checkable.load(std::sync::atomic::Ordering::SeqCst) < n
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops sampling and returns the samples.

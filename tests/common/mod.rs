@@ -127,12 +127,22 @@ impl TestDbs {
             target_url: format!("postgres://postgres:postgres@127.0.0.1:8001/{name}"),
             name,
         };
-        outbox_relay::migrate::source(&dbs.source_url)
-            .await
-            .expect("migrate source");
-        outbox_relay::migrate::target(&dbs.target_url)
-            .await
-            .expect("migrate target");
+        // A cluster may be restarting (another test binary's fault): retry a while.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let migrated = match outbox_relay::migrate::source(&dbs.source_url).await {
+                Ok(()) => outbox_relay::migrate::target(&dbs.target_url).await,
+                Err(error) => Err(error),
+            };
+            match migrated {
+                Ok(()) => break,
+                Err(error) if Instant::now() < deadline => {
+                    eprintln!("migrate: {error}, retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => panic!("migrate: {error:?}"),
+            }
+        }
         dbs
     }
 
