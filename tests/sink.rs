@@ -821,6 +821,8 @@ fn spawn_sink_logged(
     let file = std::fs::File::create(&log).unwrap();
     eprintln!("sink of group {group} logs to {}", log.display());
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        // Several sinks run at once: each serves its metrics on a port of its own.
+        .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
         .args([
             "--log-format",
             "json",

@@ -596,6 +596,8 @@ fn spawn_sink(dbs: &TestDbs, topic: &str, group: &str, extra: &[&str]) -> (Relay
     let file = std::fs::File::create(&log).unwrap();
     eprintln!("sink {group} {extra:?} logs to {}", log.display());
     let child = Command::new(BIN)
+        // Several sinks run at once: each serves its metrics on a port of its own.
+        .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
         .args([
             "sink",
             "--target-url",
