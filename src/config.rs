@@ -388,6 +388,9 @@ pub fn reference(command: &clap::Command) -> String {
                 .map(|v| v.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
                 .join(",");
+            // Defaults under the source tree (the chaos runner's stack script) are shown
+            // relative to it, so that the reference is the same in every checkout.
+            let default = default.replace(env!("CARGO_MANIFEST_DIR"), "<repo>");
             let default = if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
                 "false".to_string()
             } else if default.is_empty() {
