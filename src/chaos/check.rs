@@ -41,7 +41,32 @@ pub enum NextStage {
     ProgressTopic { brokers: String, topic: String },
 }
 
+/// What the next stage held at a sample, read after the slot's confirmed LSN.
+///
+/// For the progress topic it is not an LSN read on the spot but the partition's high
+/// watermark, resolved once the run is over ([`resolve_topic_samples`]). Reading the
+/// progress record itself with `read_committed` at sample time would race with Kafka:
+/// `commitTransaction` returns once the coordinator has logged the decision, and the
+/// markers that make the records visible to `read_committed` readers reach the
+/// partition a moment later, so a reader in between sees the slot confirmed before the
+/// progress record is readable. The high watermark has no such gap: a record
+/// acknowledged with `acks=all` lies below it, and whether its transaction committed
+/// is read after the run, when every transaction is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    Lsn(Lsn),
+    /// The progress partition's high watermark: records at offsets below it.
+    TopicBelow(i64),
+}
+
 /// One sample: the slot's confirmed LSN, then what the next stage held (read after).
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub confirmed: Lsn,
+    pub held: Held,
+}
+
+/// A sample judged: the slot's confirmed LSN and the LSN the next stage held.
 #[derive(Debug, Clone, Copy)]
 pub struct LsnSample {
     pub confirmed: Lsn,
@@ -62,13 +87,11 @@ pub async fn sample_lsns(
     next: NextStage,
     every: Duration,
     stop: Arc<AtomicBool>,
-) -> Vec<LsnSample> {
+) -> Vec<Sample> {
     let mut samples = Vec::new();
     let mut source: Option<Client> = None;
     let mut target: Option<Client> = None;
-    // The progress topic is read from where the previous sample left it.
-    let mut topic_pos = Offset::Beginning;
-    let mut topic_held = Lsn::ZERO;
+    let mut watermarks: Option<Arc<WatermarkReader>> = None;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(every).await;
         if source.is_none() {
@@ -77,28 +100,13 @@ pub async fn sample_lsns(
         let Some(client) = source.as_ref() else {
             continue;
         };
-        let confirmed = timed(5, async {
-            let row = client
-                .query_opt(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await
-                .map_err(|_| ())
-                .ok()?;
-            Some(row.and_then(|r| r.get::<_, Option<String>>(0)))
-        })
-        .await;
-        let confirmed = match confirmed {
+        let confirmed = match timed(5, async { slot_confirmed(client, &slot).await.ok() }).await {
             None => {
                 source = None;
                 continue;
             }
             Some(None) => continue, // no slot yet
-            Some(Some(text)) => match text.parse::<Lsn>() {
-                Ok(lsn) => lsn,
-                Err(_) => continue,
-            },
+            Some(Some(lsn)) => lsn,
         };
         let held = match &next {
             NextStage::PgEnd { url } => {
@@ -124,84 +132,151 @@ pub async fn sample_lsns(
                         target = None;
                         continue;
                     }
-                    Some(None) => Lsn::ZERO,
-                    Some(Some(text)) => text.parse().unwrap_or(Lsn::ZERO),
+                    Some(None) => Held::Lsn(Lsn::ZERO),
+                    Some(Some(text)) => Held::Lsn(text.parse().unwrap_or(Lsn::ZERO)),
                 }
             }
             NextStage::ProgressTopic { brokers, topic } => {
-                let (brokers, topic, slot2) = (brokers.clone(), topic.clone(), slot.clone());
-                let from = topic_pos;
-                let read = tokio::task::spawn_blocking(move || {
-                    read_progress_from(&brokers, &topic, &slot2, from, Duration::from_secs(8))
-                })
-                .await
-                .ok()
-                .flatten();
-                match read {
+                if watermarks.is_none() {
+                    watermarks = WatermarkReader::new(brokers, topic).ok().map(Arc::new);
+                }
+                let Some(reader) = watermarks.clone() else {
+                    continue;
+                };
+                let high = tokio::task::spawn_blocking(move || reader.high(Duration::from_secs(5)))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                match high {
+                    Some(high) => Held::TopicBelow(high),
                     None => continue,
-                    Some((pos, held)) => {
-                        topic_pos = pos;
-                        if let Some(held) = held {
-                            topic_held = held;
-                        }
-                        topic_held
-                    }
                 }
             }
         };
-        samples.push(LsnSample { confirmed, held });
+        samples.push(Sample { confirmed, held });
     }
     samples
 }
 
-/// Reads the progress partition from `from` to its last stable offset (a fresh
-/// `read_committed` consumer, so reaching the end means everything committed before
-/// this call is seen). Returns the position reached and the last streaming LSN of
-/// `slot` among the records read, or `None` if the end was not reached in time.
-fn read_progress_from(
+/// The slot's `confirmed_flush_lsn`, `None` while the slot does not exist.
+pub async fn slot_confirmed(
+    source: &Client,
+    slot: &str,
+) -> Result<Option<Lsn>, tokio_postgres::Error> {
+    let row = source
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|text| text.parse().ok()))
+}
+
+/// Reads the high watermark of a single-partition topic (a `read_uncommitted` client:
+/// with `read_committed` the broker answers the last stable offset instead).
+pub struct WatermarkReader {
+    consumer: BaseConsumer<Quiet>,
+    topic: String,
+}
+
+impl WatermarkReader {
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
+        let consumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "outbox-relay-lsn-sampler")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_uncommitted")
+            .set("socket.timeout.ms", "5000")
+            .create_with_context(Quiet)?;
+        Ok(Self {
+            consumer,
+            topic: topic.to_string(),
+        })
+    }
+
+    /// Blocking: every record acknowledged with `acks=all` before this call lies below
+    /// the offset returned.
+    pub fn high(&self, timeout: Duration) -> Result<i64, KafkaError> {
+        self.consumer
+            .fetch_watermarks(&self.topic, 0, timeout)
+            .map(|(_, high)| high)
+    }
+}
+
+/// Every streaming position of `slot` in the progress topic's committed records, as
+/// (offset, LSN) in offset order. Blocking; read after the run, when no transaction is
+/// left open, so `read_committed` to the end sees every committed record.
+pub fn progress_history(
     brokers: &str,
     topic: &str,
     slot: &str,
-    from: Offset,
     timeout: Duration,
-) -> Option<(Offset, Option<Lsn>)> {
+) -> Result<Vec<(i64, Lsn)>, String> {
     let consumer: BaseConsumer<Quiet> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "outbox-relay-chaos-sampler")
+        .set("group.id", "outbox-relay-lsn-sampler")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .set("socket.timeout.ms", "5000")
         .create_with_context(Quiet)
-        .ok()?;
+        .map_err(|e| format!("progress reader: {e}"))?;
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, from).ok()?;
-    consumer.assign(&assignment).ok()?;
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| format!("progress reader: {e}"))?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("progress reader: {e}"))?;
     let deadline = std::time::Instant::now() + timeout;
-    let mut pos = from;
-    let mut held = None;
+    let mut history = Vec::new();
     while std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
-            Some(Err(KafkaError::PartitionEOF(_))) => return Some((pos, held)),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(history),
             Some(Err(_)) => {}
             Some(Ok(message)) => {
-                pos = Offset::Offset(message.offset() + 1);
                 if message.key() != Some(slot.as_bytes()) {
                     continue;
                 }
                 let record: Option<ProgressRecord> = message
                     .payload()
                     .and_then(|p| serde_json::from_slice(p).ok());
-                if let Some(record) = record {
-                    if record.state == ProgressState::Streaming {
-                        held = record.lsn();
-                    }
+                if let Some(lsn) = record
+                    .filter(|r| r.state == ProgressState::Streaming)
+                    .and_then(|r| r.lsn())
+                {
+                    history.push((message.offset(), lsn));
                 }
             }
         }
     }
-    None
+    Err(format!(
+        "the progress topic {topic} was not read to its end in {}s",
+        timeout.as_secs()
+    ))
+}
+
+/// Resolves each sample to the LSN the next stage held: for the progress topic, the
+/// highest streaming LSN of a committed record below the sample's high watermark
+/// (`history` from [`progress_history`]); 0/0 when there is none yet.
+pub fn resolve_samples(samples: &[Sample], history: &[(i64, Lsn)]) -> Vec<LsnSample> {
+    samples
+        .iter()
+        .map(|s| LsnSample {
+            confirmed: s.confirmed,
+            held: match s.held {
+                Held::Lsn(lsn) => lsn,
+                Held::TopicBelow(high) => history
+                    .iter()
+                    .take_while(|(offset, _)| *offset < high)
+                    .map(|(_, lsn)| *lsn)
+                    .max()
+                    .unwrap_or(Lsn::ZERO),
+            },
+        })
+        .collect()
 }
 
 /// Creates a `test_decoding` slot that records every transaction from now on.
@@ -430,6 +505,34 @@ mod tests {
 
     fn lsn(v: u64) -> Lsn {
         Lsn(v)
+    }
+
+    #[test]
+    fn topic_samples_hold_only_committed_records_below_their_watermark() {
+        let history = [(2, lsn(10)), (5, lsn(20)), (9, lsn(30))];
+        let samples = [
+            Sample {
+                confirmed: lsn(20),
+                held: Held::TopicBelow(5),
+            },
+            Sample {
+                confirmed: lsn(20),
+                held: Held::TopicBelow(6),
+            },
+            Sample {
+                confirmed: lsn(1),
+                held: Held::TopicBelow(0),
+            },
+            Sample {
+                confirmed: lsn(7),
+                held: Held::Lsn(lsn(7)),
+            },
+        ];
+        let held: Vec<Lsn> = resolve_samples(&samples, &history)
+            .iter()
+            .map(|s| s.held)
+            .collect();
+        assert_eq!(held, [lsn(10), lsn(20), Lsn::ZERO, lsn(7)]);
     }
 
     #[test]

@@ -939,7 +939,7 @@ async fn judge(
     outcomes: &[FaultOutcome],
     drain_secs: Option<f64>,
     load: Option<LoadSummary>,
-    samples: &[check::LsnSample],
+    samples: &[check::Sample],
 ) -> Result<ScenarioReport, String> {
     let source = pg::connect(&run.source_url)
         .await
@@ -956,7 +956,22 @@ async fn judge(
     let commits = check::witness_commits(&source, &run.witness)
         .await
         .map_err(|e| format!("witness: {e}"))?;
-    let lsn = check::judge_lsns(samples, &commits);
+    let history = match run.scenario {
+        Scenario::Kafka => {
+            let (brokers, topic, slot) = (
+                stack.brokers(),
+                run.progress_topic.clone(),
+                run.slot.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                check::progress_history(&brokers, &topic, &slot, Duration::from_secs(120))
+            })
+            .await
+            .map_err(|e| format!("progress history: {e}"))??
+        }
+        Scenario::Direct => Vec::new(),
+    };
+    let lsn = check::judge_lsns(&check::resolve_samples(samples, &history), &commits);
     let dead_letters = check::dead_letters(&target)
         .await
         .map_err(|e| format!("dead letters: {e}"))?;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use outbox_relay::chaos::check;
 use outbox_relay::lsn::Lsn;
 use tokio_postgres::Client;
 
@@ -182,15 +183,17 @@ pub async fn expected_records(source: &Client, table: &str) -> HashMap<i64, Stri
         .collect()
 }
 
-/// One sample: the slot's `confirmed_flush_lsn` (C), then the LSN of the slot's
-/// progress record in Kafka read with `read_committed` (K), read in that order.
+/// One sample resolved: the slot's `confirmed_flush_lsn` (C), and the LSN of the
+/// slot's last committed progress record in Kafka below the progress partition's high
+/// watermark read after C (K); see `outbox_relay::chaos::check::Held` for why the
+/// watermark is read during the run and the records only after it.
 #[derive(Debug, Clone, Copy)]
 pub struct LsnSample {
     pub confirmed: Lsn,
     pub in_kafka: Lsn,
 }
 
-/// Samples (C, K) in the background until [`LsnSampler::finish`].
+/// Samples (C, high watermark) in the background until [`LsnSampler::finish`].
 ///
 /// Kafka's progress only moves forward, so K read after C is at least what Kafka held
 /// when C was read: an outbox transaction whose commit end LSN lies in (K, C] was
@@ -199,9 +202,11 @@ pub struct LsnSample {
 /// slot created before the load.
 pub struct LsnSampler {
     stop: tokio::sync::watch::Sender<bool>,
-    /// Samples taken so far whose K is not the snapshot marker.
+    /// Samples taken so far past the first record of the progress topic.
     checkable: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<Vec<LsnSample>>,
+    task: tokio::task::JoinHandle<Vec<check::Sample>>,
+    progress_topic: String,
+    slot: String,
 }
 
 impl LsnSampler {
@@ -209,14 +214,20 @@ impl LsnSampler {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let checkable = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = checkable.clone();
+        let (topic, slot_name) = (progress_topic.clone(), slot.clone());
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
             let (started, mut misses) = (Instant::now(), 0);
+            let reader = std::sync::Arc::new(
+                check::WatermarkReader::new(BROKERS, &topic).expect("watermark reader"),
+            );
             while !*stopped.borrow() {
                 let t = Instant::now();
-                match sample(&source_url, &progress_topic, &slot).await {
+                match sample(&source_url, &reader, &slot_name).await {
                     Ok(sample) => {
-                        if !sample.in_kafka.is_zero() {
+                        // The snapshot marker is the first record; only samples past
+                        // it and its commit marker can hold a streaming position.
+                        if matches!(sample.held, check::Held::TopicBelow(high) if high > 2) {
                             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
                         samples.push(sample);
@@ -242,11 +253,13 @@ impl LsnSampler {
             stop,
             checkable,
             task,
+            progress_topic,
+            slot,
         }
     }
 
-    /// Keeps sampling until at least `n` checkable samples are taken (components
-    /// that were down leave gaps), or `timeout` passes.
+    /// Keeps sampling until at least `n` samples past the progress topic's first
+    /// record are taken (components that were down leave gaps), or `timeout` passes.
     pub async fn wait_for_samples(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.checkable.load(std::sync::atomic::Ordering::SeqCst) < n
@@ -256,16 +269,37 @@ impl LsnSampler {
         }
     }
 
-    /// Stops sampling and returns the samples.
+    /// Stops sampling and returns the samples, resolved against the progress topic's
+    /// committed records. Call it once the connector has caught up: a moment later
+    /// every transaction it committed is readable.
     pub async fn finish(self) -> Vec<LsnSample> {
         let _ = self.stop.send(true);
-        self.task.await.unwrap()
+        let samples = self.task.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (topic, slot) = (self.progress_topic, self.slot);
+        let history = tokio::task::spawn_blocking(move || {
+            check::progress_history(BROKERS, &topic, &slot, Duration::from_secs(60))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        check::resolve_samples(&samples, &history)
+            .into_iter()
+            .map(|s| LsnSample {
+                confirmed: s.confirmed,
+                in_kafka: s.held,
+            })
+            .collect()
     }
 }
 
-/// Reads C, then K; an error says why there is no sample (a component is down, the
-/// slot or the progress record does not exist yet).
-async fn sample(source_url: &str, progress_topic: &str, slot: &str) -> Result<LsnSample, String> {
+/// Reads C, then the progress partition's high watermark; an error says why there is
+/// no sample (a component is down, the slot does not exist yet).
+async fn sample(
+    source_url: &str,
+    reader: &std::sync::Arc<check::WatermarkReader>,
+    slot: &str,
+) -> Result<check::Sample, String> {
     let source = tokio::time::timeout(
         Duration::from_secs(5),
         outbox_relay::pg::connect(source_url),
@@ -273,32 +307,23 @@ async fn sample(source_url: &str, progress_topic: &str, slot: &str) -> Result<Ls
     .await
     .map_err(|_| "pg_start connect timed out".to_string())?
     .map_err(|e| format!("pg_start: {e}"))?;
-    let confirmed: Option<String> = tokio::time::timeout(
+    let confirmed = tokio::time::timeout(
         Duration::from_secs(5),
-        source.query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        ),
+        check::slot_confirmed(&source, slot),
     )
     .await
     .map_err(|_| "pg_start query timed out".to_string())?
     .map_err(|e| format!("pg_start: {e}"))?
-    .and_then(|r| r.get(0));
-    let confirmed: Lsn = confirmed
-        .and_then(|c| c.parse().ok())
-        .ok_or("no slot yet")?;
+    .ok_or("no slot yet")?;
     drop(source);
-    let (topic, slot) = (progress_topic.to_string(), slot.to_string());
-    let record = tokio::task::spawn_blocking(move || {
-        outbox_relay::kafka::read_progress(super::BROKERS, &topic, &slot, Duration::from_secs(10))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("progress topic: {e}"))?
-    .ok_or("no progress record yet")?;
-    Ok(LsnSample {
+    let reader = reader.clone();
+    let high = tokio::task::spawn_blocking(move || reader.high(Duration::from_secs(10)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("progress topic watermark: {e}"))?;
+    Ok(check::Sample {
         confirmed,
-        in_kafka: record.lsn().ok_or("bad progress lsn")?,
+        held: check::Held::TopicBelow(high),
     })
 }
 
