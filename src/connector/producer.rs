@@ -15,7 +15,7 @@ use rdkafka::ClientContext;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::Batch;
+use super::{Batch, OutRecord};
 use crate::kafka::{self, ProgressRecord};
 use crate::pg::ErrorClass;
 use crate::pipeline::PipelineError;
@@ -79,6 +79,28 @@ pub struct BatchProducer {
     transactional_id: String,
     producer: ThreadedProducer<DeliveryCounter>,
     stop: watch::Receiver<bool>,
+    /// What of the current batch was handed to librdkafka ahead of its commit.
+    ahead: Ahead,
+}
+
+/// Sending ahead: the records of each complete source transaction are handed to
+/// librdkafka as soon as it ends (in transactional mode inside the batch's Kafka
+/// transaction, begun with its first records), so that they travel to the brokers
+/// while the rest of the batch is decoded, and the commit only sends the tail and the
+/// progress record. It changes what is sent when, never what is durable when: the
+/// commit still ends with `commit_transaction` (or every acknowledgement), and any
+/// error on the way ahead falls back to the full attempt (abort, then the whole batch
+/// again).
+#[derive(Debug, Default)]
+struct Ahead {
+    /// Records of the batch enqueued so far (a prefix).
+    sent: usize,
+    /// A Kafka transaction was begun for them (transactional mode).
+    in_txn: bool,
+    /// Failed deliveries counted before the first of them (at-least-once mode).
+    failed_before: u64,
+    /// Sending ahead failed: the commit starts over.
+    broken: bool,
 }
 
 /// Bound of one Kafka call; a broker outage is retried in a loop around it.
@@ -101,7 +123,43 @@ impl BatchProducer {
             transactional_id: transactional_id.to_string(),
             producer,
             stop,
+            ahead: Ahead::default(),
         })
+    }
+
+    /// Hands the batch's records not yet sent to librdkafka, without blocking: a full
+    /// local queue leaves the rest to the commit. See [`Ahead`].
+    pub fn send_ahead(&mut self, topic: &str, batch: &Batch) {
+        let ahead = &mut self.ahead;
+        if ahead.broken || ahead.sent >= batch.records.len() {
+            return;
+        }
+        if ahead.sent == 0 && !ahead.in_txn {
+            match self.mode {
+                DeliveryMode::Transactional => {
+                    if let Err(error) = self.producer.begin_transaction() {
+                        tracing::debug!(%error, "begin_transaction ahead of the commit");
+                        ahead.broken = true;
+                        return;
+                    }
+                    ahead.in_txn = true;
+                }
+                DeliveryMode::AtLeastOnce => {
+                    ahead.failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+                }
+            }
+        }
+        for record in &batch.records[ahead.sent..] {
+            match self.producer.send(record_of(topic, batch, record)) {
+                Ok(()) => ahead.sent += 1,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return,
+                Err((error, _)) => {
+                    tracing::debug!(%error, "sending ahead of the commit");
+                    ahead.broken = true;
+                    return;
+                }
+            }
+        }
     }
 
     fn create(
@@ -154,19 +212,40 @@ impl BatchProducer {
     ) -> Result<(), FlushError> {
         let progress_value = progress.to_bytes();
         let mut backoff = Backoff::reconnect();
+        // The first attempt goes on from what was sent ahead, if that went well.
+        let ahead = std::mem::take(&mut self.ahead);
+        // (A transaction left open by a failure ahead makes the full attempt's
+        // begin_transaction fail, which aborts it and retries.)
+        let mut resume = (!ahead.broken && (ahead.sent > 0 || ahead.in_txn)).then_some(ahead.sent);
+        let mut failed_before = ahead.failed_before;
         loop {
             if *self.stop.borrow() && backoff.attempts() > 0 {
                 // A stop during an outage: leave the batch to the next run (the slot
                 // was not confirmed past it).
                 return Err(FlushError::Stopped);
             }
+            let from = resume.take();
+            if from.is_none() {
+                failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+            }
             let result = match self.mode {
-                DeliveryMode::Transactional => {
-                    self.commit_transaction(topic, batch, progress_topic, slot, &progress_value)
-                }
-                DeliveryMode::AtLeastOnce => {
-                    self.commit_acks(topic, batch, progress_topic, slot, &progress_value)
-                }
+                DeliveryMode::Transactional => self.commit_transaction(
+                    topic,
+                    batch,
+                    from,
+                    progress_topic,
+                    slot,
+                    &progress_value,
+                ),
+                DeliveryMode::AtLeastOnce => self.commit_acks(
+                    topic,
+                    &batch.records[from.unwrap_or(0)..],
+                    batch,
+                    failed_before,
+                    progress_topic,
+                    slot,
+                    &progress_value,
+                ),
             };
             match result {
                 Ok(()) => return Ok(()),
@@ -187,23 +266,30 @@ impl BatchProducer {
         }
     }
 
+    /// One attempt in one Kafka transaction; `from`: the transaction is already open
+    /// with that many of the batch's records sent ahead.
     fn commit_transaction(
         &self,
         topic: &str,
         batch: &Batch,
+        from: Option<usize>,
         progress_topic: &str,
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
-        if let Err(error) = self.producer.begin_transaction() {
-            let attempt = self.txn_error(error);
-            if matches!(attempt, Attempt::Retry(_)) {
-                // E.g. an earlier abort that is not complete yet: finish it first.
-                self.abort()?;
+        if from.is_none() {
+            if let Err(error) = self.producer.begin_transaction() {
+                let attempt = self.txn_error(error);
+                if matches!(attempt, Attempt::Retry(_)) {
+                    // E.g. an earlier abort that is not complete yet: finish it first.
+                    self.abort()?;
+                }
+                return Err(attempt);
             }
-            return Err(attempt);
         }
-        let sent = self.send_all(topic, batch, progress_topic, slot, progress);
+        let sent = self
+            .send_records(topic, batch, &batch.records[from.unwrap_or(0)..])
+            .and_then(|()| self.send_progress(progress_topic, slot, progress));
         if let Err(error) = sent {
             self.abort()?;
             return Err(self.txn_error(error));
@@ -236,24 +322,37 @@ impl BatchProducer {
         }
     }
 
+    /// One at-least-once attempt: `records` (the batch's, less those sent ahead)
+    /// and every record sent since the failure count was `failed_before` must be
+    /// acknowledged.
+    #[allow(clippy::too_many_arguments)]
     fn commit_acks(
         &self,
         topic: &str,
+        records: &[OutRecord],
         batch: &Batch,
+        failed_before: u64,
         progress_topic: &str,
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
         // The rows first, all acknowledged; only then the progress record, which marks
         // the slot as used (a snapshot's rows must all be in Kafka before it says so).
-        self.send_and_wait(|| self.send_records(topic, batch))?;
-        self.send_and_wait(|| self.send_progress(progress_topic, slot, progress))
+        self.send_and_wait(failed_before, || self.send_records(topic, batch, records))?;
+        let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+        self.send_and_wait(failed_before, || {
+            self.send_progress(progress_topic, slot, progress)
+        })
     }
 
     /// Sends with `send`, then waits until every record is acknowledged; a failed
-    /// delivery makes the attempt fail (the whole batch is sent again).
-    fn send_and_wait(&self, send: impl FnOnce() -> Result<(), KafkaError>) -> Result<(), Attempt> {
-        let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+    /// delivery since the count was `failed_before` makes the attempt fail (the whole
+    /// batch is sent again).
+    fn send_and_wait(
+        &self,
+        failed_before: u64,
+        send: impl FnOnce() -> Result<(), KafkaError>,
+    ) -> Result<(), Attempt> {
         send().map_err(Attempt::Retry)?;
         // Wait until every record is acknowledged or failed.
         loop {
@@ -276,30 +375,15 @@ impl BatchProducer {
         Ok(())
     }
 
-    /// Enqueues the batch and the progress record, waiting when the local queue is full.
-    fn send_all(
+    /// Enqueues `records` of `batch`, waiting when the local queue is full.
+    fn send_records(
         &self,
         topic: &str,
         batch: &Batch,
-        progress_topic: &str,
-        slot: &str,
-        progress: &[u8],
+        records: &[OutRecord],
     ) -> Result<(), KafkaError> {
-        self.send_records(topic, batch)?;
-        self.send_progress(progress_topic, slot, progress)
-    }
-
-    /// Enqueues the batch's records, waiting when the local queue is full.
-    fn send_records(&self, topic: &str, batch: &Batch) -> Result<(), KafkaError> {
-        for record in &batch.records {
-            let mut base = BaseRecord::to(topic).payload(record.value.as_ref());
-            if let Some(key) = &record.key {
-                base = base.key(key.as_ref());
-            }
-            if let Some(headers) = batch.headers.get(record.txn) {
-                base = base.headers(headers.clone());
-            }
-            self.send(base)?;
+        for record in records {
+            self.send(record_of(topic, batch, record))?;
         }
         Ok(())
     }
@@ -376,6 +460,22 @@ impl BatchProducer {
             _ => Attempt::Retry(error),
         }
     }
+}
+
+/// The Kafka record of one of the batch's records.
+fn record_of<'a>(
+    topic: &'a str,
+    batch: &Batch,
+    record: &'a OutRecord,
+) -> BaseRecord<'a, [u8], [u8]> {
+    let mut base = BaseRecord::to(topic).payload(record.value.as_ref());
+    if let Some(key) = &record.key {
+        base = base.key(key.as_ref());
+    }
+    if let Some(headers) = batch.headers.get(record.txn) {
+        base = base.headers(headers.clone());
+    }
+    base
 }
 
 enum Attempt {

@@ -18,6 +18,14 @@
 //!                                                                                         offsets)
 //! ```
 //!
+//! # Pipelining
+//! A batch is applied by a task of its own while the loop goes on consuming and
+//! decoding the next one: at most one batch in flight and one pending (the loop stops
+//! polling when the pending one is full), applied one after the other in the order
+//! they were consumed. Kafka's group offsets are committed when pg_end has committed
+//! the batch. A revoked partition's records are dropped from the pending batch; the
+//! batch in flight may still apply them, which is harmless (see below).
+//!
 //! # Progress tracking
 //! A batch's progress is the highest offset consumed in each partition, whether the
 //! record there was applied, skipped (a Debezium update, a tombstone) or
@@ -151,6 +159,8 @@ pub enum SinkError {
     Thread(#[source] std::io::Error),
     #[error("pg_end refused the sink's work; it needs a person")]
     Definite(#[source] ApplyError),
+    #[error("the applier task failed: {0}")]
+    Applier(String),
     #[error("cannot find where to replay from")]
     Replay(#[source] replay::ReplayError),
 }
@@ -179,6 +189,18 @@ pub struct SinkStats {
     pub retries: u64,
     /// Buffered records dropped because their partition was revoked.
     pub dropped_on_revoke: u64,
+}
+
+impl SinkStats {
+    /// Adds the counts an applier task kept for its batch.
+    fn add_applied(&mut self, applied: &SinkStats) {
+        self.batches += applied.batches;
+        self.inserted += applied.inserted;
+        self.duplicates += applied.duplicates;
+        self.conflicts += applied.conflicts;
+        self.dead_letters += applied.dead_letters;
+        self.retries += applied.retries;
+    }
 }
 
 /// Formats an error with its sources: `a: b: c`.
@@ -300,20 +322,31 @@ pub async fn run_until(
     let linger = Duration::from_millis(args.batch_linger_ms);
     let mut pending = Pending::default();
     let mut stats = SinkStats::default();
-    let mut writer = Writer {
+    // The writer is in the applier task while a batch is in flight, here otherwise.
+    let mut writer = Some(Writer {
         url: args.target.target_url.clone(),
         client: None,
-    };
+    });
+    let mut in_flight: Option<InFlight> = None;
     let mut report = Report::new();
     let mut kafka_errors = 0u64;
 
     let result = loop {
+        let full = pending.consumed >= args.batch_size;
         let deadline = pending.since.map(|since| since + linger);
         tokio::select! {
             biased;
             _ = stop_rx.wait_for(|stopped| *stopped) => break Ok(()),
-            _ = sleep_until(deadline), if deadline.is_some() => {}
-            received = consumer.recv() => {
+            done = wait_applied(&mut in_flight), if in_flight.is_some() => {
+                in_flight = None;
+                match finish_batch(done, &consumer, &mut writer, &mut stats) {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()), // stopping; the batch was abandoned
+                    Err(error) => break Err(error),
+                }
+            }
+            _ = sleep_until(deadline), if deadline.is_some() && !full => {}
+            received = consumer.recv(), if !full => {
                 // Assignment changes happened inside this poll, before its message.
                 if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
                     break Err(error);
@@ -346,25 +379,29 @@ pub async fn run_until(
             .since
             .is_some_and(|since| since + linger <= tokio::time::Instant::now());
         if !pending.is_empty() && (pending.consumed >= args.batch_size || due) {
-            let commit_times = std::mem::take(&mut pending.commit_times);
-            let batch = pending.take_batch();
-            match writer.apply_until_done(&batch, &stop, &mut stats).await {
-                Ok(true) => {
-                    record_latency(&commit_times);
-                    commit_to_kafka(&consumer, &batch)
-                }
-                Ok(false) => break Ok(()), // stopping; the batch was abandoned
-                Err(error) => break Err(error),
+            if let Some(writer) = writer.take() {
+                in_flight = Some(InFlight::start(writer, &mut pending, stop.clone()));
             }
         }
         report.maybe_log(&stats);
     };
 
-    // Shutdown: one attempt at the buffered batch, then leave the group.
-    if result.is_ok() && !pending.is_empty() {
-        let batch = pending.take_batch();
-        if let Ok(true) = writer.apply_until_done(&batch, &stop, &mut stats).await {
-            commit_to_kafka(&consumer, &batch);
+    // Shutdown: the batch in flight finishes (or is abandoned if pg_end does not take
+    // it), the buffered one gets one attempt, then the consumer leaves the group.
+    let mut result = result;
+    let mut pg_end_takes_batches = true;
+    if let Some(applying) = in_flight.take() {
+        match finish_batch(applying.task.await, &consumer, &mut writer, &mut stats) {
+            Ok(committed) => pg_end_takes_batches = committed,
+            Err(error) => result = result.and(Err(error)),
+        }
+    }
+    if result.is_ok() && pg_end_takes_batches && !pending.is_empty() {
+        if let Some(writer) = writer.take() {
+            let done = InFlight::start(writer, &mut pending, stop.clone())
+                .task
+                .await;
+            let _ = finish_batch(done, &consumer, &mut None, &mut stats);
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -392,6 +429,68 @@ fn record_latency(commit_times: &[chrono::DateTime<chrono::Utc>]) {
     }
 }
 
+/// A batch being applied to pg_end by a task of its own, while the consumer loop
+/// decodes the next one: at most one batch in flight and one pending, and batches are
+/// applied one after the other, in the order they were consumed.
+struct InFlight {
+    task: tokio::task::JoinHandle<Applied>,
+}
+
+/// What the applier task hands back: the writer, the batch, and how it went.
+struct Applied {
+    writer: Writer,
+    batch: ApplyBatch,
+    commit_times: Vec<chrono::DateTime<chrono::Utc>>,
+    stats: SinkStats,
+    result: Result<bool, SinkError>,
+}
+
+impl InFlight {
+    fn start(mut writer: Writer, pending: &mut Pending, stop: Arc<AtomicBool>) -> Self {
+        let commit_times = std::mem::take(&mut pending.commit_times);
+        let batch = pending.take_batch();
+        let task = tokio::spawn(async move {
+            let mut stats = SinkStats::default();
+            let result = writer.apply_until_done(&batch, &stop, &mut stats).await;
+            Applied {
+                writer,
+                batch,
+                commit_times,
+                stats,
+                result,
+            }
+        });
+        Self { task }
+    }
+}
+
+async fn wait_applied(in_flight: &mut Option<InFlight>) -> Result<Applied, tokio::task::JoinError> {
+    match in_flight {
+        Some(applying) => (&mut applying.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes back the writer and the counts of a finished batch; once pg_end committed
+/// it, records the latency and tells Kafka. `Ok(false)`: the sink is stopping and the
+/// batch was abandoned.
+fn finish_batch(
+    done: Result<Applied, tokio::task::JoinError>,
+    consumer: &StreamConsumer<SinkContext>,
+    writer: &mut Option<Writer>,
+    stats: &mut SinkStats,
+) -> Result<bool, SinkError> {
+    let applied = done.map_err(|e| SinkError::Applier(e.to_string()))?;
+    stats.add_applied(&applied.stats);
+    *writer = Some(applied.writer);
+    let committed = applied.result?;
+    if committed {
+        record_latency(&applied.commit_times);
+        commit_to_kafka(consumer, &applied.batch);
+    }
+    Ok(committed)
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -413,8 +512,16 @@ fn consumer(
         // Noticed within seconds when a sink dies, so its partitions move on quickly.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "3000")
-        // Bounds the memory of records fetched ahead while a batch is being applied.
+        // Bounds the memory of records fetched ahead while a batch is being applied:
+        // in bytes, and in records (librdkafka's default of 100,000 per partition
+        // costs ~1 KiB each for the outbox's small records).
         .set("queued.max.messages.kbytes", "16384")
+        .set(
+            "queued.min.messages",
+            (args.batch_size.saturating_mul(2))
+                .clamp(1000, 100_000)
+                .to_string(),
+        )
         // Per-partition consumer lag for the metrics (SinkContext::stats).
         .set("statistics.interval.ms", "5000")
         .set("auto.offset.reset", "earliest");
@@ -581,6 +688,7 @@ impl Writer {
         stats: &mut SinkStats,
     ) -> Result<bool, SinkError> {
         let mut backoff = Backoff::reconnect();
+        let started = Instant::now();
         loop {
             match self.attempt(batch).await {
                 Ok(outcome) => {
@@ -599,6 +707,7 @@ impl Writer {
                         duplicates = outcome.duplicates,
                         dead_letters = outcome.dead_letters,
                         bisected = outcome.bisected,
+                        ms = started.elapsed().as_millis() as u64,
                         "batch applied"
                     );
                     return Ok(true);

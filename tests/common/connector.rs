@@ -307,14 +307,12 @@ async fn sample(
     .await
     .map_err(|_| "pg_start connect timed out".to_string())?
     .map_err(|e| format!("pg_start: {e}"))?;
-    let confirmed = tokio::time::timeout(
-        Duration::from_secs(5),
-        check::slot_confirmed(&source, slot),
-    )
-    .await
-    .map_err(|_| "pg_start query timed out".to_string())?
-    .map_err(|e| format!("pg_start: {e}"))?
-    .ok_or("no slot yet")?;
+    let confirmed =
+        tokio::time::timeout(Duration::from_secs(5), check::slot_confirmed(&source, slot))
+            .await
+            .map_err(|_| "pg_start query timed out".to_string())?
+            .map_err(|e| format!("pg_start: {e}"))?
+            .ok_or("no slot yet")?;
     drop(source);
     let reader = reader.clone();
     let high = tokio::task::spawn_blocking(move || reader.high(Duration::from_secs(10)))
