@@ -520,6 +520,16 @@ mod tests {
             target.tls.client_key.as_deref(),
             Some(std::path::Path::new("/k.pem"))
         );
+        // The replication connection gets the same client certificate.
+        let replication = target.replication_tls();
+        assert_eq!(
+            replication.client_cert_pem_path.as_deref(),
+            Some(std::path::Path::new("/c.pem"))
+        );
+        assert_eq!(
+            replication.client_key_pem_path.as_deref(),
+            Some(std::path::Path::new("/k.pem"))
+        );
         assert_eq!(target.config.get_application_name(), Some("x"));
         assert_eq!(
             target.host(),

@@ -1,12 +1,17 @@
-//! Security: the pipeline over TLS (verify-full) to both databases and SASL_SSL to
-//! Kafka with the least-privilege roles of `sql/roles.sql`, and the negative cases: a
-//! certificate for another host, a wrong password, a role reaching for what it was not
-//! granted, an injection through a configured name.
+//! Security: the pipeline over TLS (verify-full) to both databases, with the
+//! least-privilege roles of `sql/roles.sql`, and to Kafka over each kind of listener the
+//! relay supports (SASL_SSL with PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512; SSL with a client
+//! certificate); PostgreSQL logins by client certificate alone; every sslmode against a
+//! TLS-only server; and the negative cases: a certificate for another host, a login
+//! without its certificate, a Kafka client without its certificate or with a wrong
+//! password, a wrong password, a role reaching for what it was not granted, an injection
+//! through a configured name.
 //!
 //! The TLS tests run on a stack instance of their own, started with the TLS profile
 //! (`scripts/stack up --tls`, state in /var/tmp/outbox-relay-tls, port offset 300:
-//! PostgreSQL 8300/8301, SASL_SSL brokers 19440-19442). `up` is idempotent: when the
-//! instance already runs it only checks it. The other tests use the default stack.
+//! PostgreSQL 8300/8301, SASL_SSL brokers 19440-19442, SSL brokers 19540-19542). `up` is
+//! idempotent: when the instance already runs it only checks it (and brings an instance
+//! of an older script up to date). The other tests use the default stack.
 
 mod common;
 
@@ -19,9 +24,12 @@ use outbox_relay::load::{self, LoadArgs};
 
 const TLS_STATE: &str = "/var/tmp/outbox-relay-tls";
 const TLS_OFFSET: u16 = 300;
-/// The SCRAM user that `scripts/stack` creates on the TLS profile's brokers.
+/// The SASL user (PLAIN and SCRAM) of the TLS profile's brokers.
 const SASL_USER: &str = "relay";
 const SASL_PASSWORD: &str = "relay-secret";
+/// The role that the TLS profile's client certificate (CN) authenticates, by pg_hba.conf's
+/// `cert` rules only: it cannot log in with a password.
+const CERT_ROLE: &str = "outbox_relay_cert";
 /// Passwords the tests give the roles of sql/roles.sql (the roles are cluster-wide, so
 /// every test sets the same ones).
 const SOURCE_ROLE_PASSWORD: &str = "src-Pw-7c1e0d";
@@ -38,19 +46,123 @@ fn tls_url(user: &str, password: &str, port: u16, db: &str) -> String {
     )
 }
 
-fn sasl_brokers() -> String {
-    (1..=3)
-        .map(|n| format!("127.0.0.1:{}", 19139 + TLS_OFFSET + n))
-        .collect::<Vec<_>>()
-        .join(",")
+/// The stack's client certificate (CN = [`CERT_ROLE`], signed by its CA) and key.
+fn client_cert() -> (PathBuf, PathBuf) {
+    let dir = PathBuf::from(TLS_STATE).join("tls");
+    (dir.join("client.pem"), dir.join("client.key"))
 }
 
-fn sasl_properties() -> String {
-    format!(
-        "security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;sasl.username={SASL_USER};\
-         sasl.password={SASL_PASSWORD};ssl.ca.location={}",
+/// [`CERT_ROLE`] on `port` with verify-full, no password, and `cert` (certificate, key) as
+/// its client certificate if given.
+fn cert_url(port: u16, db: &str, cert: Option<&(PathBuf, PathBuf)>) -> String {
+    let mut url = format!(
+        "postgres://{CERT_ROLE}@127.0.0.1:{port}/{db}?sslmode=verify-full&sslrootcert={}",
         ca().display()
-    )
+    );
+    if let Some((cert, key)) = cert {
+        url.push_str(&format!(
+            "&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        ));
+    }
+    url
+}
+
+/// Makes a key and a certificate for `subject` in the temp dir, signed by the stack's CA
+/// or self-signed; returns (certificate, key).
+fn make_cert(subject: &str, signed_by_the_stack_ca: bool) -> (PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(random_name("cert"));
+    let (cert, key, csr, ext) = (
+        base.with_extension("pem"),
+        base.with_extension("key"),
+        base.with_extension("csr"),
+        base.with_extension("ext"),
+    );
+    let run = |command: &mut Command| {
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let mut request = Command::new("openssl");
+    request
+        .args([
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout",
+        ])
+        .arg(&key);
+    if signed_by_the_stack_ca {
+        run(request.arg("-out").arg(&csr));
+        // Extensions make it a version 3 certificate, the only version rustls accepts.
+        std::fs::write(&ext, "extendedKeyUsage=clientAuth\n").unwrap();
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "1", "-in"])
+            .arg(&csr)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-CA")
+            .arg(ca())
+            .arg("-CAkey")
+            .arg(PathBuf::from(TLS_STATE).join("tls/ca.key"))
+            // A serial of its own: the CA's serial file belongs to the stack.
+            .args(["-set_serial", &std::process::id().to_string(), "-out"])
+            .arg(&cert));
+        let _ = std::fs::remove_file(&csr);
+        let _ = std::fs::remove_file(&ext);
+    } else {
+        run(request.args(["-x509", "-days", "1", "-out"]).arg(&cert));
+    }
+    (cert, key)
+}
+
+/// How the relay's Kafka clients reach the TLS profile's brokers: a listener and the
+/// `--kafka-property` settings for it (the ones `scripts/stack env` prints).
+struct KafkaAccess {
+    brokers: String,
+    /// `;`-separated, as `OUTBOX_RELAY_KAFKA_PROPERTIES` takes them.
+    properties: String,
+}
+
+impl KafkaAccess {
+    /// The SASL_SSL listener (19140+offset..), user relay, with `mechanism`.
+    fn sasl_ssl(mechanism: &str) -> Self {
+        Self {
+            brokers: brokers(19139 + TLS_OFFSET),
+            properties: format!(
+                "security.protocol=SASL_SSL;sasl.mechanism={mechanism};sasl.username={SASL_USER};\
+                 sasl.password={SASL_PASSWORD};ssl.ca.location={}",
+                ca().display()
+            ),
+        }
+    }
+
+    /// The SSL listener (19240+offset..), which requires a client certificate signed by
+    /// the stack's CA; with the stack's client certificate if `with_cert`.
+    fn ssl(with_cert: bool) -> Self {
+        let mut properties = format!("security.protocol=SSL;ssl.ca.location={}", ca().display());
+        if with_cert {
+            let (cert, key) = client_cert();
+            properties.push_str(&format!(
+                ";ssl.certificate.location={};ssl.key.location={}",
+                cert.display(),
+                key.display()
+            ));
+        }
+        Self {
+            brokers: brokers(19239 + TLS_OFFSET),
+            properties,
+        }
+    }
+}
+
+/// The three brokers' addresses on a listener whose first port is `first + 1`.
+fn brokers(first: u16) -> String {
+    (1..=3)
+        .map(|n| format!("127.0.0.1:{}", first + n))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Starts the TLS instance once per test binary (idempotent, fast when it runs).
@@ -108,6 +220,47 @@ impl TlsDbs {
         .await;
         apply_roles(&dbs.admin_target(), "outbox_relay_sink", SINK_ROLE_PASSWORD).await;
         dbs
+    }
+
+    /// Writes `count` transactions into pg_start (as the administrator).
+    async fn load(&self, count: u64) {
+        load::run(&LoadArgs::count(&self.admin_source(), count))
+            .await
+            .unwrap();
+    }
+
+    /// Polls `verify` (as the administrator) until it passes, or panics with its report
+    /// after two minutes.
+    async fn wait_verified(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let source = common::connect(&self.admin_source()).await;
+            let target = common::connect(&self.admin_target()).await;
+            let report = outbox_relay::verify::compare(&source, &target)
+                .await
+                .expect("verify reads both databases");
+            if report.ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "verify never passed:\n{}",
+                report.render()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Lets [`CERT_ROLE`] act as the source role on pg_start and as the sink role on
+    /// pg_end.
+    async fn enable_cert_role(&self) {
+        apply_cert_role(
+            &self.admin_source(),
+            "outbox_relay_source",
+            "LOGIN REPLICATION",
+        )
+        .await;
+        apply_cert_role(&self.admin_target(), "outbox_relay_sink", "LOGIN").await;
     }
 
     fn admin_source(&self) -> String {
@@ -177,11 +330,13 @@ impl Drop for TlsDbs {
     }
 }
 
+/// Serialises the changes to the roles: they are cluster-wide, and concurrent GRANTs on
+/// them can collide.
+static ROLES_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs sql/roles.sql in a database as the administrator and sets `role`'s password.
-/// Serialised: the roles are cluster-wide and concurrent GRANTs on them can collide.
 async fn apply_roles(admin_url: &str, role: &str, password: &str) {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _guard = LOCK.lock().await;
+    let _guard = ROLES_LOCK.lock().await;
     let script = std::fs::read_to_string(repo().join("sql/roles.sql")).unwrap();
     let client = common::connect(admin_url).await;
     client
@@ -199,25 +354,33 @@ async fn apply_roles(admin_url: &str, role: &str, password: &str) {
         .unwrap();
 }
 
-/// Polls `verify` (as the administrator) until it passes, or panics with its report.
-async fn wait_verified(source_url: &str, target_url: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let source = common::connect(source_url).await;
-        let target = common::connect(target_url).await;
-        let report = outbox_relay::verify::compare(&source, &target)
-            .await
-            .expect("verify reads both databases");
-        if report.ok {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "verify never passed:\n{}",
-            report.render()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+/// Creates [`CERT_ROLE`] if it is missing, with `attributes` and no password, as a member
+/// of `relay_role`, whose grants it inherits (REPLICATION is an attribute: not inherited).
+async fn apply_cert_role(admin_url: &str, relay_role: &str, attributes: &str) {
+    let _guard = ROLES_LOCK.lock().await;
+    common::connect(admin_url)
+        .await
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+                 CREATE ROLE {CERT_ROLE};
+             EXCEPTION WHEN duplicate_object THEN NULL;
+             END $$;
+             ALTER ROLE {CERT_ROLE} {attributes} PASSWORD NULL;
+             GRANT {relay_role} TO {CERT_ROLE};"
+        ))
+        .await
+        .expect("create the client certificate's role");
+}
+
+/// A replication session's settings for `url`; the tests stop before its slot is used.
+fn replication_config(url: &str) -> pgwire_replication::ReplicationConfig {
+    outbox_relay::source::replication_config(
+        url,
+        "unused_slot",
+        "outbox_relay",
+        outbox_relay::lsn::Lsn::ZERO,
+    )
+    .unwrap()
 }
 
 /// Opens a replication session and asks IDENTIFY_SYSTEM (pgwire-replication connects
@@ -246,97 +409,264 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn connector_and_sink_over_tls_and_sasl_ssl_with_least_privilege_roles() {
+/// The relays that `start` spawns carry pg_start's outbox to pg_end: `verify` passes for
+/// the transactions written before they started, then for those written while they run.
+/// Relays that cannot log in or reach Kafka leave pg_end behind, and the wait fails.
+async fn relays_deliver(dbs: &TlsDbs, start: impl FnOnce() -> Vec<Relay>) {
+    dbs.load(300).await;
+    let _relays = start();
+    dbs.wait_verified().await;
+    dbs.load(200).await;
+    dbs.wait_verified().await;
+}
+
+/// The connector streams pg_start's outbox into Kafka and the sink applies it to pg_end,
+/// both reaching Kafka through `kafka`, and the databases over verify-full with the
+/// least-privilege roles.
+async fn connector_and_sink_over(kafka: KafkaAccess) {
     let dbs = TlsDbs::new().await;
-    load::run(&LoadArgs::count(&dbs.admin_source(), 300))
-        .await
-        .unwrap();
     let topic = random_name("sec_outbox");
     let progress = random_name("sec_progress");
     let slot = random_name("sec_slot");
     let group = random_name("sec_group");
-    let brokers = sasl_brokers();
-    let properties = sasl_properties();
     let source_role = dbs.source_role();
     let sink_role = dbs.sink_role();
     // Secrets through the environment, not the command line.
-    let envs = [("OUTBOX_RELAY_KAFKA_PROPERTIES", properties.as_str())];
-    let _connector = Relay::spawn(
-        &[
-            "connector",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--progress-topic",
-            &progress,
-            "--slot",
-            &slot,
-        ],
-        &[envs[0], ("OUTBOX_RELAY_SOURCE_URL", source_role.as_str())],
-    );
-    let _sink = Relay::spawn(
-        &[
-            "sink",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--group",
-            &group,
-        ],
-        &[envs[0], ("OUTBOX_RELAY_TARGET_URL", sink_role.as_str())],
-    );
-    wait_verified(
-        &dbs.admin_source(),
-        &dbs.admin_target(),
-        Duration::from_secs(120),
-    )
+    let properties = ("OUTBOX_RELAY_KAFKA_PROPERTIES", kafka.properties.as_str());
+    relays_deliver(&dbs, || {
+        vec![
+            Relay::spawn(
+                &[
+                    "connector",
+                    "--brokers",
+                    &kafka.brokers,
+                    "--topic",
+                    &topic,
+                    "--progress-topic",
+                    &progress,
+                    "--slot",
+                    &slot,
+                ],
+                &[
+                    properties,
+                    ("OUTBOX_RELAY_SOURCE_URL", source_role.as_str()),
+                ],
+            ),
+            Relay::spawn(
+                &[
+                    "sink",
+                    "--brokers",
+                    &kafka.brokers,
+                    "--topic",
+                    &topic,
+                    "--group",
+                    &group,
+                ],
+                &[properties, ("OUTBOX_RELAY_TARGET_URL", sink_role.as_str())],
+            ),
+        ]
+    })
     .await;
-    // And what is written while both run.
-    load::run(&LoadArgs::count(&dbs.admin_source(), 200))
-        .await
-        .unwrap();
-    wait_verified(
-        &dbs.admin_source(),
-        &dbs.admin_target(),
-        Duration::from_secs(120),
-    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connector_and_sink_over_sasl_ssl_scram_sha_512() {
+    connector_and_sink_over(KafkaAccess::sasl_ssl("SCRAM-SHA-512")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connector_and_sink_over_sasl_ssl_scram_sha_256() {
+    connector_and_sink_over(KafkaAccess::sasl_ssl("SCRAM-SHA-256")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connector_and_sink_over_sasl_ssl_plain() {
+    connector_and_sink_over(KafkaAccess::sasl_ssl("PLAIN")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connector_and_sink_over_ssl_with_a_client_certificate() {
+    connector_and_sink_over(KafkaAccess::ssl(true)).await;
+}
+
+/// Direct mode from `source_url` to `target_url` (logins of `dbs`'s databases).
+async fn direct_mode_delivers(dbs: &TlsDbs, source_url: &str, target_url: &str) {
+    let slot = random_name("sec_direct");
+    relays_deliver(dbs, || {
+        vec![Relay::spawn(
+            &["direct", "--slot", &slot],
+            &[
+                ("OUTBOX_RELAY_SOURCE_URL", source_url),
+                ("OUTBOX_RELAY_TARGET_URL", target_url),
+            ],
+        )]
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn direct_mode_over_tls_with_least_privilege_roles() {
     let dbs = TlsDbs::new().await;
-    load::run(&LoadArgs::count(&dbs.admin_source(), 300))
+    direct_mode_delivers(&dbs, &dbs.source_role(), &dbs.sink_role()).await;
+}
+
+/// Client certificates: [`CERT_ROLE`] has no password and pg_hba.conf lets it in by its
+/// certificate only, so the regular connections to both databases and the replication
+/// connection to pg_start all authenticate with `sslcert`/`sslkey`.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_mode_logs_in_with_client_certificates_and_no_password() {
+    let dbs = TlsDbs::new().await;
+    dbs.enable_cert_role().await;
+    let cert = client_cert();
+    let source = cert_url(8000 + TLS_OFFSET, &dbs.name, Some(&cert));
+    let target = cert_url(8001 + TLS_OFFSET, &dbs.name, Some(&cert));
+    direct_mode_delivers(&dbs, &source, &target).await;
+}
+
+/// Why `url` cannot connect (it must not).
+async fn refusal(url: &str) -> String {
+    let error = outbox_relay::pg::connect(url)
         .await
-        .unwrap();
-    let slot = random_name("sec_direct");
-    let source_role = dbs.source_role();
-    let sink_role = dbs.sink_role();
-    let _relay = Relay::spawn(
-        &["direct", "--slot", &slot],
-        &[
-            ("OUTBOX_RELAY_SOURCE_URL", source_role.as_str()),
-            ("OUTBOX_RELAY_TARGET_URL", sink_role.as_str()),
-        ],
+        .map(|_| ())
+        .expect_err("the connection must be refused");
+    error_chain(&error)
+}
+
+/// Why a replication session with `url` cannot start (it must not).
+async fn replication_refusal(url: &str) -> String {
+    replication_error(replication_config(url))
+        .await
+        .expect("the replication session must be refused")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_certificate_role_is_refused_without_its_certificate() {
+    let dbs = TlsDbs::new().await;
+    dbs.enable_cert_role().await;
+    let port = 8000 + TLS_OFFSET;
+
+    // The control: with the stack's certificate both kinds of connection get in, as the
+    // role, so what is refused below is refused for the certificate.
+    let with_cert = cert_url(port, &dbs.name, Some(&client_cert()));
+    let user: String = common::connect(&with_cert)
+        .await
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, CERT_ROLE);
+    if let Some(error) = replication_error(replication_config(&with_cert)).await {
+        panic!("the replication connection with the certificate failed: {error}");
+    }
+
+    // No certificate, with or without a password: the role's rule is `cert` only.
+    let without = cert_url(port, &dbs.name, None);
+    let with_password = without.replace(&format!("{CERT_ROLE}@"), &format!("{CERT_ROLE}:guess@"));
+    for url in [&without, &with_password] {
+        let text = refusal(url).await;
+        assert!(
+            text.contains("connection requires a valid client certificate"),
+            "{text}"
+        );
+        let text = replication_refusal(url).await;
+        assert!(
+            text.contains("connection requires a valid client certificate"),
+            "{text}"
+        );
+    }
+
+    // A certificate with the role's name that the stack's CA did not sign: the server
+    // refuses it in the handshake.
+    let forged = make_cert(&format!("/CN={CERT_ROLE}"), false);
+    let text = refusal(&cert_url(port, &dbs.name, Some(&forged))).await;
+    assert!(text.contains("UnknownCA"), "{text}");
+
+    // A certificate from the stack's CA for another name: not this role's.
+    let other = make_cert("/CN=outbox_relay_source", true);
+    let text = refusal(&cert_url(port, &dbs.name, Some(&other))).await;
+    assert!(
+        text.contains(&format!(
+            "certificate authentication failed for user \"{CERT_ROLE}\""
+        )),
+        "{text}"
     );
-    wait_verified(
-        &dbs.admin_source(),
-        &dbs.admin_target(),
-        Duration::from_secs(120),
+    for file in [forged.0, forged.1, other.0, other.1] {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+/// Runs `outbox-relay check` against the TLS instance's Kafka through `kafka`, within a
+/// minute; its report line on the brokers.
+async fn kafka_check(kafka: &KafkaAccess) -> serde_json::Value {
+    let admin_start = tls_url("postgres", "postgres", 8000 + TLS_OFFSET, "db_start");
+    let admin_end = tls_url("postgres", "postgres", 8001 + TLS_OFFSET, "db_end");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["check", "--json", "--brokers", &kafka.brokers])
+            .env("OUTBOX_RELAY_KAFKA_PROPERTIES", &kafka.properties)
+            .env("OUTBOX_RELAY_SOURCE_URL", admin_start)
+            .env("OUTBOX_RELAY_TARGET_URL", admin_end)
+            .output(),
     )
-    .await;
-    load::run(&LoadArgs::count(&dbs.admin_source(), 200))
-        .await
-        .unwrap();
-    wait_verified(
-        &dbs.admin_source(),
-        &dbs.admin_target(),
-        Duration::from_secs(120),
-    )
-    .await;
+    .await
+    .expect("check answers within a minute")
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --json printed no JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    report
+        .as_array()
+        .and_then(|lines| lines.iter().find(|l| l["check"] == "kafka: brokers"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no kafka: brokers line in {report}"))
+}
+
+/// The listeners let in only clients with their credential, and `check` says why it
+/// cannot reach them, within its bounded wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_listeners_refuse_clients_without_their_credential() {
+    tls_stack().await;
+    // The controls: with the credential, the same listeners answer.
+    for kafka in [
+        KafkaAccess::ssl(true),
+        KafkaAccess::sasl_ssl("SCRAM-SHA-256"),
+    ] {
+        let line = kafka_check(&kafka).await;
+        assert_eq!(line["ok"], true, "{line}");
+    }
+
+    // SSL without a client certificate: the broker fails the handshake.
+    let started = Instant::now();
+    let line = kafka_check(&KafkaAccess::ssl(false)).await;
+    assert_eq!(line["ok"], false, "{line}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("alert bad certificate")),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // SASL_SSL with a wrong password: the login fails, and the password is not shown.
+    let mut wrong = KafkaAccess::sasl_ssl("SCRAM-SHA-256");
+    wrong.properties = wrong
+        .properties
+        .replace(SASL_PASSWORD, "Wr0ng-kafka-pw-8d2c");
+    let line = kafka_check(&wrong).await;
+    assert_eq!(line["ok"], false, "{line}");
+    let detail = line["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("Authentication failed"), "{line}");
+    assert!(!detail.contains("Wr0ng-kafka-pw-8d2c"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -417,13 +747,7 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
     );
 
     // The replication connection refuses it too.
-    let config = outbox_relay::source::replication_config(
-        &wrong_name,
-        "unused_slot",
-        "outbox_relay",
-        outbox_relay::lsn::Lsn::ZERO,
-    )
-    .unwrap();
+    let config = replication_config(&wrong_name);
     let error = replication_error(config)
         .await
         .expect("pgwire-replication must refuse it as well");
@@ -437,24 +761,7 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
         .expect("verify-ca accepts a name mismatch");
 
     // A CA that did not sign the server's certificate is refused by verify-ca too.
-    let other_ca = std::env::temp_dir().join(format!("{}.pem", random_name("other_ca")));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=other",
-        ])
-        .args(["-keyout", "/dev/null", "-out"])
-        .arg(&other_ca)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
+    let (other_ca, other_key) = make_cert("/CN=other", false);
     let untrusted = tls_url("postgres", "postgres", 8000 + TLS_OFFSET, "postgres")
         .replace(&ca.display().to_string(), &other_ca.display().to_string())
         .replace("verify-full", "verify-ca");
@@ -468,6 +775,36 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
         error_chain(&error)
     );
     let _ = std::fs::remove_file(other_ca);
+    let _ = std::fs::remove_file(other_key);
+}
+
+/// The TLS instance refuses plain text: prefer and require (which verify nothing) get in
+/// over TLS, on both kinds of connection; disable is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn prefer_and_require_use_tls_and_disable_is_refused_by_a_tls_only_server() {
+    tls_stack().await;
+    let port = 8000 + TLS_OFFSET;
+    for mode in ["prefer", "require"] {
+        let url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres?sslmode={mode}");
+        let ssl: bool = common::connect(&url)
+            .await
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "sslmode={mode}");
+        if let Some(error) = replication_error(replication_config(&url)).await {
+            panic!("sslmode={mode}: the replication connection failed: {error}");
+        }
+    }
+    let plain = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+    let text = refusal(&plain).await;
+    assert!(text.contains("no encryption"), "{text}");
+    let text = replication_refusal(&plain).await;
+    assert!(text.contains("no encryption"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -486,9 +823,7 @@ async fn a_wrong_password_gives_a_clear_error_without_the_password() {
     );
     assert!(!text.contains(password), "{text}");
 
-    let config =
-        outbox_relay::source::replication_config(&url, "s", "p", outbox_relay::lsn::Lsn::ZERO)
-            .unwrap();
+    let config = replication_config(&url);
     assert!(
         !format!("{:?}", outbox_relay::pg::PgTarget::from_url(&url).unwrap()).contains(password)
     );

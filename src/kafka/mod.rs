@@ -276,6 +276,45 @@ impl rdkafka::ClientContext for EndOfPartitionIsExpected {
 
 impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsExpected {}
 
+/// A client context that keeps the last error librdkafka reported, so that a failed
+/// request can say why: a TLS handshake the broker refused (no client certificate, an
+/// unknown CA), a failed SASL login, an address that does not resolve. librdkafka's
+/// texts name brokers and causes, never a credential. The errors reach the context when
+/// the client is polled.
+#[derive(Default)]
+pub struct LastClientError(std::sync::Mutex<Option<String>>);
+
+impl LastClientError {
+    /// The last error's text, if any.
+    pub fn last(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl rdkafka::ClientContext for LastClientError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka client error");
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // "all brokers are down" follows each broker's own error and says less.
+        if last.is_some() && error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            return;
+        }
+        *last = Some(if reason.is_empty() {
+            error.to_string()
+        } else {
+            reason.to_string()
+        });
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastClientError {}
+
 /// Reads the last committed progress record of `slot` from the progress topic.
 ///
 /// Blocking: call it from `spawn_blocking`. It reads the single partition with
@@ -355,6 +394,23 @@ pub fn read_progress(
 #[cfg(test)]
 mod property_tests {
     use super::*;
+
+    #[test]
+    fn the_last_client_error_keeps_a_broker_s_reason_over_all_brokers_down() {
+        use rdkafka::ClientContext;
+        let context = LastClientError::default();
+        assert_eq!(context.last(), None);
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        context.error(down.clone(), "3/3 brokers are down");
+        assert_eq!(context.last().as_deref(), Some("3/3 brokers are down"));
+        let reason = "ssl://k1:9093/bootstrap: SSL handshake failed: alert bad certificate";
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            reason,
+        );
+        context.error(down, "3/3 brokers are down");
+        assert_eq!(context.last().as_deref(), Some(reason));
+    }
 
     #[test]
     fn properties_parse_redact_and_refuse_what_exactly_once_rests_on() {

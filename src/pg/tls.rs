@@ -58,9 +58,9 @@ pub(super) fn client_config(settings: &TlsSettings) -> Result<ClientConfig, Stri
             let chain = certificates(cert, "sslcert")?;
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| format!("cannot read the client key sslkey={}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("the client certificate and key do not fit together: {e}"))
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!("the client certificate (sslcert) and key (sslkey) cannot be used: {e}")
+            })
         }
         (None, None) => Ok(builder.with_no_client_auth()),
         _ => Err("sslcert and sslkey must be given together".to_string()),
