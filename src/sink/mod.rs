@@ -100,7 +100,7 @@ pub struct SinkArgs {
     #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_SIZE", default_value_t = 5000)]
     pub batch_size: usize,
     /// Apply a batch at the latest this many milliseconds after its first record.
-    #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_LINGER_MS", default_value_t = 100)]
+    #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
     /// Record format: detected per record (auto), or one forced.
     #[arg(
@@ -137,7 +137,7 @@ impl SinkArgs {
             },
             group: group.to_string(),
             batch_size: 5000,
-            batch_linger_ms: 100,
+            batch_linger_ms: 20,
             format: Format::Auto,
             consumer_properties: Vec::new(),
             replay: replay::ReplayArgs::default(),
@@ -522,6 +522,14 @@ fn consumer(
                 .clamp(1000, 100_000)
                 .to_string(),
         )
+        // Once those bounds are reached, librdkafka waits this long before fetching
+        // the partition again (default 1 s): at the sink's pace the queue is drained
+        // in milliseconds, so a long wait starves the applier.
+        .set("fetch.queue.backoff.ms", "10")
+        // A fetch returns as soon as records are there; this bounds the wait when
+        // none are (librdkafka's default of 500 ms adds to the latency of a record
+        // made visible by a transaction's commit markers).
+        .set("fetch.wait.max.ms", "100")
         // Per-partition consumer lag for the metrics (SinkContext::stats).
         .set("statistics.interval.ms", "5000")
         .set("auto.offset.reset", "earliest");
