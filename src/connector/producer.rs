@@ -7,6 +7,7 @@
 //! Kafka transaction is invisible to `read_committed` readers).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -54,11 +55,43 @@ impl FlushError {
     }
 }
 
-/// Counts failed deliveries, so that an at-least-once batch with a lost record is
-/// sent again.
+/// Counts records enqueued and their delivery reports, so that the at-least-once
+/// mode waits for exactly its records' acknowledgements and sends a batch with a lost
+/// record again.
+///
+/// The wait is on a condition variable signalled by the delivery callback (run by
+/// the `ThreadedProducer`'s polling thread), not on `flush`: rust-rdkafka's `flush`
+/// polls for up to 100 ms at a time, and when the polling thread has already served
+/// the last report it sleeps those 100 ms for nothing, once per wait.
 #[derive(Default)]
 pub struct DeliveryCounter {
     failed: AtomicU64,
+    enqueued: AtomicU64,
+    reported: Mutex<u64>,
+    report: Condvar,
+}
+
+impl DeliveryCounter {
+    /// Waits until every record enqueued so far has its delivery report, at most
+    /// `timeout`; `false` if some are still outstanding.
+    fn wait_reported(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *reported >= self.enqueued.load(Ordering::SeqCst) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            reported = self
+                .report
+                .wait_timeout(reported, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 impl ClientContext for DeliveryCounter {}
@@ -67,9 +100,11 @@ impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((error, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.failed.fetch_add(1, Ordering::SeqCst);
             tracing::debug!(%error, "record delivery failed");
         }
+        *self.reported.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.report.notify_all();
     }
 }
 
@@ -151,7 +186,13 @@ impl BatchProducer {
         }
         for record in &batch.records[ahead.sent..] {
             match self.producer.send(record_of(topic, batch, record)) {
-                Ok(()) => ahead.sent += 1,
+                Ok(()) => {
+                    self.producer
+                        .context()
+                        .enqueued
+                        .fetch_add(1, Ordering::SeqCst);
+                    ahead.sent += 1;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return,
                 Err((error, _)) => {
                     tracing::debug!(%error, "sending ahead of the commit");
@@ -294,6 +335,10 @@ impl BatchProducer {
             self.abort()?;
             return Err(self.txn_error(error));
         }
+        // rust-rdkafka's commit_transaction flushes first, with the 100 ms polls
+        // described at [`DeliveryCounter`]: wait for the reports here, so that its
+        // flush finds nothing outstanding.
+        self.wait_delivered(CALL_TIMEOUT);
         loop {
             match self.producer.commit_transaction(CALL_TIMEOUT) {
                 Ok(()) => {
@@ -355,15 +400,10 @@ impl BatchProducer {
     ) -> Result<(), Attempt> {
         send().map_err(Attempt::Retry)?;
         // Wait until every record is acknowledged or failed.
-        loop {
-            match self.producer.flush(CALL_TIMEOUT) {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "waiting for acknowledgements");
-                    if *self.stop.borrow() {
-                        return Err(Attempt::Definite(FlushError::Stopped));
-                    }
-                }
+        while !self.wait_delivered(CALL_TIMEOUT) {
+            tracing::warn!("still waiting for acknowledgements");
+            if *self.stop.borrow() {
+                return Err(Attempt::Definite(FlushError::Stopped));
             }
         }
         let failed_after = self.producer.context().failed.load(Ordering::SeqCst);
@@ -373,6 +413,20 @@ impl BatchProducer {
             )));
         }
         Ok(())
+    }
+
+    /// Waits until every enqueued record has its delivery report and is released by
+    /// librdkafka (it is counted as outstanding until just after its report), at most
+    /// `timeout`.
+    fn wait_delivered(&self, timeout: Duration) -> bool {
+        if !self.producer.context().wait_reported(timeout) {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_millis(50);
+        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
     }
 
     /// Enqueues `records` of `batch`, waiting when the local queue is full.
@@ -404,7 +458,13 @@ impl BatchProducer {
     fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.producer
+                        .context()
+                        .enqueued
+                        .fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // Backpressure: the background thread drains the queue.
                     record = back;

@@ -518,9 +518,7 @@ fn consumer(
         .set("queued.max.messages.kbytes", "16384")
         .set(
             "queued.min.messages",
-            (args.batch_size.saturating_mul(2))
-                .clamp(1000, 100_000)
-                .to_string(),
+            args.batch_size.clamp(1000, 100_000).to_string(),
         )
         // Once those bounds are reached, librdkafka waits this long before fetching
         // the partition again (default 1 s): at the sink's pace the queue is drained
