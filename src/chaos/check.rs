@@ -149,7 +149,12 @@ pub async fn sample_lsns(
                     .and_then(Result::ok);
                 match high {
                     Some(high) => Held::TopicBelow(high),
-                    None => continue,
+                    None => {
+                        // A fresh client next time: after broker restarts, an idle
+                        // client's cached metadata can stay "unknown partition".
+                        watermarks = None;
+                        continue;
+                    }
                 }
             }
         };

@@ -218,9 +218,12 @@ impl LsnSampler {
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
             let (started, mut misses) = (Instant::now(), 0);
-            let reader = std::sync::Arc::new(
-                check::WatermarkReader::new(BROKERS, &topic).expect("watermark reader"),
-            );
+            let new_reader = || {
+                std::sync::Arc::new(
+                    check::WatermarkReader::new(BROKERS, &topic).expect("watermark reader"),
+                )
+            };
+            let mut reader = new_reader();
             while !*stopped.borrow() {
                 let t = Instant::now();
                 match sample(&source_url, &reader, &slot_name).await {
@@ -233,6 +236,9 @@ impl LsnSampler {
                         samples.push(sample);
                     }
                     Err(why) => {
+                        // A fresh client next time: after broker restarts, an idle
+                        // client's cached metadata can stay "unknown partition".
+                        reader = new_reader();
                         misses += 1;
                         eprintln!("lsn sampler: no sample ({why}) after {:?}", t.elapsed());
                     }
