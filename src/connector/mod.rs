@@ -325,8 +325,6 @@ impl Destination for KafkaDestination {
         if let Some(headers) = self.txn_headers.take() {
             self.batch.headers.push(headers);
         }
-        // The transaction is complete: its records may travel ahead of the commit.
-        self.producer.send_ahead(&self.topic, &self.batch);
     }
 
     fn discard_txn(&mut self) {

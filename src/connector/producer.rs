@@ -114,28 +114,6 @@ pub struct BatchProducer {
     transactional_id: String,
     producer: ThreadedProducer<DeliveryCounter>,
     stop: watch::Receiver<bool>,
-    /// What of the current batch was handed to librdkafka ahead of its commit.
-    ahead: Ahead,
-}
-
-/// Sending ahead: the records of each complete source transaction are handed to
-/// librdkafka as soon as it ends (in transactional mode inside the batch's Kafka
-/// transaction, begun with its first records), so that they travel to the brokers
-/// while the rest of the batch is decoded, and the commit only sends the tail and the
-/// progress record. It changes what is sent when, never what is durable when: the
-/// commit still ends with `commit_transaction` (or every acknowledgement), and any
-/// error on the way ahead falls back to the full attempt (abort, then the whole batch
-/// again).
-#[derive(Debug, Default)]
-struct Ahead {
-    /// Records of the batch enqueued so far (a prefix).
-    sent: usize,
-    /// A Kafka transaction was begun for them (transactional mode).
-    in_txn: bool,
-    /// Failed deliveries counted before the first of them (at-least-once mode).
-    failed_before: u64,
-    /// Sending ahead failed: the commit starts over.
-    broken: bool,
 }
 
 /// Bound of one Kafka call; a broker outage is retried in a loop around it.
@@ -158,49 +136,7 @@ impl BatchProducer {
             transactional_id: transactional_id.to_string(),
             producer,
             stop,
-            ahead: Ahead::default(),
         })
-    }
-
-    /// Hands the batch's records not yet sent to librdkafka, without blocking: a full
-    /// local queue leaves the rest to the commit. See [`Ahead`].
-    pub fn send_ahead(&mut self, topic: &str, batch: &Batch) {
-        let ahead = &mut self.ahead;
-        if ahead.broken || ahead.sent >= batch.records.len() {
-            return;
-        }
-        if ahead.sent == 0 && !ahead.in_txn {
-            match self.mode {
-                DeliveryMode::Transactional => {
-                    if let Err(error) = self.producer.begin_transaction() {
-                        tracing::debug!(%error, "begin_transaction ahead of the commit");
-                        ahead.broken = true;
-                        return;
-                    }
-                    ahead.in_txn = true;
-                }
-                DeliveryMode::AtLeastOnce => {
-                    ahead.failed_before = self.producer.context().failed.load(Ordering::SeqCst);
-                }
-            }
-        }
-        for record in &batch.records[ahead.sent..] {
-            match self.producer.send(record_of(topic, batch, record)) {
-                Ok(()) => {
-                    self.producer
-                        .context()
-                        .enqueued
-                        .fetch_add(1, Ordering::SeqCst);
-                    ahead.sent += 1;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return,
-                Err((error, _)) => {
-                    tracing::debug!(%error, "sending ahead of the commit");
-                    ahead.broken = true;
-                    return;
-                }
-            }
-        }
     }
 
     fn create(
@@ -253,34 +189,20 @@ impl BatchProducer {
     ) -> Result<(), FlushError> {
         let progress_value = progress.to_bytes();
         let mut backoff = Backoff::reconnect();
-        // The first attempt goes on from what was sent ahead, if that went well.
-        let ahead = std::mem::take(&mut self.ahead);
-        // (A transaction left open by a failure ahead makes the full attempt's
-        // begin_transaction fail, which aborts it and retries.)
-        let mut resume = (!ahead.broken && (ahead.sent > 0 || ahead.in_txn)).then_some(ahead.sent);
-        let mut failed_before = ahead.failed_before;
         loop {
             if *self.stop.borrow() && backoff.attempts() > 0 {
                 // A stop during an outage: leave the batch to the next run (the slot
                 // was not confirmed past it).
                 return Err(FlushError::Stopped);
             }
-            let from = resume.take();
-            if from.is_none() {
-                failed_before = self.producer.context().failed.load(Ordering::SeqCst);
-            }
+            let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
             let result = match self.mode {
-                DeliveryMode::Transactional => self.commit_transaction(
-                    topic,
-                    batch,
-                    from,
-                    progress_topic,
-                    slot,
-                    &progress_value,
-                ),
+                DeliveryMode::Transactional => {
+                    self.commit_transaction(topic, batch, progress_topic, slot, &progress_value)
+                }
                 DeliveryMode::AtLeastOnce => self.commit_acks(
                     topic,
-                    &batch.records[from.unwrap_or(0)..],
+                    &batch.records,
                     batch,
                     failed_before,
                     progress_topic,
@@ -307,29 +229,25 @@ impl BatchProducer {
         }
     }
 
-    /// One attempt in one Kafka transaction; `from`: the transaction is already open
-    /// with that many of the batch's records sent ahead.
+    /// One attempt in one Kafka transaction.
     fn commit_transaction(
         &self,
         topic: &str,
         batch: &Batch,
-        from: Option<usize>,
         progress_topic: &str,
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
-        if from.is_none() {
-            if let Err(error) = self.producer.begin_transaction() {
-                let attempt = self.txn_error(error);
-                if matches!(attempt, Attempt::Retry(_)) {
-                    // E.g. an earlier abort that is not complete yet: finish it first.
-                    self.abort()?;
-                }
-                return Err(attempt);
+        if let Err(error) = self.producer.begin_transaction() {
+            let attempt = self.txn_error(error);
+            if matches!(attempt, Attempt::Retry(_)) {
+                // E.g. an earlier abort that is not complete yet: finish it first.
+                self.abort()?;
             }
+            return Err(attempt);
         }
         let sent = self
-            .send_records(topic, batch, &batch.records[from.unwrap_or(0)..])
+            .send_records(topic, batch, &batch.records)
             .and_then(|()| self.send_progress(progress_topic, slot, progress));
         if let Err(error) = sent {
             self.abort()?;
@@ -367,9 +285,8 @@ impl BatchProducer {
         }
     }
 
-    /// One at-least-once attempt: `records` (the batch's, less those sent ahead)
-    /// and every record sent since the failure count was `failed_before` must be
-    /// acknowledged.
+    /// One at-least-once attempt: `records` and every record sent since the failure
+    /// count was `failed_before` must be acknowledged.
     #[allow(clippy::too_many_arguments)]
     fn commit_acks(
         &self,
