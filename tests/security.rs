@@ -289,44 +289,11 @@ impl TlsDbs {
 
 impl Drop for TlsDbs {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                for port in [8000 + TLS_OFFSET, 8001 + TLS_OFFSET] {
-                    let url = tls_url("postgres", "postgres", port, "postgres");
-                    if let Ok(client) = outbox_relay::pg::connect(&url).await {
-                        let _ = client
-                            .execute(
-                                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                                 WHERE database = $1 AND active",
-                                &[&name],
-                            )
-                            .await;
-                        for _ in 0..50 {
-                            let dropped = client
-                                .execute(
-                                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                                     WHERE database = $1",
-                                    &[&name],
-                                )
-                                .await;
-                            if dropped.is_ok() {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        let _ = client
-                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .await;
-                    }
-                }
-            });
-        })
-        .join();
+        let admin = |port| tls_url("postgres", "postgres", port, "postgres");
+        common::drop_databases(
+            vec![admin(8000 + TLS_OFFSET), admin(8001 + TLS_OFFSET)],
+            self.name.clone(),
+        );
     }
 }
 

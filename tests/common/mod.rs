@@ -239,47 +239,54 @@ impl TestDbs {
 
 impl Drop for TestDbs {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any async context we may block; use a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                for admin in [PG_START_ADMIN, PG_END_ADMIN] {
-                    if let Ok(client) = outbox_relay::pg::connect(admin).await {
-                        // Replication slots pin a database; drop the test's slots first
-                        // (ending any walsender still holding one).
-                        let _ = client
-                            .execute(
-                                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                                 WHERE database = $1 AND active",
-                                &[&name],
-                            )
-                            .await;
-                        for _ in 0..50 {
-                            let dropped = client
-                                .execute(
-                                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                                     WHERE database = $1",
-                                    &[&name],
-                                )
-                                .await;
-                            if dropped.is_ok() {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        let _ = client
-                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .await;
-                    }
-                }
-            });
-        })
-        .join();
+        drop_databases(
+            vec![PG_START_ADMIN.to_string(), PG_END_ADMIN.to_string()],
+            self.name.clone(),
+        );
     }
+}
+
+/// Drops database `name` on each cluster given by an admin URL, with its replication
+/// slots first (they pin a database; any walsender holding one is ended). For `Drop`
+/// impls: it runs outside any async context, on a runtime of its own.
+pub fn drop_databases(admin_urls: Vec<String>, name: String) {
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            for admin in &admin_urls {
+                let Ok(client) = outbox_relay::pg::connect(admin).await else {
+                    continue;
+                };
+                let _ = client
+                    .execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                         WHERE database = $1 AND active",
+                        &[&name],
+                    )
+                    .await;
+                for _ in 0..50 {
+                    let dropped = client
+                        .execute(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                             WHERE database = $1",
+                            &[&name],
+                        )
+                        .await;
+                    if dropped.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
+    })
+    .join();
 }
 
 /// A record read back from Kafka.
