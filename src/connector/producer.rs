@@ -2,9 +2,14 @@
 //! in one Kafka transaction (with the progress record) or, at-least-once, by waiting
 //! for every record's `acks=all` acknowledgement.
 //!
-//! Invariant: [`BatchProducer::commit`] returns `Ok` only when every record of the
-//! batch is durable in Kafka; on any doubt it retries the whole batch (an aborted
-//! Kafka transaction is invisible to `read_committed` readers).
+//! Invariants:
+//! 1. [`BatchProducer::commit`] returns `Ok` only when every record of the batch is
+//!    durable in Kafka; on any doubt it retries the whole batch (an aborted Kafka
+//!    transaction is invisible to `read_committed` readers).
+//! 2. A retry never runs on the producer whose attempt failed: it runs on a new one
+//!    (a new epoch), because the broker deduplicates by (producer, epoch, sequence)
+//!    and would otherwise take retried records for the failed attempt's (see
+//!    [`BatchProducer::recreate`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -214,19 +219,38 @@ impl BatchProducer {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Retry(error)) => {
                     ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka").increment(1);
-                    tracing::warn!(%error, records = batch.records.len(), "kafka batch not durable yet, retrying");
+                    tracing::warn!(%error, records = batch.records.len(), "kafka batch not durable yet, retrying on a new producer");
                     std::thread::sleep(backoff.next_delay());
+                    self.recreate()?;
                 }
                 Err(Attempt::Recreate(error)) => {
                     ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka_producer_recreated")
                         .increment(1);
                     tracing::warn!(%error, "kafka producer must be recreated");
                     std::thread::sleep(backoff.next_delay());
-                    self.producer = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
+                    self.recreate()?;
                 }
                 Err(Attempt::Definite(error)) => return Err(error),
             }
         }
+    }
+
+    /// Replaces the producer with a new one: a new producer id or, transactional, a
+    /// new epoch of the same transactional id, so that the retry's records carry
+    /// sequence numbers no broker has seen (transactional: its `init_transactions`
+    /// fences the old one). The old producer is then dropped, its queue purged.
+    ///
+    /// Retrying on the same producer lost records (regression test:
+    /// `all_brokers_down_twice_during_load_the_connector_waits_and_loses_nothing`):
+    /// a partition leader wrote an attempt's records but the acknowledgement was lost
+    /// in an outage; the attempt was aborted, and librdkafka sent the retry's records
+    /// for that partition under the same epoch with the same sequence numbers, which
+    /// the broker took for duplicates of the aborted ones and acknowledged without
+    /// writing them. The retry's transaction committed without those records.
+    fn recreate(&mut self) -> Result<(), FlushError> {
+        let fresh = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
+        self.producer = fresh;
+        Ok(())
     }
 
     /// One attempt in one Kafka transaction.
