@@ -320,6 +320,15 @@ impl rdkafka::consumer::ConsumerContext for LastClientError {}
 /// Blocking: call it from `spawn_blocking`. It reads the single partition with
 /// `isolation.level=read_committed` up to its end (the last stable offset), so an
 /// open transaction of a fenced predecessor is either resolved or invisible.
+///
+/// The end is asked for first (`ListOffsets`), and the read goes on until the
+/// consumer's position reaches it. The end of partition that a fetch reports is not
+/// enough: a newly elected leader serves fetches up to its own high watermark, which
+/// can lag behind records already acknowledged to every producer until its followers
+/// fetch again, whereas `ListOffsets` refuses to answer until it has caught up
+/// (KIP-207). Trusting the fetch's end made a restart right after a leader change
+/// read the progress record *before* the last committed one, and send that batch's
+/// transactions again (chaos run 6, docs/reliability.md, finding 7).
 pub fn read_progress(
     brokers: &str,
     topic: &str,
@@ -344,46 +353,73 @@ pub fn read_progress(
     consumer.assign(&assignment).map_err(read_error)?;
 
     let deadline = Instant::now() + timeout;
+    let timed_out = || KafkaSetupError::ReadProgressTimeout {
+        topic: topic.to_string(),
+        secs: timeout.as_secs(),
+    };
+    let end = loop {
+        match consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
+            Ok((_, high)) => break high,
+            Err(error) => {
+                // Among others: the leader's high watermark is not caught up yet.
+                tracing::debug!(%error, "progress topic end offset, retrying");
+                if Instant::now() >= deadline {
+                    return Err(timed_out());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let reached_end = || {
+        consumer.position().ok().is_some_and(|list| {
+            list.find_partition(topic, 0)
+                .is_some_and(|p| matches!(p.offset(), Offset::Offset(o) if o >= end))
+        })
+    };
     let mut last = None;
     loop {
         if Instant::now() >= deadline {
-            return Err(KafkaSetupError::ReadProgressTimeout {
-                topic: topic.to_string(),
-                secs: timeout.as_secs(),
-            });
+            return Err(timed_out());
         }
         match consumer.poll(Duration::from_millis(500)) {
             None => continue,
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                if end == 0 || reached_end() {
+                    break;
+                }
+            }
             Some(Err(error)) => {
                 tracing::debug!(%error, "progress topic read error, retrying");
                 continue;
             }
             Some(Ok(message)) => {
-                if message.key() != Some(slot.as_bytes()) {
-                    continue;
-                }
-                match message.payload() {
-                    // A tombstone: the slot's progress was deleted on purpose.
-                    None => last = None,
-                    Some(payload) => {
-                        let record: ProgressRecord =
-                            serde_json::from_slice(payload).map_err(|e| {
-                                KafkaSetupError::BadProgressRecord {
+                let at_end = message.offset() + 1 >= end;
+                if message.key() == Some(slot.as_bytes()) {
+                    match message.payload() {
+                        // A tombstone: the slot's progress was deleted on purpose.
+                        None => last = None,
+                        Some(payload) => {
+                            let record: ProgressRecord =
+                                serde_json::from_slice(payload).map_err(|e| {
+                                    KafkaSetupError::BadProgressRecord {
+                                        topic: topic.to_string(),
+                                        slot: slot.to_string(),
+                                        detail: e.to_string(),
+                                    }
+                                })?;
+                            if record.lsn().is_none() {
+                                return Err(KafkaSetupError::BadProgressRecord {
                                     topic: topic.to_string(),
                                     slot: slot.to_string(),
-                                    detail: e.to_string(),
-                                }
-                            })?;
-                        if record.lsn().is_none() {
-                            return Err(KafkaSetupError::BadProgressRecord {
-                                topic: topic.to_string(),
-                                slot: slot.to_string(),
-                                detail: format!("lsn {:?} is not an LSN", record.lsn),
-                            });
+                                    detail: format!("lsn {:?} is not an LSN", record.lsn),
+                                });
+                            }
+                            last = Some(record);
                         }
-                        last = Some(record);
                     }
+                }
+                if at_end {
+                    break;
                 }
             }
         }
