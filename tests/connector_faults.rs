@@ -1,5 +1,5 @@
 //! The connector through outages of the shared stack: a broker killed, two brokers
-//! down at once (below `min.insync.replicas=2`), all three down twice, pg_start killed and stopped, and the
+//! down at once (below `min.insync.replicas=2`), all three down three times, pg_start killed and stopped, and the
 //! connector itself killed. Every test holds [`common::fault_lock`], ends with "every
 //! id exactly once in read_committed", and samples the slot's confirmed LSN against
 //! Kafka's progress all along: the slot never confirms an outbox transaction that
@@ -36,11 +36,27 @@ impl Down {
         Self { name, up: false }
     }
 
+    /// SIGSTOP: the process hangs with its sockets open (requests in flight get no
+    /// answer); `start` resumes it.
+    fn pause(name: &'static str) -> Self {
+        eprintln!("fault: pause {name}");
+        stack(&["pause", name]);
+        Self { name, up: false }
+    }
+
     fn start(mut self) {
         eprintln!("fault: start {}", self.name);
         stack(&["start", self.name]);
         self.up = true;
     }
+}
+
+/// The three brokers, each taken down by `fault`.
+fn all_brokers(fault: fn(&'static str) -> Down) -> Vec<Down> {
+    ["kafka1", "kafka2", "kafka3"]
+        .into_iter()
+        .map(fault)
+        .collect()
 }
 
 /// Starts the components together, each in its own thread: with two or three brokers
@@ -179,31 +195,53 @@ async fn two_brokers_down_below_min_isr_the_connector_waits_and_loses_nothing() 
 }
 
 /// Chaos run 4 lost 55 transactions around two outages of all three brokers in a row
-/// (finding 6 of docs/reliability.md). Each outage here outlasts the producer's 30 s
-/// call timeout, so that the batch in flight goes through the whole retry path: its
-/// flush times out, the Kafka transaction is aborted once the coordinator answers, and
-/// the batch is sent again; the second outage hits the brokers while they recover.
+/// (finding 6 of docs/reliability.md). Each outage here outlasts the producer's two 30 s
+/// waits (delivery reports, then the flush of `commit_transaction`), so that the batch
+/// in flight goes through the whole retry path: its flush times out, the Kafka
+/// transaction is aborted once the coordinator answers, and the batch is sent again. The next outage comes while the connector sends its first
+/// attempt after the brokers are back, so that records in flight may be written but
+/// not acknowledged: retried on the same producer, such records were lost.
 #[tokio::test(flavor = "multi_thread")]
-async fn all_brokers_down_twice_during_load_the_connector_waits_and_loses_nothing() {
+async fn all_brokers_down_again_and_again_the_connector_waits_and_loses_nothing() {
     let _lock = common::fault_lock().await;
-    let mut run = Run::start(20000, 250.0).await;
+    // Load all along the three outages.
+    let mut run = Run::start(75000, 250.0).await;
     let mut connector = run.p.spawn_connector(&[], &[]);
     wait_streaming(&run.p, &mut connector).await;
     pause_for(2.0).await;
-    for round in 0..2 {
-        let downs = vec![
-            Down::kill("kafka1"),
-            Down::kill("kafka2"),
-            Down::kill("kafka3"),
-        ];
-        pause_for(35.0).await;
+    for (round, back_for) in [1.0, 0.3, 2.0].into_iter().enumerate() {
+        let downs = all_brokers(Down::kill);
+        pause_for(65.0).await;
         assert_running(
             &mut connector,
             &format!("while all brokers were down ({round})"),
         );
         start_together(downs);
-        pause_for(1.0).await;
+        pause_for(back_for).await;
     }
+    run.check().await;
+    assert_running(&mut connector, "after the brokers came back");
+    assert!(connector.terminate().success());
+}
+
+/// Finding 6's mechanism head on: all three brokers hung (SIGSTOP) during load for
+/// longer than the producer's two 30 s waits (delivery reports, then the flush of
+/// `commit_transaction`). A produce request in flight at that instant may be written
+/// by its partition leader while its acknowledgement never reaches the connector; the
+/// attempt then times out, is aborted once the brokers answer, and the batch is sent
+/// again. Retried on the same producer, such records were acknowledged as duplicates
+/// of the aborted ones and never written again.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_brokers_hung_past_the_commit_timeouts_the_connector_loses_nothing() {
+    let _lock = common::fault_lock().await;
+    let mut run = Run::start(25000, 250.0).await;
+    let mut connector = run.p.spawn_connector(&[], &[]);
+    wait_streaming(&run.p, &mut connector).await;
+    pause_for(3.0).await;
+    let hung = all_brokers(Down::pause);
+    pause_for(70.0).await;
+    assert_running(&mut connector, "while all brokers hung");
+    start_together(hung);
     run.check().await;
     assert_running(&mut connector, "after the brokers came back");
     assert!(connector.terminate().success());

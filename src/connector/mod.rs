@@ -253,6 +253,7 @@ impl Destination for KafkaDestination {
         })
         .await
         .map_err(|e| PipelineError::Definite(format!("progress reader panicked: {e}")))??;
+        self.producer.set_committed(record.clone());
         // At-least-once batches may be partly durable: their progress only marks the
         // slot as used, and never lets a transaction be skipped.
         Ok(match (self.mode, record) {

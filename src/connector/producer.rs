@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use super::{Batch, OutRecord};
-use crate::kafka::{self, ProgressRecord};
+use crate::kafka::{self, ProgressRecord, ProgressState};
 use crate::pg::ErrorClass;
 use crate::pipeline::PipelineError;
 use crate::retry::Backoff;
@@ -119,6 +119,12 @@ pub struct BatchProducer {
     transactional_id: String,
     producer: ThreadedProducer<DeliveryCounter>,
     stop: watch::Receiver<bool>,
+    /// At least once: the state of the last progress record this process made durable
+    /// (see [`BatchProducer::commit_acks`]).
+    marked: Option<ProgressState>,
+    /// Transactional: the last progress record this instance committed, or read back
+    /// when its session began (see [`BatchProducer::recreate`]).
+    committed: Option<ProgressRecord>,
 }
 
 /// Bound of one Kafka call; a broker outage is retried in a loop around it.
@@ -141,7 +147,15 @@ impl BatchProducer {
             transactional_id: transactional_id.to_string(),
             producer,
             stop,
+            marked: None,
+            committed: None,
         })
+    }
+
+    /// Records the progress record read back when a session begins: the one a new
+    /// producer must still find after a retry (see [`BatchProducer::recreate`]).
+    pub fn set_committed(&mut self, record: Option<ProgressRecord>) {
+        self.committed = record;
     }
 
     fn create(
@@ -207,28 +221,32 @@ impl BatchProducer {
                 }
                 DeliveryMode::AtLeastOnce => self.commit_acks(
                     topic,
-                    &batch.records,
                     batch,
                     failed_before,
                     progress_topic,
                     slot,
                     &progress_value,
+                    self.marked == Some(progress.state),
                 ),
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => return self.committed_now(progress),
                 Err(Attempt::Retry(error)) => {
                     ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka").increment(1);
                     tracing::warn!(%error, records = batch.records.len(), "kafka batch not durable yet, retrying on a new producer");
+                    if self.recreate(progress_topic, slot, progress)? == Found::ThisBatch {
+                        return self.committed_now(progress);
+                    }
                     std::thread::sleep(backoff.next_delay());
-                    self.recreate()?;
                 }
                 Err(Attempt::Recreate(error)) => {
                     ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka_producer_recreated")
                         .increment(1);
                     tracing::warn!(%error, "kafka producer must be recreated");
                     std::thread::sleep(backoff.next_delay());
-                    self.recreate()?;
+                    if self.recreate(progress_topic, slot, progress)? == Found::ThisBatch {
+                        return self.committed_now(progress);
+                    }
                 }
                 Err(Attempt::Definite(error)) => return Err(error),
             }
@@ -237,19 +255,67 @@ impl BatchProducer {
 
     /// Replaces the producer with a new one: a new producer id or, transactional, a
     /// new epoch of the same transactional id, so that the retry's records carry
-    /// sequence numbers no broker has seen (transactional: its `init_transactions`
-    /// fences the old one). The old producer is then dropped, its queue purged.
+    /// sequence numbers no broker has seen. The old producer is then dropped, its queue
+    /// purged.
     ///
     /// Retrying on the same producer lost records (regression test:
-    /// `all_brokers_down_twice_during_load_the_connector_waits_and_loses_nothing`):
+    /// `all_brokers_down_again_and_again_the_connector_waits_and_loses_nothing`):
     /// a partition leader wrote an attempt's records but the acknowledgement was lost
     /// in an outage; the attempt was aborted, and librdkafka sent the retry's records
     /// for that partition under the same epoch with the same sequence numbers, which
     /// the broker took for duplicates of the aborted ones and acknowledged without
     /// writing them. The retry's transaction committed without those records.
-    fn recreate(&mut self) -> Result<(), FlushError> {
+    ///
+    /// A new transactional producer fences every other instance, including a newer
+    /// one that took this connector's place while it was cut off (which would
+    /// otherwise have fenced this one at its next call). So the new producer reads the
+    /// progress record back first:
+    /// - the batch's own record: the failed attempt did commit (its outcome was lost
+    ///   with the connection), and the batch is durable as it is;
+    /// - the last record this instance committed (or read when its session began): no
+    ///   one else has written; the batch is sent again;
+    /// - anything else: another instance has committed since, and this one stops as
+    ///   fenced rather than commit what it holds a second time.
+    fn recreate(
+        &mut self,
+        progress_topic: &str,
+        slot: &str,
+        pending: &ProgressRecord,
+    ) -> Result<Found, FlushError> {
         let fresh = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
         self.producer = fresh;
+        if self.mode != DeliveryMode::Transactional {
+            return Ok(Found::Ours);
+        }
+        let mut backoff = Backoff::reconnect();
+        loop {
+            match kafka::read_progress(&self.brokers, progress_topic, slot, CALL_TIMEOUT) {
+                Ok(found) => {
+                    if let Some(judged) = judge(found.as_ref(), pending, self.committed.as_ref()) {
+                        return Ok(judged);
+                    }
+                    tracing::error!(
+                        ours = ?self.committed,
+                        ?found,
+                        "the progress topic moved on without this instance: another connector took over"
+                    );
+                    return Err(FlushError::Fenced(self.transactional_id.clone()));
+                }
+                Err(error) => {
+                    if *self.stop.borrow() {
+                        return Err(FlushError::Stopped);
+                    }
+                    tracing::warn!(%error, "reading the progress record back, retrying");
+                    std::thread::sleep(backoff.next_delay());
+                }
+            }
+        }
+    }
+
+    /// The batch of `progress` is durable.
+    fn committed_now(&mut self, progress: &ProgressRecord) -> Result<(), FlushError> {
+        self.marked = Some(progress.state);
+        self.committed = Some(progress.clone());
         Ok(())
     }
 
@@ -271,7 +337,7 @@ impl BatchProducer {
             return Err(attempt);
         }
         let sent = self
-            .send_records(topic, batch, &batch.records)
+            .send_records(topic, batch)
             .and_then(|()| self.send_progress(progress_topic, slot, progress));
         if let Err(error) = sent {
             self.abort()?;
@@ -309,22 +375,33 @@ impl BatchProducer {
         }
     }
 
-    /// One at-least-once attempt: `records` and every record sent since the failure
-    /// count was `failed_before` must be acknowledged.
+    /// One at-least-once attempt: the batch's records, and every record sent since the
+    /// failure count was `failed_before`, must be acknowledged.
+    ///
+    /// The progress record only marks the slot as used and the snapshot as done (its
+    /// LSN is never used to skip: `KafkaDestination::read_progress`). When it changes
+    /// that mark (`unchanged` is false: the first batch of this process, or the end of
+    /// a snapshot), it is sent only once the rows are all acknowledged, so that a
+    /// `streaming` record never precedes a snapshot's rows. Otherwise it travels with
+    /// the rows: one round of acknowledgements per batch instead of two.
     #[allow(clippy::too_many_arguments)]
     fn commit_acks(
         &self,
         topic: &str,
-        records: &[OutRecord],
         batch: &Batch,
         failed_before: u64,
         progress_topic: &str,
         slot: &str,
         progress: &[u8],
+        unchanged: bool,
     ) -> Result<(), Attempt> {
-        // The rows first, all acknowledged; only then the progress record, which marks
-        // the slot as used (a snapshot's rows must all be in Kafka before it says so).
-        self.send_and_wait(failed_before, || self.send_records(topic, batch, records))?;
+        if unchanged {
+            return self.send_and_wait(failed_before, || {
+                self.send_records(topic, batch)?;
+                self.send_progress(progress_topic, slot, progress)
+            });
+        }
+        self.send_and_wait(failed_before, || self.send_records(topic, batch))?;
         let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
         self.send_and_wait(failed_before, || {
             self.send_progress(progress_topic, slot, progress)
@@ -370,14 +447,9 @@ impl BatchProducer {
         true
     }
 
-    /// Enqueues `records` of `batch`, waiting when the local queue is full.
-    fn send_records(
-        &self,
-        topic: &str,
-        batch: &Batch,
-        records: &[OutRecord],
-    ) -> Result<(), KafkaError> {
-        for record in records {
+    /// Enqueues the batch's records, waiting when the local queue is full.
+    fn send_records(&self, topic: &str, batch: &Batch) -> Result<(), KafkaError> {
+        for record in &batch.records {
             self.send(record_of(topic, batch, record))?;
         }
         Ok(())
@@ -479,6 +551,30 @@ fn record_of<'a>(
     base
 }
 
+/// Whose the progress record `found` by a new producer is; `None`: another instance's.
+fn judge(
+    found: Option<&ProgressRecord>,
+    pending: &ProgressRecord,
+    committed: Option<&ProgressRecord>,
+) -> Option<Found> {
+    if found == Some(pending) {
+        Some(Found::ThisBatch)
+    } else if found == committed {
+        Some(Found::Ours)
+    } else {
+        None
+    }
+}
+
+/// What a new producer found in the progress topic (see [`BatchProducer::recreate`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// The record of the batch being committed: it is durable.
+    ThisBatch,
+    /// This instance's last record: the batch is to be sent again.
+    Ours,
+}
+
 enum Attempt {
     Retry(KafkaError),
     Recreate(KafkaError),
@@ -507,5 +603,34 @@ pub(super) fn destination_error(error: FlushError) -> PipelineError {
         context: "kafka".into(),
         class: error.class(),
         source: Box::new(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+
+    #[test]
+    fn a_new_producer_tells_its_own_progress_from_another_instances() {
+        let at = |lsn: u64| ProgressRecord::streaming(Lsn(lsn));
+        let (committed, pending) = (at(100), at(200));
+        // The failed attempt committed after all.
+        assert_eq!(
+            judge(Some(&pending), &pending, Some(&committed)),
+            Some(Found::ThisBatch)
+        );
+        // Nothing new: send the batch again.
+        assert_eq!(
+            judge(Some(&committed), &pending, Some(&committed)),
+            Some(Found::Ours)
+        );
+        assert_eq!(judge(None, &pending, None), Some(Found::Ours));
+        // Another instance committed since (beyond, or short of, this batch).
+        assert_eq!(judge(Some(&at(300)), &pending, Some(&committed)), None);
+        assert_eq!(judge(Some(&at(150)), &pending, Some(&committed)), None);
+        assert_eq!(judge(Some(&at(150)), &pending, None), None);
+        // The record vanished (the topic was deleted): not this instance's doing.
+        assert_eq!(judge(None, &pending, Some(&committed)), None);
     }
 }
