@@ -1,5 +1,6 @@
 //! The connector through outages of the shared stack: a broker killed, two brokers
-//! down at once (below `min.insync.replicas=2`), all three down three times, pg_start killed and stopped, and the
+//! down at once (below `min.insync.replicas=2`), all three down three times or hung, all three crashed right after a commit
+//! (the progress record read back must be the last), pg_start killed and stopped, and the
 //! connector itself killed. Every test holds [`common::fault_lock`], ends with "every
 //! id exactly once in read_committed", and samples the slot's confirmed LSN against
 //! Kafka's progress all along: the slot never confirms an outbox transaction that
@@ -300,4 +301,49 @@ async fn confirmed_flush_lsn_never_passes_what_kafka_holds_through_connector_and
     run.check().await;
     assert_running(&mut connector, "at the end");
     assert!(connector.terminate().success());
+}
+
+/// Finding 7 of docs/reliability.md: the progress record read back right after the
+/// brokers restart must be the last committed one. A restarted broker takes its high
+/// watermark from a checkpoint written every few seconds; elected leader, it serves
+/// fetches up to that watermark until its followers fetch again, below records that
+/// were acknowledged before the crash. A read that trusted the fetch's end of partition
+/// then returned an older record, and the connector sent that batch again. Here the
+/// connector stops right after a commit, all three brokers are killed at once, and the
+/// progress record is read back over and over while they come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_progress_record_read_back_after_all_brokers_crash_is_the_last_committed() {
+    let _lock = common::fault_lock().await;
+    let mut run = Run::start(200_000, 1000.0).await;
+    let (topic, slot) = (run.p.progress_topic.clone(), run.p.slot.clone());
+    let read = move || {
+        outbox_relay::kafka::read_progress(common::BROKERS, &topic, &slot, Duration::from_secs(20))
+    };
+    for round in 0..2 {
+        let mut connector = run.p.spawn_connector(&[], &[]);
+        wait_streaming(&run.p, &mut connector).await;
+        pause_for(3.0).await;
+        // Committing under load until the SIGTERM; then the crash, at once.
+        assert!(connector.terminate().success());
+        let last = tokio::task::spawn_blocking(read.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(last.is_some(), "the connector committed progress");
+        let downs = all_brokers(Down::kill);
+        let up = std::thread::spawn(move || start_together(downs));
+        let mut reads = 0;
+        while !up.is_finished() || reads < 20 {
+            if let Ok(found) = tokio::task::spawn_blocking(read.clone()).await.unwrap() {
+                reads += 1;
+                assert_eq!(
+                    found, last,
+                    "round {round}, read {reads}: a stale progress record"
+                );
+            }
+        }
+        up.join().expect("brokers started");
+        eprintln!("round {round}: {reads} reads while the brokers came back");
+    }
+    run.load.take().expect("started").abort();
 }
