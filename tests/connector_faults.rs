@@ -1,10 +1,11 @@
 //! The connector through outages of the shared stack: a broker killed, two brokers
-//! down at once (below `min.insync.replicas=2`), all three down three times or hung, all three crashed right after a commit
-//! (the progress record read back must be the last), pg_start killed and stopped, and the
-//! connector itself killed. Every test holds [`common::fault_lock`], ends with "every
-//! id exactly once in read_committed", and samples the slot's confirmed LSN against
-//! Kafka's progress all along: the slot never confirms an outbox transaction that
-//! Kafka does not hold (see [`common::connector::LsnSampler`]).
+//! down at once (below `min.insync.replicas=2`), all three down three times or hung,
+//! pg_start killed and stopped, and the connector itself killed. Every such test holds
+//! [`common::fault_lock`], ends with "every id exactly once in read_committed", and
+//! samples the slot's confirmed LSN against Kafka's progress all along: the slot never
+//! confirms an outbox transaction that Kafka does not hold (see
+//! [`common::connector::LsnSampler`]). One more test crashes all three brokers right
+//! after a commit and checks that the progress record read back is the last one.
 
 mod common;
 
