@@ -334,7 +334,12 @@ async fn the_progress_record_read_back_after_all_brokers_crash_is_the_last_commi
         let downs = all_brokers(Down::kill);
         let up = std::thread::spawn(move || start_together(downs));
         let mut reads = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
         while !up.is_finished() || reads < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the progress record could not be read back ({reads} reads)"
+            );
             if let Ok(found) = tokio::task::spawn_blocking(read.clone()).await.unwrap() {
                 reads += 1;
                 assert_eq!(
