@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use super::{Batch, OutRecord};
-use crate::kafka::{self, ProgressRecord, ProgressState};
+use crate::kafka::{self, ProgressRecord};
 use crate::pg::ErrorClass;
 use crate::pipeline::PipelineError;
 use crate::retry::Backoff;
@@ -119,11 +119,9 @@ pub struct BatchProducer {
     transactional_id: String,
     producer: ThreadedProducer<DeliveryCounter>,
     stop: watch::Receiver<bool>,
-    /// At least once: the state of the last progress record this process made durable
-    /// (see [`BatchProducer::commit_acks`]).
-    marked: Option<ProgressState>,
-    /// Transactional: the last progress record this instance committed, or read back
-    /// when its session began (see [`BatchProducer::recreate`]).
+    /// The last progress record this instance made durable, or read back when its
+    /// session began (see [`BatchProducer::recreate`] and
+    /// [`BatchProducer::commit_acks`]).
     committed: Option<ProgressRecord>,
 }
 
@@ -147,7 +145,6 @@ impl BatchProducer {
             transactional_id: transactional_id.to_string(),
             producer,
             stop,
-            marked: None,
             committed: None,
         })
     }
@@ -226,31 +223,29 @@ impl BatchProducer {
                     progress_topic,
                     slot,
                     &progress_value,
-                    self.marked == Some(progress.state),
+                    self.committed.as_ref().map(|c| c.state) == Some(progress.state),
                 ),
             };
             match result {
-                Ok(()) => return self.committed_now(progress),
+                Ok(()) => break,
+                Err(Attempt::Definite(error)) => return Err(error),
                 Err(Attempt::Retry(error)) => {
                     ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka").increment(1);
                     tracing::warn!(%error, records = batch.records.len(), "kafka batch not durable yet, retrying on a new producer");
-                    if self.recreate(progress_topic, slot, progress)? == Found::ThisBatch {
-                        return self.committed_now(progress);
-                    }
-                    std::thread::sleep(backoff.next_delay());
                 }
                 Err(Attempt::Recreate(error)) => {
                     ::metrics::counter!(crate::metrics::RETRIES, "cause" => "kafka_producer_recreated")
                         .increment(1);
                     tracing::warn!(%error, "kafka producer must be recreated");
-                    std::thread::sleep(backoff.next_delay());
-                    if self.recreate(progress_topic, slot, progress)? == Found::ThisBatch {
-                        return self.committed_now(progress);
-                    }
                 }
-                Err(Attempt::Definite(error)) => return Err(error),
             }
+            if self.recreate(progress_topic, slot, progress)? == Found::ThisBatch {
+                break;
+            }
+            std::thread::sleep(backoff.next_delay());
         }
+        self.committed = Some(progress.clone());
+        Ok(())
     }
 
     /// Replaces the producer with a new one: a new producer id or, transactional, a
@@ -282,8 +277,7 @@ impl BatchProducer {
         slot: &str,
         pending: &ProgressRecord,
     ) -> Result<Found, FlushError> {
-        let fresh = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
-        self.producer = fresh;
+        self.producer = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
         if self.mode != DeliveryMode::Transactional {
             return Ok(Found::Ours);
         }
@@ -310,13 +304,6 @@ impl BatchProducer {
                 }
             }
         }
-    }
-
-    /// The batch of `progress` is durable.
-    fn committed_now(&mut self, progress: &ProgressRecord) -> Result<(), FlushError> {
-        self.marked = Some(progress.state);
-        self.committed = Some(progress.clone());
-        Ok(())
     }
 
     /// One attempt in one Kafka transaction.
@@ -380,9 +367,9 @@ impl BatchProducer {
     ///
     /// The progress record only marks the slot as used and the snapshot as done (its
     /// LSN is never used to skip: `KafkaDestination::read_progress`). When it changes
-    /// that mark (`unchanged` is false: the first batch of this process, or the end of
-    /// a snapshot), it is sent only once the rows are all acknowledged, so that a
-    /// `streaming` record never precedes a snapshot's rows. Otherwise it travels with
+    /// that mark (`unchanged` is false: a new slot's first records, the end of a
+    /// snapshot, a progress topic read back empty), it is sent only once the rows are
+    /// all acknowledged, so that a `streaming` record never precedes a snapshot's rows. Otherwise it travels with
     /// the rows: one round of acknowledgements per batch instead of two.
     #[allow(clippy::too_many_arguments)]
     fn commit_acks(

@@ -357,9 +357,9 @@ pub fn read_progress(
         topic: topic.to_string(),
         secs: timeout.as_secs(),
     };
-    let end = loop {
+    let (low, end) = loop {
         match consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
-            Ok((_, high)) => break high,
+            Ok(watermarks) => break watermarks,
             Err(error) => {
                 // Among others: the leader's high watermark is not caught up yet.
                 tracing::debug!(%error, "progress topic end offset, retrying");
@@ -377,54 +377,47 @@ pub fn read_progress(
         })
     };
     let mut last = None;
-    loop {
+    if low >= end {
+        return Ok(None);
+    }
+    while !reached_end() {
         if Instant::now() >= deadline {
             return Err(timed_out());
         }
         match consumer.poll(Duration::from_millis(500)) {
-            None => continue,
-            Some(Err(KafkaError::PartitionEOF(_))) => {
-                if end == 0 || reached_end() {
-                    break;
-                }
+            Some(Ok(message)) if message.key() == Some(slot.as_bytes()) => {
+                // A tombstone: the slot's progress was deleted on purpose.
+                last = message
+                    .payload()
+                    .map(|payload| parse_progress(topic, slot, payload))
+                    .transpose()?;
             }
-            Some(Err(error)) => {
+            Some(Err(error)) if !matches!(error, KafkaError::PartitionEOF(_)) => {
                 tracing::debug!(%error, "progress topic read error, retrying");
-                continue;
             }
-            Some(Ok(message)) => {
-                let at_end = message.offset() + 1 >= end;
-                if message.key() == Some(slot.as_bytes()) {
-                    match message.payload() {
-                        // A tombstone: the slot's progress was deleted on purpose.
-                        None => last = None,
-                        Some(payload) => {
-                            let record: ProgressRecord =
-                                serde_json::from_slice(payload).map_err(|e| {
-                                    KafkaSetupError::BadProgressRecord {
-                                        topic: topic.to_string(),
-                                        slot: slot.to_string(),
-                                        detail: e.to_string(),
-                                    }
-                                })?;
-                            if record.lsn().is_none() {
-                                return Err(KafkaSetupError::BadProgressRecord {
-                                    topic: topic.to_string(),
-                                    slot: slot.to_string(),
-                                    detail: format!("lsn {:?} is not an LSN", record.lsn),
-                                });
-                            }
-                            last = Some(record);
-                        }
-                    }
-                }
-                if at_end {
-                    break;
-                }
-            }
+            // Another slot's record, the end of what a fetch returned, or nothing yet.
+            _ => {}
         }
     }
     Ok(last)
+}
+
+/// A progress record's value, checked.
+fn parse_progress(
+    topic: &str,
+    slot: &str,
+    payload: &[u8],
+) -> Result<ProgressRecord, KafkaSetupError> {
+    let bad = |detail: String| KafkaSetupError::BadProgressRecord {
+        topic: topic.to_string(),
+        slot: slot.to_string(),
+        detail,
+    };
+    let record: ProgressRecord = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+    if record.lsn().is_none() {
+        return Err(bad(format!("lsn {:?} is not an LSN", record.lsn)));
+    }
+    Ok(record)
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use tokio_postgres::Client;
 use crate::lsn::Lsn;
 use crate::pg::{self, ErrorClass};
 
-/// Replication events buffered between the walsender's connection and the pipeline.
+/// Replication events buffered between the walsender's connection and the pipeline:
+/// a whole default batch (5,000 one-row source transactions are ~15,000 events), so
+/// that the walsender goes on decoding while the destination commits. ~10 MiB at most
+/// with outbox rows.
 const READ_AHEAD_EVENTS: usize = 16_384;
 
 #[derive(Debug, Error)]
@@ -348,9 +351,6 @@ pub fn replication_config(
     .with_start_lsn(pgwire_replication::Lsn::from_u64(start.as_u64()))
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(5))
-    // Events read ahead while a batch is committed: a whole default batch (5,000
-    // one-row source transactions are ~15,000 events), so that the walsender goes on
-    // decoding during the destination's commit. ~10 MiB at most with outbox rows.
     .with_buffer_size(READ_AHEAD_EVENTS)
     .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3")
     .with_application_name(format!("outbox-relay:{slot}"));
