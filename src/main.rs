@@ -152,8 +152,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -162,7 +161,28 @@ async fn main() -> ExitCode {
     if let Some(kafka) = cli.command.kafka() {
         outbox_relay::kafka::set_client_properties(&kafka.kafka_property);
     }
-    match run(cli.command).await {
+    // The replication pipelines (connector, direct) run on one thread: the slot
+    // reader task hands the decoder one event per message, and waking a task parked on
+    // another thread for each costs more than decoding the message (their CPU per
+    // transaction halved on one thread; blocking Kafka calls go to the blocking pool).
+    // The sink decodes on one thread while it applies on another, and `chaos` blocks in
+    // place: they, and the rest, get the multi-threaded runtime.
+    let runtime = match cli.command {
+        Command::Connector(_) | Command::Direct(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -1056,6 +1056,11 @@ def main():
     args.rates = [int(x) for x in (args.rates or "250,500,1000,2000").split(",")]
     args.steady_seconds = args.steady_seconds or 15
     legs = set(args.legs.split(","))
+    unknown = legs - {"kafka", "direct", "sink", "steady"}
+    if unknown:
+        sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; use kafka, direct, sink, steady")
+    if "sink" in legs and "kafka" not in legs:
+        sys.exit("bench: the sink leg drains the topic the kafka leg writes; use --legs kafka,sink")
     args.steady_paths = args.steady_paths.split(",")
 
     stack = Stack(args)

@@ -8,9 +8,11 @@
 //! Kafka transaction that also writes the progress record (see [`crate::kafka`]).
 //!
 //! # Invariants
-//! 1. `commit` returns only when the batch and its progress record are committed in
-//!    Kafka (`acks=all`, `min.insync.replicas=2`); the pipeline confirms the slot
-//!    after that, never before.
+//! 1. `commit`'s future completes only when the batch and its progress record are
+//!    committed in Kafka (`acks=all`, `min.insync.replicas=2`); the pipeline confirms
+//!    the slot after that, never before. The next batch is encoded meanwhile, but
+//!    nothing of it reaches the producer before that commit has returned: one Kafka
+//!    transaction holds exactly one batch.
 //! 2. `transactional.id` is `outbox-relay-<slot>`: a second instance on the same slot
 //!    fences the first, whose open transaction is aborted.
 //! 3. The progress record is read back after `init_transactions`, so an open
@@ -27,6 +29,8 @@
 pub mod cleanup;
 mod producer;
 
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -116,7 +120,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         brokers: args.kafka.brokers.clone(),
         key_column: args.key_column.clone(),
         mode: args.delivery,
-        producer,
+        producer: Arc::new(Mutex::new(producer)),
         columns: Vec::new(),
         key_index: None,
         batch: Batch::default(),
@@ -222,7 +226,8 @@ struct KafkaDestination {
     brokers: String,
     key_column: String,
     mode: DeliveryMode,
-    producer: BatchProducer,
+    /// Shared with the commit in flight, which holds it until it is done.
+    producer: Arc<Mutex<BatchProducer>>,
     /// How each column of the outbox is rendered.
     columns: Vec<ColumnSpec>,
     key_index: Option<usize>,
@@ -253,7 +258,7 @@ impl Destination for KafkaDestination {
         })
         .await
         .map_err(|e| PipelineError::Definite(format!("progress reader panicked: {e}")))??;
-        self.producer.set_committed(record.clone());
+        lock(&self.producer)?.set_committed(record.clone());
         // At-least-once batches may be partly durable: their progress only marks the
         // slot as used, and never lets a transaction be skipped.
         Ok(match (self.mode, record) {
@@ -338,20 +343,47 @@ impl Destination for KafkaDestination {
         (self.batch.records.len(), self.batch.value_bytes)
     }
 
-    async fn commit(&mut self, slot: &str, progress: &ProgressRecord) -> Result<(), PipelineError> {
-        let (topic, progress_topic) = (&self.topic, &self.progress_topic);
-        let (producer, batch) = (&mut self.producer, &self.batch);
-        tokio::task::block_in_place(|| {
-            producer.commit(topic, batch, progress_topic, slot, progress)
-        })
-        .map_err(producer::destination_error)?;
-        let batch = std::mem::take(&mut self.batch);
-        // Only now, after the Kafka commit, may the rows be deleted.
-        if let Some(pending) = &self.cleanup {
-            pending.push(batch.ids);
-        }
-        Ok(())
+    fn clear(&mut self) {
+        self.batch = Batch::default();
+        self.txn_start = 0;
+        self.txn_ids_start = 0;
+        self.txn_headers = None;
     }
+
+    fn commit(
+        &mut self,
+        slot: &str,
+        progress: &ProgressRecord,
+    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+        let batch = std::mem::take(&mut self.batch);
+        let (topic, progress_topic) = (self.topic.clone(), self.progress_topic.clone());
+        let (slot, progress) = (slot.to_string(), progress.clone());
+        let producer = Arc::clone(&self.producer);
+        let cleanup = self.cleanup.clone();
+        async move {
+            let batch = tokio::task::spawn_blocking(move || {
+                lock(&producer)?
+                    .commit(&topic, &batch, &progress_topic, &slot, &progress)
+                    .map_err(producer::destination_error)?;
+                Ok::<_, PipelineError>(batch)
+            })
+            .await
+            .map_err(|e| PipelineError::Definite(format!("kafka commit panicked: {e}")))??;
+            // Only now, after the Kafka commit, may the rows be deleted.
+            if let Some(pending) = cleanup {
+                pending.push(batch.ids);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn lock(
+    producer: &Mutex<BatchProducer>,
+) -> Result<std::sync::MutexGuard<'_, BatchProducer>, PipelineError> {
+    producer
+        .lock()
+        .map_err(|_| PipelineError::Definite("the kafka producer was poisoned by a panic".into()))
 }
 
 /// Header names on every record.

@@ -20,10 +20,14 @@
 //!    are skipped, so `kill -9` at any instant neither loses nor repeats.
 //! 3. Rows that cannot be applied become dead letters in the same pg_end transaction;
 //!    the stream goes on.
-//! 4. pg_end outages are retried with capped backoff; while a batch waits, nothing
-//!    more is read from the slot (bounded memory).
+//! 4. pg_end outages are retried with capped backoff. One batch is applied while the
+//!    next is read (the pipeline's overlap); when that one is full, nothing more is
+//!    read from the slot until the first is committed (bounded memory).
 
-use tokio::sync::watch;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex};
 use tokio_postgres::Client;
 
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
@@ -65,9 +69,11 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         .await
         .map_err(PipelineError::Definite)?;
     let destination = PgEndDestination {
-        url: args.target.target_url.clone(),
-        client: None,
-        stop: stop.clone(),
+        pg_end: Arc::new(Mutex::new(PgEnd {
+            url: args.target.target_url.clone(),
+            client: None,
+            stop: stop.clone(),
+        })),
         columns: None,
         specs: Vec::new(),
         batch: ApplyBatch {
@@ -109,9 +115,8 @@ struct OpenTxn {
 }
 
 struct PgEndDestination {
-    url: String,
-    client: Option<Client>,
-    stop: watch::Receiver<bool>,
+    /// Shared with the apply in flight, which holds it until it is done.
+    pg_end: Arc<Mutex<PgEnd>>,
     columns: Option<Columns>,
     /// For rendering a row as JSON in a dead letter.
     specs: Vec<ColumnSpec>,
@@ -122,7 +127,14 @@ struct PgEndDestination {
     commit_times: Vec<i64>,
 }
 
-impl PgEndDestination {
+/// The connection to pg_end.
+struct PgEnd {
+    url: String,
+    client: Option<Client>,
+    stop: watch::Receiver<bool>,
+}
+
+impl PgEnd {
     /// A connected client, retrying transient failures until a stop.
     async fn client(&mut self) -> Result<&mut Client, PipelineError> {
         let mut backoff = Backoff::reconnect();
@@ -147,7 +159,9 @@ impl PgEndDestination {
         }
         self.client.as_mut().ok_or(PipelineError::Stopped)
     }
+}
 
+impl PgEndDestination {
     fn dead_letter(&mut self, kind: DeadLetterKind, error: String, values: &[Option<&[u8]>]) {
         let mut value = Vec::new();
         encode::encode_row(&mut value, &self.specs, values.iter().copied());
@@ -191,9 +205,10 @@ impl Destination for PgEndDestination {
     const STAGE: &'static str = "direct";
 
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
+        let mut pg_end = self.pg_end.lock().await;
         let mut backoff = Backoff::reconnect();
         loop {
-            let client = self.client().await?;
+            let client = pg_end.client().await?;
             match apply::read_source_lsn(&*client, slot).await {
                 // The snapshot marker is the progress row at 0/0.
                 Ok(Some(lsn)) if lsn.is_zero() => {
@@ -206,8 +221,8 @@ impl Destination for PgEndDestination {
                 Ok(None) => return Ok(None),
                 Err(error) if error.class() == ErrorClass::Transient => {
                     tracing::warn!(%error, "reading direct-mode progress, retrying");
-                    self.client = None;
-                    if *self.stop.borrow() {
+                    pg_end.client = None;
+                    if *pg_end.stop.borrow() {
                         return Err(PipelineError::Stopped);
                     }
                     backoff.wait().await;
@@ -307,33 +322,65 @@ impl Destination for PgEndDestination {
         )
     }
 
-    async fn commit(&mut self, slot: &str, progress: &ProgressRecord) -> Result<(), PipelineError> {
-        self.batch.progress = Progress::SourceLsn {
+    fn clear(&mut self) {
+        self.batch = ApplyBatch {
+            records: Vec::new(),
+            dead_letters: Vec::new(),
+            progress: Progress::None,
+        };
+        self.value_bytes = 0;
+        self.txn = None;
+        self.commit_times.clear();
+    }
+
+    fn commit(
+        &mut self,
+        slot: &str,
+        progress: &ProgressRecord,
+    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+        let mut batch = std::mem::replace(
+            &mut self.batch,
+            ApplyBatch {
+                records: Vec::new(),
+                dead_letters: Vec::new(),
+                progress: Progress::None,
+            },
+        );
+        batch.progress = Progress::SourceLsn {
             slot: slot.to_string(),
             commit_lsn: progress.lsn().unwrap_or(Lsn::ZERO),
         };
+        self.value_bytes = 0;
+        let commit_times = std::mem::take(&mut self.commit_times);
+        let pg_end = Arc::clone(&self.pg_end);
+        async move {
+            let mut pg_end = pg_end.lock().await;
+            pg_end.apply(&batch).await?;
+            let now = chrono::Utc::now();
+            for micros in commit_times {
+                if let Some(committed) = crate::connector::pg_micros_to_utc(micros) {
+                    let latency = (now - committed).num_microseconds().unwrap_or(0).max(0);
+                    ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => Self::STAGE)
+                        .record(latency as f64 / 1e6);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+impl PgEnd {
+    /// Applies `batch`, retrying transient failures (on a new connection) until it
+    /// is committed or a stop.
+    async fn apply(&mut self, batch: &ApplyBatch) -> Result<(), PipelineError> {
         let mut backoff = Backoff::reconnect();
         loop {
-            let batch = std::mem::replace(
-                &mut self.batch,
-                ApplyBatch {
-                    records: Vec::new(),
-                    dead_letters: Vec::new(),
-                    progress: Progress::None,
-                },
-            );
-            let client = match self.client().await {
-                Ok(client) => client,
-                Err(error) => {
-                    self.batch = batch;
-                    return Err(error);
-                }
-            };
+            let client = self.client().await?;
             // A frozen or black-holed pg_end must not hold the pipeline forever: an
             // attempt that outlasts APPLY_TIMEOUT is a transient failure, retried on a
             // new connection (applying the same batch twice is harmless).
             let result =
-                match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, &batch)).await {
+                match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, batch)).await {
                     Ok(result) => result.map_err(Some),
                     Err(_) => Err(None),
                 };
@@ -350,37 +397,15 @@ impl Destination for PgEndDestination {
                         duplicates = outcome.duplicates,
                         "applied"
                     );
-                    self.value_bytes = 0;
-                    let now = chrono::Utc::now();
-                    for micros in self.commit_times.drain(..) {
-                        if let Some(committed) = crate::connector::pg_micros_to_utc(micros) {
-                            let latency = (now - committed).num_microseconds().unwrap_or(0).max(0);
-                            ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => Self::STAGE)
-                                .record(latency as f64 / 1e6);
-                        }
-                    }
                     return Ok(());
                 }
                 Err(None) => {
-                    self.batch = batch;
                     tracing::warn!(timeout = ?APPLY_TIMEOUT, "pg_end apply timed out, retrying the same batch");
-                    self.client = None;
-                    if *self.stop.borrow() {
-                        return Err(PipelineError::Stopped);
-                    }
-                    backoff.wait().await;
                 }
                 Err(Some(error)) if error.class() == ErrorClass::Transient => {
-                    self.batch = batch;
                     tracing::warn!(%error, "pg_end apply failed, retrying the same batch");
-                    self.client = None;
-                    if *self.stop.borrow() {
-                        return Err(PipelineError::Stopped);
-                    }
-                    backoff.wait().await;
                 }
                 Err(Some(error)) => {
-                    self.batch = batch;
                     return Err(PipelineError::Destination {
                         context: "applying to pg_end".into(),
                         class: ErrorClass::Definite,
@@ -388,6 +413,11 @@ impl Destination for PgEndDestination {
                     });
                 }
             }
+            self.client = None;
+            if *self.stop.borrow() {
+                return Err(PipelineError::Stopped);
+            }
+            backoff.wait().await;
         }
     }
 }

@@ -20,15 +20,29 @@
 //!    commit and the slot confirmation re-reads those transactions and drops them.
 //! 3. One source transaction is never split across two destination commits.
 //! 4. Memory is bounded: a batch holds at most `--batch-size` rows (plus the rest of
-//!    one source transaction) and `--batch-bytes`; while it is committed nothing more
-//!    is read, and pgwire-replication's bounded channel makes the walsender wait.
+//!    one source transaction) and `--batch-bytes`. At most one batch is being
+//!    committed while the next one is read; when the next one is full, nothing more is
+//!    read until the first is durable, and pgwire-replication's bounded channel makes
+//!    the walsender wait.
 //! 5. Transient failures are retried with capped backoff; only a definite error (a lost
 //!    slot, a fenced producer, a bad configuration) stops the pipeline.
 //! 6. A slot is created only when the destination has no streaming progress for it. A
 //!    slot missing after use, or invalidated, is a definite error (see [`source`]).
+//! 7. Commits complete in order, one at a time: a batch's commit starts only after the
+//!    previous one has returned, so durability, progress records and slot
+//!    confirmations follow the source's commit order. A session never ends with a
+//!    commit running: it is awaited, and what it made durable is confirmed, first.
+//!
+//! # Overlap
+//! A destination commit is a round trip to other servers (a Kafka transaction, a
+//! durable pg_end commit), and decoding the next batch costs about as much CPU time.
+//! [`Destination::commit`] therefore hands the batch over and returns a future that
+//! owns it; the pipeline runs it as a task, goes on decoding into a fresh batch, and
+//! takes its result (mark durable, confirm the slot) when it completes.
 
 mod snapshot;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
@@ -176,9 +190,18 @@ pub trait Destination {
     fn discard_txn(&mut self);
     /// Rows and bytes in the batch.
     fn batch_size(&self) -> (usize, usize);
-    /// Makes the batch and `progress` durable, atomically; retries transient
-    /// failures itself unless `stopping`; empties the batch on success.
-    async fn commit(&mut self, slot: &str, progress: &ProgressRecord) -> Result<(), PipelineError>;
+    /// A session starts: whatever an earlier one left in the batch is dropped (its
+    /// transactions are read again from the slot).
+    fn clear(&mut self);
+    /// Hands the batch over, leaving an empty one, and returns the work that makes it
+    /// and `progress` durable, atomically. The future owns what it needs, so the next
+    /// batch is read while it runs; the pipeline awaits it before it calls `commit`
+    /// again or `read_progress`. It retries transient failures itself until a stop.
+    fn commit(
+        &mut self,
+        slot: &str,
+        progress: &ProgressRecord,
+    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static;
 }
 
 /// The pipeline's state across replication sessions.
@@ -396,25 +419,51 @@ impl<D: Destination> Pipeline<D> {
         }))
     }
 
-    /// Streams from the slot into the destination until an error or a stop.
+    /// Streams from the slot into the destination until an error or a stop; never
+    /// returns with a commit running.
     async fn stream(
         &mut self,
         replication: &mut ReplicationClient,
     ) -> Result<SessionEnd, PipelineError> {
-        let mut tracker = ProgressTracker::new(self.durable_lsn);
+        self.dest.clear();
+        let mut s = Session {
+            tracker: ProgressTracker::new(self.durable_lsn),
+            batch: BatchMark::default(),
+            in_flight: None,
+            confirmed: Lsn::ZERO,
+        };
+        let result = self.stream_events(replication, &mut s).await;
+        if s.in_flight.is_some() {
+            match self.settle(&mut s).await {
+                Ok(()) => s.confirm(replication),
+                Err(error) => tracing::warn!(
+                    error = %error_chain(&error),
+                    "the batch being committed when the session ended is not durable; \
+                     it is read again from the slot"
+                ),
+            }
+        }
+        result
+    }
+
+    async fn stream_events(
+        &mut self,
+        replication: &mut ReplicationClient,
+        s: &mut Session,
+    ) -> Result<SessionEnd, PipelineError> {
         let mut outbox_rel: Option<u32> = None;
         // Whether a transaction is open, and whether it is skipped (already durable).
         let mut open: Option<bool> = None;
-        let mut batch = BatchMark::default();
         let linger = Duration::from_millis(self.args.linger_ms);
-        let mut confirmed = Lsn::ZERO;
         let mut stop = self.stop.clone();
 
         loop {
-            // The batch may only be committed between source transactions: the rows of
-            // an open one are in the destination's batch but not complete.
-            let deadline = if open.is_none() {
-                batch.started.map(|s| s + linger)
+            // The batch may only be committed between source transactions (the rows of
+            // an open one are in the destination's batch but not complete), and a
+            // lingering batch waits for the commit in flight rather than for its own
+            // turn inside flush().
+            let deadline = if open.is_none() && s.in_flight.is_none() {
+                s.batch.started.map(|s| s + linger)
             } else {
                 None
             };
@@ -424,17 +473,20 @@ impl<D: Destination> Pipeline<D> {
                     if open.take().is_some() {
                         // Read again from the slot on the next start.
                         self.dest.discard_txn();
-                        tracker.abandon_open();
+                        s.tracker.abandon_open();
                     }
-                    self.flush(&mut batch, &mut tracker).await?;
-                    confirm(replication, &tracker, &mut confirmed);
+                    self.drain(s, replication).await?;
                     // Give the worker a moment to send the final status update.
                     tokio::time::sleep(Duration::from_millis(1200)).await;
                     return Ok(SessionEnd::Stopped);
                 }
+                result = committing(&mut s.in_flight) => {
+                    self.committed(s, result)?;
+                    s.confirm(replication);
+                    continue;
+                }
                 _ = sleep_until_opt(deadline) => {
-                    self.flush(&mut batch, &mut tracker).await?;
-                    confirm(replication, &tracker, &mut confirmed);
+                    self.flush(s).await?;
                     continue;
                 }
                 event = replication.recv() => event,
@@ -452,10 +504,8 @@ impl<D: Destination> Pipeline<D> {
                     if open.take().is_some() {
                         self.dest.discard_txn();
                     }
-                    tracker.abandon_open();
-                    if self.flush(&mut batch, &mut tracker).await.is_ok() {
-                        confirm(replication, &tracker, &mut confirmed);
-                    }
+                    s.tracker.abandon_open();
+                    let _ = self.drain(s, replication).await;
                     return Err(PipelineError::Replication(error));
                 }
             };
@@ -465,7 +515,7 @@ impl<D: Destination> Pipeline<D> {
                     xid,
                     commit_time_micros,
                 } => {
-                    tracker.begin();
+                    s.tracker.begin();
                     let commit_lsn = Lsn(final_lsn.as_u64());
                     let skip = commit_lsn < self.durable_lsn;
                     if !skip {
@@ -518,16 +568,17 @@ impl<D: Destination> Pipeline<D> {
                     match open.take() {
                         None => {}
                         Some(true) => {
-                            tracker.commit(end_lsn, 0);
+                            s.tracker.commit(end_lsn, 0);
                         }
                         Some(false) if end_lsn <= self.durable_lsn => {
                             self.dest.discard_txn();
-                            tracker.commit(end_lsn, 0);
+                            s.tracker.commit(end_lsn, 0);
                         }
                         Some(false) => {
                             self.dest.end_txn();
+                            let batch = &mut s.batch;
                             batch.last_end_lsn = Some(end_lsn);
-                            batch.last_ticket = Some(tracker.commit(end_lsn, 1));
+                            batch.last_ticket = Some(s.tracker.commit(end_lsn, 1));
                             batch.transactions += 1;
                             batch.started.get_or_insert_with(Instant::now);
                             let (rows, bytes) = self.dest.batch_size();
@@ -535,24 +586,23 @@ impl<D: Destination> Pipeline<D> {
                                 .set(rows as f64);
                             ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE)
                                 .set(bytes as f64);
+                            let full =
+                                rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
                             let lingered = batch.started.is_some_and(|s| s.elapsed() >= linger);
-                            if rows >= self.args.batch_size
-                                || bytes >= self.args.batch_bytes
-                                || lingered
-                            {
-                                self.flush(&mut batch, &mut tracker).await?;
+                            if full || (lingered && s.in_flight.is_none()) {
+                                self.flush(s).await?;
                             }
                         }
                     }
-                    confirm(replication, &tracker, &mut confirmed);
+                    s.confirm(replication);
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     let wal_end = Lsn(wal_end.as_u64());
                     ::metrics::gauge!(metrics::SLOT_LAG_BYTES, "stage" => D::STAGE)
-                        .set(wal_end.as_u64().saturating_sub(confirmed.as_u64()) as f64);
-                    if batch.is_empty() {
-                        tracker.idle_position(wal_end);
-                        confirm(replication, &tracker, &mut confirmed);
+                        .set(wal_end.as_u64().saturating_sub(s.confirmed.as_u64()) as f64);
+                    if s.idle() {
+                        s.tracker.idle_position(wal_end);
+                        s.confirm(replication);
                     }
                 }
                 ReplicationEvent::Message {
@@ -560,9 +610,9 @@ impl<D: Destination> Pipeline<D> {
                     lsn,
                     ..
                 } => {
-                    if batch.is_empty() {
-                        tracker.idle_position(Lsn(lsn.as_u64()));
-                        confirm(replication, &tracker, &mut confirmed);
+                    if s.idle() {
+                        s.tracker.idle_position(Lsn(lsn.as_u64()));
+                        s.confirm(replication);
                     }
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -570,29 +620,117 @@ impl<D: Destination> Pipeline<D> {
         }
     }
 
-    /// Commits the batch (the destination retries through outages) and marks it durable.
-    async fn flush(
-        &mut self,
-        batch: &mut BatchMark,
-        tracker: &mut ProgressTracker,
-    ) -> Result<(), PipelineError> {
-        let (Some(last_lsn), Some(ticket)) = (batch.last_end_lsn, batch.last_ticket) else {
+    /// Starts the batch's commit, after the one in flight (if any) has completed:
+    /// one commit at a time, in order.
+    async fn flush(&mut self, s: &mut Session) -> Result<(), PipelineError> {
+        let Some(last_lsn) = s.batch.last_end_lsn else {
             return Ok(());
         };
+        self.settle(s).await?;
         let (rows, _) = self.dest.batch_size();
-        self.dest
-            .commit(&self.slot, &ProgressRecord::streaming(last_lsn))
-            .await?;
-        ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(rows as u64);
+        let commit = self
+            .dest
+            .commit(&self.slot, &ProgressRecord::streaming(last_lsn));
+        s.in_flight = Some(InFlight {
+            commit: tokio::spawn(commit),
+            mark: std::mem::take(&mut s.batch),
+            rows,
+        });
+        Ok(())
+    }
+
+    /// Waits for the commit in flight, if any, and marks its batch durable.
+    async fn settle(&mut self, s: &mut Session) -> Result<(), PipelineError> {
+        if s.in_flight.is_none() {
+            return Ok(());
+        }
+        let result = committing(&mut s.in_flight).await;
+        self.committed(s, result)
+    }
+
+    /// Commits the batch and waits for it (and the one before it), then confirms.
+    async fn drain(
+        &mut self,
+        s: &mut Session,
+        replication: &ReplicationClient,
+    ) -> Result<(), PipelineError> {
+        self.flush(s).await?;
+        self.settle(s).await?;
+        s.confirm(replication);
+        Ok(())
+    }
+
+    /// The commit in flight has returned `result`: on success its transactions are
+    /// durable (the caller confirms the slot).
+    fn committed(
+        &mut self,
+        s: &mut Session,
+        result: Result<(), PipelineError>,
+    ) -> Result<(), PipelineError> {
+        let Some(done) = s.in_flight.take() else {
+            return result;
+        };
+        result?;
+        ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(done.rows as u64);
         ::metrics::counter!(metrics::TRANSACTIONS, "stage" => D::STAGE)
-            .increment(batch.transactions);
-        ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE).set(0.0);
-        ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE).set(0.0);
-        self.durable_lsn = self.durable_lsn.max(last_lsn);
-        tracker.durable_through(ticket);
-        *batch = BatchMark::default();
+            .increment(done.mark.transactions);
+        if s.batch.is_empty() {
+            ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE).set(0.0);
+            ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE).set(0.0);
+        }
+        if let (Some(last_lsn), Some(ticket)) = (done.mark.last_end_lsn, done.mark.last_ticket) {
+            self.durable_lsn = self.durable_lsn.max(last_lsn);
+            s.tracker.durable_through(ticket);
+        }
         crash_point_after_commit();
         Ok(())
+    }
+}
+
+/// The acknowledgement state of one replication session.
+struct Session {
+    tracker: ProgressTracker,
+    /// The batch being read.
+    batch: BatchMark,
+    /// The batch being committed.
+    in_flight: Option<InFlight>,
+    /// The LSN last confirmed to the slot.
+    confirmed: Lsn,
+}
+
+impl Session {
+    /// Nothing read is waiting to become durable.
+    fn idle(&self) -> bool {
+        self.batch.is_empty() && self.in_flight.is_none()
+    }
+
+    /// Tells the slot what may be confirmed.
+    fn confirm(&mut self, replication: &ReplicationClient) {
+        let lsn = self.tracker.confirmable();
+        if lsn > self.confirmed {
+            ::metrics::gauge!(metrics::CONFIRMED_LSN).set(lsn.as_u64() as f64);
+            replication.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.as_u64()));
+            self.confirmed = lsn;
+        }
+    }
+}
+
+/// A batch handed to the destination, and the task that makes it durable.
+struct InFlight {
+    commit: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    mark: BatchMark,
+    rows: usize,
+}
+
+/// Completes with the in-flight commit's result; pending forever when there is none.
+async fn committing(in_flight: &mut Option<InFlight>) -> Result<(), PipelineError> {
+    match in_flight {
+        Some(f) => (&mut f.commit).await.unwrap_or_else(|e| {
+            Err(PipelineError::Definite(format!(
+                "the destination commit task failed: {e}"
+            )))
+        }),
+        None => std::future::pending().await,
     }
 }
 
@@ -612,16 +750,6 @@ struct BatchMark {
 impl BatchMark {
     fn is_empty(&self) -> bool {
         self.last_ticket.is_none()
-    }
-}
-
-/// Tells the slot what may be confirmed.
-fn confirm(replication: &ReplicationClient, tracker: &ProgressTracker, confirmed: &mut Lsn) {
-    let lsn = tracker.confirmable();
-    if lsn > *confirmed {
-        ::metrics::gauge!(metrics::CONFIRMED_LSN).set(lsn.as_u64() as f64);
-        replication.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.as_u64()));
-        *confirmed = lsn;
     }
 }
 
