@@ -199,3 +199,69 @@ async fn cleanup_empties_the_outbox_and_every_id_stays_in_kafka_exactly_once() {
     assert!(connector.terminate().success());
     assert_eq!(p.outbox_rows().await, 0);
 }
+
+/// Finding 8 of docs/reliability.md: a Kafka transaction is committed when its
+/// coordinator has logged the decision; its markers reach the partitions after that.
+/// A session restarted in between read the progress topic only up to the last stable
+/// offset, took the record before the batch's own, and sent the batch again. From a
+/// reader's side a committed transaction whose markers are pending looks exactly like
+/// an open one: here the newest progress record is in an open transaction when the
+/// read starts, and is committed three seconds later. The read must wait and return
+/// it, not the older record below the last stable offset.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
+    use outbox_relay::kafka::{self, ProgressRecord, TopicSpec};
+    use outbox_relay::lsn::Lsn;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let suffix: u64 = rand::random();
+    let (topic, slot) = (
+        format!("progress_pending_{suffix:x}"),
+        format!("slot_{suffix:x}"),
+    );
+    kafka::ensure_topic(
+        common::BROKERS,
+        &TopicSpec {
+            name: &topic,
+            partitions: 1,
+            replication_factor: 3,
+            configs: &[("cleanup.policy", "compact")],
+        },
+    )
+    .await
+    .unwrap();
+    let (older, newer) = (
+        ProgressRecord::streaming(Lsn(0x100)),
+        ProgressRecord::streaming(Lsn(0x200)),
+    );
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::client_config(common::BROKERS)
+        .set("transactional.id", format!("pending-markers-{suffix:x}"))
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).unwrap();
+    for (record, commit) in [(&older, true), (&newer, false)] {
+        producer.begin_transaction().unwrap();
+        let value = record.to_bytes();
+        producer
+            .send(BaseRecord::to(&topic).key(&slot).payload(&value))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(timeout).unwrap();
+        if commit {
+            producer.commit_transaction(timeout).unwrap();
+        }
+    }
+    let read = {
+        let (topic, slot) = (topic.clone(), slot.clone());
+        std::thread::spawn(move || kafka::read_progress(common::BROKERS, &topic, &slot, timeout))
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !read.is_finished(),
+        "the read did not wait for the open transaction"
+    );
+    producer.commit_transaction(timeout).unwrap();
+    let found = read.join().unwrap().unwrap();
+    assert_eq!(found, Some(newer));
+}

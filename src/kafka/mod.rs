@@ -318,14 +318,24 @@ impl rdkafka::consumer::ConsumerContext for LastClientError {}
 /// Reads the last committed progress record of `slot` from the progress topic.
 ///
 /// Blocking: call it from `spawn_blocking`. It reads the single partition with
-/// `isolation.level=read_committed` up to its end (the last stable offset), so an
-/// open transaction of a fenced predecessor is either resolved or invisible.
+/// `isolation.level=read_committed`, so only committed records count, up to the
+/// partition's high watermark: every transaction with records below it must be
+/// resolved first.
 ///
-/// The end is asked for first (`ListOffsets`), and the read goes on until the
-/// consumer's position reaches it. The end of partition that a fetch reports is not
-/// enough: a newly elected leader serves fetches up to its own high watermark, which
-/// can lag behind records already acknowledged to every producer until its followers
-/// fetch again, whereas `ListOffsets` refuses to answer until it has caught up
+/// The end is asked for first (`ListOffsets`, as `read_uncommitted`: the high
+/// watermark, not the last stable offset), and the read goes on until the consumer's
+/// position reaches it. The last stable offset is not enough: a Kafka transaction is
+/// committed once its coordinator has logged the decision, and the markers reach the
+/// partitions after that. A session restarted in that window (same process, so no
+/// `init_transactions` waits for the markers) read up to the last stable offset, below
+/// the batch's own progress record, took the record before it, and sent the batch's
+/// transactions again (chaos run 8, docs/reliability.md, finding 8). Waiting for the
+/// high watermark waits for the markers; an open transaction of a hung predecessor
+/// delays the read until it is aborted (by `init_transactions` or its timeout).
+///
+/// Nor is the end of partition that a fetch reports: a newly elected leader serves
+/// fetches up to its own high watermark, which can lag behind records already
+/// acknowledged to every producer until its followers fetch again, whereas `ListOffsets` refuses to answer until it has caught up
 /// (KIP-207). Trusting the fetch's end made a restart right after a leader change
 /// read the progress record *before* the last committed one, and send that batch's
 /// transactions again (chaos run 6, docs/reliability.md, finding 7).
@@ -352,13 +362,19 @@ pub fn read_progress(
         .map_err(read_error)?;
     consumer.assign(&assignment).map_err(read_error)?;
 
+    // The high watermark: a read_committed client would be told the last stable offset.
+    let ends: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
+        .set("isolation.level", "read_uncommitted")
+        .create_with_context(EndOfPartitionIsExpected)
+        .map_err(KafkaSetupError::Config)?;
+
     let deadline = Instant::now() + timeout;
     let timed_out = || KafkaSetupError::ReadProgressTimeout {
         topic: topic.to_string(),
         secs: timeout.as_secs(),
     };
     let (low, end) = loop {
-        match consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
+        match ends.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
             Ok(watermarks) => break watermarks,
             Err(error) => {
                 // Among others: the leader's high watermark is not caught up yet.
