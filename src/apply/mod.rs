@@ -137,13 +137,14 @@ pub struct DeadLetter {
 }
 
 /// How far the applied batch reaches in its input; stored with the rows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Progress {
     /// The last offset consumed (applied, skipped or dead-lettered) per partition.
     KafkaOffsets(Vec<KafkaOffset>),
     /// Direct mode: the commit LSN of the last source transaction in the batch.
     SourceLsn { slot: String, commit_lsn: Lsn },
     /// Nothing to record (tests, manual repairs).
+    #[default]
     None,
 }
 
@@ -156,7 +157,7 @@ pub struct KafkaOffset {
 }
 
 /// What one pg_end transaction applies.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ApplyBatch {
     /// In input order: for repeated ids, the first occurrence wins.
     pub records: Vec<(TxnRecord, Origin)>,

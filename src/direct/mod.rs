@@ -76,11 +76,7 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         })),
         columns: None,
         specs: Vec::new(),
-        batch: ApplyBatch {
-            records: Vec::new(),
-            dead_letters: Vec::new(),
-            progress: Progress::None,
-        },
+        batch: ApplyBatch::default(),
         value_bytes: 0,
         txn: None,
         commit_times: Vec::new(),
@@ -323,11 +319,7 @@ impl Destination for PgEndDestination {
     }
 
     fn clear(&mut self) {
-        self.batch = ApplyBatch {
-            records: Vec::new(),
-            dead_letters: Vec::new(),
-            progress: Progress::None,
-        };
+        self.batch = ApplyBatch::default();
         self.value_bytes = 0;
         self.txn = None;
         self.commit_times.clear();
@@ -338,14 +330,7 @@ impl Destination for PgEndDestination {
         slot: &str,
         progress: &ProgressRecord,
     ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
-        let mut batch = std::mem::replace(
-            &mut self.batch,
-            ApplyBatch {
-                records: Vec::new(),
-                dead_letters: Vec::new(),
-                progress: Progress::None,
-            },
-        );
+        let mut batch = std::mem::take(&mut self.batch);
         batch.progress = Progress::SourceLsn {
             slot: slot.to_string(),
             commit_lsn: progress.lsn().unwrap_or(Lsn::ZERO),

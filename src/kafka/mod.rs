@@ -335,8 +335,8 @@ impl rdkafka::consumer::ConsumerContext for LastClientError {}
 ///
 /// Nor is the end of partition that a fetch reports: a newly elected leader serves
 /// fetches up to its own high watermark, which can lag behind records already
-/// acknowledged to every producer until its followers fetch again, whereas `ListOffsets` refuses to answer until it has caught up
-/// (KIP-207). Trusting the fetch's end made a restart right after a leader change
+/// acknowledged to every producer until its followers fetch again, whereas
+/// `ListOffsets` refuses to answer until it has caught up (KIP-207). Trusting the fetch's end made a restart right after a leader change
 /// read the progress record *before* the last committed one, and send that batch's
 /// transactions again (chaos run 6, docs/reliability.md, finding 7).
 pub fn read_progress(
