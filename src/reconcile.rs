@@ -231,7 +231,7 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
         ));
     }
     let source = connect("pg_start", &args.source.source_url).await?;
-    let mut target = connect("pg_end", &args.target.target_url).await?;
+    let mut target = apply::Target::new(connect("pg_end", &args.target.target_url).await?);
     let mut report = ReconcileReport {
         dry_run: args.dry_run,
         ..ReconcileReport::default()
@@ -327,12 +327,14 @@ async fn credits(source: &Client, ids: &[i64]) -> Result<Vec<Credit>, ReconcileE
 /// Applies `rows` as one batch with no progress marker, retrying transient failures
 /// (reconnecting) a bounded number of times.
 async fn apply_rows(
-    target: &mut Client,
+    target: &mut apply::Target,
     url: &str,
     rows: &[TxnRow],
 ) -> Result<apply::ApplyOutcome, ReconcileError> {
     let origin = Origin {
-        headers: serde_json::json!([{"key": "outbox-relay.origin", "value": "reconcile"}]),
+        headers: [("outbox-relay.origin", Some(&b"reconcile"[..]))]
+            .into_iter()
+            .collect(),
         ..Origin::default()
     };
     let batch = ApplyBatch {
@@ -370,7 +372,7 @@ async fn apply_rows(
         backoff.wait().await;
         if target.is_closed() {
             if let Ok(client) = pg::connect(url).await {
-                *target = client;
+                *target = apply::Target::new(client);
             }
         }
     }

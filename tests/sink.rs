@@ -996,7 +996,7 @@ async fn balances(client: &tokio_postgres::Client) -> BTreeMap<i64, String> {
 #[tokio::test]
 async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward() {
     let dbs = TestDbs::new().await;
-    let mut client = dbs.target().await;
+    let mut client = apply::Target::new(dbs.target().await);
     let batch = ApplyBatch {
         records: vec![
             txn(1, 1, "10"),
@@ -1034,7 +1034,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
         (1, 1, 1)
     );
     assert_eq!(balances(&client).await[&2], "8");
-    let stored = apply::read_kafka_offsets(&client, &[("t".to_string(), 0), ("t".to_string(), 1)])
+    let stored = apply::read_kafka_offsets(&*client, &[("t".to_string(), 0), ("t".to_string(), 1)])
         .await
         .unwrap();
     assert_eq!(
@@ -1058,7 +1058,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
         };
         apply::apply(&mut client, &batch).await.unwrap();
         assert_eq!(
-            apply::read_source_lsn(&client, "s").await.unwrap(),
+            apply::read_source_lsn(&*client, "s").await.unwrap(),
             Some(Lsn(expected))
         );
     }
@@ -1067,7 +1067,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
 #[tokio::test]
 async fn apply_bisects_to_dead_letter_a_record_postgres_refuses() {
     let dbs = TestDbs::new().await;
-    let mut client = dbs.target().await;
+    let mut client = apply::Target::new(dbs.target().await);
     // Something the Rust checks cannot foresee: a constraint of pg_end's own.
     client
         .batch_execute("ALTER TABLE main.transactions ADD CONSTRAINT not_13 CHECK (amount <> 13)")

@@ -28,7 +28,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
-use tokio_postgres::Client;
 
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
 use crate::config::{SourceArgs, TargetArgs};
@@ -126,17 +125,17 @@ struct PgEndDestination {
 /// The connection to pg_end.
 struct PgEnd {
     url: String,
-    client: Option<Client>,
+    client: Option<apply::Target>,
     stop: watch::Receiver<bool>,
 }
 
 impl PgEnd {
     /// A connected client, retrying transient failures until a stop.
-    async fn client(&mut self) -> Result<&mut Client, PipelineError> {
+    async fn client(&mut self) -> Result<&mut apply::Target, PipelineError> {
         let mut backoff = Backoff::reconnect();
         while self.client.is_none() {
             match pg::connect(&self.url).await {
-                Ok(client) => self.client = Some(client),
+                Ok(client) => self.client = Some(apply::Target::new(client)),
                 Err(error) if pg::classify(&error) == ErrorClass::Transient => {
                     tracing::warn!(%error, "pg_end unavailable, retrying");
                     if *self.stop.borrow() {
@@ -205,7 +204,7 @@ impl Destination for PgEndDestination {
         let mut backoff = Backoff::reconnect();
         loop {
             let client = pg_end.client().await?;
-            match apply::read_source_lsn(&*client, slot).await {
+            match apply::read_source_lsn(&**client, slot).await {
                 // The snapshot marker is the progress row at 0/0.
                 Ok(Some(lsn)) if lsn.is_zero() => {
                     return Ok(Some(ProgressRecord {

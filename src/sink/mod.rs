@@ -58,12 +58,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
-use tokio_postgres::Client;
 
 use crate::apply::{
     self, ApplyBatch, ApplyError, DeadLetter, KafkaOffset, Origin, Progress, TxnRecord,
@@ -229,6 +229,8 @@ struct Pending {
     /// Source commit times (the connector's header) of the batch's records, for the
     /// end-to-end latency.
     commit_times: Vec<chrono::DateTime<chrono::Utc>>,
+    /// The topic name the batch's origins share.
+    topic: Option<Arc<str>>,
 }
 
 impl Pending {
@@ -331,7 +333,8 @@ pub async fn run_until(
     let mut report = Report::new();
     let mut kafka_errors = 0u64;
 
-    let result = loop {
+    let mut messages = consumer.stream();
+    let result = 'run: loop {
         let full = pending.consumed >= args.batch_size;
         let deadline = pending.since.map(|since| since + linger);
         tokio::select! {
@@ -346,28 +349,43 @@ pub async fn run_until(
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() && !full => {}
-            received = consumer.recv(), if !full => {
-                // Assignment changes happened inside this poll, before its message.
-                if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
-                    break Err(error);
-                }
-                match received {
-                    Ok(message) => {
-                        kafka_errors = 0;
-                        consume(&message, args.format, &mut pending, &mut stats);
+            received = messages.next(), if !full => {
+                // Then what librdkafka has already fetched, without going back through
+                // the select: one wake-up and one timer per burst, not per record.
+                let mut received = received;
+                loop {
+                    // Assignment changes happened inside this poll, before its message.
+                    if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
+                        break 'run Err(error);
                     }
-                    Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
-                        // librdkafka gave up on this consumer (e.g. another instance
-                        // runs with the same group.instance.id): needs a person.
-                        break Err(SinkError::Consumer(error));
-                    }
-                    Err(error) => {
-                        kafka_errors += 1;
-                        // librdkafka retries by itself; log, and slow down if it repeats.
-                        tracing::warn!(%error, "kafka consumer error");
-                        if kafka_errors > 10 {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                    match received {
+                        Some(Ok(message)) => {
+                            kafka_errors = 0;
+                            consume(&message, args.format, &mut pending, &mut stats);
                         }
+                        Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
+                            // librdkafka gave up on this consumer (e.g. another instance
+                            // runs with the same group.instance.id): needs a person.
+                            break 'run Err(SinkError::Consumer(error));
+                        }
+                        Some(Err(error)) => {
+                            kafka_errors += 1;
+                            // librdkafka retries by itself; log, and slow down if it repeats.
+                            tracing::warn!(%error, "kafka consumer error");
+                            if kafka_errors > 10 {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            break;
+                        }
+                        // The stream of a consumer never ends.
+                        None => break,
+                    }
+                    if pending.consumed >= args.batch_size {
+                        break;
+                    }
+                    match messages.next().now_or_never() {
+                        Some(next) => received = next,
+                        None => break,
                     }
                 }
             }
@@ -386,6 +404,7 @@ pub async fn run_until(
         report.maybe_log(&stats);
     };
 
+    drop(messages);
     // Shutdown: the batch in flight finishes (or is abandoned if pg_end does not take
     // it), the buffered one gets one attempt, then the consumer leaves the group.
     let mut result = result;
@@ -436,10 +455,11 @@ struct InFlight {
     task: tokio::task::JoinHandle<Applied>,
 }
 
-/// What the applier task hands back: the writer, the batch, and how it went.
+/// What the applier task hands back: the writer, the batch's progress, and how it went.
+/// The records are dropped in the task, off the consumer loop.
 struct Applied {
     writer: Writer,
-    batch: ApplyBatch,
+    progress: Progress,
     commit_times: Vec<chrono::DateTime<chrono::Utc>>,
     stats: SinkStats,
     result: Result<bool, SinkError>,
@@ -454,7 +474,7 @@ impl InFlight {
             let result = writer.apply_until_done(&batch, &stop, &mut stats).await;
             Applied {
                 writer,
-                batch,
+                progress: batch.progress,
                 commit_times,
                 stats,
                 result,
@@ -486,7 +506,7 @@ fn finish_batch(
     let committed = applied.result?;
     if committed {
         record_latency(&applied.commit_times);
-        commit_to_kafka(consumer, &applied.batch);
+        commit_to_kafka(consumer, &applied.progress);
     }
     Ok(committed)
 }
@@ -584,37 +604,35 @@ fn consume(
     let topic = message.topic();
     let partition = message.partition();
     let offset = message.offset();
-    let headers: Vec<(&str, Option<&[u8]>)> = message
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-        .unwrap_or_default();
-    let lsn_header = headers
-        .iter()
-        .find(|(key, _)| *key == record::LSN_HEADER)
-        .map(|(_, value)| *value);
-    if let Some(committed) = headers
-        .iter()
-        .find(|(key, _)| *key == crate::connector::HEADER_COMMIT_TS)
-        .and_then(|(_, value)| std::str::from_utf8((*value)?).ok())
-        .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
-    {
-        pending
-            .commit_times
-            .push(committed.with_timezone(&chrono::Utc));
+    let mut headers = apply::Headers::default();
+    let mut lsn_header = None;
+    for header in message.headers().iter().flat_map(|h| h.iter()) {
+        headers.push(header.key, header.value);
+        if header.key == record::LSN_HEADER {
+            lsn_header = Some(header.value);
+        } else if header.key == crate::connector::HEADER_COMMIT_TS {
+            if let Some(committed) = header.value.and_then(commit_time) {
+                pending.commit_times.push(committed);
+            }
+        }
     }
     let source_lsn = lsn_header
         .flatten()
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse::<Lsn>().ok());
     let value = message.payload();
-    let origin = || Origin {
-        topic: Some(topic.to_string()),
+    let topic_shared = match &pending.topic {
+        Some(shared) if **shared == *topic => shared.clone(),
+        _ => pending.topic.insert(Arc::from(topic)).clone(),
+    };
+    let origin = move || Origin {
+        topic: Some(topic_shared),
         partition: Some(partition),
         offset: Some(offset),
         source_lsn,
         key: message.key().map(<[u8]>::to_vec),
         value: value.map(<[u8]>::to_vec),
-        headers: record::headers_json(headers.iter().copied()),
+        headers,
     };
 
     stats.consumed += 1;
@@ -648,20 +666,43 @@ fn consume(
             });
         }
     }
-    let last = pending
+    // A lookup by &str first: a String per record was a measurable cost.
+    match pending
         .last_offsets
-        .entry((topic.to_string(), partition))
-        .or_insert(offset);
-    *last = (*last).max(offset);
+        .iter_mut()
+        .find(|((t, p), _)| t == topic && *p == partition)
+    {
+        Some((_, last)) => *last = (*last).max(offset),
+        None => {
+            pending
+                .last_offsets
+                .insert((topic.to_string(), partition), offset);
+        }
+    }
     pending.consumed += 1;
     if pending.since.is_none() {
         pending.since = Some(tokio::time::Instant::now());
     }
 }
 
+/// The connector's commit-time header (RFC 3339, UTC), read without chrono's general
+/// parser for the form the connector writes (`2025-07-23T20:06:21.085330Z`).
+fn commit_time(value: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = std::str::from_utf8(value).ok()?;
+    match text
+        .strip_suffix('Z')
+        .and_then(apply::validate::plain_timestamp)
+    {
+        Some(naive) => Some(naive.and_utc()),
+        None => chrono::DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc)),
+    }
+}
+
 /// After pg_end committed a batch: tell Kafka too, for lag monitoring only.
-fn commit_to_kafka(consumer: &StreamConsumer<SinkContext>, batch: &ApplyBatch) {
-    let Progress::KafkaOffsets(offsets) = &batch.progress else {
+fn commit_to_kafka(consumer: &StreamConsumer<SinkContext>, progress: &Progress) {
+    let Progress::KafkaOffsets(offsets) = progress else {
         return;
     };
     let mut tpl = TopicPartitionList::new();
@@ -681,7 +722,7 @@ fn commit_to_kafka(consumer: &StreamConsumer<SinkContext>, batch: &ApplyBatch) {
 /// The pg_end connection used to apply batches, re-established after failures.
 struct Writer {
     url: String,
-    client: Option<Client>,
+    client: Option<apply::Target>,
 }
 
 impl Writer {
@@ -757,7 +798,7 @@ impl Writer {
                             source: e,
                         }),
                     })?;
-                self.client.insert(client)
+                self.client.insert(apply::Target::new(client))
             }
         };
         match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, batch)).await {

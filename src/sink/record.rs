@@ -152,7 +152,7 @@ fn plain_row(format: Format, value: &[u8], connector_headers: bool) -> Option<De
     }
     let row: PlainRow<'_> = serde_json::from_slice(value).ok()?;
     let amount = row.amount.as_str();
-    validate::amount(amount).ok()?;
+    validate::check_amount(amount).ok()?;
     validate::created_at(row.created_at).ok()?;
     let detected = match connector_headers {
         true => Detected::Connector,
