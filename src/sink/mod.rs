@@ -22,7 +22,11 @@
 //! A batch is applied by a task of its own while the loop goes on consuming and
 //! decoding the next one: at most one batch in flight and one pending (the loop stops
 //! polling when the pending one is full), applied one after the other in the order
-//! they were consumed. Kafka's group offsets are committed when pg_end has committed
+//! they were consumed. A batch is applied when it is full, when nothing is being
+//! applied and no record waits in the consumer (a quiet topic's records do not wait
+//! out a window), or at the latest `--batch-linger-ms` after its first record; under a
+//! backlog, batches fill while the one before is applied. Records already fetched are
+//! drained in one go, not one `select!` per record. Kafka's group offsets are committed when pg_end has committed
 //! the batch. A revoked partition's records are dropped from the pending batch; the
 //! batch in flight may still apply them, which is harmless (see below).
 //!
@@ -99,7 +103,8 @@ pub struct SinkArgs {
     /// Apply a batch once it holds this many records.
     #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_SIZE", default_value_t = 5000)]
     pub batch_size: usize,
-    /// Apply a batch at the latest this many milliseconds after its first record.
+    /// Apply a batch at the latest this many milliseconds after its first record (it
+    /// is applied sooner when full, or when nothing is being applied and no record waits).
     #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
     /// Record format: detected per record (auto), or one forced.
@@ -334,6 +339,8 @@ pub async fn run_until(
     let mut kafka_errors = 0u64;
 
     let mut messages = consumer.stream();
+    // Whether the last poll found no record waiting.
+    let mut caught_up = false;
     let result = 'run: loop {
         let full = pending.consumed >= args.batch_size;
         let deadline = pending.since.map(|since| since + linger);
@@ -353,6 +360,7 @@ pub async fn run_until(
                 // Then what librdkafka has already fetched, without going back through
                 // the select: one wake-up and one timer per burst, not per record.
                 let mut received = received;
+                caught_up = false;
                 loop {
                     // Assignment changes happened inside this poll, before its message.
                     if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
@@ -385,7 +393,10 @@ pub async fn run_until(
                     }
                     match messages.next().now_or_never() {
                         Some(next) => received = next,
-                        None => break,
+                        None => {
+                            caught_up = true;
+                            break;
+                        }
                     }
                 }
             }
@@ -393,10 +404,14 @@ pub async fn run_until(
         if let Err(error) = on_rebalance(&consumer, &mut pending, &mut stats) {
             break Err(error);
         }
+        // A batch is applied when it is full, when nothing is being applied and the
+        // consumer has caught up (no record waits: a batch does not wait for records
+        // that are not there), or at the latest `linger` after its first record.
         let due = pending
             .since
             .is_some_and(|since| since + linger <= tokio::time::Instant::now());
-        if !pending.is_empty() && (pending.consumed >= args.batch_size || due) {
+        let idle = caught_up && in_flight.is_none();
+        if !pending.is_empty() && (pending.consumed >= args.batch_size || due || idle) {
             if let Some(writer) = writer.take() {
                 in_flight = Some(InFlight::start(writer, &mut pending, stop.clone()));
             }
