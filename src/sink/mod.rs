@@ -358,6 +358,10 @@ pub async fn run_until(
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() && !full => {}
+            // The last batch's offsets when no further batch comes to carry them.
+            _ = sleep_until(group_offsets.due()), if group_offsets.due().is_some() => {
+                group_offsets.commit(&consumer);
+            }
             received = messages.next(), if !full => {
                 // Then what librdkafka has already fetched, without going back through
                 // the select: one wake-up and one timer per burst, not per record.
@@ -736,7 +740,7 @@ fn commit_time(value: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
 /// bench's steady state).
 struct GroupOffsets {
     latest: BTreeMap<(String, i32), i64>,
-    last_commit: Instant,
+    last_commit: tokio::time::Instant,
 }
 
 const GROUP_COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -745,12 +749,19 @@ impl GroupOffsets {
     fn new() -> Self {
         Self {
             latest: BTreeMap::new(),
-            last_commit: Instant::now(),
+            last_commit: tokio::time::Instant::now(),
         }
     }
 
     /// After pg_end committed a batch: remember its offsets, and tell Kafka if due.
     fn committed(&mut self, consumer: &StreamConsumer<SinkContext>, progress: &Progress) {
+        self.record(progress);
+        if self.last_commit.elapsed() >= GROUP_COMMIT_EVERY {
+            self.commit(consumer);
+        }
+    }
+
+    fn record(&mut self, progress: &Progress) {
         if let Progress::KafkaOffsets(offsets) = progress {
             for o in offsets {
                 let last = self
@@ -760,9 +771,11 @@ impl GroupOffsets {
                 *last = (*last).max(o.last_offset);
             }
         }
-        if self.last_commit.elapsed() >= GROUP_COMMIT_EVERY {
-            self.commit(consumer);
-        }
+    }
+
+    /// When the offsets not yet told to Kafka are due, if there are any.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        (!self.latest.is_empty()).then_some(self.last_commit + GROUP_COMMIT_EVERY)
     }
 
     /// Forgets revoked partitions: their new owner reports them.
@@ -772,10 +785,11 @@ impl GroupOffsets {
         }
     }
 
-    fn commit(&mut self, consumer: &StreamConsumer<SinkContext>) {
-        self.last_commit = Instant::now();
+    /// What to commit (the next offset to read per partition), emptying the list.
+    fn take(&mut self) -> Option<TopicPartitionList> {
+        self.last_commit = tokio::time::Instant::now();
         if self.latest.is_empty() {
-            return;
+            return None;
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), last_offset) in std::mem::take(&mut self.latest) {
@@ -785,6 +799,11 @@ impl GroupOffsets {
                 tracing::debug!(%error, "cannot list an offset to commit to kafka");
             }
         }
+        Some(tpl)
+    }
+
+    fn commit(&mut self, consumer: &StreamConsumer<SinkContext>) {
+        let Some(tpl) = self.take() else { return };
         if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
             // Harmless: pg_end holds the offsets that count.
             tracing::debug!(%error, "cannot commit offsets to kafka (monitoring only)");
@@ -927,5 +946,50 @@ impl Report {
         );
         self.last = Instant::now();
         self.consumed = stats.consumed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offsets(list: &[(&str, i32, i64)]) -> Progress {
+        Progress::KafkaOffsets(
+            list.iter()
+                .map(|&(topic, partition, last_offset)| KafkaOffset {
+                    topic: topic.into(),
+                    partition,
+                    last_offset,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn group_offsets_keep_the_highest_per_partition_and_forget_revoked_ones() {
+        let mut group = GroupOffsets::new();
+        group.record(&offsets(&[("t", 0, 10), ("t", 1, 5)]));
+        group.record(&offsets(&[("t", 0, 7), ("t", 1, 9), ("t", 2, 3)]));
+        group.revoke(&[("t".to_string(), 2)]);
+        let tpl = group.take().expect("offsets to commit");
+        let next = |partition| tpl.find_partition("t", partition).map(|e| e.offset());
+        assert_eq!(
+            next(0),
+            Some(Offset::Offset(11)),
+            "highest + 1, never lower"
+        );
+        assert_eq!(next(1), Some(Offset::Offset(10)));
+        assert_eq!(
+            next(2),
+            None,
+            "a revoked partition is its new owner's to report"
+        );
+        assert!(group.take().is_none(), "taken once");
+        assert!(group.due().is_none(), "nothing left to tell Kafka");
+        group.record(&offsets(&[("t", 0, 12)]));
+        assert!(
+            group.due().is_some(),
+            "a last batch's offsets do not wait for another"
+        );
     }
 }
