@@ -598,7 +598,9 @@ fn differing_fields(account_id: bool, amount: bool, created_at: bool) -> Vec<&'s
 }
 
 /// The four parallel arrays the statements unnest.
-fn columns<'c>(records: &[&'c Checked<'_>]) -> (Vec<i64>, Vec<i64>, Vec<&'c str>, Vec<&'c str>) {
+fn columns<'c, 'r: 'c>(
+    records: impl ExactSizeIterator<Item = &'c Checked<'r>>,
+) -> (Vec<i64>, Vec<i64>, Vec<&'r str>, Vec<&'r str>) {
     let mut ids = Vec::with_capacity(records.len());
     let mut accounts = Vec::with_capacity(records.len());
     let mut amounts = Vec::with_capacity(records.len());
@@ -694,7 +696,7 @@ async fn insert_new(
     part: &[Checked<'_>],
     outcome: &mut ApplyOutcome,
 ) -> Result<(), tokio_postgres::Error> {
-    let (ids, accounts, amounts, times) = columns(&part.iter().collect::<Vec<_>>());
+    let (ids, accounts, amounts, times) = columns(part.iter());
     let inserted = tx
         .execute(
             &statements.insert_new_records,
@@ -715,7 +717,7 @@ async fn insert_part(
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
 ) -> Result<(), tokio_postgres::Error> {
-    let (ids, accounts, amounts, times) = columns(&part.iter().collect::<Vec<_>>());
+    let (ids, accounts, amounts, times) = columns(part.iter());
     let rows = tx
         .query(
             &statements.insert_records,
@@ -733,7 +735,7 @@ async fn insert_part(
     let mut new_letters = Vec::new();
     let mut duplicates = 0;
     if !skipped.is_empty() {
-        let (ids, accounts, amounts, times) = columns(&skipped);
+        let (ids, accounts, amounts, times) = columns(skipped.iter().copied());
         let rows = tx
             .query(
                 &statements.compare_existing,
