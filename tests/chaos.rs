@@ -117,3 +117,44 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
     );
     assert!(output.status.success());
 }
+
+/// The heal of runs 9 and 10 failed for good once toxiproxy's API stopped answering:
+/// a failed call must restart the server, with every proxy back and clean. Here the
+/// server is killed (its API gone) while a proxy holds a blackhole.
+#[test]
+fn a_toxiproxy_that_stops_answering_is_restarted_with_clean_proxies() {
+    use outbox_relay::chaos::stack::{toxiproxy_binary, Stack, Toxiproxy};
+    use std::net::TcpStream;
+
+    let dir = std::path::PathBuf::from(stack_dir());
+    std::fs::create_dir_all(&dir).unwrap();
+    // Offset 2050: API 10524, proxies 10052/10053 and 21440..21442; nothing else there.
+    let stack = Stack {
+        script: common::repo().join("scripts/stack"),
+        dir: dir.clone(),
+        offset: 2050,
+    };
+    let binary = toxiproxy_binary(&dir).expect("toxiproxy-server");
+    let mut toxi = Toxiproxy::start(&binary, &stack, &dir.join("toxiproxy-restart-test.log"))
+        .expect("start toxiproxy");
+    toxi.blackhole("pg_start").expect("blackhole");
+
+    let killed = Command::new("kill")
+        .args(["-9", &toxi.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let failed = toxi.call(|t| t.heal_all());
+    assert!(failed.is_err(), "a call to a dead toxiproxy must fail");
+    assert_eq!(toxi.restarts, 1);
+
+    // Restarted: every call works, and the proxies listen again without the blackhole.
+    toxi.call(|t| t.heal_all()).expect("heal after the restart");
+    toxi.call(|t| t.blackhole("pg_start"))
+        .expect("a fresh blackhole (the old one is gone)");
+    toxi.call(|t| t.heal_all()).expect("heal");
+    assert_eq!(toxi.restarts, 1);
+    TcpStream::connect(("127.0.0.1", stack.pg_start_proxy_port()))
+        .expect("the pg_start proxy listens again");
+}

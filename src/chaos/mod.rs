@@ -192,6 +192,9 @@ pub struct ChaosReport {
     pub faults_skipped: usize,
     pub faults_by_kind: BTreeMap<String, u64>,
     pub fault_errors: Vec<String>,
+    /// Times toxiproxy was restarted because a call to its API failed (each cut every
+    /// connection through it, a fault beyond the schedule's).
+    pub toxiproxy_restarts: u32,
     /// SIGTERMs that did not end in a clean exit within 60 s.
     pub unclean_terms: Vec<String>,
     pub unexpected_exits: Vec<UnexpectedExit>,
@@ -275,6 +278,13 @@ impl ChaosReport {
         if !self.unclean_terms.is_empty() {
             let _ = writeln!(out, "  unclean SIGTERMs: {:?}", self.unclean_terms);
         }
+        if self.toxiproxy_restarts > 0 {
+            let _ = writeln!(
+                out,
+                "  toxiproxy restarted after a failed call: {} times",
+                self.toxiproxy_restarts
+            );
+        }
         if !self.fault_errors.is_empty() {
             let _ = writeln!(
                 out,
@@ -306,7 +316,7 @@ struct ScenarioRun {
 /// What the fault lanes share.
 struct Ctx {
     stack: Stack,
-    toxi: Toxiproxy,
+    toxi: Mutex<Toxiproxy>,
     runs: Vec<ScenarioRun>,
     t0: Instant,
     unclean_terms: Mutex<Vec<String>>,
@@ -327,8 +337,15 @@ impl Ctx {
             .map(|r| r.topic.as_str())
     }
 
+    /// Runs `f` on toxiproxy; a failed call restarts it ([`Toxiproxy::call`]).
     fn toxi(&self, f: impl FnOnce(&Toxiproxy) -> Result<(), String>) -> Result<(), String> {
-        tokio::task::block_in_place(|| f(&self.toxi))
+        tokio::task::block_in_place(|| {
+            let mut toxi = self.toxi.lock().unwrap_or_else(|e| e.into_inner());
+            let t = self.t0.elapsed().as_secs_f64();
+            toxi.call(f).inspect_err(|error| {
+                eprintln!("chaos: t+{t:.1}s toxiproxy: {error} (restarted)");
+            })
+        })
     }
 }
 
@@ -408,7 +425,7 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
     }
     let ctx = Arc::new(Ctx {
         stack: stack.clone(),
-        toxi,
+        toxi: Mutex::new(toxi),
         runs,
         t0,
         unclean_terms: Mutex::new(Vec::new()),
@@ -608,6 +625,7 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
         faults_skipped: *skipped.lock().unwrap_or_else(|e| e.into_inner()),
         faults_by_kind,
         fault_errors,
+        toxiproxy_restarts: ctx.toxi.lock().unwrap_or_else(|e| e.into_inner()).restarts,
         unclean_terms: ctx
             .unclean_terms
             .lock()
@@ -683,6 +701,7 @@ fn empty_report(args: &ChaosArgs, seed: u64, schedule: &Schedule) -> ChaosReport
         faults_skipped: 0,
         faults_by_kind,
         fault_errors: Vec::new(),
+        toxiproxy_restarts: 0,
         unclean_terms: Vec::new(),
         unexpected_exits: Vec::new(),
         scenarios: Vec::new(),
@@ -885,7 +904,7 @@ async fn wait_for_slot(stack: &Stack, run: &ScenarioRun, timeout: Duration) -> R
 /// Every component up, every proxy clean, every relay running.
 async fn heal(ctx: &Ctx) {
     for attempt in 0..5 {
-        let toxi = ctx.toxi(|t| t.heal_all(&ctx.stack));
+        let toxi = ctx.toxi(|t| t.heal_all());
         // `up` also fails when a component answers slowly to its final status probe;
         // `status` says whether everything is up after all.
         let up = match ctx.stack.run_async(&["up"]).await {

@@ -162,6 +162,12 @@ pub fn toxiproxy_binary(dir: &Path) -> Result<PathBuf, String> {
 pub struct Toxiproxy {
     child: Child,
     api: String,
+    binary: PathBuf,
+    log: PathBuf,
+    port: u16,
+    proxies: Vec<(String, u16, u16)>,
+    /// Restarts after a failed call ([`Self::call`]).
+    pub restarts: u32,
 }
 
 /// The proxies: name, listen port, upstream port.
@@ -188,34 +194,81 @@ pub fn proxies(stack: &Stack) -> Vec<(String, u16, u16)> {
     list
 }
 
+/// Starts `toxiproxy-server` on `port`, appending its output to `log`.
+fn spawn_toxiproxy(binary: &Path, port: u16, log: &Path) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("toxiproxy log {}: {e}", log.display()))?;
+    Command::new(binary)
+        .args(["-host", "127.0.0.1", "-port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))
+}
+
 impl Toxiproxy {
     pub fn start(binary: &Path, stack: &Stack, log: &Path) -> Result<Self, String> {
-        let api = format!("http://127.0.0.1:{}", stack.toxiproxy_api_port());
-        let log = std::fs::File::create(log).map_err(|e| format!("toxiproxy log: {e}"))?;
-        let child = Command::new(binary)
-            .args([
-                "-host",
-                "127.0.0.1",
-                "-port",
-                &stack.toxiproxy_api_port().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        let proxy = Self { child, api };
+        let port = stack.toxiproxy_api_port();
+        let mut proxy = Self {
+            child: spawn_toxiproxy(binary, port, log)?,
+            api: format!("http://127.0.0.1:{port}"),
+            binary: binary.to_path_buf(),
+            log: log.to_path_buf(),
+            port,
+            proxies: proxies(stack),
+            restarts: 0,
+        };
+        proxy.configure()?;
+        Ok(proxy)
+    }
+
+    /// Runs `f`. When it fails, the server is restarted ([`Self::restart`]) and the
+    /// failure returned: in chaos runs 9 and 10 the API stopped answering for one
+    /// proxy, and every later fault on it, and the final heal, failed. The caller's step
+    /// fails; the next one finds a working server.
+    pub fn call(&mut self, f: impl FnOnce(&Self) -> Result<(), String>) -> Result<(), String> {
+        let error = match f(self) {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        self.restarts += 1;
+        match self.restart() {
+            Ok(()) => Err(error),
+            Err(restart) => Err(format!("{error}; restarting toxiproxy failed: {restart}")),
+        }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the server and starts a fresh one with clean proxies. Every connection
+    /// through it is cut.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_toxiproxy(&self.binary, self.port, &self.log)?;
+        self.configure()
+    }
+
+    /// Waits for the API, then (re)creates every proxy.
+    fn configure(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while proxy.curl("GET", "/version", None).is_err() {
+        while self.curl("GET", "/version", None).is_err() {
             if Instant::now() > deadline {
                 return Err("toxiproxy did not answer within 20 s".into());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         // A server left over from a crashed runner may hold proxies already.
-        for (name, listen, upstream) in proxies(stack) {
-            let _ = proxy.curl("DELETE", &format!("/proxies/{name}"), None);
-            proxy.curl(
+        for (name, listen, upstream) in &self.proxies {
+            let _ = self.curl("DELETE", &format!("/proxies/{name}"), None);
+            self.curl(
                 "POST",
                 "/proxies",
                 Some(&format!(
@@ -223,7 +276,7 @@ impl Toxiproxy {
                 )),
             )?;
         }
-        Ok(proxy)
+        Ok(())
     }
 
     fn curl(&self, method: &str, path: &str, body: Option<&str>) -> Result<String, String> {
@@ -285,10 +338,10 @@ impl Toxiproxy {
     }
 
     /// Every proxy enabled and without toxics.
-    pub fn heal_all(&self, stack: &Stack) -> Result<(), String> {
-        for (name, _, _) in proxies(stack) {
-            self.unblackhole(&name)?;
-            self.set_enabled(&name, true)?;
+    pub fn heal_all(&self) -> Result<(), String> {
+        for (name, _, _) in &self.proxies {
+            self.unblackhole(name)?;
+            self.set_enabled(name, true)?;
         }
         Ok(())
     }
