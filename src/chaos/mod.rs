@@ -36,6 +36,7 @@ use serde::Serialize;
 use crate::config::SourceArgs;
 use crate::kafka::{self, TopicSpec};
 use crate::load::{self, LoadArgs, LoadSummary};
+use crate::pipeline::error_chain;
 use crate::{migrate, pg, verify};
 use check::{LsnCheck, NextStage, TopicCheck};
 use relay::{RelayProc, UnexpectedExit};
@@ -408,6 +409,7 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
     let t0 = Instant::now();
     let unexpected = Arc::new(Mutex::new(Vec::new()));
     let tag = format!("chaos_{}", unix_secs());
+    drop_stale_slots(&stack).await?;
     let mut runs = Vec::new();
     for scenario in &args.scenarios {
         runs.push(
@@ -732,6 +734,29 @@ async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
     }
 }
 
+/// Drops the inactive slots of earlier runs on this instance (a run that failed keeps its
+/// relay slots, one stopped by hand keeps all): they pin WAL, and enough of them use up
+/// `max_replication_slots`, so that this run could not create its own. Their databases
+/// are kept for inspection.
+async fn drop_stale_slots(stack: &Stack) -> Result<(), String> {
+    let source = admin(stack.pg_start_port()).await?;
+    let dropped = source
+        .query(
+            "SELECT slot_name, pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name LIKE 'chaos\\_%' AND NOT active",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("dropping earlier runs' slots: {}", error_chain(&e)))?;
+    if !dropped.is_empty() {
+        eprintln!(
+            "chaos: dropped {} inactive slots of earlier runs (their databases are kept)",
+            dropped.len()
+        );
+    }
+    Ok(())
+}
+
 /// Fresh databases, topics and names for one scenario.
 async fn prepare(
     stack: &Stack,
@@ -769,7 +794,7 @@ async fn prepare(
         .map_err(|e| format!("connect {db}: {e}"))?;
     check::create_witness(&source, &witness)
         .await
-        .map_err(|e| format!("witness slot: {e}"))?;
+        .map_err(|e| format!("witness slot: {}", error_chain(&e)))?;
     let topic = format!("{db}_txns");
     let progress_topic = format!("{db}_progress");
     let relay_source = Stack::url(stack.pg_start_proxy_port(), &db);
