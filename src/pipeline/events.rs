@@ -36,6 +36,10 @@ pub const PAUSE: Duration = Duration::from_micros(500);
 pub const WINDOW: Duration = Duration::from_millis(10);
 /// The event rate (events per second) from which the reader counts as busy.
 pub const BUSY_RATE: u64 = 10_000;
+/// Queued events taken between two waits, so that the pipeline still looks at the stop
+/// signal and the commit in flight while a backlog streams (about 100 one-row source
+/// transactions).
+pub const DRAIN_BOUND: usize = 256;
 
 pub type Received = Result<Option<ReplicationEvent>, PgWireError>;
 
@@ -43,6 +47,8 @@ pub type Received = Result<Option<ReplicationEvent>, PgWireError>;
 pub struct Events {
     /// Items taken from this client's channel.
     taken: u64,
+    /// Items taken by [`Self::queued`] since the last wait.
+    drained: usize,
     rate: Rate,
 }
 
@@ -50,19 +56,22 @@ impl Events {
     pub fn new() -> Self {
         Self {
             taken: 0,
+            drained: 0,
             rate: Rate::new(Instant::now()),
         }
     }
 
-    /// The next event the worker has already queued, or `None` when the queue is empty.
+    /// The next event the worker has already queued; `None` when the queue is empty or
+    /// [`DRAIN_BOUND`] events were taken since the last wait (then the caller waits).
     pub fn queued(&mut self, replication: &mut ReplicationClient) -> Option<Received> {
-        if replication.metrics().events_forwarded() <= self.taken {
+        if self.drained >= DRAIN_BOUND || replication.metrics().events_forwarded() <= self.taken {
             return None;
         }
         // The channel holds an item (invariant 2); `recv` is pending only when the
         // task has used up its cooperative budget.
         let event = replication.recv().now_or_never()?;
         self.taken();
+        self.drained += 1;
         Some(event)
     }
 
@@ -73,16 +82,17 @@ impl Events {
         self.rate.events += 1;
     }
 
-    /// The select found nothing queued, or `queued` stopped: under load and with the
-    /// queue really empty, sleep for [`PAUSE`] so that the next read takes a burst (see
-    /// the module doc). Blocks the thread on purpose: a sleep in the runtime would wait
-    /// in `epoll`, which every arriving message wakes.
-    pub fn drained(&mut self, replication: &ReplicationClient) {
-        if replication.metrics().events_forwarded() > self.taken {
-            // Not empty: `queued` stopped at the runtime's budget.
-            return;
-        }
-        if self.rate.busy(Instant::now()) {
+    /// Called before the caller waits for an event (or a commit, a linger, a stop). After
+    /// a drain that emptied the queue, and under load, sleep for [`PAUSE`] so that the
+    /// next read takes a burst (see the module doc); not after a drain cut at
+    /// [`DRAIN_BOUND`] or stopped at the runtime's budget, nor again after a wait that a
+    /// commit or a linger ended. Blocks the thread on purpose: a sleep in the runtime
+    /// would wait in `epoll`, which every arriving message wakes.
+    pub fn before_wait(&mut self, replication: &ReplicationClient) {
+        let drained = std::mem::take(&mut self.drained);
+        let emptied = (1..DRAIN_BOUND).contains(&drained)
+            && replication.metrics().events_forwarded() <= self.taken;
+        if emptied && self.rate.busy(Instant::now()) {
             std::thread::sleep(PAUSE);
         }
     }

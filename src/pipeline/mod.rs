@@ -463,60 +463,47 @@ impl<D: Destination> Pipeline<D> {
         let linger = Duration::from_millis(self.args.linger_ms);
         let mut stop = self.stop.clone();
         let mut events = events::Events::new();
-        // Events taken from the queue since the last select: bounded, so that a
-        // completed commit and a stop are seen while a backlog streams.
-        let mut drained = 0;
 
         loop {
-            // The batch may only be committed between source transactions (the rows of
-            // an open one are in the destination's batch but not complete), and a
-            // lingering batch waits for the commit in flight rather than for its own
-            // turn inside flush().
-            let deadline = if open.is_none() && s.in_flight.is_none() {
-                s.batch.started.map(|s| s + linger)
-            } else {
-                None
-            };
-            let queued = if drained < DRAIN_BOUND {
-                events.queued(replication)
-            } else {
-                None
-            };
-            let event = if let Some(event) = queued {
-                drained += 1;
-                event
-            } else {
-                // Only after taking what was queued: not again after a commit or a
-                // linger woke the select.
-                if (1..DRAIN_BOUND).contains(&drained) {
-                    events.drained(replication);
-                }
-                drained = 0;
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => {
-                        if open.take().is_some() {
-                            // Read again from the slot on the next start.
-                            self.dest.discard_txn();
-                            s.tracker.abandon_open();
+            let event = match events.queued(replication) {
+                Some(event) => event,
+                None => {
+                    events.before_wait(replication);
+                    // The batch may only be committed between source transactions (the
+                    // rows of an open one are in the destination's batch but not
+                    // complete), and a lingering batch waits for the commit in flight
+                    // rather than for its own turn inside flush().
+                    let deadline = if open.is_none() && s.in_flight.is_none() {
+                        s.batch.started.map(|s| s + linger)
+                    } else {
+                        None
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => {
+                            if open.take().is_some() {
+                                // Read again from the slot on the next start.
+                                self.dest.discard_txn();
+                                s.tracker.abandon_open();
+                            }
+                            self.drain(s, replication).await?;
+                            // Give the worker a moment to send the final status update.
+                            tokio::time::sleep(Duration::from_millis(1200)).await;
+                            return Ok(SessionEnd::Stopped);
                         }
-                        self.drain(s, replication).await?;
-                        // Give the worker a moment to send the final status update.
-                        tokio::time::sleep(Duration::from_millis(1200)).await;
-                        return Ok(SessionEnd::Stopped);
-                    }
-                    result = committing(&mut s.in_flight) => {
-                        self.committed(s, result)?;
-                        s.confirm(replication);
-                        continue;
-                    }
-                    _ = sleep_until_opt(deadline) => {
-                        self.flush(s).await?;
-                        continue;
-                    }
-                    event = replication.recv() => {
-                        events.taken();
-                        event
+                        result = committing(&mut s.in_flight) => {
+                            self.committed(s, result)?;
+                            s.confirm(replication);
+                            continue;
+                        }
+                        _ = sleep_until_opt(deadline) => {
+                            self.flush(s).await?;
+                            continue;
+                        }
+                        event = replication.recv() => {
+                            events.taken();
+                            event
+                        }
                     }
                 }
             };
@@ -781,10 +768,6 @@ impl BatchMark {
         self.last_ticket.is_none()
     }
 }
-
-/// Queued events handled between two looks at the stop signal and the commit in
-/// flight (about 100 one-row source transactions).
-const DRAIN_BOUND: usize = 256;
 
 /// Test hook: `OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS=N` aborts the process right after
 /// the Nth destination commit, before the slot is told, to prove that such a crash
