@@ -265,3 +265,66 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
     let found = read.join().unwrap().unwrap();
     assert_eq!(found, Some(newer));
 }
+
+/// Invariant 4 of the connector's producers (`src/connector/producer.rs`): a new
+/// instance initialises every one of the slot's transactional ids before it reads the
+/// progress record back. A zombie of an earlier instance holds an open transaction on
+/// the last id, with a record that was never an outbox row and a progress record far
+/// ahead of the slot. The new instance must fence it (its transaction aborted, its
+/// commit refused) and go on exactly once: had it left that id alone, the open
+/// transaction would hold every reader below it, and a commit would skip the rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_transaction_on_any_of_the_slots_transactional_ids_is_fenced() {
+    use outbox_relay::connector::{transactional_id, TRANSACTIONAL_PRODUCERS};
+    use outbox_relay::kafka::{self, ProgressRecord};
+    use outbox_relay::lsn::Lsn;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let p = Pipeline::new().await;
+    // A first instance creates the topics and delivers some rows.
+    let mut connector = p.spawn_connector(&[], &[]);
+    load::run(&LoadArgs::count(&p.dbs.source_url, 200))
+        .await
+        .unwrap();
+    p.assert_topic_exactly_once().await;
+    assert!(connector.terminate().success());
+
+    let timeout = Duration::from_secs(30);
+    let zombie: ThreadedProducer<DefaultProducerContext> = kafka::client_config(common::BROKERS)
+        .set(
+            "transactional.id",
+            transactional_id(&p.slot, TRANSACTIONAL_PRODUCERS - 1),
+        )
+        // Longer than the test: only a fence ends this transaction in time (librdkafka's
+        // default, 60 s, would let the coordinator abort it by itself).
+        .set("transaction.timeout.ms", "600000")
+        .create()
+        .unwrap();
+    zombie.init_transactions(timeout).unwrap();
+    zombie.begin_transaction().unwrap();
+    let ahead = ProgressRecord::streaming(Lsn(u64::MAX >> 1)).to_bytes();
+    zombie
+        .send(BaseRecord::to(&p.topic).key("1").payload(r#"{"id":-1}"#))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    zombie
+        .send(
+            BaseRecord::to(&p.progress_topic)
+                .key(&p.slot)
+                .payload(&ahead),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    zombie.flush(timeout).unwrap();
+
+    let mut connector = p.spawn_connector(&[], &[]);
+    load::run(&LoadArgs::count(&p.dbs.source_url, 300))
+        .await
+        .unwrap();
+    p.assert_topic_exactly_once().await;
+    assert!(
+        zombie.commit_transaction(timeout).is_err(),
+        "the zombie's transaction could still commit"
+    );
+    assert!(connector.terminate().success());
+}
