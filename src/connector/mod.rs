@@ -12,13 +12,11 @@
 //!    committed in Kafka (`acks=all`, `min.insync.replicas=2`); the pipeline confirms
 //!    the slot after that, never before. The next batch is encoded meanwhile, but
 //!    nothing of it reaches the producer before that commit has returned: one Kafka
-//!    transaction holds exactly one batch, and the committed ones are the batches in
-//!    order, whichever of the producers that take turns ran each (`producer.rs`).
-//! 2. The transactional ids are `outbox-relay-<slot>` and `outbox-relay-<slot>-<n>`
-//!    ([`transactional_id`]): a second instance on the same slot fences the first on
-//!    all of them, and its open transaction is aborted.
-//! 3. The progress record is read back after `init_transactions` on every id, so an
-//!    open transaction of a fenced predecessor is resolved before it is read.
+//!    transaction holds exactly one batch.
+//! 2. `transactional.id` is `outbox-relay-<slot>`: a second instance on the same slot
+//!    fences the first, whose open transaction is aborted.
+//! 3. The progress record is read back after `init_transactions`, so an open
+//!    transaction of a fenced predecessor is resolved before it is read.
 //!
 //! In `at-least-once` mode there are no Kafka transactions: a batch is durable once
 //! every record of it is acknowledged, and a crash may send a batch again (the sink is
@@ -50,7 +48,7 @@ use crate::source::TableName;
 
 use cleanup::{CleanupArgs, OutboxCleaner, PendingIds};
 use producer::BatchProducer;
-pub use producer::{transactional_id, DeliveryMode, TRANSACTIONAL_PRODUCERS};
+pub use producer::DeliveryMode;
 
 /// Options of `outbox-relay connector`.
 #[derive(clap::Args, Debug, Clone)]
@@ -192,9 +190,10 @@ async fn setup_kafka(
         },
     )
     .await?;
-    let (brokers, slot) = (args.kafka.brokers.clone(), args.slot.clone());
+    let brokers = args.kafka.brokers.clone();
+    let transactional_id = format!("outbox-relay-{}", args.slot);
     let mode = args.delivery;
-    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &slot, stop))
+    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &transactional_id, stop))
         .await
         .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
         .map_err(producer::destination_error)

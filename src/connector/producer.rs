@@ -1,30 +1,15 @@
-//! The Kafka side of the connector: it makes a batch durable, either in one Kafka
-//! transaction (with the progress record) or, at-least-once, by waiting for every
-//! record's `acks=all` acknowledgement.
-//!
-//! Transactional batches take turns on [`TRANSACTIONAL_PRODUCERS`] producers, one
-//! transactional id each. A transactional id cannot begin its next transaction until
-//! the coordinator has written the previous one's commit markers: librdkafka's
-//! `AddPartitionsToTxn` is refused with `CONCURRENT_TRANSACTIONS` and retried every
-//! 20 ms, which made one id's cycle ~65 ms here (`scripts/bench.d/notes.md`). Taking
-//! turns gives each id the other ids' cycles to finish its markers in.
+//! The Kafka side of the connector: one producer that makes a batch durable, either
+//! in one Kafka transaction (with the progress record) or, at-least-once, by waiting
+//! for every record's `acks=all` acknowledgement.
 //!
 //! Invariants:
 //! 1. [`BatchProducer::commit`] returns `Ok` only when every record of the batch is
 //!    durable in Kafka; on any doubt it retries the whole batch (an aborted Kafka
 //!    transaction is invisible to `read_committed` readers).
-//! 2. A batch's transaction begins only after the previous batch's `commit_transaction`
-//!    has returned, whichever producer ran it: the committed transactions are always
-//!    the batches in order with no gap, each with its progress record, exactly as with
-//!    one producer. Taking turns overlaps a commit's markers with the next batch, never
-//!    two open transactions.
-//! 3. A retry never runs on the producer whose attempt failed: it runs on a new one
+//! 2. A retry never runs on the producer whose attempt failed: it runs on a new one
 //!    (a new epoch), because the broker deduplicates by (producer, epoch, sequence)
 //!    and would otherwise take retried records for the failed attempt's (see
 //!    [`BatchProducer::recreate`]).
-//! 4. Every transactional id is initialised (fenced) before the progress record is
-//!    read back, at start and at each retry: no other instance can commit on any of
-//!    them in between (see [`BatchProducer::recreate`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -128,31 +113,11 @@ impl ProducerContext for DeliveryCounter {
     }
 }
 
-/// Transactional producers taking turns (see the module doc). A constant, not an
-/// option: an instance must fence every id an earlier instance may have used.
-pub const TRANSACTIONAL_PRODUCERS: usize = 4;
-
-/// The transactional id of the slot's producer `turn`: `outbox-relay-<slot>` for the
-/// first (the id of versions with one producer, so that they are fenced too),
-/// `outbox-relay-<slot>-<turn>` for the others. A slot name has no `-`, so no two
-/// slots' ids collide.
-pub fn transactional_id(slot: &str, turn: usize) -> String {
-    if turn == 0 {
-        format!("outbox-relay-{slot}")
-    } else {
-        format!("outbox-relay-{slot}-{turn}")
-    }
-}
-
 pub struct BatchProducer {
     brokers: String,
     mode: DeliveryMode,
-    /// The slot, which names the transactional ids ([`transactional_id`]).
-    slot: String,
-    /// One producer at-least-once, [`TRANSACTIONAL_PRODUCERS`] transactional.
-    producers: Vec<ThreadedProducer<DeliveryCounter>>,
-    /// The producer of the next batch.
-    turn: usize,
+    transactional_id: String,
+    producer: ThreadedProducer<DeliveryCounter>,
     stop: watch::Receiver<bool>,
     /// The last progress record this instance made durable, or read back when its
     /// session began (see [`BatchProducer::recreate`] and
@@ -164,57 +129,24 @@ pub struct BatchProducer {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl BatchProducer {
-    /// Creates the producers; in transactional mode, `init_transactions` fences any
-    /// earlier instance with the same transactional ids and resolves its open
-    /// transactions. Blocking.
+    /// Creates the producer; in transactional mode, `init_transactions` fences any
+    /// earlier instance with the same transactional id and resolves its open
+    /// transaction. Blocking.
     pub fn new(
         brokers: &str,
         mode: DeliveryMode,
-        slot: &str,
+        transactional_id: &str,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, FlushError> {
+        let producer = Self::create(brokers, mode, transactional_id)?;
         Ok(Self {
             brokers: brokers.to_string(),
             mode,
-            slot: slot.to_string(),
-            producers: Self::create_all(brokers, mode, slot)?,
-            turn: 0,
+            transactional_id: transactional_id.to_string(),
+            producer,
             stop,
             committed: None,
         })
-    }
-
-    fn create_all(
-        brokers: &str,
-        mode: DeliveryMode,
-        slot: &str,
-    ) -> Result<Vec<ThreadedProducer<DeliveryCounter>>, FlushError> {
-        let count = match mode {
-            DeliveryMode::Transactional => TRANSACTIONAL_PRODUCERS,
-            DeliveryMode::AtLeastOnce => 1,
-        };
-        // In parallel: each `init_transactions` is a round trip to its coordinator,
-        // and waits out the brokers in an outage.
-        std::thread::scope(|scope| {
-            let created: Vec<_> = (0..count)
-                .map(|turn| {
-                    scope.spawn(move || Self::create(brokers, mode, &transactional_id(slot, turn)))
-                })
-                .collect();
-            created
-                .into_iter()
-                .map(|handle| {
-                    handle
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                })
-                .collect()
-        })
-    }
-
-    /// The producer whose turn it is.
-    fn producer(&self) -> &ThreadedProducer<DeliveryCounter> {
-        &self.producers[self.turn]
     }
 
     /// Records the progress record read back when a session begins: the one a new
@@ -279,7 +211,7 @@ impl BatchProducer {
                 // was not confirmed past it).
                 return Err(FlushError::Stopped);
             }
-            let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
+            let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
             let result = match self.mode {
                 DeliveryMode::Transactional => {
                     self.commit_transaction(topic, batch, progress_topic, slot, &progress_value)
@@ -313,16 +245,13 @@ impl BatchProducer {
             std::thread::sleep(backoff.next_delay());
         }
         self.committed = Some(progress.clone());
-        self.turn = (self.turn + 1) % self.producers.len();
         Ok(())
     }
 
-    /// Replaces the producers with new ones: a new producer id or, transactional, a
-    /// new epoch of each transactional id, so that the retry's records carry
-    /// sequence numbers no broker has seen. The old producers are then dropped, their
-    /// queues purged. All of them, not only the one whose attempt failed: a newer
-    /// instance fenced on one id only could still commit on another while this one
-    /// reads the progress record (invariant 4).
+    /// Replaces the producer with a new one: a new producer id or, transactional, a
+    /// new epoch of the same transactional id, so that the retry's records carry
+    /// sequence numbers no broker has seen. The old producer is then dropped, its queue
+    /// purged.
     ///
     /// Retrying on the same producer lost records (regression test:
     /// `all_brokers_down_again_and_again_the_connector_waits_and_loses_nothing`):
@@ -348,7 +277,7 @@ impl BatchProducer {
         slot: &str,
         pending: &ProgressRecord,
     ) -> Result<Found, FlushError> {
-        self.producers = Self::create_all(&self.brokers, self.mode, &self.slot)?;
+        self.producer = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
         if self.mode != DeliveryMode::Transactional {
             return Ok(Found::Ours);
         }
@@ -364,7 +293,7 @@ impl BatchProducer {
                         ?found,
                         "the progress topic moved on without this instance: another connector took over"
                     );
-                    return Err(FlushError::Fenced(self.current_id()));
+                    return Err(FlushError::Fenced(self.transactional_id.clone()));
                 }
                 Err(error) => {
                     if *self.stop.borrow() {
@@ -386,7 +315,7 @@ impl BatchProducer {
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
-        if let Err(error) = self.producer().begin_transaction() {
+        if let Err(error) = self.producer.begin_transaction() {
             let attempt = self.txn_error(error);
             if matches!(attempt, Attempt::Retry(_)) {
                 // E.g. an earlier abort that is not complete yet: finish it first.
@@ -406,7 +335,7 @@ impl BatchProducer {
         // flush finds nothing outstanding.
         self.wait_delivered(CALL_TIMEOUT);
         loop {
-            match self.producer().commit_transaction(CALL_TIMEOUT) {
+            match self.producer.commit_transaction(CALL_TIMEOUT) {
                 Ok(()) => {
                     ::metrics::counter!(crate::metrics::KAFKA_TRANSACTIONS, "outcome" => "committed")
                         .increment(1);
@@ -460,7 +389,7 @@ impl BatchProducer {
             });
         }
         self.send_and_wait(failed_before, || self.send_records(topic, batch))?;
-        let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
+        let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
         self.send_and_wait(failed_before, || {
             self.send_progress(progress_topic, slot, progress)
         })
@@ -482,7 +411,7 @@ impl BatchProducer {
                 return Err(Attempt::Definite(FlushError::Stopped));
             }
         }
-        let failed_after = self.producer().context().failed.load(Ordering::SeqCst);
+        let failed_after = self.producer.context().failed.load(Ordering::SeqCst);
         if failed_after != failed_before {
             return Err(Attempt::Retry(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageTimedOut,
@@ -495,11 +424,11 @@ impl BatchProducer {
     /// librdkafka (it is counted as outstanding until just after its report), at most
     /// `timeout`.
     fn wait_delivered(&self, timeout: Duration) -> bool {
-        if !self.producer().context().wait_reported(timeout) {
+        if !self.producer.context().wait_reported(timeout) {
             return false;
         }
         let deadline = std::time::Instant::now() + Duration::from_millis(50);
-        while self.producer().in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
         true
@@ -528,9 +457,9 @@ impl BatchProducer {
 
     fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
         loop {
-            match self.producer().send(record) {
+            match self.producer.send(record) {
                 Ok(()) => {
-                    self.producer()
+                    self.producer
                         .context()
                         .enqueued
                         .fetch_add(1, Ordering::SeqCst);
@@ -558,7 +487,7 @@ impl BatchProducer {
             .increment(1);
         let mut backoff = Backoff::reconnect();
         loop {
-            match self.producer().abort_transaction(CALL_TIMEOUT) {
+            match self.producer.abort_transaction(CALL_TIMEOUT) {
                 Ok(()) => return Ok(()),
                 Err(KafkaError::Transaction(e)) if e.is_fatal() => {
                     return Err(self.txn_error(KafkaError::Transaction(e)));
@@ -579,15 +508,10 @@ impl BatchProducer {
         }
     }
 
-    /// The transactional id of the producer whose turn it is.
-    fn current_id(&self) -> String {
-        transactional_id(&self.slot, self.turn)
-    }
-
     fn txn_error(&self, error: KafkaError) -> Attempt {
         match &error {
             KafkaError::Transaction(e) if e.is_fatal() => {
-                match classify_fatal(error, &self.current_id()) {
+                match classify_fatal(error, &self.transactional_id) {
                     FlushError::Fenced(id) => Attempt::Definite(FlushError::Fenced(id)),
                     FlushError::Fatal(e) => Attempt::Recreate(e),
                     other => Attempt::Definite(other),
@@ -673,18 +597,6 @@ pub(super) fn destination_error(error: FlushError) -> PipelineError {
 mod tests {
     use super::*;
     use crate::lsn::Lsn;
-
-    #[test]
-    fn the_first_transactional_id_is_the_one_producer_id_and_no_two_slots_share_one() {
-        // Versions with one producer used `outbox-relay-<slot>`: a new instance fences it.
-        assert_eq!(transactional_id("orders", 0), "outbox-relay-orders");
-        let slots = ["a", "a_1", "a1", "a_", "a_1_1"];
-        let ids: std::collections::HashSet<String> = slots
-            .iter()
-            .flat_map(|slot| (0..TRANSACTIONAL_PRODUCERS).map(|turn| transactional_id(slot, turn)))
-            .collect();
-        assert_eq!(ids.len(), slots.len() * TRANSACTIONAL_PRODUCERS);
-    }
 
     #[test]
     fn a_new_producer_tells_its_own_progress_from_another_instances() {
