@@ -275,6 +275,7 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
 /// make the connector skip rows.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zombie_transaction_on_the_slots_transactional_id_is_fenced() {
+    use outbox_relay::connector::transactional_id;
     use outbox_relay::kafka::{self, ProgressRecord};
     use outbox_relay::lsn::Lsn;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -290,7 +291,7 @@ async fn a_zombie_transaction_on_the_slots_transactional_id_is_fenced() {
 
     let timeout = Duration::from_secs(30);
     let zombie: ThreadedProducer<DefaultProducerContext> = kafka::client_config(common::BROKERS)
-        .set("transactional.id", format!("outbox-relay-{}", p.slot))
+        .set("transactional.id", transactional_id(&p.slot))
         // Longer than the test: only a fence ends this transaction in time (librdkafka's
         // default, 60 s, would let the coordinator abort it by itself).
         .set("transaction.timeout.ms", "600000")

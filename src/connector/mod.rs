@@ -191,12 +191,17 @@ async fn setup_kafka(
     )
     .await?;
     let brokers = args.kafka.brokers.clone();
-    let transactional_id = format!("outbox-relay-{}", args.slot);
+    let id = transactional_id(&args.slot);
     let mode = args.delivery;
-    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &transactional_id, stop))
+    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &id, stop))
         .await
         .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
         .map_err(producer::destination_error)
+}
+
+/// The producer's `transactional.id` for `slot` (invariant 2).
+pub fn transactional_id(slot: &str) -> String {
+    format!("outbox-relay-{slot}")
 }
 
 /// One record ready for Kafka.
