@@ -126,6 +126,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         batch: Batch::default(),
         txn_start: 0,
         txn_ids_start: 0,
+        txn_bytes_start: 0,
         txn_headers: None,
         id_column: args.cleanup.id_column.clone(),
         id_index: None,
@@ -241,6 +242,8 @@ struct KafkaDestination {
     txn_start: usize,
     /// Where the open source transaction's ids start in the batch.
     txn_ids_start: usize,
+    /// The batch's `value_bytes` before the open source transaction.
+    txn_bytes_start: usize,
     txn_headers: Option<OwnedHeaders>,
     /// The column that identifies an outbox row, for the cleanup.
     id_column: String,
@@ -300,6 +303,7 @@ impl Destination for KafkaDestination {
     fn begin_txn(&mut self, meta: TxnMeta) {
         self.txn_start = self.batch.records.len();
         self.txn_ids_start = self.batch.ids.len();
+        self.txn_bytes_start = self.batch.value_bytes;
         self.txn_headers = Some(txn_headers(
             meta.commit_lsn,
             meta.xid,
@@ -341,6 +345,7 @@ impl Destination for KafkaDestination {
     fn discard_txn(&mut self) {
         self.batch.records.truncate(self.txn_start);
         self.batch.ids.truncate(self.txn_ids_start);
+        self.batch.value_bytes = self.txn_bytes_start;
         self.txn_headers = None;
     }
 
@@ -352,6 +357,7 @@ impl Destination for KafkaDestination {
         self.batch = Batch::default();
         self.txn_start = 0;
         self.txn_ids_start = 0;
+        self.txn_bytes_start = 0;
         self.txn_headers = None;
     }
 
@@ -423,4 +429,83 @@ pub fn txn_headers(lsn: Lsn, xid: Option<u32>, commit_time_micros: Option<i64>) 
 /// PostgreSQL's epoch is 2000-01-01; Unix time is 946684800 s later.
 pub fn pg_micros_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp_micros(micros.checked_add(946_684_800_000_000)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers as _;
+
+    /// An at-least-once destination: its producer connects lazily, so none is needed.
+    fn destination() -> KafkaDestination {
+        let (_, stop) = watch::channel(false);
+        let producer =
+            BatchProducer::new("127.0.0.1:1", DeliveryMode::AtLeastOnce, "unused", stop).unwrap();
+        let mut d = KafkaDestination {
+            topic: "outbox".into(),
+            progress_topic: "progress".into(),
+            brokers: "127.0.0.1:1".into(),
+            key_column: "account_id".into(),
+            mode: DeliveryMode::AtLeastOnce,
+            producer: Arc::new(Mutex::new(producer)),
+            columns: Vec::new(),
+            key_index: None,
+            batch: Batch::default(),
+            txn_start: 0,
+            txn_ids_start: 0,
+            txn_bytes_start: 0,
+            txn_headers: None,
+            id_column: "id".into(),
+            id_index: None,
+            cleanup: Some(PendingIds::new(100)),
+        };
+        let column = |name: &str, type_oid| ColumnDef {
+            name: name.into(),
+            type_oid,
+        };
+        d.set_columns(&[column("id", 20), column("account_id", 20)])
+            .unwrap();
+        d
+    }
+
+    /// One source transaction of one row.
+    fn txn(d: &mut KafkaDestination, lsn: u64, id: &str) {
+        d.begin_txn(TxnMeta {
+            commit_lsn: Lsn(lsn),
+            xid: Some(lsn as u32),
+            commit_time_micros: None,
+        });
+        d.row(&[Some(id.as_bytes()), Some(b"7")]);
+    }
+
+    #[test]
+    fn a_new_session_starts_from_an_empty_batch() {
+        let mut d = destination();
+        // What a broken session leaves behind: a complete transaction and an open one.
+        txn(&mut d, 100, "1");
+        d.end_txn();
+        txn(&mut d, 200, "2");
+        assert_eq!(d.batch.records.len(), 2);
+
+        d.clear();
+        assert_eq!(d.batch_size(), (0, 0));
+
+        // The next session's transactions are the batch, alone: records, the header
+        // set each points at, and the ids the cleanup deletes once they are durable.
+        txn(&mut d, 300, "3");
+        d.end_txn();
+        let after_one = d.batch_size();
+        txn(&mut d, 400, "4");
+        d.discard_txn();
+        assert_eq!(d.batch_size(), after_one);
+        assert_eq!(d.batch.records.len(), 1);
+        assert_eq!(d.batch.records[0].txn, 0);
+        assert_eq!(d.batch.headers.len(), 1);
+        let lsn = d.batch.headers[0]
+            .iter()
+            .find(|h| h.key == HEADER_LSN)
+            .and_then(|h| h.value);
+        assert_eq!(lsn, Some(Lsn(300).to_string().as_bytes()));
+        assert_eq!(d.batch.ids, ["3"]);
+    }
 }

@@ -99,11 +99,13 @@ struct Columns {
     created_at: usize,
 }
 
-/// Where the open source transaction's rows start, and its commit LSN.
+/// Where the open source transaction's rows start (and the batch's byte count
+/// before it), and its commit LSN.
 #[derive(Debug, Clone, Copy)]
 struct OpenTxn {
     records: usize,
     dead_letters: usize,
+    value_bytes: usize,
     commit_lsn: Lsn,
     /// Source commit time, µs since 2000-01-01, for the end-to-end latency.
     commit_time_micros: Option<i64>,
@@ -258,6 +260,7 @@ impl Destination for PgEndDestination {
         self.txn = Some(OpenTxn {
             records: self.batch.records.len(),
             dead_letters: self.batch.dead_letters.len(),
+            value_bytes: self.value_bytes,
             commit_lsn: meta.commit_lsn,
             commit_time_micros: meta.commit_time_micros,
         });
@@ -307,6 +310,7 @@ impl Destination for PgEndDestination {
         if let Some(txn) = self.txn.take() {
             self.batch.records.truncate(txn.records);
             self.batch.dead_letters.truncate(txn.dead_letters);
+            self.value_bytes = txn.value_bytes;
         }
     }
 
@@ -403,5 +407,84 @@ impl PgEnd {
             }
             backoff.wait().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn destination() -> PgEndDestination {
+        let (_, stop) = watch::channel(false);
+        let mut d = PgEndDestination {
+            pg_end: Arc::new(Mutex::new(PgEnd {
+                url: "postgres://127.0.0.1:1/db_end".into(),
+                client: None,
+                stop,
+            })),
+            columns: None,
+            specs: Vec::new(),
+            batch: ApplyBatch::default(),
+            value_bytes: 0,
+            txn: None,
+            commit_times: Vec::new(),
+        };
+        let column = |name: &str, type_oid| ColumnDef {
+            name: name.into(),
+            type_oid,
+        };
+        d.set_columns(&[
+            column("id", 20),
+            column("account_id", 20),
+            column("amount", 1700),
+            column("created_at", 1114),
+        ])
+        .unwrap();
+        d
+    }
+
+    /// One source transaction of one row; `id` 0 makes the row a dead letter.
+    fn txn(d: &mut PgEndDestination, lsn: u64, id: &str) {
+        d.begin_txn(TxnMeta {
+            commit_lsn: Lsn(lsn),
+            xid: Some(lsn as u32),
+            commit_time_micros: Some(lsn as i64),
+        });
+        d.row(&[
+            Some(id.as_bytes()),
+            Some(b"7"),
+            Some(b"-12.50"),
+            Some(b"2025-07-23 20:06:21.085330"),
+        ]);
+    }
+
+    #[test]
+    fn a_new_session_starts_from_an_empty_batch() {
+        let mut d = destination();
+        // What a broken session leaves behind: a complete transaction, a dead letter,
+        // and an open transaction.
+        txn(&mut d, 100, "1");
+        d.end_txn();
+        txn(&mut d, 200, "not a number");
+        d.end_txn();
+        txn(&mut d, 300, "3");
+        assert_eq!(d.batch.records.len(), 2);
+        assert_eq!(d.batch.dead_letters.len(), 1);
+
+        d.clear();
+        assert_eq!(d.batch_size(), (0, 0));
+
+        // The next session's transactions are the batch, alone, with their own times.
+        txn(&mut d, 400, "4");
+        d.end_txn();
+        let after_one = d.batch_size();
+        txn(&mut d, 500, "5");
+        d.discard_txn();
+        assert_eq!(d.batch_size(), after_one);
+        let ids: Vec<i64> = d.batch.records.iter().map(|(r, _)| r.id).collect();
+        assert_eq!(ids, [4]);
+        assert_eq!(d.batch.records[0].1.source_lsn, Some(Lsn(400)));
+        assert!(d.batch.dead_letters.is_empty());
+        assert_eq!(d.commit_times, [400]);
     }
 }
