@@ -114,24 +114,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         .cleanup
         .cleanup
         .then(|| PendingIds::new(args.cleanup.cleanup_max_pending));
-    let destination = KafkaDestination {
-        topic: args.kafka.topic.clone(),
-        progress_topic: args.progress_topic.clone(),
-        brokers: args.kafka.brokers.clone(),
-        key_column: args.key_column.clone(),
-        mode: args.delivery,
-        producer: Arc::new(Mutex::new(producer)),
-        columns: Vec::new(),
-        key_index: None,
-        batch: Batch::default(),
-        txn_start: 0,
-        txn_ids_start: 0,
-        txn_bytes_start: 0,
-        txn_headers: None,
-        id_column: args.cleanup.id_column.clone(),
-        id_index: None,
-        cleanup: pending.clone(),
-    };
+    let destination = KafkaDestination::new(&args, producer, pending.clone());
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
         args.slot.clone(),
@@ -250,6 +233,31 @@ struct KafkaDestination {
     id_index: Option<usize>,
     /// Where committed ids go to be deleted (`--cleanup`), else `None`.
     cleanup: Option<PendingIds>,
+}
+
+impl KafkaDestination {
+    /// An empty destination of `args`' topics, producing with `producer`; `cleanup`
+    /// is where committed ids go with `--cleanup`.
+    fn new(args: &ConnectorArgs, producer: BatchProducer, cleanup: Option<PendingIds>) -> Self {
+        Self {
+            topic: args.kafka.topic.clone(),
+            progress_topic: args.progress_topic.clone(),
+            brokers: args.kafka.brokers.clone(),
+            key_column: args.key_column.clone(),
+            mode: args.delivery,
+            producer: Arc::new(Mutex::new(producer)),
+            columns: Vec::new(),
+            key_index: None,
+            batch: Batch::default(),
+            txn_start: 0,
+            txn_ids_start: 0,
+            txn_bytes_start: 0,
+            txn_headers: None,
+            id_column: args.cleanup.id_column.clone(),
+            id_index: None,
+            cleanup,
+        }
+    }
 }
 
 impl Destination for KafkaDestination {
@@ -436,29 +444,28 @@ mod tests {
     use super::*;
     use rdkafka::message::Headers as _;
 
-    /// An at-least-once destination: its producer connects lazily, so none is needed.
+    /// An at-least-once destination with `--cleanup`, from a command line: its
+    /// producer connects lazily, so no broker is needed.
     fn destination() -> KafkaDestination {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: ConnectorArgs,
+        }
+        let args = <Command as clap::Parser>::try_parse_from([
+            "connector",
+            "--brokers",
+            "127.0.0.1:1",
+            "--delivery",
+            "at-least-once",
+            "--cleanup",
+        ])
+        .unwrap()
+        .args;
         let (_, stop) = watch::channel(false);
         let producer =
-            BatchProducer::new("127.0.0.1:1", DeliveryMode::AtLeastOnce, "unused", stop).unwrap();
-        let mut d = KafkaDestination {
-            topic: "outbox".into(),
-            progress_topic: "progress".into(),
-            brokers: "127.0.0.1:1".into(),
-            key_column: "account_id".into(),
-            mode: DeliveryMode::AtLeastOnce,
-            producer: Arc::new(Mutex::new(producer)),
-            columns: Vec::new(),
-            key_index: None,
-            batch: Batch::default(),
-            txn_start: 0,
-            txn_ids_start: 0,
-            txn_bytes_start: 0,
-            txn_headers: None,
-            id_column: "id".into(),
-            id_index: None,
-            cleanup: Some(PendingIds::new(100)),
-        };
+            BatchProducer::new(&args.kafka.brokers, args.delivery, "unused", stop).unwrap();
+        let mut d = KafkaDestination::new(&args, producer, Some(PendingIds::new(100)));
         let column = |name: &str, type_oid| ColumnDef {
             name: name.into(),
             type_oid,

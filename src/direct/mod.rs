@@ -67,19 +67,7 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         .start(crate::metrics::DIRECT_METRICS)
         .await
         .map_err(PipelineError::Definite)?;
-    let destination = PgEndDestination {
-        pg_end: Arc::new(Mutex::new(PgEnd {
-            url: args.target.target_url.clone(),
-            client: None,
-            stop: stop.clone(),
-        })),
-        columns: None,
-        specs: Vec::new(),
-        batch: ApplyBatch::default(),
-        value_bytes: 0,
-        txn: None,
-        commit_times: Vec::new(),
-    };
+    let destination = PgEndDestination::new(&args.target.target_url, stop.clone());
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
         args.slot.clone(),
@@ -159,6 +147,23 @@ impl PgEnd {
 }
 
 impl PgEndDestination {
+    /// An empty destination; it connects to pg_end on its first use.
+    fn new(url: &str, stop: watch::Receiver<bool>) -> Self {
+        Self {
+            pg_end: Arc::new(Mutex::new(PgEnd {
+                url: url.to_string(),
+                client: None,
+                stop,
+            })),
+            columns: None,
+            specs: Vec::new(),
+            batch: ApplyBatch::default(),
+            value_bytes: 0,
+            txn: None,
+            commit_times: Vec::new(),
+        }
+    }
+
     fn dead_letter(&mut self, kind: DeadLetterKind, error: String, values: &[Option<&[u8]>]) {
         let mut value = Vec::new();
         encode::encode_row(&mut value, &self.specs, values.iter().copied());
@@ -416,19 +421,7 @@ mod tests {
 
     fn destination() -> PgEndDestination {
         let (_, stop) = watch::channel(false);
-        let mut d = PgEndDestination {
-            pg_end: Arc::new(Mutex::new(PgEnd {
-                url: "postgres://127.0.0.1:1/db_end".into(),
-                client: None,
-                stop,
-            })),
-            columns: None,
-            specs: Vec::new(),
-            batch: ApplyBatch::default(),
-            value_bytes: 0,
-            txn: None,
-            commit_times: Vec::new(),
-        };
+        let mut d = PgEndDestination::new("postgres://127.0.0.1:1/db_end", stop);
         let column = |name: &str, type_oid| ColumnDef {
             name: name.into(),
             type_oid,
