@@ -208,6 +208,33 @@ pub struct Batch {
     pub ids: Vec<String>,
 }
 
+/// How far a [`Batch`] reached at one point: what [`BatchExtent::truncate`] takes it
+/// back to.
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchExtent {
+    records: usize,
+    ids: usize,
+    value_bytes: usize,
+}
+
+impl BatchExtent {
+    fn of(batch: &Batch) -> Self {
+        Self {
+            records: batch.records.len(),
+            ids: batch.ids.len(),
+            value_bytes: batch.value_bytes,
+        }
+    }
+
+    /// Drops what `batch` gained since this extent was taken (its header sets are
+    /// pushed only when a transaction ends).
+    fn truncate(self, batch: &mut Batch) {
+        batch.records.truncate(self.records);
+        batch.ids.truncate(self.ids);
+        batch.value_bytes = self.value_bytes;
+    }
+}
+
 /// The Kafka destination of the pipeline.
 struct KafkaDestination {
     topic: String,
@@ -221,12 +248,8 @@ struct KafkaDestination {
     columns: Vec<ColumnSpec>,
     key_index: Option<usize>,
     batch: Batch,
-    /// Where the open source transaction's records start in the batch.
-    txn_start: usize,
-    /// Where the open source transaction's ids start in the batch.
-    txn_ids_start: usize,
-    /// The batch's `value_bytes` before the open source transaction.
-    txn_bytes_start: usize,
+    /// The batch as it was before the open source transaction.
+    txn_start: BatchExtent,
     txn_headers: Option<OwnedHeaders>,
     /// The column that identifies an outbox row, for the cleanup.
     id_column: String,
@@ -249,9 +272,7 @@ impl KafkaDestination {
             columns: Vec::new(),
             key_index: None,
             batch: Batch::default(),
-            txn_start: 0,
-            txn_ids_start: 0,
-            txn_bytes_start: 0,
+            txn_start: BatchExtent::default(),
             txn_headers: None,
             id_column: args.cleanup.id_column.clone(),
             id_index: None,
@@ -309,9 +330,7 @@ impl Destination for KafkaDestination {
     }
 
     fn begin_txn(&mut self, meta: TxnMeta) {
-        self.txn_start = self.batch.records.len();
-        self.txn_ids_start = self.batch.ids.len();
-        self.txn_bytes_start = self.batch.value_bytes;
+        self.txn_start = BatchExtent::of(&self.batch);
         self.txn_headers = Some(txn_headers(
             meta.commit_lsn,
             meta.xid,
@@ -351,9 +370,7 @@ impl Destination for KafkaDestination {
     }
 
     fn discard_txn(&mut self) {
-        self.batch.records.truncate(self.txn_start);
-        self.batch.ids.truncate(self.txn_ids_start);
-        self.batch.value_bytes = self.txn_bytes_start;
+        self.txn_start.truncate(&mut self.batch);
         self.txn_headers = None;
     }
 
@@ -363,9 +380,7 @@ impl Destination for KafkaDestination {
 
     fn clear(&mut self) {
         self.batch = Batch::default();
-        self.txn_start = 0;
-        self.txn_ids_start = 0;
-        self.txn_bytes_start = 0;
+        self.txn_start = BatchExtent::default();
         self.txn_headers = None;
     }
 

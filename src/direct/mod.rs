@@ -436,7 +436,8 @@ mod tests {
         d
     }
 
-    /// One source transaction of one row; `id` 0 makes the row a dead letter.
+    /// One source transaction of one row; an `id` that is not an integer makes the row
+    /// a dead letter.
     fn txn(d: &mut PgEndDestination, lsn: u64, id: &str) {
         d.begin_txn(TxnMeta {
             commit_lsn: Lsn(lsn),
