@@ -266,16 +266,17 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
     assert_eq!(found, Some(newer));
 }
 
-/// Invariant 3: a new instance's `init_transactions` fences the slot's transactional id
-/// before the progress record is read back. A zombie of an earlier instance holds an
+/// Invariant 3: a new instance's `init_transactions` fences every one of the slot's
+/// transactional ids before the progress record is read back. A zombie of an earlier
+/// instance holds, on the last id (the one the new instance uses last), an
 /// open transaction with a record that was never an outbox row and a progress record
 /// far ahead of the slot. The new instance must fence it (its transaction aborted, its
 /// commit refused) and go on exactly once: had it left the zombie alone, the open
 /// transaction would hold every `read_committed` reader below it, and its commit would
 /// make the connector skip rows.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_zombie_transaction_on_the_slots_transactional_id_is_fenced() {
-    use outbox_relay::connector::transactional_id;
+async fn a_zombie_transaction_on_any_of_the_slots_transactional_ids_is_fenced() {
+    use outbox_relay::connector::{transactional_id, TRANSACTIONAL_PRODUCERS};
     use outbox_relay::kafka::{self, ProgressRecord};
     use outbox_relay::lsn::Lsn;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -291,7 +292,10 @@ async fn a_zombie_transaction_on_the_slots_transactional_id_is_fenced() {
 
     let timeout = Duration::from_secs(30);
     let zombie: ThreadedProducer<DefaultProducerContext> = kafka::client_config(common::BROKERS)
-        .set("transactional.id", transactional_id(&p.slot))
+        .set(
+            "transactional.id",
+            transactional_id(&p.slot, TRANSACTIONAL_PRODUCERS - 1),
+        )
         // Longer than the test: only a fence ends this transaction in time (librdkafka's
         // default, 60 s, would let the coordinator abort it by itself).
         .set("transaction.timeout.ms", "600000")

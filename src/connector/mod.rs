@@ -12,11 +12,13 @@
 //!    committed in Kafka (`acks=all`, `min.insync.replicas=2`); the pipeline confirms
 //!    the slot after that, never before. The next batch is encoded meanwhile, but
 //!    nothing of it reaches the producer before that commit has returned: one Kafka
-//!    transaction holds exactly one batch.
-//! 2. `transactional.id` is `outbox-relay-<slot>`: a second instance on the same slot
-//!    fences the first, whose open transaction is aborted.
-//! 3. The progress record is read back after `init_transactions`, so an open
-//!    transaction of a fenced predecessor is resolved before it is read.
+//!    transaction holds exactly one batch, and the committed ones are the batches in
+//!    order, whichever of the producers that take turns ran each (`producer.rs`).
+//! 2. The transactional ids are `outbox-relay-<slot>` and `outbox-relay-<slot>-<n>`
+//!    ([`transactional_id`]): a second instance on the same slot fences the first on
+//!    all of them, and its open transaction is aborted.
+//! 3. The progress record is read back after `init_transactions` on every id, so an
+//!    open transaction of a fenced predecessor is resolved before it is read.
 //!
 //! In `at-least-once` mode there are no Kafka transactions: a batch is durable once
 //! every record of it is acknowledged, and a crash may send a batch again (the sink is
@@ -48,7 +50,7 @@ use crate::source::TableName;
 
 use cleanup::{CleanupArgs, OutboxCleaner, PendingIds};
 use producer::BatchProducer;
-pub use producer::DeliveryMode;
+pub use producer::{DeliveryMode, TRANSACTIONAL_PRODUCERS};
 
 /// Options of `outbox-relay connector`.
 #[derive(clap::Args, Debug, Clone)]
@@ -86,10 +88,29 @@ pub struct ConnectorArgs {
         default_value = "transactional"
     )]
     pub delivery: DeliveryMode,
+    /// Least time between the starts of two Kafka transactions, in milliseconds: a
+    /// bound on the commit rate, since every commit costs the brokers its markers and
+    /// transaction-log writes. A full batch does not wait for it [default: 50 in
+    /// transactional mode, 0 at-least-once]
+    #[arg(long, env = "OUTBOX_RELAY_COMMIT_INTERVAL_MS")]
+    pub commit_interval_ms: Option<u64>,
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
     #[command(flatten)]
     pub cleanup: CleanupArgs,
+}
+
+impl ConnectorArgs {
+    /// `--commit-interval-ms`, or its default for the delivery mode: 50 ms between
+    /// Kafka transactions (20 a second at most, each with its markers and
+    /// transaction-log writes), none between at-least-once batches, whose commit costs
+    /// nothing but the records' acknowledgements.
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms.unwrap_or(match self.delivery {
+            DeliveryMode::Transactional => 50,
+            DeliveryMode::AtLeastOnce => 0,
+        }))
+    }
 }
 
 /// Runs the connector until `stop` turns true or a definite error occurs.
@@ -174,18 +195,24 @@ async fn setup_kafka(
         },
     )
     .await?;
-    let brokers = args.kafka.brokers.clone();
-    let id = transactional_id(&args.slot);
+    let (brokers, slot) = (args.kafka.brokers.clone(), args.slot.clone());
     let mode = args.delivery;
-    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &id, stop))
+    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &slot, stop))
         .await
         .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
         .map_err(producer::destination_error)
 }
 
-/// The producer's `transactional.id` for `slot` (invariant 2).
-pub fn transactional_id(slot: &str) -> String {
-    format!("outbox-relay-{slot}")
+/// The transactional id of the slot's producer `turn` (invariant 2):
+/// `outbox-relay-<slot>` for the first (the id of the versions with one producer, so
+/// that those are fenced too), `outbox-relay-<slot>-<turn>` for the others. A slot name
+/// has no `-`, so no two slots' ids collide.
+pub fn transactional_id(slot: &str, turn: usize) -> String {
+    if turn == 0 {
+        format!("outbox-relay-{slot}")
+    } else {
+        format!("outbox-relay-{slot}-{turn}")
+    }
 }
 
 /// One record ready for Kafka.
@@ -242,6 +269,7 @@ struct KafkaDestination {
     brokers: String,
     key_column: String,
     mode: DeliveryMode,
+    commit_interval: Duration,
     /// Shared with the commit in flight, which holds it until it is done.
     producer: Arc<Mutex<BatchProducer>>,
     /// How each column of the outbox is rendered.
@@ -268,6 +296,7 @@ impl KafkaDestination {
             brokers: args.kafka.brokers.clone(),
             key_column: args.key_column.clone(),
             mode: args.delivery,
+            commit_interval: args.commit_interval(),
             producer: Arc::new(Mutex::new(producer)),
             columns: Vec::new(),
             key_index: None,
@@ -283,6 +312,10 @@ impl KafkaDestination {
 
 impl Destination for KafkaDestination {
     const STAGE: &'static str = "connector";
+
+    fn commit_interval(&self) -> Duration {
+        self.commit_interval
+    }
 
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
         let (brokers, topic, slot) = (
@@ -459,24 +492,29 @@ mod tests {
     use super::*;
     use rdkafka::message::Headers as _;
 
-    /// An at-least-once destination with `--cleanup`, from a command line: its
-    /// producer connects lazily, so no broker is needed.
-    fn destination() -> KafkaDestination {
+    /// The connector's options from its command line.
+    fn parse(args: &[&str]) -> ConnectorArgs {
         #[derive(clap::Parser)]
         struct Command {
             #[command(flatten)]
             args: ConnectorArgs,
         }
-        let args = <Command as clap::Parser>::try_parse_from([
-            "connector",
+        let command_line = std::iter::once("connector").chain(args.iter().copied());
+        <Command as clap::Parser>::try_parse_from(command_line)
+            .unwrap()
+            .args
+    }
+
+    /// An at-least-once destination with `--cleanup`, from a command line: its
+    /// producer connects lazily, so no broker is needed.
+    fn destination() -> KafkaDestination {
+        let args = parse(&[
             "--brokers",
             "127.0.0.1:1",
             "--delivery",
             "at-least-once",
             "--cleanup",
-        ])
-        .unwrap()
-        .args;
+        ]);
         let (_, stop) = watch::channel(false);
         let producer =
             BatchProducer::new(&args.kafka.brokers, args.delivery, "unused", stop).unwrap();
@@ -498,6 +536,22 @@ mod tests {
             commit_time_micros: None,
         });
         d.row(&[Some(id.as_bytes()), Some(b"7")]);
+    }
+
+    #[test]
+    fn kafka_transactions_are_spaced_by_default_and_at_least_once_batches_are_not() {
+        let interval = |args: &[&str]| parse(args).commit_interval();
+        assert_eq!(interval(&[]), Duration::from_millis(50));
+        assert_eq!(interval(&["--delivery", "at-least-once"]), Duration::ZERO);
+        assert_eq!(
+            interval(&["--commit-interval-ms", "0"]),
+            Duration::ZERO,
+            "an explicit interval overrides the mode's default"
+        );
+        assert_eq!(
+            interval(&["--delivery", "at-least-once", "--commit-interval-ms", "30"]),
+            Duration::from_millis(30)
+        );
     }
 
     #[test]

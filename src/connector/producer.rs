@@ -1,15 +1,30 @@
-//! The Kafka side of the connector: one producer that makes a batch durable, either
-//! in one Kafka transaction (with the progress record) or, at-least-once, by waiting
-//! for every record's `acks=all` acknowledgement.
+//! The Kafka side of the connector: it makes a batch durable, either in one Kafka
+//! transaction (with the progress record) or, at-least-once, by waiting for every
+//! record's `acks=all` acknowledgement.
+//!
+//! Transactional batches take turns on [`TRANSACTIONAL_PRODUCERS`] producers, one
+//! transactional id each. One id cannot begin its next transaction until the
+//! coordinator has written the previous one's commit markers: librdkafka's
+//! `AddPartitionsToTxn` is refused with `CONCURRENT_TRANSACTIONS` and retried every
+//! 20 ms, which made one id's cycle ~65 ms here (`scripts/bench.d/notes.md`). Taking
+//! turns gives each id the other ids' turns to finish its markers in.
 //!
 //! Invariants:
 //! 1. [`BatchProducer::commit`] returns `Ok` only when every record of the batch is
 //!    durable in Kafka; on any doubt it retries the whole batch (an aborted Kafka
 //!    transaction is invisible to `read_committed` readers).
-//! 2. A retry never runs on the producer whose attempt failed: it runs on a new one
+//! 2. A batch's transaction begins only after the previous batch's `commit_transaction`
+//!    has returned, whichever producer ran it: the committed transactions are the
+//!    batches in order with no gap, each with its progress record, exactly as with one
+//!    producer. Taking turns overlaps one id's commit markers with the next batches,
+//!    never two open transactions.
+//! 3. A retry never runs on the producer whose attempt failed: it runs on a new one
 //!    (a new epoch), because the broker deduplicates by (producer, epoch, sequence)
 //!    and would otherwise take retried records for the failed attempt's (see
 //!    [`BatchProducer::recreate`]).
+//! 4. Every transactional id is initialised (fenced) before the progress record is
+//!    read back, at start and at each retry: no other instance can commit on any of
+//!    them in between (see [`BatchProducer::recreate`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -21,7 +36,7 @@ use rdkafka::ClientContext;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::{Batch, OutRecord};
+use super::{transactional_id, Batch, OutRecord};
 use crate::kafka::{self, ProgressRecord};
 use crate::pg::ErrorClass;
 use crate::pipeline::PipelineError;
@@ -113,11 +128,19 @@ impl ProducerContext for DeliveryCounter {
     }
 }
 
+/// Transactional producers taking turns (see the module doc). A constant, not an
+/// option: an instance must fence every id an earlier instance may have used.
+pub const TRANSACTIONAL_PRODUCERS: usize = 4;
+
 pub struct BatchProducer {
     brokers: String,
     mode: DeliveryMode,
-    transactional_id: String,
-    producer: ThreadedProducer<DeliveryCounter>,
+    /// The slot, which names the transactional ids ([`transactional_id`]).
+    slot: String,
+    /// One producer at-least-once, [`TRANSACTIONAL_PRODUCERS`] transactional.
+    producers: Vec<ThreadedProducer<DeliveryCounter>>,
+    /// The producer of the next batch.
+    turn: usize,
     stop: watch::Receiver<bool>,
     /// The last progress record this instance made durable, or read back when its
     /// session began (see [`BatchProducer::recreate`] and
@@ -129,24 +152,57 @@ pub struct BatchProducer {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl BatchProducer {
-    /// Creates the producer; in transactional mode, `init_transactions` fences any
-    /// earlier instance with the same transactional id and resolves its open
-    /// transaction. Blocking.
+    /// Creates the producers; in transactional mode, `init_transactions` fences any
+    /// earlier instance with the same transactional ids and resolves its open
+    /// transactions. Blocking.
     pub fn new(
         brokers: &str,
         mode: DeliveryMode,
-        transactional_id: &str,
+        slot: &str,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, FlushError> {
-        let producer = Self::create(brokers, mode, transactional_id)?;
         Ok(Self {
             brokers: brokers.to_string(),
             mode,
-            transactional_id: transactional_id.to_string(),
-            producer,
+            slot: slot.to_string(),
+            producers: Self::create_all(brokers, mode, slot)?,
+            turn: 0,
             stop,
             committed: None,
         })
+    }
+
+    /// The mode's producers, created in parallel: each `init_transactions` is a round
+    /// trip to its coordinator, and waits out the brokers in an outage.
+    fn create_all(
+        brokers: &str,
+        mode: DeliveryMode,
+        slot: &str,
+    ) -> Result<Vec<ThreadedProducer<DeliveryCounter>>, FlushError> {
+        let count = match mode {
+            DeliveryMode::Transactional => TRANSACTIONAL_PRODUCERS,
+            DeliveryMode::AtLeastOnce => 1,
+        };
+        std::thread::scope(|scope| {
+            let created: Vec<_> = (0..count)
+                .map(|turn| {
+                    scope.spawn(move || Self::create(brokers, mode, &transactional_id(slot, turn)))
+                })
+                .collect();
+            created
+                .into_iter()
+                .map(|handle| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    }
+
+    /// The producer whose turn it is.
+    fn producer(&self) -> &ThreadedProducer<DeliveryCounter> {
+        &self.producers[self.turn]
     }
 
     /// Records the progress record read back when a session begins: the one a new
@@ -211,7 +267,7 @@ impl BatchProducer {
                 // was not confirmed past it).
                 return Err(FlushError::Stopped);
             }
-            let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+            let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
             let result = match self.mode {
                 DeliveryMode::Transactional => {
                     self.commit_transaction(topic, batch, progress_topic, slot, &progress_value)
@@ -245,13 +301,16 @@ impl BatchProducer {
             std::thread::sleep(backoff.next_delay());
         }
         self.committed = Some(progress.clone());
+        self.turn = (self.turn + 1) % self.producers.len();
         Ok(())
     }
 
-    /// Replaces the producer with a new one: a new producer id or, transactional, a
-    /// new epoch of the same transactional id, so that the retry's records carry
-    /// sequence numbers no broker has seen. The old producer is then dropped, its queue
-    /// purged.
+    /// Replaces the producers with new ones: a new producer id or, transactional, a
+    /// new epoch of each transactional id, so that the retry's records carry
+    /// sequence numbers no broker has seen. The old producers are then dropped, their
+    /// queues purged. All of them, not only the one whose attempt failed: a newer
+    /// instance fenced on one id only could still commit on another while this one
+    /// reads the progress record (invariant 4).
     ///
     /// Retrying on the same producer lost records (regression test:
     /// `all_brokers_down_again_and_again_the_connector_waits_and_loses_nothing`):
@@ -277,7 +336,7 @@ impl BatchProducer {
         slot: &str,
         pending: &ProgressRecord,
     ) -> Result<Found, FlushError> {
-        self.producer = Self::create(&self.brokers, self.mode, &self.transactional_id)?;
+        self.producers = Self::create_all(&self.brokers, self.mode, &self.slot)?;
         if self.mode != DeliveryMode::Transactional {
             return Ok(Found::Ours);
         }
@@ -293,7 +352,7 @@ impl BatchProducer {
                         ?found,
                         "the progress topic moved on without this instance: another connector took over"
                     );
-                    return Err(FlushError::Fenced(self.transactional_id.clone()));
+                    return Err(FlushError::Fenced(self.current_id()));
                 }
                 Err(error) => {
                     if *self.stop.borrow() {
@@ -315,7 +374,7 @@ impl BatchProducer {
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
-        if let Err(error) = self.producer.begin_transaction() {
+        if let Err(error) = self.producer().begin_transaction() {
             let attempt = self.txn_error(error);
             if matches!(attempt, Attempt::Retry(_)) {
                 // E.g. an earlier abort that is not complete yet: finish it first.
@@ -335,7 +394,7 @@ impl BatchProducer {
         // flush finds nothing outstanding.
         self.wait_delivered(CALL_TIMEOUT);
         loop {
-            match self.producer.commit_transaction(CALL_TIMEOUT) {
+            match self.producer().commit_transaction(CALL_TIMEOUT) {
                 Ok(()) => {
                     ::metrics::counter!(crate::metrics::KAFKA_TRANSACTIONS, "outcome" => "committed")
                         .increment(1);
@@ -389,7 +448,7 @@ impl BatchProducer {
             });
         }
         self.send_and_wait(failed_before, || self.send_records(topic, batch))?;
-        let failed_before = self.producer.context().failed.load(Ordering::SeqCst);
+        let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
         self.send_and_wait(failed_before, || {
             self.send_progress(progress_topic, slot, progress)
         })
@@ -411,7 +470,7 @@ impl BatchProducer {
                 return Err(Attempt::Definite(FlushError::Stopped));
             }
         }
-        let failed_after = self.producer.context().failed.load(Ordering::SeqCst);
+        let failed_after = self.producer().context().failed.load(Ordering::SeqCst);
         if failed_after != failed_before {
             return Err(Attempt::Retry(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageTimedOut,
@@ -424,11 +483,11 @@ impl BatchProducer {
     /// librdkafka (it is counted as outstanding until just after its report), at most
     /// `timeout`.
     fn wait_delivered(&self, timeout: Duration) -> bool {
-        if !self.producer.context().wait_reported(timeout) {
+        if !self.producer().context().wait_reported(timeout) {
             return false;
         }
         let deadline = std::time::Instant::now() + Duration::from_millis(50);
-        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        while self.producer().in_flight_count() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
         true
@@ -457,9 +516,9 @@ impl BatchProducer {
 
     fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
         loop {
-            match self.producer.send(record) {
+            match self.producer().send(record) {
                 Ok(()) => {
-                    self.producer
+                    self.producer()
                         .context()
                         .enqueued
                         .fetch_add(1, Ordering::SeqCst);
@@ -487,7 +546,7 @@ impl BatchProducer {
             .increment(1);
         let mut backoff = Backoff::reconnect();
         loop {
-            match self.producer.abort_transaction(CALL_TIMEOUT) {
+            match self.producer().abort_transaction(CALL_TIMEOUT) {
                 Ok(()) => return Ok(()),
                 Err(KafkaError::Transaction(e)) if e.is_fatal() => {
                     return Err(self.txn_error(KafkaError::Transaction(e)));
@@ -508,10 +567,15 @@ impl BatchProducer {
         }
     }
 
+    /// The transactional id of the producer whose turn it is.
+    fn current_id(&self) -> String {
+        transactional_id(&self.slot, self.turn)
+    }
+
     fn txn_error(&self, error: KafkaError) -> Attempt {
         match &error {
             KafkaError::Transaction(e) if e.is_fatal() => {
-                match classify_fatal(error, &self.transactional_id) {
+                match classify_fatal(error, &self.current_id()) {
                     FlushError::Fenced(id) => Attempt::Definite(FlushError::Fenced(id)),
                     FlushError::Fatal(e) => Attempt::Recreate(e),
                     other => Attempt::Definite(other),

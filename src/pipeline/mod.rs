@@ -40,6 +40,13 @@
 //! owns it; the pipeline runs it as a task, goes on decoding into a fresh batch, and
 //! takes its result (mark durable, confirm the slot) when it completes.
 //!
+//! # When a batch is committed
+//! When it is full; otherwise once `--linger-ms` has passed since its first
+//! transaction, nothing is being committed, and the destination's
+//! [`Destination::commit_interval`] has passed since the last commit started
+//! (`Session::due`). The interval bounds the commit rate where a commit costs more
+//! than its rows (a Kafka transaction); it is zero for the others.
+//!
 //! # Reading
 //! Events the replication worker has queued are taken without a `select!` each, and
 //! under load the reader pauses briefly when the queue runs dry, so that the walsender
@@ -196,6 +203,11 @@ pub trait Destination {
     fn discard_txn(&mut self);
     /// Rows and bytes in the batch.
     fn batch_size(&self) -> (usize, usize);
+    /// The least time between the starts of two commits of batches that are not full:
+    /// a bound on the commit rate where each commit costs more than its rows.
+    fn commit_interval(&self) -> Duration {
+        Duration::ZERO
+    }
     /// A session starts: whatever an earlier one left in the batch is dropped (its
     /// transactions are read again from the slot).
     fn clear(&mut self);
@@ -437,6 +449,7 @@ impl<D: Destination> Pipeline<D> {
             batch: BatchMark::default(),
             in_flight: None,
             confirmed: Lsn::ZERO,
+            last_commit: None,
         };
         let result = self.stream_events(replication, &mut s).await;
         if s.in_flight.is_some() {
@@ -474,7 +487,7 @@ impl<D: Destination> Pipeline<D> {
                     // complete), and a lingering batch waits for the commit in flight
                     // rather than for its own turn inside flush().
                     let deadline = if open.is_none() && s.in_flight.is_none() {
-                        s.batch.started.map(|s| s + linger)
+                        s.due(linger, self.dest.commit_interval())
                     } else {
                         None
                     };
@@ -604,8 +617,10 @@ impl<D: Destination> Pipeline<D> {
                                 .set(bytes as f64);
                             let full =
                                 rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
-                            let lingered = batch.started.is_some_and(|s| s.elapsed() >= linger);
-                            if full || (lingered && s.in_flight.is_none()) {
+                            let due = s
+                                .due(linger, self.dest.commit_interval())
+                                .is_some_and(|due| due <= Instant::now());
+                            if full || (due && s.in_flight.is_none()) {
                                 self.flush(s).await?;
                             }
                         }
@@ -647,6 +662,7 @@ impl<D: Destination> Pipeline<D> {
         let commit = self
             .dest
             .commit(&self.slot, &ProgressRecord::streaming(last_lsn));
+        s.last_commit = Some(Instant::now());
         s.in_flight = Some(InFlight {
             commit: tokio::spawn(commit),
             mark: std::mem::take(&mut s.batch),
@@ -712,12 +728,24 @@ struct Session {
     in_flight: Option<InFlight>,
     /// The LSN last confirmed to the slot.
     confirmed: Lsn,
+    /// When the last commit started.
+    last_commit: Option<Instant>,
 }
 
 impl Session {
     /// Nothing read is waiting to become durable.
     fn idle(&self) -> bool {
         self.batch.is_empty() && self.in_flight.is_none()
+    }
+
+    /// When the batch, if it is not full, is due for its commit: `linger` after its
+    /// first transaction, and not before `interval` after the last commit started.
+    fn due(&self, linger: Duration, interval: Duration) -> Option<Instant> {
+        let lingered = self.batch.started? + linger;
+        Some(match self.last_commit {
+            Some(last) => lingered.max(last + interval),
+            None => lingered,
+        })
     }
 
     /// Tells the slot what may be confirmed.
@@ -793,5 +821,45 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        Session {
+            tracker: ProgressTracker::new(Lsn::ZERO),
+            batch: BatchMark::default(),
+            in_flight: None,
+            confirmed: Lsn::ZERO,
+            last_commit: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_due_after_its_linger_and_not_before_the_commit_interval() {
+        let (linger, interval) = (Duration::from_millis(20), Duration::from_millis(50));
+        let mut s = session();
+        assert_eq!(s.due(linger, interval), None, "an empty batch is never due");
+
+        let t0 = Instant::now();
+        s.batch.started = Some(t0);
+        // No commit yet: the linger alone.
+        assert_eq!(s.due(linger, interval), Some(t0 + linger));
+        // A commit began 10 ms before the batch's first transaction: the interval
+        // ends after the linger.
+        s.last_commit = Some(t0 - Duration::from_millis(10));
+        assert_eq!(
+            s.due(linger, interval),
+            Some(t0 + Duration::from_millis(40))
+        );
+        // One began long before: the linger again.
+        s.last_commit = Some(t0 - Duration::from_millis(100));
+        assert_eq!(s.due(linger, interval), Some(t0 + linger));
+        // No interval (direct mode, at-least-once): the linger.
+        s.last_commit = Some(t0);
+        assert_eq!(s.due(linger, Duration::ZERO), Some(t0 + linger));
     }
 }
