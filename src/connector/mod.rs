@@ -88,8 +88,8 @@ pub struct ConnectorArgs {
         default_value = "transactional"
     )]
     pub delivery: DeliveryMode,
-    /// Least time between the starts of two Kafka transactions, in milliseconds: a
-    /// bound on the commit rate, since every commit costs the brokers its markers and
+    /// Least time between the starts of two batch commits, in milliseconds: a bound on
+    /// the commit rate, since every Kafka transaction costs the brokers its markers and
     /// transaction-log writes. A full batch does not wait for it [default: 50 in
     /// transactional mode, 0 at-least-once]
     #[arg(long, env = "OUTBOX_RELAY_COMMIT_INTERVAL_MS")]

@@ -474,6 +474,7 @@ impl<D: Destination> Pipeline<D> {
         // Whether a transaction is open, and whether it is skipped (already durable).
         let mut open: Option<bool> = None;
         let linger = Duration::from_millis(self.args.linger_ms);
+        let interval = self.dest.commit_interval();
         let mut stop = self.stop.clone();
         let mut events = events::Events::new();
 
@@ -487,7 +488,7 @@ impl<D: Destination> Pipeline<D> {
                     // complete), and a lingering batch waits for the commit in flight
                     // rather than for its own turn inside flush().
                     let deadline = if open.is_none() && s.in_flight.is_none() {
-                        s.due(linger, self.dest.commit_interval())
+                        s.due(linger, interval)
                     } else {
                         None
                     };
@@ -618,7 +619,7 @@ impl<D: Destination> Pipeline<D> {
                             let full =
                                 rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
                             let due = s
-                                .due(linger, self.dest.commit_interval())
+                                .due(linger, interval)
                                 .is_some_and(|due| due <= Instant::now());
                             if full || (due && s.in_flight.is_none()) {
                                 self.flush(s).await?;
