@@ -175,3 +175,71 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
         );
     }
 }
+
+/// Undoes `stack hold-wal pg_end` if the test ends early (a no-op once pg_end was
+/// killed and restarted).
+struct WalHeld;
+
+impl Drop for WalHeld {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(common::repo().join("scripts/stack"))
+            .args(["resume", "pg_end"])
+            .output();
+    }
+}
+
+/// pg_end's commits are asynchronous by default (`--synchronous-commit off`). With
+/// pg_end's WAL writer held, the relay's commits stay in WAL buffers, visible but not
+/// flushed; killing every pg_end process during a steady load then takes them back.
+/// The slot must not have been confirmed past them, and the relay must not go on from
+/// its in-memory position: after pg_end's crash recovery it applies them again from the
+/// slot, and pg_end ends up equal to pg_start, each transaction counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
+    let _lock = common::fault_lock().await;
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let mut relay = spawn_direct(&dbs, &slot, &[]);
+    load::run(&LoadArgs::count(&dbs.source_url, 500))
+        .await
+        .unwrap();
+    wait_verified(&dbs, Duration::from_secs(120)).await;
+
+    stack(&["hold-wal", "pg_end"]);
+    let held = WalHeld;
+    // Commits follow each other every linger (20 ms): the relay never idles long enough
+    // to flush them itself.
+    let mut args = LoadArgs::count(&dbs.source_url, 3000);
+    args.rate = 500.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let (applied, insert, written, flushed) = {
+        let target = dbs.target().await;
+        let row = target
+            .query_one(
+                "SELECT (SELECT count(*) FROM main.transactions), \
+                 pg_current_wal_insert_lsn()::text, pg_current_wal_lsn()::text, \
+                 pg_current_wal_flush_lsn()::text",
+                &[],
+            )
+            .await
+            .unwrap();
+        let lsn = |i: usize| row.get::<_, String>(i).parse::<Lsn>().unwrap();
+        (row.get::<_, i64>(0), lsn(1), lsn(2), lsn(3))
+    };
+    stack(&["kill-all", "pg_end"]);
+    eprintln!(
+        "pg_end killed with {applied} rows visible; WAL inserted to {insert}, written to \
+         {written}, flushed to {flushed}: {} bytes lost",
+        insert.as_u64().saturating_sub(written.as_u64())
+    );
+    assert!(applied > 500, "the relay applied nothing under load");
+    stack(&["start", "pg_end"]);
+    drop(held);
+
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.failed, 0);
+    wait_verified(&dbs, Duration::from_secs(180)).await;
+    common::connector::assert_running(&mut relay, "after pg_end's crash");
+    assert!(relay.terminate().success());
+}

@@ -288,7 +288,7 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    fn new(step: &'static str, source: tokio_postgres::Error) -> Self {
+    pub fn new(step: &'static str, source: tokio_postgres::Error) -> Self {
         match pg::classify(&source) {
             ErrorClass::Transient => Self::Transient { step, source },
             ErrorClass::Definite => Self::Definite { step, source },

@@ -44,7 +44,9 @@ use crate::kafka::encode::{self, ColumnSpec};
 use crate::kafka::{self, ProgressRecord, TopicSpec};
 use crate::lsn::Lsn;
 use crate::pg::ErrorClass;
-use crate::pipeline::{ColumnDef, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta};
+use crate::pipeline::{
+    ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
+};
 use crate::retry::Backoff;
 use crate::source::TableName;
 
@@ -421,7 +423,7 @@ impl Destination for KafkaDestination {
         &mut self,
         slot: &str,
         progress: &ProgressRecord,
-    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
         let batch = std::mem::take(&mut self.batch);
         let (topic, progress_topic) = (self.topic.clone(), self.progress_topic.clone());
         let (slot, progress) = (slot.to_string(), progress.clone());
@@ -440,7 +442,7 @@ impl Destination for KafkaDestination {
             if let Some(pending) = cleanup {
                 pending.push(batch.ids);
             }
-            Ok(())
+            Ok(Committed::DURABLE)
         }
     }
 }

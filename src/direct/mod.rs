@@ -12,12 +12,32 @@
 //! storing progress next to the sink's offsets table. The row is plain data: it moves
 //! only forward, it is visible to `status`, and it is restored with the data it covers.
 //!
+//! # Asynchronous commit, confirmed once flushed
+//! By default (`--synchronous-commit off`) pg_end's commits return before their WAL is
+//! flushed, as a native subscription's apply worker commits: the next batch is applied
+//! while the WAL writer flushes the last one. After each commit the connection reads
+//! pg_end's WAL insert position (what must be flushed for the batch to be durable) and
+//! its flush position; the pipeline marks a batch durable, and confirms the slot past
+//! it, only once a flush position at or past its insert position has been seen
+//! ([`Committed`]). With no batch following, a small synchronous write on the same
+//! connection flushes the rest ([`Destination::sync`]).
+//!
+//! Positions are compared only on the connection that made the commits: a pg_end crash
+//! ends every connection, and its recovered WAL may grow past a lost commit's position.
+//! So when the connection breaks while a commit on it is not yet seen flushed, the
+//! session ends (a transient error) and the next one reads the progress row again,
+//! made durable first. Readers of pg_end may see rows that a crash of pg_end then
+//! takes back, to be applied again from the slot; with `on` (or `local`,
+//! `remote_write`, `remote_apply`, for a pg_end with synchronous standbys) a batch is
+//! durable, to that level, when its commit returns.
+//!
 //! # Invariants
 //! 1. Many source transactions go into one pg_end transaction, never one source
 //!    transaction into two ([`crate::pipeline`] hands whole transactions over).
 //! 2. The slot is confirmed only after the pg_end commit that holds the rows and the
-//!    progress row; on start the progress row is read and transactions at or below it
-//!    are skipped, so `kill -9` at any instant neither loses nor repeats.
+//!    progress row is durable; on start the progress row is read (and made durable)
+//!    and transactions at or below it are skipped, so `kill -9` of the relay or of
+//!    pg_end at any instant neither loses nor repeats.
 //! 3. Rows that cannot be applied become dead letters in the same pg_end transaction;
 //!    the stream goes on.
 //! 4. pg_end outages are retried with capped backoff. One batch is applied while the
@@ -28,6 +48,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
+use tokio_postgres::types::PgLsn;
 
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
 use crate::config::{SourceArgs, TargetArgs};
@@ -35,7 +56,9 @@ use crate::kafka::encode::{self, ColumnSpec};
 use crate::kafka::{ProgressRecord, ProgressState};
 use crate::lsn::Lsn;
 use crate::pg::{self, ErrorClass};
-use crate::pipeline::{ColumnDef, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta};
+use crate::pipeline::{
+    ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
+};
 use crate::retry::Backoff;
 
 /// Options of `outbox-relay direct`.
@@ -52,10 +75,45 @@ pub struct DirectArgs {
         default_value = "outbox_relay_direct"
     )]
     pub slot: String,
+    /// pg_end's `synchronous_commit` for the applying connection. `off` (as a native
+    /// subscription's default): commits return before their WAL is flushed, and the
+    /// slot is confirmed past a batch only once pg_end has flushed it. Otherwise each
+    /// commit waits for that level of durability.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_SYNCHRONOUS_COMMIT",
+        value_enum,
+        default_value_t = SynchronousCommit::Off
+    )]
+    pub synchronous_commit: SynchronousCommit,
     #[command(flatten)]
     pub stream: StreamArgs,
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
+}
+
+/// The values of PostgreSQL's `synchronous_commit`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynchronousCommit {
+    Off,
+    Local,
+    On,
+    #[value(name = "remote_write")]
+    RemoteWrite,
+    #[value(name = "remote_apply")]
+    RemoteApply,
+}
+
+impl SynchronousCommit {
+    fn as_sql(self) -> &'static str {
+        match self {
+            SynchronousCommit::Off => "off",
+            SynchronousCommit::Local => "local",
+            SynchronousCommit::On => "on",
+            SynchronousCommit::RemoteWrite => "remote_write",
+            SynchronousCommit::RemoteApply => "remote_apply",
+        }
+    }
 }
 
 /// How long one apply attempt may take before it counts as a transient failure.
@@ -67,7 +125,12 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         .start(crate::metrics::DIRECT_METRICS)
         .await
         .map_err(PipelineError::Definite)?;
-    let destination = PgEndDestination::new(&args.target.target_url, stop.clone());
+    let destination = PgEndDestination::new(
+        &args.target.target_url,
+        &args.slot,
+        args.synchronous_commit,
+        stop.clone(),
+    );
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
         args.slot.clone(),
@@ -115,16 +178,76 @@ struct PgEndDestination {
 /// The connection to pg_end.
 struct PgEnd {
     url: String,
+    /// The slot whose progress row this relay writes.
+    slot: String,
+    synchronous_commit: SynchronousCommit,
     client: Option<apply::Target>,
+    /// pg_end's WAL insert position after the last commit on `client` that has not
+    /// been seen flushed.
+    unflushed: Option<Lsn>,
     stop: watch::Receiver<bool>,
 }
 
+/// Sets what a commit on a connection waits for.
+fn set_synchronous_commit(mode: SynchronousCommit) -> String {
+    format!("SET synchronous_commit = {}", mode.as_sql())
+}
+
+/// pg_end's WAL insert and flush positions, in that order.
+const WAL_POSITIONS: &str = "SELECT pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn()";
+
+/// A write that makes every commit before it durable: its own commit is synchronous
+/// (locally: what is compared is pg_end's own flush position), and a commit that wrote
+/// WAL flushes the WAL up to its commit record.
+const FLUSH_WRITE: &str = "\
+UPDATE outbox_relay.direct_progress SET updated_at = now() WHERE slot_name = $1";
+
 impl PgEnd {
+    /// Commits return before their WAL is flushed.
+    fn asynchronous(&self) -> bool {
+        self.synchronous_commit == SynchronousCommit::Off
+    }
+
+    /// Gives the connection up after a failure. A commit on it not yet seen flushed may
+    /// be lost, if pg_end crashed, and no later connection can tell: the error ends the
+    /// session, whose successor starts from pg_end's progress row.
+    fn disconnect(&mut self) -> Result<(), PipelineError> {
+        match self.unflushed {
+            None => {
+                self.client = None;
+                Ok(())
+            }
+            Some(_) => Err(self.in_doubt()),
+        }
+    }
+
+    /// Gives the connection up with commits on it not yet seen flushed: the error that
+    /// ends the session.
+    fn in_doubt(&mut self) -> PipelineError {
+        self.client = None;
+        let lsn = self.unflushed.take().unwrap_or(Lsn::ZERO);
+        PipelineError::Destination {
+            context: format!(
+                "the connection to pg_end was lost before pg_end was seen to flush its \
+                 commits (up to WAL {lsn}); what they hold is read again from the slot"
+            ),
+            class: ErrorClass::Transient,
+            source: "connection given up".into(),
+        }
+    }
+
     /// A connected client, retrying transient failures until a stop.
     async fn client(&mut self) -> Result<&mut apply::Target, PipelineError> {
         let mut backoff = Backoff::reconnect();
         while self.client.is_none() {
-            match pg::connect(&self.url).await {
+            let connected = match pg::connect(&self.url).await {
+                Ok(client) => client
+                    .batch_execute(&set_synchronous_commit(self.synchronous_commit))
+                    .await
+                    .map(|()| client),
+                Err(error) => Err(error),
+            };
+            match connected {
                 Ok(client) => self.client = Some(apply::Target::new(client)),
                 Err(error) if pg::classify(&error) == ErrorClass::Transient => {
                     tracing::warn!(%error, "pg_end unavailable, retrying");
@@ -148,11 +271,19 @@ impl PgEnd {
 
 impl PgEndDestination {
     /// An empty destination; it connects to pg_end on its first use.
-    fn new(url: &str, stop: watch::Receiver<bool>) -> Self {
+    fn new(
+        url: &str,
+        slot: &str,
+        synchronous_commit: SynchronousCommit,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             pg_end: Arc::new(Mutex::new(PgEnd {
                 url: url.to_string(),
+                slot: slot.to_string(),
+                synchronous_commit,
                 client: None,
+                unflushed: None,
                 stop,
             })),
             columns: None,
@@ -210,8 +341,20 @@ impl Destination for PgEndDestination {
         let mut pg_end = self.pg_end.lock().await;
         let mut backoff = Backoff::reconnect();
         loop {
+            let asynchronous = pg_end.asynchronous();
             let client = pg_end.client().await?;
-            match apply::read_source_lsn(&**client, slot).await {
+            let mut read = apply::read_source_lsn(&**client, slot).await;
+            // The row may be an asynchronous commit not yet flushed: it is made
+            // durable before the pipeline skips what it covers.
+            if let (Ok(Some(_)), true) = (&read, asynchronous) {
+                match flush(client, slot).await {
+                    Ok(_) => pg_end.unflushed = None,
+                    Err(error) => {
+                        read = Err(apply::ApplyError::new("flushing pg_end's WAL", error))
+                    }
+                }
+            }
+            match read {
                 // The snapshot marker is the progress row at 0/0.
                 Ok(Some(lsn)) if lsn.is_zero() => {
                     return Ok(Some(ProgressRecord {
@@ -223,7 +366,10 @@ impl Destination for PgEndDestination {
                 Ok(None) => return Ok(None),
                 Err(error) if error.class() == ErrorClass::Transient => {
                     tracing::warn!(%error, "reading direct-mode progress, retrying");
+                    // A new session is starting: it takes the progress row, whatever
+                    // survived, as the truth, so commits in doubt are no error here.
                     pg_end.client = None;
+                    pg_end.unflushed = None;
                     if *pg_end.stop.borrow() {
                         return Err(PipelineError::Stopped);
                     }
@@ -337,7 +483,7 @@ impl Destination for PgEndDestination {
         &mut self,
         slot: &str,
         progress: &ProgressRecord,
-    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
         let mut batch = std::mem::take(&mut self.batch);
         batch.progress = Progress::SourceLsn {
             slot: slot.to_string(),
@@ -348,7 +494,7 @@ impl Destination for PgEndDestination {
         let pg_end = Arc::clone(&self.pg_end);
         async move {
             let mut pg_end = pg_end.lock().await;
-            pg_end.apply(&batch).await?;
+            let committed = pg_end.apply(&batch).await?;
             let now = chrono::Utc::now();
             for micros in commit_times {
                 if let Some(committed) = crate::connector::pg_micros_to_utc(micros) {
@@ -357,17 +503,41 @@ impl Destination for PgEndDestination {
                         .record(latency as f64 / 1e6);
                 }
             }
-            Ok(())
+            Ok(committed)
         }
+    }
+
+    fn sync(&mut self) -> impl Future<Output = Result<Lsn, PipelineError>> + Send + 'static {
+        let pg_end = Arc::clone(&self.pg_end);
+        async move { pg_end.lock().await.sync().await }
     }
 }
 
+/// Runs [`FLUSH_WRITE`] on `client` and returns pg_end's flush position after it.
+async fn flush(client: &mut apply::Target, slot: &str) -> Result<Lsn, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = local")
+        .await?;
+    tx.execute(FLUSH_WRITE, &[&slot]).await?;
+    tx.commit().await?;
+    let (_, flushed) = wal_positions(client).await?;
+    Ok(flushed)
+}
+
+/// pg_end's WAL insert and flush positions.
+async fn wal_positions(client: &apply::Target) -> Result<(Lsn, Lsn), tokio_postgres::Error> {
+    let row = client.query_one(WAL_POSITIONS, &[]).await?;
+    let lsn = |i: usize| row.try_get::<_, PgLsn>(i).map(|lsn| Lsn(u64::from(lsn)));
+    Ok((lsn(0)?, lsn(1)?))
+}
+
 impl PgEnd {
-    /// Applies `batch`, retrying transient failures (on a new connection) until it
-    /// is committed or a stop.
-    async fn apply(&mut self, batch: &ApplyBatch) -> Result<(), PipelineError> {
+    /// Applies `batch`, retrying transient failures (on a new connection, unless that
+    /// would put an earlier commit in doubt) until it is committed or a stop.
+    async fn apply(&mut self, batch: &ApplyBatch) -> Result<Committed, PipelineError> {
         let mut backoff = Backoff::reconnect();
         loop {
+            let asynchronous = self.asynchronous();
             let client = self.client().await?;
             // A frozen or black-holed pg_end must not hold the pipeline forever: an
             // attempt that outlasts APPLY_TIMEOUT is a transient failure, retried on a
@@ -377,8 +547,22 @@ impl PgEnd {
                     Ok(result) => result.map_err(Some),
                     Err(_) => Err(None),
                 };
+            let result = match result {
+                // What must be flushed for the batch to be durable.
+                Ok(outcome) if asynchronous => match wal_positions(client).await {
+                    Ok((needed, flushed)) => Ok((outcome, needed, flushed)),
+                    Err(error) => Err(Some(apply::ApplyError::new("reading WAL positions", error))),
+                },
+                Ok(outcome) => Ok((outcome, Lsn::ZERO, Lsn::ZERO)),
+                Err(error) => Err(error),
+            };
+            // A failed attempt leaves `unflushed` as it was: if its commit happened and
+            // is lost, the retry (on whichever connection) applies the batch again.
+            if let (Ok((_, needed, flushed)), true) = (&result, asynchronous) {
+                self.unflushed = (flushed < needed).then_some(*needed);
+            }
             match result {
-                Ok(outcome) => {
+                Ok((outcome, needed, flushed)) => {
                     if outcome.dead_letters > 0 {
                         tracing::warn!(
                             dead_letters = outcome.dead_letters,
@@ -390,7 +574,14 @@ impl PgEnd {
                         duplicates = outcome.duplicates,
                         "applied"
                     );
-                    return Ok(());
+                    return Ok(if asynchronous {
+                        Committed {
+                            flush_needed: Some(needed),
+                            flushed,
+                        }
+                    } else {
+                        Committed::DURABLE
+                    });
                 }
                 Err(None) => {
                     tracing::warn!(timeout = ?APPLY_TIMEOUT, "pg_end apply timed out, retrying the same batch");
@@ -406,11 +597,50 @@ impl PgEnd {
                     });
                 }
             }
-            self.client = None;
+            self.disconnect()?;
             if *self.stop.borrow() {
                 return Err(PipelineError::Stopped);
             }
             backoff.wait().await;
+        }
+    }
+
+    /// Makes every commit on the connection durable; returns pg_end's flush position.
+    async fn sync(&mut self) -> Result<Lsn, PipelineError> {
+        if self.unflushed.is_none() {
+            // Nothing in doubt: the position is only read.
+            let client = self.client().await?;
+            return match wal_positions(client).await {
+                Ok((_, flushed)) => Ok(flushed),
+                Err(error) => {
+                    self.disconnect()?;
+                    Err(PipelineError::Destination {
+                        context: "reading pg_end's WAL flush position".into(),
+                        class: pg::classify(&error),
+                        source: Box::new(error),
+                    })
+                }
+            };
+        }
+        let slot = self.slot.clone();
+        let client = self.client().await?;
+        match tokio::time::timeout(APPLY_TIMEOUT, flush(client, &slot)).await {
+            Ok(Ok(flushed)) => {
+                if self.unflushed.is_some_and(|needed| flushed >= needed) {
+                    self.unflushed = None;
+                }
+                Ok(flushed)
+            }
+            Ok(Err(error)) if pg::classify(&error) == ErrorClass::Definite => {
+                Err(PipelineError::Destination {
+                    context: "flushing pg_end's WAL".into(),
+                    class: ErrorClass::Definite,
+                    source: Box::new(error),
+                })
+            }
+            // A transient failure or a timeout: the commits in doubt go with the
+            // connection.
+            _ => Err(self.in_doubt()),
         }
     }
 }
@@ -421,7 +651,12 @@ mod tests {
 
     fn destination() -> PgEndDestination {
         let (_, stop) = watch::channel(false);
-        let mut d = PgEndDestination::new("postgres://127.0.0.1:1/db_end", stop);
+        let mut d = PgEndDestination::new(
+            "postgres://127.0.0.1:1/db_end",
+            "slot",
+            SynchronousCommit::Off,
+            stop,
+        );
         let column = |name: &str, type_oid| ColumnDef {
             name: name.into(),
             type_oid,

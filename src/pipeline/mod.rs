@@ -32,13 +32,22 @@
 //!    previous one has returned, so durability, progress records and slot
 //!    confirmations follow the source's commit order. A session never ends with a
 //!    commit running: it is awaited, and what it made durable is confirmed, first.
+//! 8. A commit may return before its batch is durable (pg_end's asynchronous commit):
+//!    it then names the destination log position that makes it so
+//!    ([`Committed::flush_needed`]), and the batch is marked durable only once the
+//!    destination reports its log flushed that far, oldest batch first. Such positions
+//!    are only meaningful within one session: the destination ends the session rather
+//!    than reconnect under commits it has not seen flushed.
 //!
 //! # Overlap
 //! A destination commit is a round trip to other servers (a Kafka transaction, a
 //! durable pg_end commit), and decoding the next batch costs about as much CPU time.
 //! [`Destination::commit`] therefore hands the batch over and returns a future that
 //! owns it; the pipeline runs it as a task, goes on decoding into a fresh batch, and
-//! takes its result (mark durable, confirm the slot) when it completes.
+//! takes its result (mark durable, confirm the slot) when it completes. Where commits
+//! are asynchronous, a later commit reports the earlier ones flushed; with no batch
+//! following, [`Destination::sync`] is asked to make them durable [`SYNC_DELAY`] after
+//! the last commit.
 //!
 //! # When a batch is committed
 //! When it is full; otherwise once `--linger-ms` has passed since its first
@@ -55,6 +64,7 @@
 mod events;
 mod snapshot;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -211,15 +221,42 @@ pub trait Destination {
     /// A session starts: whatever an earlier one left in the batch is dropped (its
     /// transactions are read again from the slot).
     fn clear(&mut self);
-    /// Hands the batch over, leaving an empty one, and returns the work that makes it
-    /// and `progress` durable, atomically. The future owns what it needs, so the next
-    /// batch is read while it runs; the pipeline awaits it before it calls `commit`
-    /// again or `read_progress`. It retries transient failures itself until a stop.
+    /// Hands the batch over, leaving an empty one, and returns the work that commits it
+    /// and `progress`, atomically. The future owns what it needs, so the next batch is
+    /// read while it runs; the pipeline awaits it before it calls `commit` (or `sync`)
+    /// again or `read_progress`. It retries transient failures itself until a stop,
+    /// except where a retry could hide the loss of an earlier commit that was not yet
+    /// durable (then the session must start again from the destination's progress).
     fn commit(
         &mut self,
         slot: &str,
         progress: &ProgressRecord,
-    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static;
+    ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static;
+    /// Makes every commit so far durable and returns how far the destination is
+    /// durable. Called only after a commit returned [`Committed::flush_needed`].
+    fn sync(&mut self) -> impl Future<Output = Result<Lsn, PipelineError>> + Send + 'static {
+        std::future::ready(Ok(Lsn::ZERO))
+    }
+}
+
+/// What a completed destination commit says about its durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The destination's own log position (pg_end's WAL) that must be durable before
+    /// the batch is: `None` when the batch was durable when the commit returned.
+    pub flush_needed: Option<Lsn>,
+    /// How far the destination's log was durable when the commit returned, as seen by
+    /// the connection that made the commit.
+    pub flushed: Lsn,
+}
+
+impl Committed {
+    /// A commit that returned only once durable (a Kafka transaction, a synchronous
+    /// pg_end commit).
+    pub const DURABLE: Committed = Committed {
+        flush_needed: None,
+        flushed: Lsn::ZERO,
+    };
 }
 
 /// The pipeline's state across replication sessions.
@@ -448,17 +485,18 @@ impl<D: Destination> Pipeline<D> {
             tracker: ProgressTracker::new(self.durable_lsn),
             batch: BatchMark::default(),
             in_flight: None,
+            unflushed: VecDeque::new(),
             confirmed: Lsn::ZERO,
             last_commit: None,
         };
         let result = self.stream_events(replication, &mut s).await;
-        if s.in_flight.is_some() {
-            match self.settle(&mut s).await {
+        if !s.settled() {
+            match self.settle_all(&mut s).await {
                 Ok(()) => s.confirm(replication),
                 Err(error) => tracing::warn!(
                     error = %error_chain(&error),
-                    "the batch being committed when the session ended is not durable; \
-                     it is read again from the slot"
+                    "what was being committed when the session ended is not known to be \
+                     durable; it is read again from the slot"
                 ),
             }
         }
@@ -488,7 +526,7 @@ impl<D: Destination> Pipeline<D> {
                     // complete), and a lingering batch waits for the commit in flight
                     // rather than for its own turn inside flush().
                     let deadline = if open.is_none() && s.in_flight.is_none() {
-                        s.due(linger, interval)
+                        s.due(linger, interval).or_else(|| s.sync_due())
                     } else {
                         None
                     };
@@ -511,7 +549,11 @@ impl<D: Destination> Pipeline<D> {
                             continue;
                         }
                         _ = sleep_until_opt(deadline) => {
-                            self.flush(s).await?;
+                            if s.batch.is_empty() {
+                                self.start_sync(s);
+                            } else {
+                                self.flush(s).await?;
+                            }
                             continue;
                         }
                         event = replication.recv() => {
@@ -681,41 +723,77 @@ impl<D: Destination> Pipeline<D> {
         self.committed(s, result)
     }
 
-    /// Commits the batch and waits for it (and the one before it), then confirms.
+    /// Starts making every commit so far durable, when nothing is being committed.
+    fn start_sync(&mut self, s: &mut Session) {
+        debug_assert!(s.in_flight.is_none());
+        let sync = self.dest.sync();
+        s.last_commit = Some(Instant::now());
+        s.in_flight = Some(InFlight {
+            commit: tokio::spawn(async move {
+                let flushed = sync.await?;
+                Ok(Committed {
+                    flush_needed: None,
+                    flushed,
+                })
+            }),
+            mark: BatchMark::default(),
+            rows: 0,
+        });
+    }
+
+    /// Waits for the commit in flight, then makes every commit durable.
+    async fn settle_all(&mut self, s: &mut Session) -> Result<(), PipelineError> {
+        self.settle(s).await?;
+        if !s.unflushed.is_empty() {
+            self.start_sync(s);
+            self.settle(s).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch and waits until it (and every one before it) is durable, then
+    /// confirms.
     async fn drain(
         &mut self,
         s: &mut Session,
         replication: &ReplicationClient,
     ) -> Result<(), PipelineError> {
         self.flush(s).await?;
-        self.settle(s).await?;
+        self.settle_all(s).await?;
         s.confirm(replication);
         Ok(())
     }
 
-    /// The commit in flight has returned `result`: on success its transactions are
-    /// durable (the caller confirms the slot).
+    /// The commit (or sync) in flight has returned `result`: its batch joins the
+    /// committed ones, and those the destination's log has made durable, oldest first,
+    /// are marked durable (the caller confirms the slot).
     fn committed(
         &mut self,
         s: &mut Session,
-        result: Result<(), PipelineError>,
+        result: Result<Committed, PipelineError>,
     ) -> Result<(), PipelineError> {
         let Some(done) = s.in_flight.take() else {
-            return result;
+            return result.map(drop);
         };
-        result?;
-        ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(done.rows as u64);
-        ::metrics::counter!(metrics::TRANSACTIONS, "stage" => D::STAGE)
-            .increment(done.mark.transactions);
+        let committed = result?;
+        let batch = !done.mark.is_empty();
+        if batch {
+            ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(done.rows as u64);
+            ::metrics::counter!(metrics::TRANSACTIONS, "stage" => D::STAGE)
+                .increment(done.mark.transactions);
+            let needed = committed.flush_needed.unwrap_or(Lsn::ZERO);
+            s.unflushed.push_back((needed, done.mark));
+        }
         if s.batch.is_empty() {
             ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE).set(0.0);
             ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE).set(0.0);
         }
-        if let (Some(last_lsn), Some(ticket)) = (done.mark.last_end_lsn, done.mark.last_ticket) {
+        if let Some(last_lsn) = s.flushed(committed.flushed) {
             self.durable_lsn = self.durable_lsn.max(last_lsn);
-            s.tracker.durable_through(ticket);
         }
-        crash_point_after_commit();
+        if batch {
+            crash_point_after_commit();
+        }
         Ok(())
     }
 }
@@ -725,8 +803,11 @@ struct Session {
     tracker: ProgressTracker,
     /// The batch being read.
     batch: BatchMark,
-    /// The batch being committed.
+    /// The batch being committed (or, with an empty mark, a sync).
     in_flight: Option<InFlight>,
+    /// Batches committed but not yet durable, oldest first, each with the position of
+    /// the destination's log that makes it durable (see [`Committed`]).
+    unflushed: VecDeque<(Lsn, BatchMark)>,
     /// The LSN last confirmed to the slot.
     confirmed: Lsn,
     /// When the last commit started.
@@ -736,7 +817,37 @@ struct Session {
 impl Session {
     /// Nothing read is waiting to become durable.
     fn idle(&self) -> bool {
-        self.batch.is_empty() && self.in_flight.is_none()
+        self.batch.is_empty() && self.settled()
+    }
+
+    /// Nothing is being committed, and everything committed is durable.
+    fn settled(&self) -> bool {
+        self.in_flight.is_none() && self.unflushed.is_empty()
+    }
+
+    /// The destination's log is durable through `flushed`: the committed batches it
+    /// covers, oldest first, are durable. Returns the last source LSN they hold.
+    fn flushed(&mut self, flushed: Lsn) -> Option<Lsn> {
+        let mut durable = None;
+        while let Some((_, mark)) = match self.unflushed.front() {
+            Some((needed, _)) if *needed <= flushed => self.unflushed.pop_front(),
+            _ => None,
+        } {
+            if let (Some(last_lsn), Some(ticket)) = (mark.last_end_lsn, mark.last_ticket) {
+                self.tracker.durable_through(ticket);
+                durable = Some(last_lsn);
+            }
+        }
+        durable
+    }
+
+    /// When, with nothing to commit, the commits that are not yet durable are made so:
+    /// [`SYNC_DELAY`] after the last commit started, if no later commit said they were.
+    fn sync_due(&self) -> Option<Instant> {
+        if !self.batch.is_empty() || self.unflushed.is_empty() {
+            return None;
+        }
+        Some(self.last_commit.unwrap_or_else(Instant::now) + SYNC_DELAY)
     }
 
     /// When the batch, if it is not full, is due for its commit: `linger` after its
@@ -760,15 +871,21 @@ impl Session {
     }
 }
 
-/// A batch handed to the destination, and the task that makes it durable.
+/// How long commits that are not yet durable wait, when no batch follows them, before
+/// the pipeline asks the destination to make them so. A later commit usually finds
+/// them durable first: PostgreSQL's WAL writer flushes asynchronous commits within
+/// `wal_writer_delay` (200 ms by default).
+const SYNC_DELAY: Duration = Duration::from_millis(100);
+
+/// A batch handed to the destination, and the task that commits it.
 struct InFlight {
-    commit: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    commit: tokio::task::JoinHandle<Result<Committed, PipelineError>>,
     mark: BatchMark,
     rows: usize,
 }
 
 /// Completes with the in-flight commit's result; pending forever when there is none.
-async fn committing(in_flight: &mut Option<InFlight>) -> Result<(), PipelineError> {
+async fn committing(in_flight: &mut Option<InFlight>) -> Result<Committed, PipelineError> {
     match in_flight {
         Some(f) => (&mut f.commit).await.unwrap_or_else(|e| {
             Err(PipelineError::Definite(format!(
@@ -834,6 +951,7 @@ mod tests {
             tracker: ProgressTracker::new(Lsn::ZERO),
             batch: BatchMark::default(),
             in_flight: None,
+            unflushed: VecDeque::new(),
             confirmed: Lsn::ZERO,
             last_commit: None,
         }
@@ -862,5 +980,54 @@ mod tests {
         // No interval (direct mode, at-least-once): the linger.
         s.last_commit = Some(t0);
         assert_eq!(s.due(linger, Duration::ZERO), Some(t0 + linger));
+    }
+
+    /// Three source transactions at source LSNs 10, 20, 30, each a batch committed
+    /// asynchronously at destination log positions 100, 200, 300 (`None`: durable).
+    fn committed_batches(s: &mut Session, needed: [Option<u64>; 3]) {
+        for (i, needed) in needed.into_iter().enumerate() {
+            let end_lsn = Lsn(10 * (i as u64 + 1));
+            s.tracker.begin();
+            let ticket = s.tracker.commit(end_lsn, 1);
+            let mark = BatchMark {
+                transactions: 1,
+                last_end_lsn: Some(end_lsn),
+                last_ticket: Some(ticket),
+                started: None,
+            };
+            s.unflushed.push_back((needed.map_or(Lsn::ZERO, Lsn), mark));
+        }
+    }
+
+    #[test]
+    fn batches_become_durable_in_order_once_the_destination_log_is_flushed_past_them() {
+        let mut s = session();
+        committed_batches(&mut s, [Some(100), Some(200), Some(300)]);
+        assert!(!s.settled() && !s.idle());
+        // Flushed short of the first batch: nothing is durable, nothing confirmable.
+        assert_eq!(s.flushed(Lsn(99)), None);
+        assert_eq!(s.tracker.confirmable(), Lsn::ZERO);
+        // Past the second but not the third.
+        assert_eq!(s.flushed(Lsn(250)), Some(Lsn(20)));
+        assert_eq!(s.tracker.confirmable(), Lsn(20));
+        assert_eq!(s.unflushed.len(), 1);
+        assert!(s.sync_due().is_some(), "the rest waits for a sync");
+        assert_eq!(s.flushed(Lsn(300)), Some(Lsn(30)));
+        assert_eq!(s.tracker.confirmable(), Lsn(30));
+        assert!(s.settled() && s.sync_due().is_none());
+
+        // A batch that was durable on return still waits for the ones before it.
+        let mut s = session();
+        committed_batches(&mut s, [Some(100), None, Some(300)]);
+        assert_eq!(s.flushed(Lsn::ZERO), None);
+        assert_eq!(s.tracker.confirmable(), Lsn::ZERO);
+        assert_eq!(s.flushed(Lsn(100)), Some(Lsn(20)));
+        assert_eq!(s.tracker.confirmable(), Lsn(20));
+
+        // Durable on return (Kafka, synchronous pg_end): at once.
+        let mut s = session();
+        committed_batches(&mut s, [None, None, None]);
+        assert_eq!(s.flushed(Lsn::ZERO), Some(Lsn(30)));
+        assert!(s.settled());
     }
 }

@@ -33,7 +33,7 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         state: ProgressState::Snapshot,
         lsn: Lsn::ZERO.to_string(),
     };
-    pipeline.dest.commit(&slot, &marker).await?;
+    commit_durably(&mut pipeline.dest, &slot, &marker).await?;
 
     // 2. The slot, on a session that stays idle until the snapshot is imported.
     let config = source::replication_config(
@@ -149,10 +149,12 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     pipeline.dest.end_txn();
 
     // 4. Rows and the streaming record, atomically.
-    pipeline
-        .dest
-        .commit(&slot, &ProgressRecord::streaming(consistent_point))
-        .await?;
+    commit_durably(
+        &mut pipeline.dest,
+        &slot,
+        &ProgressRecord::streaming(consistent_point),
+    )
+    .await?;
     tracing::info!(%slot, rows = rows.len(), "delivered the outbox rows present at slot creation");
 
     replication
@@ -160,4 +162,25 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         .await
         .map_err(PipelineError::Replication)?;
     Ok((replication, consistent_point))
+}
+
+/// Commits the destination's batch with `progress` and returns once both are durable:
+/// each step above relies on the one before having survived any crash.
+async fn commit_durably<D: Destination>(
+    dest: &mut D,
+    slot: &str,
+    progress: &ProgressRecord,
+) -> Result<(), PipelineError> {
+    let committed = dest.commit(slot, progress).await?;
+    if let Some(needed) = committed.flush_needed {
+        if committed.flushed < needed {
+            let flushed = dest.sync().await?;
+            if flushed < needed {
+                return Err(PipelineError::Definite(format!(
+                    "the destination made its log durable only to {flushed}, not to {needed}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
