@@ -78,6 +78,7 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         "pg-start-crash",
         "walsender-kill",
         "pg-end-kill",
+        "pg-end-crash",
         "pg-end-hang",
         "net-pg-start-cut",
         "net-pg-start-blackhole",

@@ -1133,9 +1133,15 @@ async fn inject(ctx: &Ctx, fault: &Fault, t_load: Instant) -> FaultOutcome {
         use FaultKind::*;
         let stack = &ctx.stack;
         match fault.kind {
-            PgStartKill | PgStartCrash | PgEndKill => {
-                let name = if fault.kind == PgEndKill { "pg_end" } else { "pg_start" };
-                let how = if fault.kind == PgStartCrash { "crash" } else { "kill" };
+            PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => {
+                let name = match fault.kind {
+                    PgEndKill | PgEndCrash => "pg_end",
+                    _ => "pg_start",
+                };
+                let how = match fault.kind {
+                    PgStartCrash | PgEndCrash => "crash",
+                    _ => "kill",
+                };
                 stack.run_async(&[how, name]).await?;
                 tokio::time::sleep(hold).await;
                 stack.run_async(&["start", name]).await

@@ -65,6 +65,9 @@ pub enum FaultKind {
     WalsenderKill,
     /// SIGKILL of pg_end's postmaster, restart after the hold.
     PgEndKill,
+    /// `pg_ctl stop -m immediate` of pg_end, restart after the hold: WAL not yet
+    /// written out (direct mode's asynchronous commits) is lost.
+    PgEndCrash,
     /// SIGSTOP of every pg_end process, SIGCONT after the hold.
     PgEndHang,
     /// The relay's connections to pg_start closed and refused (toxiproxy disabled).
@@ -100,11 +103,12 @@ pub enum FaultKind {
 use FaultKind::*;
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 22] = [
+    pub const ALL: [FaultKind; 23] = [
         PgStartKill,
         PgStartCrash,
         WalsenderKill,
         PgEndKill,
+        PgEndCrash,
         PgEndHang,
         NetPgStartCut,
         NetPgStartBlackhole,
@@ -131,6 +135,7 @@ impl FaultKind {
             PgStartCrash => "pg-start-crash",
             WalsenderKill => "walsender-kill",
             PgEndKill => "pg-end-kill",
+            PgEndCrash => "pg-end-crash",
             PgEndHang => "pg-end-hang",
             NetPgStartCut => "net-pg-start-cut",
             NetPgStartBlackhole => "net-pg-start-blackhole",
@@ -154,10 +159,9 @@ impl FaultKind {
 
     pub fn lane(self) -> Lane {
         match self {
-            PgStartKill | PgStartCrash | WalsenderKill | PgEndKill | PgEndHang | NetPgStartCut
-            | NetPgStartBlackhole | NetPgEndCut | NetPgEndBlackhole | DirectKill | DirectTerm => {
-                Lane::Db
-            }
+            PgStartKill | PgStartCrash | WalsenderKill | PgEndKill | PgEndCrash | PgEndHang
+            | NetPgStartCut | NetPgStartBlackhole | NetPgEndCut | NetPgEndBlackhole
+            | DirectKill | DirectTerm => Lane::Db,
             _ => Lane::Kafka,
         }
     }
@@ -176,7 +180,7 @@ impl FaultKind {
     fn hold_range(self) -> (u64, u64) {
         match self {
             WalsenderKill => (0, 0),
-            PgStartKill | PgStartCrash | PgEndKill => (500, 6_000),
+            PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => (500, 6_000),
             PgEndHang => (1_000, 15_000),
             NetPgStartCut | NetPgEndCut | NetKafkaCut => (1_000, 12_000),
             NetPgStartBlackhole | NetPgEndBlackhole | NetKafkaBlackhole => (1_000, 20_000),
@@ -195,7 +199,7 @@ impl FaultKind {
             BrokerKill | LeaderKill => 8_000,
             BrokersTwoDown => 12_000,
             BrokersAllDown => 15_000,
-            PgStartKill | PgStartCrash | PgEndKill => 1_500,
+            PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => 1_500,
             _ => 300,
         }
     }
