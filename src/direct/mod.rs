@@ -225,11 +225,14 @@ impl PgEnd {
     /// ends the session.
     fn in_doubt(&mut self) -> PipelineError {
         self.client = None;
-        let lsn = self.unflushed.take().unwrap_or(Lsn::ZERO);
+        let upto = match self.unflushed.take() {
+            Some(lsn) => format!(" (up to WAL {lsn})"),
+            None => String::new(),
+        };
         PipelineError::Destination {
             context: format!(
                 "the connection to pg_end was lost before pg_end was seen to flush its \
-                 commits (up to WAL {lsn}); what they hold is read again from the slot"
+                 commits{upto}; what they hold is read again from the slot"
             ),
             class: ErrorClass::Transient,
             source: "connection given up".into(),
@@ -606,7 +609,12 @@ impl PgEnd {
     }
 
     /// Makes every commit on the connection durable; returns pg_end's flush position.
+    /// Never on a new connection: its position would say nothing about the commits
+    /// made on the one before.
     async fn sync(&mut self) -> Result<Lsn, PipelineError> {
+        if self.client.is_none() {
+            return Err(self.in_doubt());
+        }
         if self.unflushed.is_none() {
             // Nothing in doubt: the position is only read.
             let client = self.client().await?;

@@ -775,7 +775,16 @@ impl<D: Destination> Pipeline<D> {
         let Some(done) = s.in_flight.take() else {
             return result.map(drop);
         };
-        let committed = result?;
+        let committed = match result {
+            Ok(committed) => committed,
+            Err(error) => {
+                // The error ends the session. Batches committed but not yet durable stay
+                // unconfirmed: no later report, from whatever connection, may release
+                // them, and the next session reads them again from the slot.
+                s.unflushed.clear();
+                return Err(error);
+            }
+        };
         let batch = !done.mark.is_empty();
         if batch {
             ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(done.rows as u64);
@@ -997,6 +1006,64 @@ mod tests {
             };
             s.unflushed.push_back((needed.map_or(Lsn::ZERO, Lsn), mark));
         }
+    }
+
+    /// A destination that holds nothing: only the pipeline's bookkeeping is under test.
+    struct Nowhere;
+
+    impl Destination for Nowhere {
+        const STAGE: &'static str = "test";
+        async fn read_progress(
+            &mut self,
+            _: &str,
+        ) -> Result<Option<ProgressRecord>, PipelineError> {
+            Ok(None)
+        }
+        fn set_columns(&mut self, _: &[ColumnDef]) -> Result<(), PipelineError> {
+            Ok(())
+        }
+        fn begin_txn(&mut self, _: TxnMeta) {}
+        fn row(&mut self, _: &[Option<&[u8]>]) {}
+        fn end_txn(&mut self) {}
+        fn discard_txn(&mut self) {}
+        fn batch_size(&self) -> (usize, usize) {
+            (0, 0)
+        }
+        fn clear(&mut self) {}
+        fn commit(
+            &mut self,
+            _: &str,
+            _: &ProgressRecord,
+        ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
+            std::future::ready(Ok(Committed::DURABLE))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_leaves_the_batches_not_yet_durable_unconfirmed() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            stream: StreamArgs,
+        }
+        let args = <Args as clap::Parser>::parse_from(["test"]).stream;
+        let (_, stop) = watch::channel(false);
+        let mut pipeline =
+            Pipeline::new(String::new(), "slot".into(), args, Nowhere, stop).unwrap();
+        let mut s = session();
+        committed_batches(&mut s, [Some(100), Some(200), Some(300)]);
+        // The commit of a fourth batch fails: its connection was lost.
+        s.in_flight = Some(InFlight {
+            commit: tokio::spawn(std::future::pending()),
+            mark: BatchMark::default(),
+            rows: 0,
+        });
+        let lost = Err(PipelineError::Definite("connection lost".into()));
+        assert!(pipeline.committed(&mut s, lost).is_err());
+        // A flush position read afterwards, on whatever connection, releases nothing.
+        assert_eq!(s.flushed(Lsn(u64::MAX)), None);
+        assert_eq!(s.tracker.confirmable(), Lsn::ZERO);
+        assert!(s.settled(), "nothing is left for the session's end to sync");
     }
 
     #[test]
