@@ -188,11 +188,6 @@ struct PgEnd {
     stop: watch::Receiver<bool>,
 }
 
-/// Sets what a commit on a connection waits for.
-fn set_synchronous_commit(mode: SynchronousCommit) -> String {
-    format!("SET synchronous_commit = {}", mode.as_sql())
-}
-
 /// pg_end's WAL insert and flush positions, in that order.
 const WAL_POSITIONS: &str = "SELECT pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn()";
 
@@ -245,7 +240,10 @@ impl PgEnd {
         while self.client.is_none() {
             let connected = match pg::connect(&self.url).await {
                 Ok(client) => client
-                    .batch_execute(&set_synchronous_commit(self.synchronous_commit))
+                    .batch_execute(&format!(
+                        "SET synchronous_commit = {}",
+                        self.synchronous_commit.as_sql()
+                    ))
                     .await
                     .map(|()| client),
                 Err(error) => Err(error),
@@ -553,19 +551,26 @@ impl PgEnd {
             let result = match result {
                 // What must be flushed for the batch to be durable.
                 Ok(outcome) if asynchronous => match wal_positions(client).await {
-                    Ok((needed, flushed)) => Ok((outcome, needed, flushed)),
+                    Ok((needed, flushed)) => {
+                        self.unflushed = (flushed < needed).then_some(needed);
+                        let flush_needed = Some(needed);
+                        Ok((
+                            outcome,
+                            Committed {
+                                flush_needed,
+                                flushed,
+                            },
+                        ))
+                    }
                     Err(error) => Err(Some(apply::ApplyError::new("reading WAL positions", error))),
                 },
-                Ok(outcome) => Ok((outcome, Lsn::ZERO, Lsn::ZERO)),
+                Ok(outcome) => Ok((outcome, Committed::DURABLE)),
+                // `unflushed` stays as it was: if this attempt's commit happened and is
+                // lost, the retry (on whichever connection) applies the batch again.
                 Err(error) => Err(error),
             };
-            // A failed attempt leaves `unflushed` as it was: if its commit happened and
-            // is lost, the retry (on whichever connection) applies the batch again.
-            if let (Ok((_, needed, flushed)), true) = (&result, asynchronous) {
-                self.unflushed = (flushed < needed).then_some(*needed);
-            }
             match result {
-                Ok((outcome, needed, flushed)) => {
+                Ok((outcome, committed)) => {
                     if outcome.dead_letters > 0 {
                         tracing::warn!(
                             dead_letters = outcome.dead_letters,
@@ -577,14 +582,7 @@ impl PgEnd {
                         duplicates = outcome.duplicates,
                         "applied"
                     );
-                    return Ok(if asynchronous {
-                        Committed {
-                            flush_needed: Some(needed),
-                            flushed,
-                        }
-                    } else {
-                        Committed::DURABLE
-                    });
+                    return Ok(committed);
                 }
                 Err(None) => {
                     tracing::warn!(timeout = ?APPLY_TIMEOUT, "pg_end apply timed out, retrying the same batch");
@@ -612,26 +610,10 @@ impl PgEnd {
     /// Never on a new connection: its position would say nothing about the commits
     /// made on the one before.
     async fn sync(&mut self) -> Result<Lsn, PipelineError> {
-        if self.client.is_none() {
-            return Err(self.in_doubt());
-        }
-        if self.unflushed.is_none() {
-            // Nothing in doubt: the position is only read.
-            let client = self.client().await?;
-            return match wal_positions(client).await {
-                Ok((_, flushed)) => Ok(flushed),
-                Err(error) => {
-                    self.disconnect()?;
-                    Err(PipelineError::Destination {
-                        context: "reading pg_end's WAL flush position".into(),
-                        class: pg::classify(&error),
-                        source: Box::new(error),
-                    })
-                }
-            };
-        }
         let slot = self.slot.clone();
-        let client = self.client().await?;
+        let Some(client) = self.client.as_mut() else {
+            return Err(self.in_doubt());
+        };
         match tokio::time::timeout(APPLY_TIMEOUT, flush(client, &slot)).await {
             Ok(Ok(flushed)) => {
                 if self.unflushed.is_some_and(|needed| flushed >= needed) {
