@@ -248,6 +248,24 @@ impl PgTarget {
                 "sslcert and sslkey must be given together".into(),
             ));
         }
+        #[cfg(unix)]
+        if matches!(
+            tls.mode,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        ) {
+            if let Some(tokio_postgres::config::Host::Unix(dir)) = config
+                .get_hosts()
+                .iter()
+                .find(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+            {
+                return Err(PgUrlError::Setting(format!(
+                    "sslmode={} cannot be met over the Unix socket in {}: PostgreSQL does not \
+                     speak TLS there; use sslmode=prefer or disable with a socket, or a TCP host",
+                    tls.mode,
+                    dir.display()
+                )));
+            }
+        }
         if password_file.is_some() && config.get_password().is_some() {
             return Err(PgUrlError::Setting(
                 "the URL has both a password and password_file; give one".into(),
@@ -576,6 +594,14 @@ mod tests {
                 "both a password and password_file",
             ),
             ("postgres://u:s3cret@h/db?bogus=1", "not valid"),
+            (
+                "postgres://u:s3cret@%2Frun%2Fpg/db?sslmode=require",
+                "cannot be met over the Unix socket in /run/pg",
+            ),
+            (
+                "postgres://u:s3cret@/db?host=/run/pg&sslmode=verify-full&sslrootcert=/ca.pem",
+                "sslmode=verify-full cannot be met over the Unix socket",
+            ),
         ] {
             let error = PgTarget::parse(url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");
@@ -589,6 +615,14 @@ mod tests {
             PgTarget::parse("postgres://u@h/db").unwrap().tls.mode,
             SslMode::Prefer
         );
+        // A socket with the default (prefer) or disable is fine: plain text, locally.
+        for url in [
+            "postgres://u@%2Frun%2Fpg:5433/db",
+            "postgres://u@%2Frun%2Fpg/db?sslmode=disable",
+        ] {
+            let target = PgTarget::parse(url).unwrap();
+            assert_eq!(target.host().1, "/run/pg", "{url}");
+        }
     }
 
     #[test]

@@ -93,6 +93,76 @@ async fn direct_mode_applies_snapshot_and_stream_exactly_once() {
     assert_eq!(dead, 0);
 }
 
+/// A co-located relay can reach both databases over their Unix sockets (a URL whose host
+/// is the socket directory, percent-encoded): the replication session, the regular
+/// connections and pg_end's apply all run over them, and nothing over TCP.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_mode_runs_over_unix_sockets() {
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let dir = common::pg_socket_dir();
+    let source_url = common::over_unix_socket(&dbs.source_url, &dir);
+    let target_url = format!(
+        "{}?application_name={slot}",
+        common::over_unix_socket(&dbs.target_url, &dir)
+    );
+    load::run(&LoadArgs::count(&dbs.source_url, 300))
+        .await
+        .unwrap();
+    let mut relay = Relay::spawn(
+        &[
+            "direct",
+            "--source-url",
+            &source_url,
+            "--target-url",
+            &target_url,
+            "--slot",
+            &slot,
+            "--batch-size",
+            "500",
+        ],
+        &[],
+    );
+    load::run(&LoadArgs::count(&dbs.source_url, 700))
+        .await
+        .unwrap();
+    wait_verified(&dbs, Duration::from_secs(120)).await;
+    // Where the relay's sessions come from, while it runs: a Unix socket has no address.
+    let walsender: Vec<(String, Option<String>)> = dbs
+        .source()
+        .await
+        .query(
+            "SELECT application_name, client_addr::text FROM pg_stat_replication \
+             WHERE application_name = $1",
+            &[&format!("outbox-relay:{slot}")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let appliers: Vec<Option<String>> = dbs
+        .target()
+        .await
+        .query(
+            "SELECT client_addr::text FROM pg_stat_activity WHERE application_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(relay.terminate().success());
+    assert_eq!(walsender.len(), 1, "one replication session: {walsender:?}");
+    assert_eq!(walsender[0].1, None, "replication over TCP: {walsender:?}");
+    assert!(!appliers.is_empty(), "no pg_end session named {slot}");
+    assert!(
+        appliers.iter().all(Option::is_none),
+        "pg_end sessions over TCP: {appliers:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
     let _lock = common::fault_lock().await;

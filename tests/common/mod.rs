@@ -40,6 +40,30 @@ pub fn stack(args: &[&str]) {
     );
 }
 
+/// The directory of both servers' Unix sockets (`PG_SOCKET_DIR` of `scripts/stack env`).
+pub fn pg_socket_dir() -> String {
+    let output = Command::new(repo().join("scripts/stack"))
+        .arg("env")
+        .output()
+        .expect("scripts/stack runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("export PG_SOCKET_DIR="))
+        .expect("scripts/stack env prints PG_SOCKET_DIR")
+        .to_string()
+}
+
+/// `url` with its host replaced by the Unix socket directory `dir` (percent-encoded, as a
+/// URL's host must be) and without a password: the stack trusts local connections.
+pub fn over_unix_socket(url: &str, dir: &str) -> String {
+    let rest = url.split_once('@').expect("a URL with user@host").1;
+    let port_and_db = rest.split_once(':').expect("host:port").1;
+    format!(
+        "postgres://postgres@{}:{port_and_db}",
+        dir.replace('/', "%2F")
+    )
+}
+
 /// Held while a test stops, kills or pauses a shared component.
 pub struct FaultGuard {
     _in_process: tokio::sync::MutexGuard<'static, ()>,
