@@ -9,7 +9,9 @@ Each run (repeated --runs times, every tool in the same run on the same data):
      transaction ends at or before X, only the marker ends after it.
   2. Source -> Kafka, one tool at a time: pg_recvlogical (ceiling), the connector
      (transactional, then at-least-once), Debezium in Kafka Connect standalone.
-  3. Slot -> pg_end: direct mode, then a native subscription.
+  3. Slot -> pg_end: direct mode and a native subscription over TCP loopback, then both
+     over the servers' Unix sockets (odd runs start with direct mode, even runs with the
+     subscription).
   4. Kafka -> pg_end: the sink on the transactional topic, the seed-style consumer, COPY.
   5. Steady state (latency) at fixed source rates, Kafka path then direct mode.
 """
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PASSWORD = "postgres"
+# The suffix of the direct leg's rows that ran over the servers' Unix sockets.
+UNIX = " over a Unix socket"
 
 
 def log(*parts):
@@ -176,6 +181,23 @@ class Stack:
             "OUTBOX_RELAY_STACK_DIR": self.dir,
             "OUTBOX_RELAY_STACK_PORT_OFFSET": str(self.offset),
         }
+        self._socket_dir = None
+
+    def socket_dir(self):
+        """The directory of both servers' Unix sockets, as scripts/stack chose it."""
+        if self._socket_dir is None:
+            out = subprocess.run([str(REPO / "scripts" / "stack"), "env"], env={**os.environ, **self.env},
+                                 check=True, capture_output=True, text=True).stdout
+            self._socket_dir = next(line.split("=", 1)[1] for line in out.splitlines()
+                                    if line.startswith("export PG_SOCKET_DIR="))
+        return self._socket_dir
+
+    def relay_url(self, which, unix):
+        """A URL for the relay: TCP loopback, or the Unix socket (trusted, no password)."""
+        if not unix:
+            return self.start_url if which == "start" else self.end_url
+        port, db = (self.start_port, "db_start") if which == "start" else (self.end_port, "db_end")
+        return f"postgres://postgres@{urllib.parse.quote(self.socket_dir(), safe='')}:{port}/{db}"
 
     def script(self, *argv):
         subprocess.run(
@@ -475,6 +497,7 @@ class Bench:
         self.stack = stack
         self.bin = binary
         self.logs = Path(args.stack_dir) / "bench-logs"
+        self.native_started = float("-inf")
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def relay(self, name, *argv, env=None):
@@ -653,11 +676,12 @@ snapshot.mode={self.args.debezium_snapshot_mode}
 
     # --- slot -> pg_end -------------------------------------------------------------
 
-    def direct(self, r, slot, x):
+    def direct(self, r, slot, x, unix=False):
         empty_target(self.stack)
-        p = self.relay(f"r{r}-direct", "direct", "--source-url", self.stack.start_url,
-                       "--target-url", self.stack.end_url, "--slot", slot, "--no-create-slot",
-                       "--no-create-publication")
+        p = self.relay(f"r{r}-direct{'-unix' if unix else ''}", "direct",
+                       "--source-url", self.stack.relay_url("start", unix),
+                       "--target-url", self.stack.relay_url("end", unix), "--slot", slot,
+                       "--no-create-slot", "--no-create-publication")
         first = [None]
         with self.stack.pg("end") as conn:
             def done():
@@ -677,19 +701,25 @@ snapshot.mode={self.args.debezium_snapshot_mode}
             count = conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0]
         if count != self.args.n:
             raise RuntimeError(f"direct: pg_end has {count} rows, expected {self.args.n}")
-        return result("outbox-relay direct", self.args.n, elapsed, p,
+        return result("outbox-relay direct" + (UNIX if unix else ""), self.args.n, elapsed, p,
                       startup=(first[0] - p.started) if first[0] else None)
 
-    def native(self, r, slot, x):
+    def native(self, r, slot, x, unix=False):
         empty_target(self.stack)
         sub = slot
+        host = self.stack.socket_dir() if unix else "127.0.0.1"
         with self.stack.pg("end") as conn:
             conn.execute(
-                f"CREATE SUBSCRIPTION {sub} CONNECTION 'host=127.0.0.1 port={self.stack.start_port} "
+                f"CREATE SUBSCRIPTION {sub} CONNECTION 'host={host} port={self.stack.start_port} "
                 f"dbname=db_start user=postgres password={PASSWORD}' PUBLICATION outbox_relay "
                 f"WITH (create_slot = false, slot_name = '{slot}', copy_data = false, enabled = false)")
             oid = conn.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (sub,)).fetchone()[0]
-            started = time.monotonic()
+            # PostgreSQL 15's launcher starts no apply worker within wal_retrieve_retry_interval
+            # of the last one it started (for any subscription): wait that out, untimed.
+            retry = conn.execute("SELECT setting::int FROM pg_settings "
+                                 "WHERE name = 'wal_retrieve_retry_interval'").fetchone()[0] / 1000
+            time.sleep(max(0.0, self.native_started + retry + 0.2 - time.monotonic()))
+            started = self.native_started = time.monotonic()
             conn.execute(f"ALTER SUBSCRIPTION {sub} ENABLE")
             worker = [None]
             first = [None]
@@ -724,7 +754,8 @@ snapshot.mode={self.args.debezium_snapshot_mode}
             count = conn.execute("SELECT count(*) FROM outbox.transactions").fetchone()[0]
         if count != self.args.n:
             raise RuntimeError(f"native: pg_end has {count} rows, expected {self.args.n}")
-        r_ = result("PostgreSQL native logical replication (subscription)", self.args.n, elapsed,
+        r_ = result("PostgreSQL native logical replication (subscription)" + (UNIX if unix else ""),
+                    self.args.n, elapsed,
                     startup=(first[0] - started) if first[0] else None,
                     note="apply worker; rows only, no balance")
         if "cpu" in cpu:
@@ -911,7 +942,7 @@ def one_run(bench, r, legs):
     drop_bench_slots(stack)
     empty_source(stack)
     empty_target(stack)
-    tools = ["recv", "tx", "alo", "dbz", "direct", "native"]
+    tools = ["recv", "tx", "alo", "dbz", "direct", "native", "direct_unix", "native_unix"]
     slots = {t: f"bench_r{r}_{t}" for t in tools}
     with stack.pg("start") as conn:
         for s in slots.values():
@@ -946,8 +977,15 @@ def one_run(bench, r, legs):
         if not bench.args.skip_debezium:
             record("kafka", bench.debezium, r, slots["dbz"])
     if "direct" in legs:
-        record("direct", bench.direct, r, slots["direct"], x)
-        record("direct", bench.native, r, slots["native"], x)
+        # Each tool over TCP loopback and over the Unix socket, on its own slot; odd runs
+        # start with the relay and even runs with the subscription, so neither always
+        # runs first after the Kafka leg.
+        pairs = [(bench.direct, "direct"), (bench.native, "native")]
+        if r % 2 == 0:
+            pairs.reverse()
+        for unix in (False, True):
+            for fn, tool in pairs:
+                record("direct", fn, r, slots[tool + ("_unix" if unix else "")], x, unix)
     drop_bench_slots(stack)
     if "sink" in legs and kafka_topic:
         record("sink", bench.sink, r, kafka_topic)
