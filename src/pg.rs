@@ -253,11 +253,10 @@ impl PgTarget {
             tls.mode,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
         ) {
-            if let Some(tokio_postgres::config::Host::Unix(dir)) = config
-                .get_hosts()
-                .iter()
-                .find(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
-            {
+            if let Some(dir) = config.get_hosts().iter().find_map(|host| match host {
+                tokio_postgres::config::Host::Unix(dir) => Some(dir),
+                tokio_postgres::config::Host::Tcp(_) => None,
+            }) {
                 return Err(PgUrlError::Setting(format!(
                     "sslmode={} cannot be met over the Unix socket in {}: PostgreSQL does not \
                      speak TLS there; use sslmode=prefer or disable with a socket, or a TCP host",

@@ -10,13 +10,22 @@ use outbox_relay::load::{self, LoadArgs};
 use outbox_relay::lsn::Lsn;
 
 fn spawn_direct(dbs: &TestDbs, slot: &str, envs: &[(&str, &str)]) -> Relay {
+    spawn_direct_between(&dbs.source_url, &dbs.target_url, slot, envs)
+}
+
+fn spawn_direct_between(
+    source_url: &str,
+    target_url: &str,
+    slot: &str,
+    envs: &[(&str, &str)],
+) -> Relay {
     Relay::spawn(
         &[
             "direct",
             "--source-url",
-            &dbs.source_url,
+            source_url,
             "--target-url",
-            &dbs.target_url,
+            target_url,
             "--slot",
             slot,
             "--batch-size",
@@ -109,20 +118,7 @@ async fn direct_mode_runs_over_unix_sockets() {
     load::run(&LoadArgs::count(&dbs.source_url, 300))
         .await
         .unwrap();
-    let mut relay = Relay::spawn(
-        &[
-            "direct",
-            "--source-url",
-            &source_url,
-            "--target-url",
-            &target_url,
-            "--slot",
-            &slot,
-            "--batch-size",
-            "500",
-        ],
-        &[],
-    );
+    let mut relay = spawn_direct_between(&source_url, &target_url, &slot, &[]);
     load::run(&LoadArgs::count(&dbs.source_url, 700))
         .await
         .unwrap();

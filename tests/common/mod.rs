@@ -26,8 +26,8 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs `scripts/stack ARGS…` and panics with its output if it fails.
-pub fn stack(args: &[&str]) {
+/// Runs `scripts/stack ARGS…`, panics with its output if it fails, returns its stdout.
+pub fn stack(args: &[&str]) -> String {
     let output = Command::new(repo().join("scripts/stack"))
         .args(args)
         .output()
@@ -38,15 +38,12 @@ pub fn stack(args: &[&str]) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// The directory of both servers' Unix sockets (`PG_SOCKET_DIR` of `scripts/stack env`).
 pub fn pg_socket_dir() -> String {
-    let output = Command::new(repo().join("scripts/stack"))
-        .arg("env")
-        .output()
-        .expect("scripts/stack runs");
-    String::from_utf8_lossy(&output.stdout)
+    stack(&["env"])
         .lines()
         .find_map(|line| line.strip_prefix("export PG_SOCKET_DIR="))
         .expect("scripts/stack env prints PG_SOCKET_DIR")
