@@ -11,7 +11,7 @@
 use std::fmt;
 
 use chrono::format::{self, Item, Parsed, StrftimeItems};
-use chrono::{Datelike, NaiveDateTime};
+use chrono::{Datelike, Timelike};
 
 /// At most this many digits in an amount (before and after the point together).
 ///
@@ -67,15 +67,20 @@ pub fn check_amount(text: &str) -> Result<(), InvalidValue> {
     parse_amount(text).map(|_| ())
 }
 
-/// A valid amount's parts: `[-] int_digits . frac_digits × 10^exponent`.
-struct Decimal<'a> {
-    negative: bool,
-    int_digits: &'a str,
-    frac_digits: &'a str,
-    exponent: i32,
+/// A valid amount's parts, as written: `[-] int_digits . frac_digits × 10^exponent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amount<'a> {
+    pub negative: bool,
+    /// ASCII digits before the point, leading zeros included (may be empty).
+    pub int_digits: &'a str,
+    /// ASCII digits after the point, trailing zeros included (may be empty).
+    pub frac_digits: &'a str,
+    /// Within ±[`MAX_AMOUNT_EXPONENT`].
+    pub exponent: i32,
 }
 
-fn parse_amount(text: &str) -> Result<Decimal<'_>, InvalidValue> {
+/// Checks an amount as [`amount`] does and returns its parts.
+pub fn parse_amount(text: &str) -> Result<Amount<'_>, InvalidValue> {
     const FIELD: &str = "amount";
     let bytes = text.as_bytes();
     if bytes.is_empty() {
@@ -156,7 +161,7 @@ fn parse_amount(text: &str) -> Result<Decimal<'_>, InvalidValue> {
         ));
     }
 
-    Ok(Decimal {
+    Ok(Amount {
         negative,
         int_digits,
         frac_digits,
@@ -164,9 +169,10 @@ fn parse_amount(text: &str) -> Result<Decimal<'_>, InvalidValue> {
     })
 }
 
-impl Decimal<'_> {
-    fn canonical(&self) -> String {
-        let Decimal {
+impl Amount<'_> {
+    /// See [`amount`].
+    pub fn canonical(&self) -> String {
+        let Amount {
             negative,
             int_digits,
             frac_digits,
@@ -204,8 +210,25 @@ impl Decimal<'_> {
     }
 }
 
-/// Checks a `timestamp without time zone` text and returns its value.
-pub fn created_at(text: &str) -> Result<NaiveDateTime, InvalidValue> {
+/// A `timestamp without time zone` as PostgreSQL holds it: microseconds since
+/// 2000-01-01 00:00:00.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The same instant read as UTC, in microseconds since 1970-01-01.
+    pub fn unix_micros(self) -> i64 {
+        self.0 + PG_EPOCH_DAYS * 86_400 * 1_000_000
+    }
+}
+
+/// PostgreSQL's timestamp epoch, 2000-01-01, in days since 1970-01-01.
+pub const PG_EPOCH_DAYS: i64 = 10_957;
+
+/// Checks a `timestamp without time zone` text and returns its value as
+/// `timestamp_in` makes it: a fraction past six digits is rounded as PostgreSQL rounds
+/// it ([`fraction_micros`]).
+pub fn created_at(text: &str) -> Result<Timestamp, InvalidValue> {
     const FIELD: &str = "created_at";
     if text.len() > MAX_TIMESTAMP_LEN {
         return Err(invalid(
@@ -254,23 +277,65 @@ pub fn created_at(text: &str) -> Result<NaiveDateTime, InvalidValue> {
     if !(1..=9999).contains(&parsed.year()) {
         return Err(invalid(FIELD, "has a year outside 1..9999"));
     }
-    Ok(parsed)
+    // chrono reads `:60` as a leap second; PostgreSQL takes `:60` as the next minute
+    // but refuses it with a fraction. Refused here either way.
+    if parsed.nanosecond() >= 1_000_000_000 {
+        return Err(invalid(FIELD, "has a leap second (:60)"));
+    }
+    let seconds = parsed.and_utc().timestamp() - PG_EPOCH_DAYS * 86_400;
+    let micros =
+        fraction_micros(fraction(text)).unwrap_or_else(|| i64::from(parsed.nanosecond()) / 1000);
+    Ok(Timestamp(seconds * 1_000_000 + micros))
+}
+
+/// The fraction of a validated timestamp text, from its point (the only one it has)
+/// on, or `""`.
+fn fraction(text: &str) -> &str {
+    text.rfind('.').map_or("", |dot| &text[dot..])
+}
+
+/// `.ddd…` in microseconds as `timestamp_in` reads it: `rint(strtod(".ddd…") * 10^6)`
+/// (`ParseFractionalSecond`). Both parsers round correctly to the nearest double, so
+/// the double is the same, and `rint` in the default rounding mode rounds half to
+/// even. Exact integer arithmetic up to six digits (the same result); `None` for no
+/// digits.
+fn fraction_micros(fraction: &str) -> Option<i64> {
+    let digits = fraction.get(1..).filter(|d| !d.is_empty())?;
+    if digits.len() <= 6 {
+        let value = digits.bytes().try_fold(0i64, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })?;
+        return Some(value * 10i64.pow(6 - digits.len() as u32));
+    }
+    let value: f64 = format!("0{fraction}").parse().ok()?;
+    Some((value * 1_000_000.0).round_ties_even() as i64)
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (valid or not: the caller checks).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    // Howard Hinnant's `days_from_civil`: years start in March, so the leap day is last.
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 /// The shape PostgreSQL and the connector print, `YYYY-MM-DD HH:MM:SS[.f]` (or with a
 /// `T`), with a year in 1..=9999, at most 9 fraction digits and no leap second, read
-/// without chrono's general parser (which was a tenth of the sink's instructions).
-/// `None` for anything else, valid or not: [`created_at`] then asks chrono, which
-/// gives the same value wherever this gives one (property test
-/// `the_plain_timestamp_path_agrees_with_chrono`).
-pub fn plain_timestamp(text: &str) -> Option<NaiveDateTime> {
+/// with integer arithmetic (chrono's general parser was a tenth of the sink's
+/// instructions, its date constructor a twentieth). `None` for anything else, valid or
+/// not: [`created_at`] then asks chrono, which gives the same value wherever this
+/// gives one (property test `the_plain_timestamp_path_agrees_with_chrono`).
+pub fn plain_timestamp(text: &str) -> Option<Timestamp> {
     let b = text.as_bytes();
     if b.len() < 19 || b.len() == 20 || b.len() > 29 {
         return None;
     }
-    let number = |range: std::ops::Range<usize>| -> Option<u32> {
-        b[range].iter().try_fold(0u32, |n, &d| {
-            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        b[range].iter().try_fold(0i64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
         })
     };
     let separators = b[4] == b'-'
@@ -278,34 +343,47 @@ pub fn plain_timestamp(text: &str) -> Option<NaiveDateTime> {
         && (b[10] == b' ' || b[10] == b'T')
         && b[13] == b':'
         && b[16] == b':';
-    if !separators {
+    if !separators || (b.len() > 19 && b[19] != b'.') {
         return None;
     }
-    let nanos = if b.len() > 19 {
-        if b[19] != b'.' {
-            return None;
-        }
-        let digits = b.len() - 20;
-        number(20..b.len())? * 10u32.pow(9 - digits as u32)
-    } else {
-        0
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
     };
-    let (year, second) = (number(0..4)?, number(17..19)?);
-    if !(1..=9999).contains(&year) || second >= 60 {
+    let valid = (1..=9999).contains(&year)
+        && (1..=month_days).contains(&day)
+        && hour < 24
+        && minute < 60
+        && second < 60;
+    if !valid {
         return None;
     }
-    chrono::NaiveDate::from_ymd_opt(year as i32, number(5..7)?, number(8..10)?)?.and_hms_nano_opt(
-        number(11..13)?,
-        number(14..16)?,
-        second,
-        nanos,
-    )
+    let micros = match b.len() {
+        19 => 0,
+        _ => fraction_micros(&text[19..])?,
+    };
+    let days = days_from_civil(year, month, day) - PG_EPOCH_DAYS;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(Timestamp(seconds * 1_000_000 + micros))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::NaiveDateTime;
     use proptest::prelude::*;
+
+    /// What chrono read, as PostgreSQL would hold it.
+    fn value_of(text: &str, parsed: NaiveDateTime) -> Timestamp {
+        let seconds = parsed.and_utc().timestamp() - PG_EPOCH_DAYS * 86_400;
+        Timestamp(seconds * 1_000_000 + fraction_micros(fraction(text)).unwrap_or(0))
+    }
 
     /// Timestamp-like text: mostly the plain shape, with any digit anywhere (impossible
     /// dates and times), either separator, 0 to 11 fraction digits, and now and then a
@@ -337,8 +415,15 @@ mod tests {
                 let chrono_says = order.iter().find_map(|&i| {
                     NaiveDateTime::parse_from_str(&text, TIMESTAMP_FORMATS[i]).ok()
                 });
-                prop_assert_eq!(Some(fast), chrono_says, "{:?}", text);
+                prop_assert_eq!(Some(fast), chrono_says.map(|t| value_of(&text, t)), "{:?}", text);
             }
+        }
+
+        #[test]
+        fn short_fractions_are_exact_and_agree_with_rounding_a_double(digits in "[0-9]{1,6}") {
+            let exact = fraction_micros(&format!(".{digits}")).unwrap();
+            let double: f64 = format!("0.{digits}").parse().unwrap();
+            prop_assert_eq!(exact, (double * 1e6).round_ties_even() as i64);
         }
 
         #[test]
@@ -394,7 +479,9 @@ mod tests {
             "",
         ] {
             let ours = created_at(text).ok();
-            let theirs = reference(text).filter(|t| (1..=9999).contains(&t.year()));
+            let theirs = reference(text)
+                .filter(|t| (1..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000)
+                .map(|t| value_of(text, t));
             assert_eq!(ours, theirs, "{text:?}");
         }
     }
@@ -468,6 +555,27 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_microseconds_from_2000_rounded_as_postgresql_rounds() {
+        let micros = |text: &str| created_at(text).unwrap().0;
+        assert_eq!(micros("2000-01-01 00:00:00"), 0);
+        assert_eq!(micros("2000-01-01T00:00:01.5"), 1_500_000);
+        assert_eq!(micros("1999-12-31 23:59:59.999999"), -1);
+        assert_eq!(micros("2000-01-01 00:00:00.0000005"), 0, "half to even");
+        assert_eq!(micros("2000-01-01 00:00:00.0000015"), 2, "half to even");
+        assert_eq!(micros("2000-01-01 00:00:00.9999999"), 1_000_000);
+        assert_eq!(micros("0001-01-01 00:00:00"), -63_082_281_600_000_000);
+        assert_eq!(
+            micros("2025-07-23 20:06:21.085330"),
+            ((9335 * 86_400 + 20 * 3600 + 6 * 60 + 21) * 1_000_000) + 85_330
+        );
+        // The general parser's forms, with the same rounding.
+        assert_eq!(
+            micros("2025-7-3 2:6:1.0000005"),
+            micros("2025-07-03 02:06:01")
+        );
+    }
+
+    #[test]
     fn impossible_timestamps_are_refused() {
         for text in [
             "",
@@ -480,6 +588,8 @@ mod tests {
             "+2025-07-23 00:00:00",
             "12025-07-23 00:00:00",
             "2025-07-23 20:06:21 BC",
+            "2016-12-31 23:59:60",
+            "2016-12-31 23:59:60.5",
             "infinity",
             " 2025-07-23 20:06:21",
         ] {

@@ -234,7 +234,7 @@ struct Pending {
     since: Option<tokio::time::Instant>,
     /// Source commit times (the connector's header) of the batch's records, for the
     /// end-to-end latency.
-    commit_times: Vec<chrono::DateTime<chrono::Utc>>,
+    commit_times: Vec<i64>,
     /// The topic name the batch's origins share.
     topic: Option<Arc<str>>,
 }
@@ -467,10 +467,10 @@ pub async fn run_until(
 
 /// Source commit → pg_end commit, per applied record that carries the connector's
 /// commit-time header.
-fn record_latency(commit_times: &[chrono::DateTime<chrono::Utc>]) {
-    let now = chrono::Utc::now();
+fn record_latency(commit_times: &[i64]) {
+    let now = chrono::Utc::now().timestamp_micros();
     for committed in commit_times {
-        let micros = (now - *committed).num_microseconds().unwrap_or(0).max(0);
+        let micros = (now - committed).max(0);
         ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => "sink")
             .record(micros as f64 / 1e6);
     }
@@ -488,7 +488,7 @@ struct InFlight {
 struct Applied {
     writer: Writer,
     progress: Progress,
-    commit_times: Vec<chrono::DateTime<chrono::Utc>>,
+    commit_times: Vec<i64>,
     stats: SinkStats,
     result: Result<bool, SinkError>,
 }
@@ -635,9 +635,11 @@ fn consume(
     let topic = message.topic();
     let partition = message.partition();
     let offset = message.offset();
-    let mut headers = apply::Headers::default();
+    let kafka_headers = message.headers();
+    // Room for the connector's three headers (~125 bytes) in one allocation.
+    let mut headers = apply::Headers::with_capacity(kafka_headers.map_or(0, |h| h.count() * 64));
     let mut lsn_header = None;
-    for header in message.headers().iter().flat_map(|h| h.iter()) {
+    for header in kafka_headers.iter().flat_map(|h| h.iter()) {
         headers.push(header.key, header.value);
         if header.key == record::LSN_HEADER {
             lsn_header = Some(header.value);
@@ -716,18 +718,19 @@ fn consume(
     }
 }
 
-/// The connector's commit-time header (RFC 3339, UTC), read without chrono's general
-/// parser for the form the connector writes (`2025-07-23T20:06:21.085330Z`).
-fn commit_time(value: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
+/// The connector's commit-time header (RFC 3339, UTC) in microseconds since
+/// 1970-01-01, read without chrono's general parser for the form the connector writes
+/// (`2025-07-23T20:06:21.085330Z`).
+fn commit_time(value: &[u8]) -> Option<i64> {
     let text = std::str::from_utf8(value).ok()?;
     match text
         .strip_suffix('Z')
         .and_then(apply::validate::plain_timestamp)
     {
-        Some(naive) => Some(naive.and_utc()),
+        Some(utc) => Some(utc.unix_micros()),
         None => chrono::DateTime::parse_from_rfc3339(text)
             .ok()
-            .map(|t| t.with_timezone(&chrono::Utc)),
+            .map(|t| t.timestamp_micros()),
     }
 }
 
@@ -952,6 +955,19 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_times_are_read_in_either_form() {
+        let expected = chrono::DateTime::parse_from_rfc3339("2025-07-23T20:06:21.085330Z")
+            .unwrap()
+            .timestamp_micros();
+        assert_eq!(commit_time(b"2025-07-23T20:06:21.085330Z"), Some(expected));
+        assert_eq!(
+            commit_time(b"2025-07-23T22:06:21.08533+02:00"),
+            Some(expected)
+        );
+        assert_eq!(commit_time(b"yesterday"), None);
+    }
 
     fn offsets(list: &[(&str, i32, i64)]) -> Progress {
         Progress::KafkaOffsets(
