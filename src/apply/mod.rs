@@ -565,13 +565,13 @@ struct Checked<'a> {
     created_at: validate::Timestamp,
 }
 
-/// Validates, drops in-batch repeats (a different repeat is a conflict), sorts by id.
+/// Validates, sorts by id, drops in-batch repeats (a different repeat is a conflict).
 fn prepare<'a>(
     input: &'a [(TxnRecord, Origin)],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
 ) -> Vec<Checked<'a>> {
-    let mut by_id: HashMap<i64, Checked<'a>> = HashMap::with_capacity(input.len());
+    let mut records: Vec<Checked<'a>> = Vec::with_capacity(input.len());
     for (record, origin) in input {
         let checked = validate::parse_amount(&record.amount).and_then(|amount| {
             Ok(Checked {
@@ -581,46 +581,42 @@ fn prepare<'a>(
                 created_at: validate::created_at(&record.created_at)?,
             })
         });
-        let checked = match checked {
-            Ok(checked) => checked,
-            Err(invalid) => {
-                dead_letters.push(DeadLetter {
-                    kind: DeadLetterKind::InvalidValue,
-                    error: invalid.to_string(),
-                    origin: origin.clone(),
-                });
-                continue;
-            }
-        };
-        match by_id.get(&record.id) {
-            None => {
-                by_id.insert(record.id, checked);
-            }
-            Some(first) => {
-                let differing = differing_fields(
-                    first.record.account_id == record.account_id,
-                    first.amount.canonical() == checked.amount.canonical(),
-                    first.created_at == checked.created_at,
-                );
-                if differing.is_empty() {
-                    outcome.duplicates += 1;
-                } else {
-                    outcome.conflicts += 1;
-                    dead_letters.push(DeadLetter {
-                        kind: DeadLetterKind::Conflict,
-                        error: format!(
-                            "id {} appears earlier in the same batch with a different {}",
-                            record.id,
-                            differing.join(", ")
-                        ),
-                        origin: origin.clone(),
-                    });
-                }
-            }
+        match checked {
+            Ok(checked) => records.push(checked),
+            Err(invalid) => dead_letters.push(DeadLetter {
+                kind: DeadLetterKind::InvalidValue,
+                error: invalid.to_string(),
+                origin: origin.clone(),
+            }),
         }
     }
-    let mut records: Vec<Checked<'a>> = by_id.into_values().collect();
-    records.sort_unstable_by_key(|c| c.record.id);
+    // Stable: the repeats of an id stay in the order they came, the first one kept.
+    records.sort_by_key(|c| c.record.id);
+    records.dedup_by(|repeat, first| {
+        if repeat.record.id != first.record.id {
+            return false;
+        }
+        let differing = differing_fields(
+            first.record.account_id == repeat.record.account_id,
+            first.amount.canonical() == repeat.amount.canonical(),
+            first.created_at == repeat.created_at,
+        );
+        if differing.is_empty() {
+            outcome.duplicates += 1;
+        } else {
+            outcome.conflicts += 1;
+            dead_letters.push(DeadLetter {
+                kind: DeadLetterKind::Conflict,
+                error: format!(
+                    "id {} appears earlier in the same batch with a different {}",
+                    repeat.record.id,
+                    differing.join(", ")
+                ),
+                origin: repeat.origin.clone(),
+            });
+        }
+        true
+    });
     records
 }
 
@@ -1025,11 +1021,11 @@ mod tests {
         assert_eq!(
             kinds,
             vec![
-                (DeadLetterKind::Conflict, Some(3)),
                 (DeadLetterKind::InvalidValue, Some(2)),
                 (DeadLetterKind::InvalidValue, Some(4)),
+                (DeadLetterKind::Conflict, Some(3)),
             ]
         );
-        assert!(letters[0].error.contains("amount"), "{}", letters[0].error);
+        assert!(letters[2].error.contains("amount"), "{}", letters[2].error);
     }
 }
