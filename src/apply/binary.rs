@@ -16,8 +16,7 @@ use std::error::Error;
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 
-use super::validate::Amount;
-pub use super::validate::Timestamp;
+use super::validate::{Amount, Timestamp};
 
 /// `numeric`'s sign word for positive numbers (and zero), and for negative ones.
 const NUMERIC_POS: u16 = 0x0000;
@@ -37,9 +36,8 @@ pub fn write_numeric(amount: &Amount<'_>, out: &mut impl BufMut) {
         exponent,
     } = *amount;
     let exponent = i64::from(exponent);
-    // numeric_in's display scale: the digits written after the point, less the
-    // exponent, at least 0. Validated amounts keep it far below its 16383 limit.
-    let dscale = (frac_digits.len() as i64 - exponent).max(0) as u16;
+    // Far below numeric's limit of 16383 for a valid amount.
+    let dscale = amount.display_scale();
     let digits = |i: usize| -> u16 {
         let d = match i.checked_sub(int_digits.len()) {
             None => int_digits.as_bytes()[i],

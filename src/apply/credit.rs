@@ -53,11 +53,11 @@ fn rescale(value: i128, by: u16) -> Option<i128> {
 /// `amount × 10^dscale` as an integer, and `dscale`, the display scale `numeric_in`
 /// gives it; `None` if it does not fit 128 bits.
 fn scaled(amount: &Amount<'_>) -> Option<(i128, u16)> {
-    let frac = amount.frac_digits.len() as i64;
-    let exponent = i64::from(amount.exponent);
-    let dscale = u16::try_from((frac - exponent).max(0)).ok()?;
+    let dscale = amount.display_scale();
     // digits × 10^(exponent - frac) × 10^dscale = digits × 10^max(exponent - frac, 0).
-    let shift = u16::try_from((exponent - frac).max(0)).ok()?;
+    let shift =
+        u16::try_from((i64::from(amount.exponent) - amount.frac_digits.len() as i64).max(0))
+            .ok()?;
     let mut value: i128 = 0;
     for d in amount.int_digits.bytes().chain(amount.frac_digits.bytes()) {
         value = value.checked_mul(10)?.checked_add(i128::from(d - b'0'))?;
@@ -66,9 +66,9 @@ fn scaled(amount: &Amount<'_>) -> Option<(i128, u16)> {
     Some((if amount.negative { -value } else { value }, dscale))
 }
 
-/// The credits for `rows` (account, amount, created_at), in account order: one partial
-/// sum per account, plus a credit of its own for each amount beyond the partial sums'
-/// reach.
+/// The credits for `rows` (account, amount, created_at): one partial sum per account,
+/// then a credit of its own for each amount beyond the partial sums' reach (the
+/// statement aggregates per account and upserts in account order).
 pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> Vec<Credit<'a>> {
     let mut sums: BTreeMap<i64, Sum> = BTreeMap::new();
     let mut apart = Vec::new();
@@ -95,8 +95,7 @@ pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> 
             });
         }
     }
-    let mut credits: Vec<Credit<'a>> = sums
-        .into_iter()
+    sums.into_iter()
         .map(|(account_id, sum)| Credit {
             account_id,
             amount: binary::Numeric::Scaled {
@@ -106,9 +105,7 @@ pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> 
             created_at: sum.latest,
         })
         .chain(apart)
-        .collect();
-    credits.sort_by_key(|c| c.account_id);
-    credits
+        .collect()
 }
 
 #[cfg(test)]

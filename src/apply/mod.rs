@@ -495,9 +495,10 @@ pub async fn apply(target: &mut Target, batch: &ApplyBatch) -> Result<ApplyOutco
     let mut tx = begin(&mut target.client).await?;
     // The common case first, with nothing to undo but the transaction itself: a
     // savepoint around it cost pg_end 5-15% of the batch (a subtransaction).
-    let first = match records.is_empty() {
-        true => Ok(()),
-        false => insert_new(&tx, &statements, &records, &mut outcome).await,
+    let first = if records.is_empty() {
+        Ok(())
+    } else {
+        insert_new(&tx, &statements, &records, &mut outcome).await
     };
     if let Err(error) = first {
         if pg::classify(&error) == ErrorClass::Transient {

@@ -11,7 +11,7 @@
 use std::fmt;
 
 use chrono::format::{self, Item, Parsed, StrftimeItems};
-use chrono::{Datelike, Timelike};
+use chrono::{Datelike, NaiveDateTime, Timelike};
 
 /// At most this many digits in an amount (before and after the point together).
 ///
@@ -170,6 +170,12 @@ pub fn parse_amount(text: &str) -> Result<Amount<'_>, InvalidValue> {
 }
 
 impl Amount<'_> {
+    /// The display scale `numeric_in` gives the amount: the digits written after the
+    /// point, less the exponent, at least 0 (at most 2,000 for a valid amount).
+    pub fn display_scale(&self) -> u16 {
+        (self.frac_digits.len() as i64 - i64::from(self.exponent)).max(0) as u16
+    }
+
     /// See [`amount`].
     pub fn canonical(&self) -> String {
         let Amount {
@@ -223,7 +229,7 @@ impl Timestamp {
 }
 
 /// PostgreSQL's timestamp epoch, 2000-01-01, in days since 1970-01-01.
-pub const PG_EPOCH_DAYS: i64 = 10_957;
+const PG_EPOCH_DAYS: i64 = 10_957;
 
 /// Checks a `timestamp without time zone` text and returns its value as
 /// `timestamp_in` makes it: a fraction past six digits is rounded as PostgreSQL rounds
@@ -282,10 +288,16 @@ pub fn created_at(text: &str) -> Result<Timestamp, InvalidValue> {
     if parsed.nanosecond() >= 1_000_000_000 {
         return Err(invalid(FIELD, "has a leap second (:60)"));
     }
+    Ok(read_by_chrono(text, parsed))
+}
+
+/// `text`'s value, from chrono's reading of it (`parsed`, no leap second) with the
+/// fraction as PostgreSQL rounds it.
+fn read_by_chrono(text: &str, parsed: NaiveDateTime) -> Timestamp {
     let seconds = parsed.and_utc().timestamp() - PG_EPOCH_DAYS * 86_400;
     let micros =
         fraction_micros(fraction(text)).unwrap_or_else(|| i64::from(parsed.nanosecond()) / 1000);
-    Ok(Timestamp(seconds * 1_000_000 + micros))
+    Timestamp(seconds * 1_000_000 + micros)
 }
 
 /// The fraction of a validated timestamp text, from its point (the only one it has)
@@ -376,14 +388,7 @@ pub fn plain_timestamp(text: &str) -> Option<Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::NaiveDateTime;
     use proptest::prelude::*;
-
-    /// What chrono read, as PostgreSQL would hold it.
-    fn value_of(text: &str, parsed: NaiveDateTime) -> Timestamp {
-        let seconds = parsed.and_utc().timestamp() - PG_EPOCH_DAYS * 86_400;
-        Timestamp(seconds * 1_000_000 + fraction_micros(fraction(text)).unwrap_or(0))
-    }
 
     /// Timestamp-like text: mostly the plain shape, with any digit anywhere (impossible
     /// dates and times), either separator, 0 to 11 fraction digits, and now and then a
@@ -415,7 +420,7 @@ mod tests {
                 let chrono_says = order.iter().find_map(|&i| {
                     NaiveDateTime::parse_from_str(&text, TIMESTAMP_FORMATS[i]).ok()
                 });
-                prop_assert_eq!(Some(fast), chrono_says.map(|t| value_of(&text, t)), "{:?}", text);
+                prop_assert_eq!(Some(fast), chrono_says.map(|t| read_by_chrono(&text, t)), "{:?}", text);
             }
         }
 
@@ -481,7 +486,7 @@ mod tests {
             let ours = created_at(text).ok();
             let theirs = reference(text)
                 .filter(|t| (1..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000)
-                .map(|t| value_of(text, t));
+                .map(|t| read_by_chrono(text, t));
             assert_eq!(ours, theirs, "{text:?}");
         }
     }
