@@ -101,13 +101,13 @@ async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<Chec
                 Err(format!(
                     "{}: {}",
                     pg::redact_url(url),
-                    crate::pipeline::error_chain(&e)
+                    crate::error::error_chain(&e)
                 )),
             ));
             return;
         }
     };
-    let err = |e: source::SourceError| crate::pipeline::error_chain(&e);
+    let err = |e: source::SourceError| crate::error::error_chain(&e);
     lines.push(line(
         "pg_start: version",
         source::check_version(&client)
@@ -183,7 +183,7 @@ async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
                 Err(format!(
                     "{}: {}",
                     pg::redact_url(url),
-                    crate::pipeline::error_chain(&e)
+                    crate::error::error_chain(&e)
                 )),
             ));
             return;

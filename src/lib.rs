@@ -24,6 +24,7 @@ pub mod check;
 pub mod config;
 pub mod connector;
 pub mod direct;
+pub mod error;
 pub mod kafka;
 pub mod load;
 pub mod lsn;

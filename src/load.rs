@@ -20,7 +20,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::SourceArgs;
-use crate::pg::{self, ErrorClass};
+use crate::error::{self, ErrorClass};
+use crate::pg;
 use crate::retry::Backoff;
 
 /// Inserts one transaction: ledger row, outbox row, balance upsert.
@@ -283,7 +284,7 @@ impl Worker {
                     // one chance in 2^64 per pair): nothing was written, draw a new id.
                     txn.id = rand::rng().random();
                 }
-                Err(error) if pg::classify(&error) == ErrorClass::Transient => {
+                Err(error) if error::pg::classify(&error) == ErrorClass::Transient => {
                     tracing::debug!(%error, id = txn.id, "transient error, retrying the same transaction");
                     self.client = None;
                     attempted = true;

@@ -1,9 +1,9 @@
-//! PostgreSQL connections and the transient/definite split of their errors.
+//! PostgreSQL connections. Whether a failure of one is retried is decided by
+//! [`crate::error::pg::classify`].
 //!
-//! Invariant: every error that a retry can cure (the server restarting, the network
-//! gone, a serialization failure) is classified [`ErrorClass::Transient`]; everything
-//! else (a missing table, a permission, a constraint we did not expect) is
-//! [`ErrorClass::Definite`] and must reach a person instead of being retried forever.
+//! Invariant: every connection the relay makes goes through [`connect`] (or, for
+//! replication, the settings [`PgTarget::parse`] reads), so that its URL, TLS, timeouts
+//! and keepalives are the same wherever it is made.
 //!
 //! # Connection settings
 //! Every connection, regular (tokio-postgres) or replication (pgwire-replication), is
@@ -31,19 +31,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::secret::Secret;
-
-/// Whether an operation that failed may succeed if it is simply tried again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    Transient,
-    Definite,
-}
 
 /// How long a connection attempt may take before it counts as a transient failure.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,7 +43,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects and drives the connection on a background task.
 ///
 /// The task ends when the connection breaks; the `Client` then returns errors that
-/// [`classify`] reports as transient, and the caller reconnects.
+/// [`crate::error::pg::classify`] reports as transient, and the caller reconnects.
 ///
 /// `url` is read by [`PgTarget::from_url`]. The commands check their URLs when they
 /// parse their arguments ([`url_arg`]); a problem found only now (a password or
@@ -177,7 +169,7 @@ pub enum PgUrlError {
     // Each message is complete on its own (no `#[source]`), so that printing the
     // chain does not repeat it.
     /// tokio-postgres refused the rest of the URL (its message names the parameter).
-    #[error("the PostgreSQL connection URL is not valid: {}", error_text(.0))]
+    #[error("the PostgreSQL connection URL is not valid: {}", crate::error::error_chain(.0))]
     Syntax(tokio_postgres::Error),
     #[error("the PostgreSQL connection URL is not valid: {0}")]
     Setting(String),
@@ -378,17 +370,6 @@ pub fn check_url(url: &str) -> Result<(), String> {
     target.tls.connector().map(|_| ())
 }
 
-fn error_text(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Splits off [`RELAY_PARAMS`] from a libpq URL's query or a key=value string.
 /// Returns the rest, for tokio-postgres, and the removed pairs, values decoded.
 fn split_relay_params(url: &str) -> Result<(String, Vec<(String, String)>), String> {
@@ -480,26 +461,6 @@ fn split_key_values(text: &str) -> Result<(String, Vec<(String, String)>), Strin
         }
     }
     Ok((kept.join(" "), taken))
-}
-
-/// Classifies a PostgreSQL client error.
-pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
-    let Some(db) = error.as_db_error() else {
-        // No SQLSTATE: an I/O error, a closed connection or a timeout.
-        return ErrorClass::Transient;
-    };
-    let code = db.code();
-    let class = &code.code()[..2];
-    if matches!(class, "08" | "53" | "57" | "58")
-        || *code == SqlState::T_R_SERIALIZATION_FAILURE
-        || *code == SqlState::T_R_DEADLOCK_DETECTED
-        || *code == SqlState::LOCK_NOT_AVAILABLE
-        || *code == SqlState::OBJECT_IN_USE
-    {
-        ErrorClass::Transient
-    } else {
-        ErrorClass::Definite
-    }
 }
 
 /// Strips the password from a connection URL so that it can be logged.

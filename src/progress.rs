@@ -1,4 +1,5 @@
-//! The single owner of "what may be acknowledged to the replication slot".
+//! The single owner of "what may be acknowledged to the replication slot", and the
+//! progress record each destination stores with its data ([`ProgressRecord`]).
 //!
 //! Synchronous and I/O-free, so that every rule below is unit-tested on its own.
 //!
@@ -22,6 +23,8 @@
 //! This keeps an idle outbox from pinning WAL while other tables are written.
 
 use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
 
@@ -129,6 +132,44 @@ impl ProgressTracker {
             self.confirmed = self.confirmed.max(front.end_lsn);
             self.in_flight.pop_front();
         }
+    }
+}
+
+/// What a destination stores, atomically with the rows it holds, about how far it
+/// holds the slot's stream: the value of a record of the Kafka progress topic (keyed by
+/// slot name), or pg_end's direct-mode progress row read back as one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    /// `snapshot`: the relay created the slot and is emitting the rows that were in
+    /// the outbox at that moment; nothing of the slot's stream is in Kafka yet.
+    /// `streaming`: everything up to `lsn` is in Kafka.
+    pub state: ProgressState,
+    /// Commit end LSN of the last source transaction in Kafka, as `X/X`.
+    pub lsn: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressState {
+    Snapshot,
+    Streaming,
+}
+
+impl ProgressRecord {
+    pub fn streaming(lsn: Lsn) -> Self {
+        Self {
+            state: ProgressState::Streaming,
+            lsn: lsn.to_string(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The LSN, parsed.
+    pub fn lsn(&self) -> Option<Lsn> {
+        self.lsn.parse().ok()
     }
 }
 

@@ -31,7 +31,8 @@ use tokio_postgres::Client;
 
 use crate::apply::{self, ApplyBatch, ApplyError, Origin, Progress, TxnRecord};
 use crate::config::{SourceArgs, TargetArgs};
-use crate::pg::{self, ErrorClass};
+use crate::error::ErrorClass;
+use crate::pg;
 use crate::retry::Backoff;
 use crate::verify::{self, ChangedRow, Report, TxnRow, VerifyError};
 
@@ -365,7 +366,7 @@ async fn apply_rows(
             return Err(ReconcileError::Apply(error));
         }
         tracing::warn!(
-            error = %crate::pipeline::error_chain(&error),
+            error = %crate::error::error_chain(&error),
             attempt = backoff.attempts() + 1,
             "cannot apply a batch to pg_end; retrying"
         );

@@ -1,4 +1,5 @@
-//! The one retry helper: capped exponential backoff with jitter.
+//! The one retry helper: capped exponential backoff with jitter, and the one
+//! optional-deadline sleep the retry and batching loops wait on.
 //!
 //! Invariant: every wait is bounded (never more than `max` between attempts), and a
 //! success resets the delay so that the next outage starts from `initial` again.
@@ -55,6 +56,15 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.initial;
         self.attempts = 0;
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none: the timer arm of a
+/// `select!` whose deadline may be unset.
+pub async fn sleep_until(deadline: Option<impl Into<tokio::time::Instant>>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -28,9 +28,10 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{KafkaArgs, SourceArgs, TargetArgs};
-use crate::kafka::{self, ProgressState};
+use crate::error::error_chain;
+use crate::kafka;
 use crate::pg;
-use crate::pipeline::error_chain;
+use crate::progress::ProgressState;
 use crate::sink::replay::topic_partitions;
 
 /// Options of `outbox-relay status`.

@@ -210,8 +210,9 @@ async fn cleanup_empties_the_outbox_and_every_id_stays_in_kafka_exactly_once() {
 /// it, not the older record below the last stable offset.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
-    use outbox_relay::kafka::{self, ProgressRecord, TopicSpec};
+    use outbox_relay::kafka::{self, TopicSpec};
     use outbox_relay::lsn::Lsn;
+    use outbox_relay::progress::ProgressRecord;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
     let suffix: u64 = rand::random();
@@ -277,8 +278,9 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zombie_transaction_on_any_of_the_slots_transactional_ids_is_fenced() {
     use outbox_relay::connector::{transactional_id, TRANSACTIONAL_PRODUCERS};
-    use outbox_relay::kafka::{self, ProgressRecord};
+    use outbox_relay::kafka;
     use outbox_relay::lsn::Lsn;
+    use outbox_relay::progress::ProgressRecord;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
     let p = Pipeline::new().await;

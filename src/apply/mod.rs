@@ -62,8 +62,8 @@ use thiserror::Error;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Statement, Transaction};
 
+use crate::error::{self, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pg::{self, ErrorClass};
 
 /// One source transaction, as it is to be written to pg_end's `main.transactions`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,7 +302,7 @@ pub enum ApplyError {
 
 impl ApplyError {
     pub fn new(step: &'static str, source: tokio_postgres::Error) -> Self {
-        match pg::classify(&source) {
+        match error::pg::classify(&source) {
             ErrorClass::Transient => Self::Transient { step, source },
             ErrorClass::Definite => Self::Definite { step, source },
         }
@@ -501,7 +501,7 @@ pub async fn apply(target: &mut Target, batch: &ApplyBatch) -> Result<ApplyOutco
         insert_new(&tx, &statements, &records, &mut outcome).await
     };
     if let Err(error) = first {
-        if pg::classify(&error) == ErrorClass::Transient {
+        if error::pg::classify(&error) == ErrorClass::Transient {
             return Err(ApplyError::new("inserting the records", error));
         }
         // A replay or a concurrent applier (`unique_violation`), or a record pg_end
@@ -694,7 +694,7 @@ async fn apply_records(
                 all_new = false;
                 pending.push(range);
             }
-            Err(error) if pg::classify(&error) == ErrorClass::Definite => {
+            Err(error) if error::pg::classify(&error) == ErrorClass::Definite => {
                 savepoint
                     .rollback()
                     .await

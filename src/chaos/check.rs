@@ -18,9 +18,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::kafka::{ProgressRecord, ProgressState};
 use crate::lsn::Lsn;
 use crate::pg;
+use crate::progress::{ProgressRecord, ProgressState};
 
 /// A client context that keeps the checkers' Kafka clients quiet: they meet every
 /// broker outage the runner injects, and their errors are expected, retried, and not

@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::SourceArgs;
+use crate::error::error_chain;
 use crate::kafka::{self, TopicSpec};
 use crate::load::{self, LoadArgs, LoadSummary};
-use crate::pipeline::error_chain;
 use crate::{migrate, pg, verify};
 use check::{LsnCheck, NextStage, TopicCheck};
 use relay::{RelayProc, UnexpectedExit};

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::pg::{self, ErrorClass};
+use crate::error::{self, ErrorClass};
+use crate::pg;
 use crate::source::{quote_ident, TableName};
 
 /// Options of the outbox cleanup.
@@ -200,7 +201,7 @@ impl OutboxCleaner {
                     tracing::debug!(ids = ids.len(), deleted = n, "outbox rows deleted");
                 }
                 Err(error) if error.class() == ErrorClass::Transient => {
-                    tracing::warn!(error = %crate::pipeline::error_chain(&error), "outbox cleanup failed, will retry");
+                    tracing::warn!(error = %crate::error::error_chain(&error), "outbox cleanup failed, will retry");
                     self.client = None;
                     self.pending.put_back(ids);
                     match deadline {
@@ -212,7 +213,7 @@ impl OutboxCleaner {
                 }
                 Err(error) => {
                     // Retrying cannot cure it: the rows stay, the relay goes on.
-                    tracing::error!(error = %crate::pipeline::error_chain(&error), ids = ids.len(),
+                    tracing::error!(error = %crate::error::error_chain(&error), ids = ids.len(),
                         "outbox cleanup failed; these rows stay in the outbox");
                     return;
                 }
@@ -289,7 +290,7 @@ enum CleanupError {
 impl CleanupError {
     fn class(&self) -> ErrorClass {
         match self {
-            CleanupError::Query { source, .. } => pg::classify(source),
+            CleanupError::Query { source, .. } => error::pg::classify(source),
             CleanupError::NoIdColumn { .. } => ErrorClass::Definite,
         }
     }

@@ -40,13 +40,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use tokio::sync::watch;
 
 use crate::config::{KafkaArgs, SourceArgs};
+use crate::error::ErrorClass;
 use crate::kafka::encode::{self, ColumnSpec};
-use crate::kafka::{self, ProgressRecord, TopicSpec};
+use crate::kafka::{self, TopicSpec};
 use crate::lsn::Lsn;
-use crate::pg::ErrorClass;
 use crate::pipeline::{
     ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
+use crate::progress::ProgressRecord;
 use crate::retry::Backoff;
 use crate::source::TableName;
 
@@ -127,7 +128,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         match setup_kafka(&args, stop.clone()).await {
             Ok(producer) => break producer,
             Err(error) if error.class() == ErrorClass::Transient && !*stop.borrow() => {
-                tracing::warn!(error = %crate::pipeline::error_chain(&error), "kafka not ready, retrying");
+                tracing::warn!(error = %crate::error::error_chain(&error), "kafka not ready, retrying");
                 backoff.wait().await;
             }
             Err(error) => return Err(error),

@@ -37,9 +37,11 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use super::{transactional_id, Batch, OutRecord};
-use crate::kafka::{self, ProgressRecord};
-use crate::pg::ErrorClass;
+use crate::error::kafka::ProducerFailure;
+use crate::error::{self, ErrorClass};
+use crate::kafka;
 use crate::pipeline::PipelineError;
+use crate::progress::ProgressRecord;
 use crate::retry::Backoff;
 
 /// How batches are made durable.
@@ -243,7 +245,7 @@ impl BatchProducer {
                         tracing::warn!(error = %e, "init_transactions: brokers not ready, retrying");
                         std::thread::sleep(backoff.next_delay());
                     }
-                    Err(error) => return Err(classify_fatal(error, transactional_id)),
+                    Err(error) => return Err(fatal(error, transactional_id)),
                 }
             }
         }
@@ -573,15 +575,10 @@ impl BatchProducer {
     }
 
     fn txn_error(&self, error: KafkaError) -> Attempt {
-        match &error {
-            KafkaError::Transaction(e) if e.is_fatal() => {
-                match classify_fatal(error, &self.current_id()) {
-                    FlushError::Fenced(id) => Attempt::Definite(FlushError::Fenced(id)),
-                    FlushError::Fatal(e) => Attempt::Recreate(e),
-                    other => Attempt::Definite(other),
-                }
-            }
-            _ => Attempt::Retry(error),
+        match error::kafka::classify(&error) {
+            ProducerFailure::Fenced => Attempt::Definite(FlushError::Fenced(self.current_id())),
+            ProducerFailure::Fatal => Attempt::Recreate(error),
+            ProducerFailure::Retriable => Attempt::Retry(error),
         }
     }
 }
@@ -632,16 +629,11 @@ enum Attempt {
     Definite(FlushError),
 }
 
-fn classify_fatal(error: KafkaError, transactional_id: &str) -> FlushError {
-    let code = match &error {
-        KafkaError::Transaction(e) => Some(e.code()),
-        other => other.rdkafka_error_code(),
-    };
-    match code {
-        Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch) => {
-            FlushError::Fenced(transactional_id.to_string())
-        }
-        _ => FlushError::Fatal(error),
+/// The error of a producer call that cannot be retried on the same producer.
+fn fatal(error: KafkaError, transactional_id: &str) -> FlushError {
+    match error::kafka::classify(&error) {
+        ProducerFailure::Fenced => FlushError::Fenced(transactional_id.to_string()),
+        ProducerFailure::Fatal | ProducerFailure::Retriable => FlushError::Fatal(error),
     }
 }
 

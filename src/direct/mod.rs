@@ -52,13 +52,14 @@ use tokio_postgres::types::PgLsn;
 
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
 use crate::config::{SourceArgs, TargetArgs};
+use crate::error::{self, ErrorClass};
 use crate::kafka::encode::{self, ColumnSpec};
-use crate::kafka::{ProgressRecord, ProgressState};
 use crate::lsn::Lsn;
-use crate::pg::{self, ErrorClass};
+use crate::pg;
 use crate::pipeline::{
     ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
+use crate::progress::{ProgressRecord, ProgressState};
 use crate::retry::Backoff;
 
 /// Options of `outbox-relay direct`.
@@ -250,7 +251,7 @@ impl PgEnd {
             };
             match connected {
                 Ok(client) => self.client = Some(apply::Target::new(client)),
-                Err(error) if pg::classify(&error) == ErrorClass::Transient => {
+                Err(error) if error::pg::classify(&error) == ErrorClass::Transient => {
                     tracing::warn!(%error, "pg_end unavailable, retrying");
                     if *self.stop.borrow() {
                         return Err(PipelineError::Stopped);
@@ -621,7 +622,7 @@ impl PgEnd {
                 }
                 Ok(flushed)
             }
-            Ok(Err(error)) if pg::classify(&error) == ErrorClass::Definite => {
+            Ok(Err(error)) if error::pg::classify(&error) == ErrorClass::Definite => {
                 Err(PipelineError::Destination {
                     context: "flushing pg_end's WAL".into(),
                     class: ErrorClass::Definite,

@@ -21,10 +21,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::lsn::Lsn;
+use crate::progress::ProgressRecord;
 use crate::secret::Secret;
 
 #[derive(Debug, Error)]
@@ -224,42 +223,6 @@ pub async fn ensure_topic(brokers: &str, spec: &TopicSpec<'_>) -> Result<(), Kaf
         }
     }
     Ok(())
-}
-
-/// The value of a progress record. Key: the slot name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgressRecord {
-    /// `snapshot`: the relay created the slot and is emitting the rows that were in
-    /// the outbox at that moment; nothing of the slot's stream is in Kafka yet.
-    /// `streaming`: everything up to `lsn` is in Kafka.
-    pub state: ProgressState,
-    /// Commit end LSN of the last source transaction in Kafka, as `X/X`.
-    pub lsn: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProgressState {
-    Snapshot,
-    Streaming,
-}
-
-impl ProgressRecord {
-    pub fn streaming(lsn: Lsn) -> Self {
-        Self {
-            state: ProgressState::Streaming,
-            lsn: lsn.to_string(),
-        }
-    }
-
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    /// The LSN, parsed.
-    pub fn lsn(&self) -> Option<Lsn> {
-        self.lsn.parse().ok()
-    }
 }
 
 /// A consumer context for reading a partition to its end: reaching the end is the

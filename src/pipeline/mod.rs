@@ -72,13 +72,14 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::kafka::{KafkaSetupError, ProgressRecord, ProgressState};
+use crate::error::{error_chain, ErrorClass};
+use crate::kafka::KafkaSetupError;
 use crate::lsn::Lsn;
 use crate::metrics;
-use crate::pg::{self, ErrorClass};
+use crate::pg;
 use crate::pgoutput::{self, LogicalMessage};
-use crate::progress::{ProgressTracker, TxnTicket};
-use crate::retry::Backoff;
+use crate::progress::{ProgressRecord, ProgressState, ProgressTracker, TxnTicket};
+use crate::retry::{self, Backoff};
 use crate::source::{self, SourceError, TableName};
 
 /// Settings of the replication side, shared by `connector` and `direct`.
@@ -161,18 +162,6 @@ impl PipelineError {
             PipelineError::Destination { class, .. } => *class,
         }
     }
-}
-
-/// Formats an error with its sources, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// A column of the outbox table: its name and type OID.
@@ -548,7 +537,7 @@ impl<D: Destination> Pipeline<D> {
                             s.confirm(replication);
                             continue;
                         }
-                        _ = sleep_until_opt(deadline) => {
+                        _ = retry::sleep_until(deadline) => {
                             if s.batch.is_empty() {
                                 self.start_sync(s);
                             } else {
@@ -941,13 +930,6 @@ fn crash_point_after_commit() {
             eprintln!("test hook: aborting after a destination commit, before confirming the slot");
             std::process::abort();
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
     }
 }
 

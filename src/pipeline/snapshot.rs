@@ -17,9 +17,9 @@
 use pgwire_replication::ReplicationClient;
 
 use super::{ColumnDef, Destination, Pipeline, PipelineError, TxnMeta};
-use crate::kafka::{ProgressRecord, ProgressState};
 use crate::lsn::Lsn;
 use crate::pg;
+use crate::progress::{ProgressRecord, ProgressState};
 use crate::source::{self, quote_ident, SourceError, SourceInfo};
 
 pub(super) async fn create_slot_and_emit<D: Destination>(

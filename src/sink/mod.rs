@@ -74,9 +74,10 @@ use crate::apply::{
     self, ApplyBatch, ApplyError, DeadLetter, KafkaOffset, Origin, Progress, TxnRecord,
 };
 use crate::config::{KafkaArgs, TargetArgs};
+use crate::error::{self, error_chain, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pg::{self, ErrorClass};
-use crate::retry::Backoff;
+use crate::pg;
+use crate::retry::{self, Backoff};
 use rebalance::{OffsetReader, RebalanceEvent, SinkContext};
 use record::{Decoded, Detected, Format};
 
@@ -207,18 +208,6 @@ impl SinkStats {
         self.dead_letters += applied.dead_letters;
         self.retries += applied.retries;
     }
-}
-
-/// Formats an error with its sources: `a: b: c`.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The records consumed and not yet applied.
@@ -357,9 +346,9 @@ pub async fn run_until(
                     Err(error) => break Err(error),
                 }
             }
-            _ = sleep_until(deadline), if deadline.is_some() && !full => {}
+            _ = retry::sleep_until(deadline), if deadline.is_some() && !full => {}
             // The last batch's offsets when no further batch comes to carry them.
-            _ = sleep_until(group_offsets.due()), if group_offsets.due().is_some() => {
+            _ = retry::sleep_until(group_offsets.due()), if group_offsets.due().is_some() => {
                 group_offsets.commit(&consumer);
             }
             received = messages.next(), if !full => {
@@ -538,13 +527,6 @@ fn finish_batch(
         group_offsets.committed(consumer, &applied.progress);
     }
     Ok(committed)
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Builds the consumer. Settings that correctness rests on are applied last, so that
@@ -884,15 +866,16 @@ impl Writer {
         let client = match &mut self.client {
             Some(client) if !client.is_closed() => client,
             _ => {
-                let client = pg::connect(&self.url)
-                    .await
-                    .map_err(|e| match pg::classify(&e) {
-                        ErrorClass::Transient => Failure::Transient(error_chain(&e)),
-                        ErrorClass::Definite => Failure::Definite(ApplyError::Definite {
-                            step: "connecting",
-                            source: e,
-                        }),
-                    })?;
+                let client =
+                    pg::connect(&self.url)
+                        .await
+                        .map_err(|e| match error::pg::classify(&e) {
+                            ErrorClass::Transient => Failure::Transient(error_chain(&e)),
+                            ErrorClass::Definite => Failure::Definite(ApplyError::Definite {
+                                step: "connecting",
+                                source: e,
+                            }),
+                        })?;
                 self.client.insert(apply::Target::new(client))
             }
         };

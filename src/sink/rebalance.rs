@@ -42,10 +42,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtoc
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::error_chain;
 use super::replay::ReplayStart;
 use crate::apply::{self, ApplyError};
-use crate::pg::{self, ErrorClass};
+use crate::error::error_chain;
+use crate::error::{self, ErrorClass};
+use crate::pg;
 use crate::retry::Backoff;
 
 /// A (topic, partition) pair.
@@ -132,13 +133,15 @@ async fn read_until_done(
             return Err(ReadFailure::Stopped);
         }
         let attempt = tokio::time::timeout(READ_TIMEOUT, async {
-            let client = pg::connect(url).await.map_err(|e| match pg::classify(&e) {
-                ErrorClass::Transient => Failed::Transient(error_chain(&e)),
-                ErrorClass::Definite => Failed::Definite(ApplyError::Definite {
-                    step: "connecting to read the stored Kafka offsets",
-                    source: e,
-                }),
-            })?;
+            let client = pg::connect(url)
+                .await
+                .map_err(|e| match error::pg::classify(&e) {
+                    ErrorClass::Transient => Failed::Transient(error_chain(&e)),
+                    ErrorClass::Definite => Failed::Definite(ApplyError::Definite {
+                        step: "connecting to read the stored Kafka offsets",
+                        source: e,
+                    }),
+                })?;
             apply::read_kafka_offsets(&client, partitions)
                 .await
                 .map_err(|e| match e.class() {

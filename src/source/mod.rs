@@ -12,8 +12,9 @@ use pgwire_replication::ReplicationConfig;
 use thiserror::Error;
 use tokio_postgres::Client;
 
+use crate::error::{self, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pg::{self, ErrorClass};
+use crate::pg;
 
 /// Replication events buffered between the walsender's connection and the pipeline:
 /// a whole default batch (5,000 one-row source transactions are ~15,000 events), so
@@ -46,7 +47,7 @@ impl SourceError {
         match self {
             SourceError::Transient { .. } => ErrorClass::Transient,
             SourceError::Definite(_) => ErrorClass::Definite,
-            SourceError::Query { source, .. } => pg::classify(source),
+            SourceError::Query { source, .. } => error::pg::classify(source),
         }
     }
 

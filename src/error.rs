@@ -1,0 +1,118 @@
+//! The relay's error policy in one place: whether a failure is retried or stops the
+//! command, and how an error is written into a log line.
+//!
+//! Invariant: every failure that a retry can cure (a server restarting, the network
+//! gone, a serialization failure, a broker not ready) is [`ErrorClass::Transient`] and
+//! is retried with capped backoff; everything else (a missing table, a refused
+//! password, a fenced producer) is [`ErrorClass::Definite`] and must reach a person
+//! instead of being retried forever. The two never mix: each error type of the relay
+//! answers `class()` from the classifiers below, and no module decides it on its own.
+
+/// Whether an operation that failed may succeed if it is simply tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Transient,
+    Definite,
+}
+
+/// An error with all its sources, `outer: inner: innermost`, for logs and reports.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// PostgreSQL client errors.
+pub mod pg {
+    use tokio_postgres::error::SqlState;
+
+    use super::ErrorClass;
+
+    /// Transient: no SQLSTATE (I/O, a closed connection, a timeout), connection
+    /// exceptions (08), insufficient resources (53), operator intervention (57: a
+    /// shutdown, a crash), system errors (58), serialization failures, deadlocks, locks
+    /// not available and objects in use. Definite: everything else.
+    pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
+        let Some(db) = error.as_db_error() else {
+            return ErrorClass::Transient;
+        };
+        let code = db.code();
+        let class = &code.code()[..2];
+        if matches!(class, "08" | "53" | "57" | "58")
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::LOCK_NOT_AVAILABLE
+            || *code == SqlState::OBJECT_IN_USE
+        {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::Definite
+        }
+    }
+}
+
+/// Kafka producer errors (librdkafka's transactional API).
+pub mod kafka {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    /// What a failed producer call means for the producer that made it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ProducerFailure {
+        /// Another producer with the same transactional id took over: definite.
+        Fenced,
+        /// The producer is unusable, but a new one (a new epoch) may succeed.
+        Fatal,
+        /// The call may succeed if made again on the same producer.
+        Retriable,
+    }
+
+    /// Classifies a producer error: a fence by its code, whatever call reported it;
+    /// a fatal transactional error by librdkafka's own flag; anything else retriable.
+    pub fn classify(error: &KafkaError) -> ProducerFailure {
+        let code = match error {
+            KafkaError::Transaction(e) => Some(e.code()),
+            other => other.rdkafka_error_code(),
+        };
+        if matches!(
+            code,
+            Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+        ) {
+            ProducerFailure::Fenced
+        } else if matches!(error, KafkaError::Transaction(e) if e.is_fatal()) {
+            ProducerFailure::Fatal
+        } else {
+            ProducerFailure::Retriable
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_lists_every_source_in_order() {
+        let error = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&error), "outer: inner");
+    }
+
+    #[test]
+    fn a_fence_is_recognised_by_its_code_and_other_errors_are_retriable() {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let fenced = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        assert_eq!(kafka::classify(&fenced), kafka::ProducerFailure::Fenced);
+        let epoch = KafkaError::Global(RDKafkaErrorCode::InvalidProducerEpoch);
+        assert_eq!(kafka::classify(&epoch), kafka::ProducerFailure::Fenced);
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(kafka::classify(&timeout), kafka::ProducerFailure::Retriable);
+    }
+}
