@@ -35,6 +35,7 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod progress;
 pub mod reconcile;
+pub mod record;
 pub mod retry;
 pub mod secret;
 pub mod sink;

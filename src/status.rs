@@ -32,7 +32,6 @@ use crate::error::error_chain;
 use crate::kafka;
 use crate::pg;
 use crate::progress::ProgressState;
-use crate::sink::replay::topic_partitions;
 
 /// Options of `outbox-relay status`.
 #[derive(clap::Args, Debug, Clone)]
@@ -369,7 +368,7 @@ fn kafka_status_blocking(
         progress_error: None,
     };
     if exists(topic) {
-        match topic_partitions(&consumer, topic, timeout) {
+        match kafka::topic_partitions(&consumer, topic, timeout) {
             Ok(partitions) => {
                 for partition in partitions {
                     let (low, high) = consumer

@@ -155,7 +155,35 @@ impl Headers {
 
     /// `[{"key": …, "value": …}]` as stored in `dead_letters.headers`, `null` if none.
     pub fn to_json(&self) -> serde_json::Value {
-        crate::sink::record::headers_json(self.iter())
+        headers_json(self.iter())
+    }
+}
+
+/// Record headers as stored in `dead_letters.headers`: `[{"key": …, "value": …}]`, a
+/// value as a string when it is UTF-8, else `{"hex": …}`, `null` when absent.
+fn headers_json<'a>(
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = headers
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                None => serde_json::Value::Null,
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) => serde_json::Value::from(text),
+                    Err(_) => {
+                        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                        serde_json::json!({ "hex": hex })
+                    }
+                },
+            };
+            serde_json::json!({ "key": key, "value": value })
+        })
+        .collect();
+    if list.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Array(list)
     }
 }
 
@@ -966,6 +994,24 @@ pub async fn read_source_lsn(
 mod tests {
     use super::*;
 
+    #[test]
+    fn headers_keep_bytes() {
+        let json = headers_json([
+            ("outbox-relay.lsn", Some(&b"0/16B3748"[..])),
+            ("bin", Some(&[0xff, 0x00][..])),
+            ("none", None),
+        ]);
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"key": "outbox-relay.lsn", "value": "0/16B3748"},
+                {"key": "bin", "value": {"hex": "ff00"}},
+                {"key": "none", "value": null}
+            ])
+        );
+        assert_eq!(headers_json([]), serde_json::Value::Null);
+    }
+
     fn record(id: i64, amount: &str, created_at: &str) -> (TxnRecord, Origin) {
         (
             TxnRecord {
@@ -991,10 +1037,7 @@ mod tests {
         ];
         let headers: Headers = pushed.iter().copied().collect();
         assert_eq!(headers.iter().collect::<Vec<_>>(), pushed);
-        assert_eq!(
-            headers.to_json(),
-            crate::sink::record::headers_json(pushed.iter().copied())
-        );
+        assert_eq!(headers.to_json(), headers_json(pushed.iter().copied()));
         assert!(Headers::default().is_empty());
         assert_eq!(Headers::default().to_json(), serde_json::Value::Null);
     }

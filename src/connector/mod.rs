@@ -36,18 +36,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use tokio::sync::watch;
 
 use crate::config::{KafkaArgs, SourceArgs};
 use crate::error::ErrorClass;
-use crate::kafka::encode::{self, ColumnSpec};
 use crate::kafka::{self, TopicSpec};
 use crate::lsn::Lsn;
 use crate::pipeline::{
     ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
 use crate::progress::ProgressRecord;
+use crate::record::encode::{self, ColumnSpec};
+use crate::record::txn_headers;
 use crate::retry::Backoff;
 use crate::source::TableName;
 
@@ -448,46 +449,23 @@ impl Destination for KafkaDestination {
     }
 }
 
+/// The pipeline sees the Kafka set-up's failures as its destination's, with their class.
+impl From<kafka::KafkaSetupError> for PipelineError {
+    fn from(error: kafka::KafkaSetupError) -> Self {
+        PipelineError::Destination {
+            context: "kafka".into(),
+            class: error.class(),
+            source: Box::new(error),
+        }
+    }
+}
+
 fn lock(
     producer: &Mutex<BatchProducer>,
 ) -> Result<std::sync::MutexGuard<'_, BatchProducer>, PipelineError> {
     producer
         .lock()
         .map_err(|_| PipelineError::Definite("the kafka producer was poisoned by a panic".into()))
-}
-
-/// Header names on every record.
-pub const HEADER_LSN: &str = "outbox-relay.lsn";
-pub const HEADER_XID: &str = "outbox-relay.xid";
-pub const HEADER_COMMIT_TS: &str = "outbox-relay.commit-ts";
-
-/// Headers of one source transaction's records.
-pub fn txn_headers(lsn: Lsn, xid: Option<u32>, commit_time_micros: Option<i64>) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new().insert(Header {
-        key: HEADER_LSN,
-        value: Some(lsn.to_string().as_bytes()),
-    });
-    if let Some(xid) = xid {
-        headers = headers.insert(Header {
-            key: HEADER_XID,
-            value: Some(xid.to_string().as_bytes()),
-        });
-    }
-    if let Some(ts) = commit_time_micros.and_then(pg_micros_to_utc) {
-        headers = headers.insert(Header {
-            key: HEADER_COMMIT_TS,
-            value: Some(
-                ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                    .as_bytes(),
-            ),
-        });
-    }
-    headers
-}
-
-/// PostgreSQL's epoch is 2000-01-01; Unix time is 946684800 s later.
-pub fn pg_micros_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::from_timestamp_micros(micros.checked_add(946_684_800_000_000)?)
 }
 
 #[cfg(test)]
@@ -582,7 +560,7 @@ mod tests {
         assert_eq!(d.batch.headers.len(), 1);
         let lsn = d.batch.headers[0]
             .iter()
-            .find(|h| h.key == HEADER_LSN)
+            .find(|h| h.key == crate::record::HEADER_LSN)
             .and_then(|h| h.value);
         assert_eq!(lsn, Some(Lsn(300).to_string().as_bytes()));
         assert_eq!(d.batch.ids, ["3"]);

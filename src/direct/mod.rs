@@ -53,13 +53,13 @@ use tokio_postgres::types::PgLsn;
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
 use crate::config::{SourceArgs, TargetArgs};
 use crate::error::{self, ErrorClass};
-use crate::kafka::encode::{self, ColumnSpec};
 use crate::lsn::Lsn;
 use crate::pg;
 use crate::pipeline::{
     ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
 use crate::progress::{ProgressRecord, ProgressState};
+use crate::record::encode::{self, ColumnSpec};
 use crate::retry::Backoff;
 
 /// Options of `outbox-relay direct`.
@@ -499,7 +499,7 @@ impl Destination for PgEndDestination {
             let committed = pg_end.apply(&batch).await?;
             let now = chrono::Utc::now();
             for micros in commit_times {
-                if let Some(committed) = crate::connector::pg_micros_to_utc(micros) {
+                if let Some(committed) = crate::record::pg_micros_to_utc(micros) {
                     let latency = (now - committed).num_microseconds().unwrap_or(0).max(0);
                     ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => Self::STAGE)
                         .record(latency as f64 / 1e6);

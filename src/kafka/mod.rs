@@ -10,8 +10,6 @@
 //! may lag behind it (a crash between the Kafka commit and the slot confirmation)
 //! without ever causing a duplicate.
 
-pub mod encode;
-
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -20,9 +18,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
+use crate::error::ErrorClass;
 use crate::progress::ProgressRecord;
 use crate::secret::Secret;
 
@@ -59,6 +59,22 @@ pub enum KafkaSetupError {
     },
 }
 
+impl KafkaSetupError {
+    /// A refused configuration or a progress record that is not valid needs a person;
+    /// the rest (brokers unreachable, a leader not elected yet) is retried.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            KafkaSetupError::Config(_) | KafkaSetupError::BadProgressRecord { .. } => {
+                ErrorClass::Definite
+            }
+            KafkaSetupError::CreateTopic { .. }
+            | KafkaSetupError::CreateTopicCode { .. }
+            | KafkaSetupError::ReadProgress { .. }
+            | KafkaSetupError::ReadProgressTimeout { .. } => ErrorClass::Transient,
+        }
+    }
+}
+
 /// A topic to create if it is missing.
 #[derive(Debug, Clone)]
 pub struct TopicSpec<'a> {
@@ -71,6 +87,37 @@ pub struct TopicSpec<'a> {
 /// A librdkafka property given with `--kafka-property KEY=VALUE`: how the relay
 /// reaches a secured cluster (TLS, SASL) without a flag per setting.
 ///
+/// Why a topic's partitions could not be listed.
+#[derive(Debug, Error)]
+pub enum TopicLookupError {
+    #[error("the metadata request failed (are the brokers up?)")]
+    Kafka(#[source] KafkaError),
+    #[error("the brokers answered {0:?} (does the topic exist?)")]
+    Topic(RDKafkaRespErr),
+}
+
+/// The partition ids of `topic`, ascending.
+pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, TopicLookupError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(TopicLookupError::Kafka)?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Err(TopicLookupError::Topic(
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        ));
+    };
+    if let Some(error) = found.error() {
+        return Err(TopicLookupError::Topic(error));
+    }
+    let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    Ok(partitions)
+}
+
 /// The value is a [`Secret`]: printed only for keys that cannot hold one.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KafkaProperty {

@@ -73,7 +73,6 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::error::{error_chain, ErrorClass};
-use crate::kafka::KafkaSetupError;
 use crate::lsn::Lsn;
 use crate::metrics;
 use crate::pg;
@@ -120,8 +119,6 @@ pub struct StreamArgs {
 pub enum PipelineError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error(transparent)]
-    Kafka(#[from] KafkaSetupError),
     #[error("{0}")]
     Definite(String),
     #[error("replication stream: {0}")]
@@ -148,11 +145,8 @@ impl PipelineError {
     pub fn class(&self) -> ErrorClass {
         match self {
             PipelineError::Source(e) => e.class(),
-            PipelineError::Kafka(KafkaSetupError::Config(_))
-            | PipelineError::Kafka(KafkaSetupError::BadProgressRecord { .. })
-            | PipelineError::Definite(_)
-            | PipelineError::Decode { .. } => ErrorClass::Definite,
-            PipelineError::Kafka(_) | PipelineError::Stopped => ErrorClass::Transient,
+            PipelineError::Definite(_) | PipelineError::Decode { .. } => ErrorClass::Definite,
+            PipelineError::Stopped => ErrorClass::Transient,
             PipelineError::Replication(e) => match e {
                 PgWireError::Auth(_)
                 | PgWireError::Tls(_)

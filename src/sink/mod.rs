@@ -54,7 +54,6 @@
 //! stops the sink with an error: it needs a person, and retrying changes nothing.
 
 pub mod rebalance;
-pub mod record;
 pub mod replay;
 
 use std::collections::BTreeMap;
@@ -75,11 +74,11 @@ use crate::apply::{
 };
 use crate::config::{KafkaArgs, TargetArgs};
 use crate::error::{self, error_chain, ErrorClass};
-use crate::lsn::Lsn;
 use crate::pg;
+use crate::record::decode::{Decoded, Detected, Format};
+use crate::record::{self, HEADER_COMMIT_TS, HEADER_LSN};
 use crate::retry::{self, Backoff};
 use rebalance::{OffsetReader, RebalanceEvent, SinkContext};
-use record::{Decoded, Detected, Format};
 
 /// How long one attempt to apply a batch may take before it counts as a transient
 /// failure (a black-holed or frozen pg_end).
@@ -623,18 +622,15 @@ fn consume(
     let mut lsn_header = None;
     for header in kafka_headers.iter().flat_map(|h| h.iter()) {
         headers.push(header.key, header.value);
-        if header.key == record::LSN_HEADER {
+        if header.key == HEADER_LSN {
             lsn_header = Some(header.value);
-        } else if header.key == crate::connector::HEADER_COMMIT_TS {
-            if let Some(committed) = header.value.and_then(commit_time) {
+        } else if header.key == HEADER_COMMIT_TS {
+            if let Some(committed) = header.value.and_then(record::header_commit_time) {
                 pending.commit_times.push(committed);
             }
         }
     }
-    let source_lsn = lsn_header
-        .flatten()
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse::<Lsn>().ok());
+    let source_lsn = lsn_header.flatten().and_then(record::header_lsn);
     let value = message.payload();
     let topic_shared = match &pending.topic {
         Some(shared) if **shared == *topic => shared.clone(),
@@ -651,7 +647,7 @@ fn consume(
     };
 
     stats.consumed += 1;
-    match record::decode(format, value, lsn_header.is_some()) {
+    match record::decode::decode(format, value, lsn_header.is_some()) {
         Ok(Decoded::Insert(txn, detected)) => {
             match detected {
                 Detected::Connector => stats.connector_records += 1,
@@ -703,19 +699,6 @@ fn consume(
 /// The connector's commit-time header (RFC 3339, UTC) in microseconds since
 /// 1970-01-01, read without chrono's general parser for the form the connector writes
 /// (`2025-07-23T20:06:21.085330Z`).
-fn commit_time(value: &[u8]) -> Option<i64> {
-    let text = std::str::from_utf8(value).ok()?;
-    match text
-        .strip_suffix('Z')
-        .and_then(apply::validate::plain_timestamp)
-    {
-        Some(utc) => Some(utc.unix_micros()),
-        None => chrono::DateTime::parse_from_rfc3339(text)
-            .ok()
-            .map(|t| t.timestamp_micros()),
-    }
-}
-
 /// Kafka's group offsets, for lag monitoring only (pg_end holds the offsets that
 /// count): what pg_end has committed is told to Kafka at most every
 /// [`GROUP_COMMIT_EVERY`], not once per batch. An OffsetCommit is a replicated write on
@@ -938,19 +921,6 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn commit_times_are_read_in_either_form() {
-        let expected = chrono::DateTime::parse_from_rfc3339("2025-07-23T20:06:21.085330Z")
-            .unwrap()
-            .timestamp_micros();
-        assert_eq!(commit_time(b"2025-07-23T20:06:21.085330Z"), Some(expected));
-        assert_eq!(
-            commit_time(b"2025-07-23T22:06:21.08533+02:00"),
-            Some(expected)
-        );
-        assert_eq!(commit_time(b"yesterday"), None);
-    }
 
     fn offsets(list: &[(&str, i32, i64)]) -> Progress {
         Progress::KafkaOffsets(

@@ -21,11 +21,10 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
-use crate::kafka;
+use crate::kafka::{self, topic_partitions, TopicLookupError};
 
 /// How long the lookups of a replay position may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,37 +93,6 @@ pub enum ReplayError {
     },
     #[error("the replay lookup task failed: {0}")]
     Task(String),
-}
-
-/// Why a topic's partitions could not be listed.
-#[derive(Debug, Error)]
-pub enum TopicLookupError {
-    #[error("the metadata request failed (are the brokers up?)")]
-    Kafka(#[source] KafkaError),
-    #[error("the brokers answered {0:?} (does the topic exist?)")]
-    Topic(RDKafkaRespErr),
-}
-
-/// The partition ids of `topic`, ascending.
-pub fn topic_partitions(
-    consumer: &BaseConsumer,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<i32>, TopicLookupError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(TopicLookupError::Kafka)?;
-    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Err(TopicLookupError::Topic(
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
-        ));
-    };
-    if let Some(error) = found.error() {
-        return Err(TopicLookupError::Topic(error));
-    }
-    let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
-    partitions.sort_unstable();
-    Ok(partitions)
 }
 
 /// Resolves `args` (blocking for a timestamp: one metadata and one offsets request).

@@ -1,4 +1,4 @@
-//! Kafka record → [`TxnRecord`]: pure parsing, no I/O.
+//! A Kafka record's value → [`TxnRecord`]: pure parsing, no I/O.
 //!
 //! Invariant: any bytes whatsoever give either a record, a deliberate skip, or a
 //! [`Rejected`] with a precise error and a dead-letter kind; never a panic and never a
@@ -40,9 +40,6 @@ use crate::apply::{DeadLetterKind, TxnRecord};
 
 /// Values larger than this are dead-lettered unparsed (`oversized`).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
-
-/// The connector's header carrying the source commit LSN.
-pub const LSN_HEADER: &str = "outbox-relay.lsn";
 
 /// Which record format(s) the sink accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,7 +94,7 @@ fn reject(kind: DeadLetterKind, error: impl Into<String>) -> Rejected {
 }
 
 /// Parses one record's value. `connector_headers` tells whether the record carries the
-/// connector's [`LSN_HEADER`] (used only to tell connector records from seed ones).
+/// connector's [`HEADER_LSN`](super::HEADER_LSN) (used only to tell connector records from seed ones).
 pub fn decode(
     format: Format,
     value: Option<&[u8]>,
@@ -521,32 +518,6 @@ fn created_at(object: &Map<String, Value>, schemas: &FieldSchemas) -> Result<Str
     }
 }
 
-/// Record headers as stored in `dead_letters.headers`: `[{"key": …, "value": …}]`, a
-/// value as a string when it is UTF-8, else `{"hex": …}`, `null` when absent.
-pub fn headers_json<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Value {
-    let list: Vec<Value> = headers
-        .into_iter()
-        .map(|(key, value)| {
-            let value = match value {
-                None => Value::Null,
-                Some(bytes) => match std::str::from_utf8(bytes) {
-                    Ok(text) => Value::from(text),
-                    Err(_) => {
-                        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                        serde_json::json!({ "hex": hex })
-                    }
-                },
-            };
-            serde_json::json!({ "key": key, "value": value })
-        })
-        .collect();
-    if list.is_empty() {
-        Value::Null
-    } else {
-        Value::Array(list)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,24 +680,6 @@ mod tests {
         }
         let big = vec![b' '; MAX_VALUE_BYTES + 1];
         assert_eq!(rejected(Format::Auto, &big).kind, Oversized);
-    }
-
-    #[test]
-    fn headers_keep_bytes() {
-        let json = headers_json([
-            ("outbox-relay.lsn", Some(&b"0/16B3748"[..])),
-            ("bin", Some(&[0xff, 0x00][..])),
-            ("none", None),
-        ]);
-        assert_eq!(
-            json,
-            serde_json::json!([
-                {"key": "outbox-relay.lsn", "value": "0/16B3748"},
-                {"key": "bin", "value": {"hex": "ff00"}},
-                {"key": "none", "value": null}
-            ])
-        );
-        assert_eq!(headers_json([]), Value::Null);
     }
 
     #[test]
