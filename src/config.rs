@@ -12,6 +12,18 @@ pub const DEFAULT_TARGET_URL: &str = "postgres://postgres:postgres@127.0.0.1:800
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:19090,127.0.0.1:19091,127.0.0.1:19092";
 /// The seed's topic.
 pub const DEFAULT_TOPIC: &str = "outbox-transactions";
+/// The seed's outbox table.
+pub const DEFAULT_TABLE: &str = "outbox.transactions";
+/// The publication the relay reads the outbox through (and creates if missing).
+pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
+/// The connector's replication slot.
+pub const DEFAULT_SLOT: &str = "outbox_relay";
+/// Direct mode's replication slot.
+pub const DEFAULT_DIRECT_SLOT: &str = "outbox_relay_direct";
+/// The compacted topic of the connector's progress records.
+pub const DEFAULT_PROGRESS_TOPIC: &str = "outbox-relay-progress";
+/// The sinks' consumer group.
+pub const DEFAULT_SINK_GROUP: &str = "outbox-relay-sink";
 
 /// Where the source database is.
 #[derive(clap::Args, Debug, Clone)]
@@ -30,6 +42,17 @@ pub struct TargetArgs {
     /// password_file parameters as --source-url.
     #[arg(long, env = "OUTBOX_RELAY_TARGET_URL", default_value = DEFAULT_TARGET_URL, hide_env_values = true, value_parser = PgUrlParser)]
     pub target_url: String,
+}
+
+/// The outbox: its table and the publication that holds it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutboxArgs {
+    /// The publication that holds the outbox table.
+    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", default_value = DEFAULT_PUBLICATION)]
+    pub publication: String,
+    /// The outbox table, schema-qualified.
+    #[arg(long, env = "OUTBOX_RELAY_TABLE", default_value = DEFAULT_TABLE)]
+    pub table: String,
 }
 
 /// The value parser of the PostgreSQL URL flags: [`crate::pg::check_url`] at parse

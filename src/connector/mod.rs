@@ -39,7 +39,7 @@ use bytes::Bytes;
 use rdkafka::message::OwnedHeaders;
 use tokio::sync::watch;
 
-use crate::config::{KafkaArgs, SourceArgs};
+use crate::config::{self, KafkaArgs, SourceArgs};
 use crate::error::ErrorClass;
 use crate::kafka::{self, TopicSpec};
 use crate::lsn::Lsn;
@@ -64,7 +64,7 @@ pub struct ConnectorArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// The logical replication slot (created if missing, unless --no-create-slot).
-    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = "outbox_relay")]
+    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = config::DEFAULT_SLOT)]
     pub slot: String,
     #[command(flatten)]
     pub stream: StreamArgs,
@@ -72,11 +72,7 @@ pub struct ConnectorArgs {
     #[arg(long, env = "OUTBOX_RELAY_KEY_COLUMN", default_value = "account_id")]
     pub key_column: String,
     /// The compacted topic holding the last source LSN in Kafka, per slot.
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_PROGRESS_TOPIC",
-        default_value = "outbox-relay-progress"
-    )]
+    #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC", default_value = config::DEFAULT_PROGRESS_TOPIC)]
     pub progress_topic: String,
     /// Partitions of the topic when the connector creates it.
     #[arg(long, default_value_t = 3)]
@@ -150,7 +146,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
     let Some(pending) = pending else {
         return pipeline.run().await;
     };
-    let table = TableName::parse(&args.stream.table)
+    let table = TableName::parse(&args.stream.outbox.table)
         .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
     let cleaner = OutboxCleaner::new(
         args.source.source_url.clone(),

@@ -51,7 +51,7 @@ use tokio::sync::{watch, Mutex};
 use tokio_postgres::types::PgLsn;
 
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
-use crate::config::{SourceArgs, TargetArgs};
+use crate::config::{self, SourceArgs, TargetArgs};
 use crate::error::{self, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pg;
@@ -70,11 +70,7 @@ pub struct DirectArgs {
     #[command(flatten)]
     pub target: TargetArgs,
     /// The logical replication slot (created if missing, unless --no-create-slot).
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_DIRECT_SLOT",
-        default_value = "outbox_relay_direct"
-    )]
+    #[arg(long, env = "OUTBOX_RELAY_DIRECT_SLOT", default_value = config::DEFAULT_DIRECT_SLOT)]
     pub slot: String,
     /// pg_end's `synchronous_commit` for the applying connection. `off` (as a native
     /// subscription's default): commits return before their WAL is flushed, and the

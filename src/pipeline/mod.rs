@@ -72,6 +72,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use crate::config::OutboxArgs;
 use crate::error::{error_chain, ErrorClass};
 use crate::lsn::Lsn;
 use crate::metrics;
@@ -84,16 +85,8 @@ use crate::source::{self, SourceError, TableName};
 /// Settings of the replication side, shared by `connector` and `direct`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StreamArgs {
-    /// The publication that holds the outbox table.
-    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", default_value = "outbox_relay")]
-    pub publication: String,
-    /// The outbox table, schema-qualified.
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_TABLE",
-        default_value = "outbox.transactions"
-    )]
-    pub table: String,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
     /// Rows per destination commit (a source transaction is never split).
     #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 5000)]
     pub batch_size: usize,
@@ -267,7 +260,7 @@ impl<D: Destination> Pipeline<D> {
         dest: D,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, PipelineError> {
-        let table = TableName::parse(&args.table)
+        let table = TableName::parse(&args.outbox.table)
             .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
         source::validate_identifier(&slot)
             .map_err(|e| PipelineError::Definite(format!("--slot: {e}")))?;
@@ -332,7 +325,7 @@ impl<D: Destination> Pipeline<D> {
         let info = source::check_source(
             &client,
             &self.table,
-            &self.args.publication,
+            &self.args.outbox.publication,
             !self.args.no_create_publication,
         )
         .await?;
@@ -389,7 +382,7 @@ impl<D: Destination> Pipeline<D> {
                     .unwrap_or(Lsn::ZERO);
                 let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
                 let config =
-                    source::replication_config(&url, &slot, &self.args.publication, start)?;
+                    source::replication_config(&url, &slot, &self.args.outbox.publication, start)?;
                 let mut replication = ReplicationClient::connect_gated(config)
                     .await
                     .map_err(PipelineError::Replication)?;
@@ -783,6 +776,7 @@ impl<D: Destination> Pipeline<D> {
         if let Some(last_lsn) = s.flushed(committed.flushed) {
             self.durable_lsn = self.durable_lsn.max(last_lsn);
         }
+        #[cfg(feature = "fault-injection")]
         if batch {
             crash_point_after_commit();
         }
@@ -907,9 +901,10 @@ impl BatchMark {
     }
 }
 
-/// Test hook: `OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS=N` aborts the process right after
-/// the Nth destination commit, before the slot is told, to prove that such a crash
-/// causes no duplicate.
+/// Test hook (the `fault-injection` feature only): `OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS=N`
+/// aborts the process right after the Nth destination commit, before the slot is told,
+/// to prove that such a crash causes no duplicate.
+#[cfg(feature = "fault-injection")]
 fn crash_point_after_commit() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COMMITS: AtomicU64 = AtomicU64::new(0);

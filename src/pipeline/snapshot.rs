@@ -39,7 +39,7 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     let config = source::replication_config(
         &pipeline.source_url,
         &slot,
-        &pipeline.args.publication,
+        &pipeline.args.outbox.publication,
         Lsn::ZERO,
     )?;
     let mut replication = ReplicationClient::connect_gated(config)

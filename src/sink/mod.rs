@@ -72,7 +72,7 @@ use thiserror::Error;
 use crate::apply::{
     self, ApplyBatch, ApplyError, DeadLetter, KafkaOffset, Origin, Progress, TxnRecord,
 };
-use crate::config::{KafkaArgs, TargetArgs};
+use crate::config::{self, KafkaArgs, TargetArgs};
 use crate::error::{self, error_chain, ErrorClass};
 use crate::pg;
 use crate::record::decode::{Decoded, Detected, Format};
@@ -95,11 +95,7 @@ pub struct SinkArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Kafka consumer group: the sinks of one group share the topic's partitions.
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_SINK_GROUP",
-        default_value = "outbox-relay-sink"
-    )]
+    #[arg(long, env = "OUTBOX_RELAY_SINK_GROUP", default_value = config::DEFAULT_SINK_GROUP)]
     pub group: String,
     /// Apply a batch once it holds this many records.
     #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_SIZE", default_value_t = 5000)]
