@@ -88,24 +88,36 @@ pub async fn run(args: &CheckArgs) -> Vec<CheckLine> {
     lines
 }
 
-async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<CheckLine>) {
-    let url = &args.source.source_url;
-    let client = match pg::connect(url).await {
+/// Connects to `url` and reports it as the line `check` (the URL without its
+/// password, or why not); `None` when the connection failed.
+async fn connect(
+    check: &str,
+    url: &str,
+    lines: &mut Vec<CheckLine>,
+) -> Option<tokio_postgres::Client> {
+    match pg::connect(url).await {
         Ok(c) => {
-            lines.push(line("pg_start: connect", Ok(pg::redact_url(url))));
-            c
+            lines.push(line(check, Ok(pg::redact_url(url))));
+            Some(c)
         }
         Err(e) => {
             lines.push(line(
-                "pg_start: connect",
+                check,
                 Err(format!(
                     "{}: {}",
                     pg::redact_url(url),
                     crate::error::error_chain(&e)
                 )),
             ));
-            return;
+            None
         }
+    }
+}
+
+async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<CheckLine>) {
+    let url = &args.source.source_url;
+    let Some(client) = connect("pg_start: connect", url, lines).await else {
+        return;
     };
     let err = |e: source::SourceError| crate::error::error_chain(&e);
     lines.push(line(
@@ -172,22 +184,8 @@ async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<Chec
 
 async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     let url = &args.target.target_url;
-    let client = match pg::connect(url).await {
-        Ok(c) => {
-            lines.push(line("pg_end: connect", Ok(pg::redact_url(url))));
-            c
-        }
-        Err(e) => {
-            lines.push(line(
-                "pg_end: connect",
-                Err(format!(
-                    "{}: {}",
-                    pg::redact_url(url),
-                    crate::error::error_chain(&e)
-                )),
-            ));
-            return;
-        }
+    let Some(client) = connect("pg_end: connect", url, lines).await else {
+        return;
     };
     for table in [
         "main.transactions",

@@ -20,6 +20,7 @@
 //! partition shows a lag of 1 there.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::future::Future;
 use std::time::Duration;
 
@@ -575,157 +576,14 @@ fn bytes(n: i64) -> String {
 }
 
 impl StatusReport {
-    /// The human-readable form: one screen.
+    /// The human-readable form: one screen. A part that is skipped prints nothing,
+    /// except Kafka, which says it was skipped on purpose.
     pub fn render(&self) -> String {
-        use std::fmt::Write;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "outbox-relay status: {}",
-            if !self.ok {
-                "UNHEALTHY"
-            } else if self.warnings.is_empty() {
-                "OK"
-            } else {
-                "OK, with warnings"
-            }
-        );
-        match &self.pg_start {
-            Part::Reachable(s) => {
-                let _ = writeln!(
-                    out,
-                    "pg_start  {}  PostgreSQL {}, WAL at {}",
-                    s.url, s.server_version, s.current_wal_lsn
-                );
-                for slot in &s.slots {
-                    if !slot.exists {
-                        let _ = writeln!(out, "  slot {:<24} ({}) absent", slot.name, slot.role);
-                        continue;
-                    }
-                    let _ = writeln!(
-                        out,
-                        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}",
-                        slot.name,
-                        slot.role,
-                        match slot.active_pid {
-                            Some(pid) => format!("active pid {pid}"),
-                            None => "inactive".into(),
-                        },
-                        slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
-                        slot.lag_bytes.map(bytes).unwrap_or_else(|| "-".into()),
-                        slot.wal_status.as_deref().unwrap_or("-"),
-                        slot.safe_wal_size
-                            .map(|s| format!("  safe_wal_size {}", bytes(s)))
-                            .unwrap_or_default()
-                    );
-                }
-            }
-            Part::Unreachable { error } => {
-                let _ = writeln!(out, "pg_start  unreachable: {error}");
-            }
-            Part::Skipped => {}
-        }
-        match &self.kafka {
-            Part::Reachable(k) => {
-                let total: i64 = k
-                    .partitions
-                    .iter()
-                    .map(|p| p.high_watermark - p.low_watermark)
-                    .sum();
-                let _ = match &k.topic_error {
-                    Some(error) => {
-                        writeln!(out, "kafka     {}  topic {}: {error}", k.brokers, k.topic)
-                    }
-                    None => writeln!(
-                        out,
-                        "kafka     {}  topic {}: {} partitions, {} offsets in the log",
-                        k.brokers,
-                        k.topic,
-                        k.partitions.len(),
-                        total
-                    ),
-                };
-                let progress = match (&k.progress, &k.progress_error) {
-                    (Some(p), _) => format!(
-                        "{} ({})",
-                        p.lsn,
-                        match p.state {
-                            ProgressState::Snapshot => "snapshot",
-                            ProgressState::Streaming => "streaming",
-                        }
-                    ),
-                    (None, Some(error)) => format!("unreadable: {error}"),
-                    (None, None) => "none".into(),
-                };
-                let _ = writeln!(
-                    out,
-                    "  progress topic {}: connector LSN in Kafka {progress}",
-                    k.progress_topic
-                );
-            }
-            Part::Unreachable { error } => {
-                let _ = writeln!(out, "kafka     unreachable: {error}");
-            }
-            Part::Skipped => {
-                let _ = writeln!(out, "kafka     skipped (--no-kafka)");
-            }
-        }
-        match &self.pg_end {
-            Part::Reachable(t) => {
-                let _ = writeln!(out, "pg_end    {}", t.url);
-                if !t.sink.is_empty() {
-                    let _ = writeln!(
-                        out,
-                        "  {:>9}  {:>12}  {:>14}  {:>10}",
-                        "partition", "sink offset", "high watermark", "lag"
-                    );
-                    let dash = || "-".to_string();
-                    for s in &t.sink {
-                        let _ = writeln!(
-                            out,
-                            "  {:>9}  {:>12}  {:>14}  {:>10}",
-                            s.partition,
-                            s.last_offset.map(|o| o.to_string()).unwrap_or_else(dash),
-                            s.high_watermark.map(|o| o.to_string()).unwrap_or_else(dash),
-                            s.lag.map(|o| o.to_string()).unwrap_or_else(dash)
-                        );
-                    }
-                } else {
-                    let _ = writeln!(out, "  sink: no stored offsets for this topic");
-                }
-                match &t.direct {
-                    Some(d) => {
-                        let _ = writeln!(
-                            out,
-                            "  direct: slot {} applied through {} (at {})",
-                            d.slot, d.commit_lsn, d.updated_at
-                        );
-                    }
-                    None => {
-                        let _ = writeln!(out, "  direct: no progress stored");
-                    }
-                }
-                let kinds: Vec<String> = t
-                    .dead_letters_by_kind
-                    .iter()
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "  dead letters: {}{}",
-                    t.dead_letters,
-                    if kinds.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", kinds.join(", "))
-                    }
-                );
-            }
-            Part::Unreachable { error } => {
-                let _ = writeln!(out, "pg_end    unreachable: {error}");
-            }
-            Part::Skipped => {}
-        }
+        let _ = writeln!(out, "outbox-relay status: {}", self.verdict());
+        render_source(&mut out, &self.pg_start);
+        render_kafka(&mut out, &self.kafka);
+        render_target(&mut out, &self.pg_end);
         for p in &self.problems {
             let _ = writeln!(out, "PROBLEM: {p}");
         }
@@ -735,6 +593,181 @@ impl StatusReport {
         out.truncate(out.trim_end().len());
         out
     }
+
+    /// The headline's word: a problem wins over a warning.
+    fn verdict(&self) -> &'static str {
+        if !self.ok {
+            "UNHEALTHY"
+        } else if self.warnings.is_empty() {
+            "OK"
+        } else {
+            "OK, with warnings"
+        }
+    }
+}
+
+/// pg_start's section: the server, then one line per slot (absent slots say so).
+fn render_source(out: &mut String, part: &Part<SourceStatus>) {
+    match part {
+        Part::Reachable(s) => {
+            let _ = writeln!(
+                out,
+                "pg_start  {}  PostgreSQL {}, WAL at {}",
+                s.url, s.server_version, s.current_wal_lsn
+            );
+            for slot in &s.slots {
+                let _ = writeln!(out, "{}", slot_line(slot));
+            }
+        }
+        Part::Unreachable { error } => {
+            let _ = writeln!(out, "pg_start  unreachable: {error}");
+        }
+        Part::Skipped => {}
+    }
+}
+
+/// One slot's line (no newline); `-` for what PostgreSQL did not report.
+fn slot_line(slot: &SlotStatus) -> String {
+    if !slot.exists {
+        return format!("  slot {:<24} ({}) absent", slot.name, slot.role);
+    }
+    format!(
+        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}",
+        slot.name,
+        slot.role,
+        match slot.active_pid {
+            Some(pid) => format!("active pid {pid}"),
+            None => "inactive".into(),
+        },
+        slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+        slot.lag_bytes.map(bytes).unwrap_or_else(|| "-".into()),
+        slot.wal_status.as_deref().unwrap_or("-"),
+        slot.safe_wal_size
+            .map(|s| format!("  safe_wal_size {}", bytes(s)))
+            .unwrap_or_default()
+    )
+}
+
+/// Kafka's section: the topic (or why it could not be read), then the connector's
+/// progress record.
+fn render_kafka(out: &mut String, part: &Part<KafkaStatus>) {
+    match part {
+        Part::Reachable(k) => {
+            let total: i64 = k
+                .partitions
+                .iter()
+                .map(|p| p.high_watermark - p.low_watermark)
+                .sum();
+            let _ = match &k.topic_error {
+                Some(error) => {
+                    writeln!(out, "kafka     {}  topic {}: {error}", k.brokers, k.topic)
+                }
+                None => writeln!(
+                    out,
+                    "kafka     {}  topic {}: {} partitions, {} offsets in the log",
+                    k.brokers,
+                    k.topic,
+                    k.partitions.len(),
+                    total
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "  progress topic {}: connector LSN in Kafka {}",
+                k.progress_topic,
+                progress_text(k)
+            );
+        }
+        Part::Unreachable { error } => {
+            let _ = writeln!(out, "kafka     unreachable: {error}");
+        }
+        Part::Skipped => {
+            let _ = writeln!(out, "kafka     skipped (--no-kafka)");
+        }
+    }
+}
+
+/// The connector's progress as one phrase: its LSN and state, why it could not be
+/// read, or `none`.
+fn progress_text(k: &KafkaStatus) -> String {
+    match (&k.progress, &k.progress_error) {
+        (Some(p), _) => format!(
+            "{} ({})",
+            p.lsn,
+            match p.state {
+                ProgressState::Snapshot => "snapshot",
+                ProgressState::Streaming => "streaming",
+            }
+        ),
+        (None, Some(error)) => format!("unreadable: {error}"),
+        (None, None) => "none".into(),
+    }
+}
+
+/// pg_end's section: the sink's offsets as a table, the direct mode's progress, and
+/// the dead letters.
+fn render_target(out: &mut String, part: &Part<TargetStatus>) {
+    match part {
+        Part::Reachable(t) => {
+            let _ = writeln!(out, "pg_end    {}", t.url);
+            render_sink_table(out, &t.sink);
+            let _ = match &t.direct {
+                Some(d) => writeln!(
+                    out,
+                    "  direct: slot {} applied through {} (at {})",
+                    d.slot, d.commit_lsn, d.updated_at
+                ),
+                None => writeln!(out, "  direct: no progress stored"),
+            };
+            let _ = writeln!(out, "{}", dead_letters_line(t));
+        }
+        Part::Unreachable { error } => {
+            let _ = writeln!(out, "pg_end    unreachable: {error}");
+        }
+        Part::Skipped => {}
+    }
+}
+
+/// The sink's offsets, one right-aligned row per partition, `-` where unknown.
+fn render_sink_table(out: &mut String, sink: &[SinkPartition]) {
+    if sink.is_empty() {
+        let _ = writeln!(out, "  sink: no stored offsets for this topic");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:>9}  {:>12}  {:>14}  {:>10}",
+        "partition", "sink offset", "high watermark", "lag"
+    );
+    let cell = |n: Option<i64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+    for s in sink {
+        let _ = writeln!(
+            out,
+            "  {:>9}  {:>12}  {:>14}  {:>10}",
+            s.partition,
+            cell(s.last_offset),
+            cell(s.high_watermark),
+            cell(s.lag)
+        );
+    }
+}
+
+/// The dead letters' line (no newline): the total, then the count per kind.
+fn dead_letters_line(t: &TargetStatus) -> String {
+    let kinds: Vec<String> = t
+        .dead_letters_by_kind
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    format!(
+        "  dead letters: {}{}",
+        t.dead_letters,
+        if kinds.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", kinds.join(", "))
+        }
+    )
 }
 
 #[cfg(test)]
@@ -767,6 +800,229 @@ mod tests {
                 last_dead_letter_at: None,
             }),
         }
+    }
+
+    fn slot(name: &str, role: &'static str, exists: bool, active_pid: Option<i32>) -> SlotStatus {
+        SlotStatus {
+            name: name.into(),
+            role,
+            exists,
+            database: exists.then(|| "db_start".into()),
+            plugin: exists.then(|| "pgoutput".into()),
+            active: active_pid.is_some(),
+            active_pid,
+            confirmed_flush_lsn: exists.then(|| "0/1A2B3C4".into()),
+            lag_bytes: exists.then_some(1536),
+            wal_status: exists.then(|| "reserved".into()),
+            safe_wal_size: active_pid.map(|_| 3 << 30),
+        }
+    }
+
+    fn kafka_part(topic_error: Option<&str>, progress: Option<ProgressState>) -> KafkaStatus {
+        KafkaStatus {
+            brokers: "127.0.0.1:19090".into(),
+            topic: "outbox.transactions".into(),
+            partitions: if topic_error.is_some() {
+                vec![]
+            } else {
+                vec![
+                    PartitionStatus {
+                        partition: 0,
+                        low_watermark: 3,
+                        high_watermark: 120,
+                    },
+                    PartitionStatus {
+                        partition: 1,
+                        low_watermark: 0,
+                        high_watermark: 98,
+                    },
+                ]
+            },
+            topic_error: topic_error.map(Into::into),
+            progress_topic: "outbox-relay-progress".into(),
+            progress: progress.map(|state| ProgressStatus {
+                state,
+                lsn: "0/1A2B000".into(),
+            }),
+            progress_error: topic_error.map(|_| "timed out".into()),
+        }
+    }
+
+    fn target_part(rich: bool) -> TargetStatus {
+        let sink = |partition, last_offset: Option<i64>, high: Option<i64>| SinkPartition {
+            partition,
+            last_offset,
+            updated_at: None,
+            high_watermark: high,
+            lag: high.map(|h| h - 1 - last_offset.unwrap_or(-1)),
+        };
+        TargetStatus {
+            url: "postgres://postgres@127.0.0.1:8001/db_end".into(),
+            sink: if rich {
+                vec![
+                    sink(0, Some(118), Some(120)),
+                    sink(1, None, Some(98)),
+                    sink(2, Some(7), None),
+                ]
+            } else {
+                vec![]
+            },
+            direct: rich.then(|| DirectStatus {
+                slot: "outbox_relay_direct".into(),
+                commit_lsn: "0/1A2B3C4".into(),
+                updated_at: "2026-12-01 10:00:00+00".into(),
+            }),
+            dead_letters: if rich { 3 } else { 0 },
+            dead_letters_by_kind: if rich {
+                [("decode".to_string(), 1), ("invalid".to_string(), 2)].into()
+            } else {
+                BTreeMap::new()
+            },
+            last_dead_letter_at: None,
+        }
+    }
+
+    /// Reports that between them take every branch of `render`.
+    fn every_branch() -> Vec<StatusReport> {
+        let report = |ok, warnings: Vec<&str>, pg_start, kafka, pg_end| StatusReport {
+            ok,
+            problems: if ok {
+                vec![]
+            } else {
+                vec!["pg_end unreachable: refused".into()]
+            },
+            warnings: warnings.into_iter().map(Into::into).collect(),
+            pg_start,
+            kafka,
+            pg_end,
+        };
+        let source = |slots| {
+            Part::Reachable(SourceStatus {
+                url: "postgres://postgres@127.0.0.1:8000/db_start".into(),
+                server_version: "17.2".into(),
+                current_wal_lsn: "0/1A2B3C4".into(),
+                slots,
+            })
+        };
+        vec![
+            report(
+                true,
+                vec![],
+                source(vec![
+                    slot("outbox_relay", "connector", true, Some(4242)),
+                    slot("outbox_relay_direct", "direct", false, None),
+                ]),
+                Part::Reachable(kafka_part(None, Some(ProgressState::Streaming))),
+                Part::Reachable(target_part(true)),
+            ),
+            report(
+                true,
+                vec!["3 dead letters", "slot x has no walsender"],
+                source(vec![slot("outbox_relay", "connector", true, None)]),
+                Part::Reachable(kafka_part(Some("does not exist"), None)),
+                Part::Reachable(target_part(false)),
+            ),
+            report(
+                true,
+                vec![],
+                source(vec![]),
+                Part::Reachable(kafka_part(None, Some(ProgressState::Snapshot))),
+                Part::Skipped,
+            ),
+            report(
+                false,
+                vec!["w"],
+                Part::Skipped,
+                Part::Unreachable {
+                    error: "no broker answered".into(),
+                },
+                Part::Unreachable {
+                    error: "refused".into(),
+                },
+            ),
+            report(false, vec![], Part::Skipped, Part::Skipped, Part::Skipped),
+        ]
+    }
+
+    /// The text of [`every_branch`], as the one-function `render` wrote it before it
+    /// was split into sections.
+    const EVERY_BRANCH: &str = r#"outbox-relay status: OK
+pg_start  postgres://postgres@127.0.0.1:8000/db_start  PostgreSQL 17.2, WAL at 0/1A2B3C4
+  slot outbox_relay             (connector) active pid 4242  confirmed 0/1A2B3C4  lag 1.5 KiB  wal_status reserved  safe_wal_size 3.0 GiB
+  slot outbox_relay_direct      (direct) absent
+kafka     127.0.0.1:19090  topic outbox.transactions: 2 partitions, 215 offsets in the log
+  progress topic outbox-relay-progress: connector LSN in Kafka 0/1A2B000 (streaming)
+pg_end    postgres://postgres@127.0.0.1:8001/db_end
+  partition   sink offset  high watermark         lag
+          0           118             120           1
+          1             -              98          98
+          2             7               -           -
+  direct: slot outbox_relay_direct applied through 0/1A2B3C4 (at 2026-12-01 10:00:00+00)
+  dead letters: 3 (decode 1, invalid 2)
+=====
+outbox-relay status: OK, with warnings
+pg_start  postgres://postgres@127.0.0.1:8000/db_start  PostgreSQL 17.2, WAL at 0/1A2B3C4
+  slot outbox_relay             (connector) inactive  confirmed 0/1A2B3C4  lag 1.5 KiB  wal_status reserved
+kafka     127.0.0.1:19090  topic outbox.transactions: does not exist
+  progress topic outbox-relay-progress: connector LSN in Kafka unreadable: timed out
+pg_end    postgres://postgres@127.0.0.1:8001/db_end
+  sink: no stored offsets for this topic
+  direct: no progress stored
+  dead letters: 0
+warning: 3 dead letters
+warning: slot x has no walsender
+=====
+outbox-relay status: OK
+pg_start  postgres://postgres@127.0.0.1:8000/db_start  PostgreSQL 17.2, WAL at 0/1A2B3C4
+kafka     127.0.0.1:19090  topic outbox.transactions: 2 partitions, 215 offsets in the log
+  progress topic outbox-relay-progress: connector LSN in Kafka 0/1A2B000 (snapshot)
+=====
+outbox-relay status: UNHEALTHY
+kafka     unreachable: no broker answered
+pg_end    unreachable: refused
+PROBLEM: pg_end unreachable: refused
+warning: w
+=====
+outbox-relay status: UNHEALTHY
+kafka     skipped (--no-kafka)
+PROBLEM: pg_end unreachable: refused"#;
+
+    #[test]
+    fn render_of_every_branch_is_pinned() {
+        let text: Vec<String> = every_branch().iter().map(StatusReport::render).collect();
+        assert_eq!(text.join("\n=====\n"), EVERY_BRANCH);
+    }
+
+    #[test]
+    fn slot_line_says_absent_or_every_figure() {
+        assert_eq!(
+            slot_line(&slot("s", "direct", false, None)),
+            "  slot s                        (direct) absent"
+        );
+        assert_eq!(
+            slot_line(&slot("s", "connector", true, None)),
+            "  slot s                        (connector) inactive  confirmed 0/1A2B3C4  \
+             lag 1.5 KiB  wal_status reserved"
+        );
+    }
+
+    #[test]
+    fn progress_text_prefers_the_record_then_the_error() {
+        let mut k = kafka_part(Some("gone"), Some(ProgressState::Snapshot));
+        assert_eq!(progress_text(&k), "0/1A2B000 (snapshot)");
+        k.progress = None;
+        assert_eq!(progress_text(&k), "unreadable: timed out");
+        k.progress_error = None;
+        assert_eq!(progress_text(&k), "none");
+    }
+
+    #[test]
+    fn dead_letters_line_lists_kinds_only_when_there_are_some() {
+        assert_eq!(
+            dead_letters_line(&target_part(true)),
+            "  dead letters: 3 (decode 1, invalid 2)"
+        );
+        assert_eq!(dead_letters_line(&target_part(false)), "  dead letters: 0");
     }
 
     #[test]

@@ -375,51 +375,54 @@ pub async fn bucket_rows(
     client: &Client,
     buckets: &[i32],
 ) -> Result<Vec<TxnRow>, VerifyError> {
-    let rows = client
-        .query(BUCKET_ROWS, &[&buckets])
-        .await
-        .map_err(|source| VerifyError::Query { which, source })?;
-    rows.iter()
-        .map(|row| {
-            Ok(TxnRow {
-                id: row.try_get(0)?,
-                account_id: row.try_get(1)?,
-                amount: row.try_get(2)?,
-                created_at: row.try_get(3)?,
-            })
+    query_rows(which, client, BUCKET_ROWS, &[&buckets], |row| {
+        Ok(TxnRow {
+            id: row.try_get(0)?,
+            account_id: row.try_get(1)?,
+            amount: row.try_get(2)?,
+            created_at: row.try_get(3)?,
         })
-        .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(|source| VerifyError::Query { which, source })
+    })
+    .await
 }
 
 async fn balances(
     which: &'static str,
     client: &Client,
 ) -> Result<BTreeMap<i64, String>, VerifyError> {
-    let rows = client
-        .query(BALANCES, &[])
-        .await
-        .map_err(|source| VerifyError::Query { which, source })?;
-    rows.iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(|source| VerifyError::Query { which, source })
+    query_rows(which, client, BALANCES, &[], |row| {
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    })
+    .await
 }
 
 async fn drift(which: &'static str, client: &Client) -> Result<Vec<BalanceDrift>, VerifyError> {
+    query_rows(which, client, BALANCE_DRIFT, &[], |row| {
+        Ok(BalanceDrift {
+            account_id: row.try_get(0)?,
+            balance: row.try_get(1)?,
+            sum_of_transactions: row.try_get(2)?,
+        })
+    })
+    .await
+}
+
+/// Runs `query` on one side (`which` names it in errors) and reads each row with
+/// `read`; a failed query or read is the same error, [`VerifyError::Query`].
+async fn query_rows<T, C: FromIterator<T>>(
+    which: &'static str,
+    client: &Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    read: impl Fn(&tokio_postgres::Row) -> Result<T, tokio_postgres::Error>,
+) -> Result<C, VerifyError> {
     let rows = client
-        .query(BALANCE_DRIFT, &[])
+        .query(query, params)
         .await
         .map_err(|source| VerifyError::Query { which, source })?;
     rows.iter()
-        .map(|row| {
-            Ok(BalanceDrift {
-                account_id: row.try_get(0)?,
-                balance: row.try_get(1)?,
-                sum_of_transactions: row.try_get(2)?,
-            })
-        })
-        .collect::<Result<_, tokio_postgres::Error>>()
+        .map(read)
+        .collect::<Result<C, _>>()
         .map_err(|source| VerifyError::Query { which, source })
 }
 

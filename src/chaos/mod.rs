@@ -26,6 +26,7 @@ pub mod schedule;
 pub mod stack;
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,24 @@ pub enum Scenario {
     Kafka,
     /// pg_start → direct → pg_end.
     Direct,
+}
+
+impl Scenario {
+    /// Whether `kind` touches this scenario's pipeline.
+    fn affected_by(self, kind: FaultKind) -> bool {
+        match self {
+            Scenario::Kafka => kind.affects_kafka_path(),
+            Scenario::Direct => kind.affects_direct_path(),
+        }
+    }
+
+    /// The scenario's name in database and process names.
+    fn short_name(self) -> &'static str {
+        match self {
+            Scenario::Kafka => "kafka",
+            Scenario::Direct => "direct",
+        }
+    }
 }
 
 /// Options of `outbox-relay chaos`.
@@ -124,9 +143,7 @@ impl ChaosArgs {
                 kinds.push(name.parse()?);
             }
         }
-        let kafka = self.scenarios.contains(&Scenario::Kafka);
-        let direct = self.scenarios.contains(&Scenario::Direct);
-        kinds.retain(|k| (kafka && k.affects_kafka_path()) || (direct && k.affects_direct_path()));
+        kinds.retain(|k| self.scenarios.iter().any(|s| s.affected_by(*k)));
         kinds.sort();
         kinds.dedup();
         Ok(kinds)
@@ -205,8 +222,9 @@ pub struct ChaosReport {
 }
 
 impl ChaosReport {
+    /// The human-readable form: the run, each scenario, what the processes did, and
+    /// the verdict on the last line.
     pub fn render(&self) -> String {
-        use std::fmt::Write;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -222,52 +240,16 @@ impl ChaosReport {
             let _ = writeln!(out, "    {kind:<24} {n}");
         }
         for s in &self.scenarios {
-            let _ = writeln!(
-                out,
-                "  scenario {:?} (db {}): {}",
-                s.scenario,
-                s.database,
-                if s.pass { "PASS" } else { "FAIL" }
-            );
-            let _ = writeln!(
-                out,
-                "    committed at source {}, faults affecting it {}, drain {}",
-                s.committed_at_source,
-                s.faults,
-                s.drain_secs
-                    .map(|d| format!("{d:.1}s"))
-                    .unwrap_or_else(|| "never".into())
-            );
-            let _ = writeln!(
-                out,
-                "    lost {}, duplicated {}, dead letters {}, verify {}",
-                s.lost,
-                s.duplicated,
-                s.dead_letters,
-                if s.verify.ok { "ok" } else { "FAILED" }
-            );
-            if !s.verify.ok {
-                for line in s.verify.render().lines() {
-                    let _ = writeln!(out, "      {line}");
-                }
-            }
-            if let Some(t) = &s.topic {
-                let _ = writeln!(
-                    out,
-                    "    topic (read_committed): {} records, {} ids, duplicates {}, missing {}, extra {}, unreadable {}",
-                    t.records, t.distinct_ids, t.duplicates, t.missing, t.extra, t.unreadable
-                );
-            }
-            let _ = writeln!(
-                out,
-                "    slot vs next stage: {} samples ({} judged) against {} outbox commits, violations {}",
-                s.lsn.samples, s.lsn.judged, s.lsn.outbox_commits, s.lsn.violations
-            );
-            if let Some(v) = &s.lsn.first_violation {
-                let _ = writeln!(out, "      first: {v}");
-            }
-            let _ = writeln!(out, "    relay starts: {:?}", s.relay_starts);
+            s.render_into(&mut out);
         }
+        self.render_process_findings(&mut out);
+        let _ = write!(out, "chaos: {}", if self.pass { "PASS" } else { "FAIL" });
+        out
+    }
+
+    /// Unexpected exits and failed fault steps (the first ten of each), unclean
+    /// SIGTERMs, toxiproxy restarts; a line only for what happened, except the exits.
+    fn render_process_findings(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "  unexpected relay exits: {}",
@@ -296,8 +278,58 @@ impl ChaosReport {
                 let _ = writeln!(out, "    {e}");
             }
         }
-        let _ = write!(out, "chaos: {}", if self.pass { "PASS" } else { "FAIL" });
-        out
+    }
+}
+
+impl ScenarioReport {
+    /// The scenario's lines of the run's report: verdict, counts, verify's findings
+    /// when it failed, the topic, the LSN check, the relay starts.
+    fn render_into(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "  scenario {:?} (db {}): {}",
+            self.scenario,
+            self.database,
+            if self.pass { "PASS" } else { "FAIL" }
+        );
+        let _ = writeln!(
+            out,
+            "    committed at source {}, faults affecting it {}, drain {}",
+            self.committed_at_source,
+            self.faults,
+            self.drain_secs
+                .map(|d| format!("{d:.1}s"))
+                .unwrap_or_else(|| "never".into())
+        );
+        let _ = writeln!(
+            out,
+            "    lost {}, duplicated {}, dead letters {}, verify {}",
+            self.lost,
+            self.duplicated,
+            self.dead_letters,
+            if self.verify.ok { "ok" } else { "FAILED" }
+        );
+        if !self.verify.ok {
+            for line in self.verify.render().lines() {
+                let _ = writeln!(out, "      {line}");
+            }
+        }
+        if let Some(t) = &self.topic {
+            let _ = writeln!(
+                out,
+                "    topic (read_committed): {} records, {} ids, duplicates {}, missing {}, extra {}, unreadable {}",
+                t.records, t.distinct_ids, t.duplicates, t.missing, t.extra, t.unreadable
+            );
+        }
+        let _ = writeln!(
+            out,
+            "    slot vs next stage: {} samples ({} judged) against {} outbox commits, violations {}",
+            self.lsn.samples, self.lsn.judged, self.lsn.outbox_commits, self.lsn.violations
+        );
+        if let Some(v) = &self.lsn.first_violation {
+            let _ = writeln!(out, "      first: {v}");
+        }
+        let _ = writeln!(out, "    relay starts: {:?}", self.relay_starts);
     }
 }
 
@@ -321,6 +353,8 @@ struct Ctx {
     runs: Vec<ScenarioRun>,
     t0: Instant,
     unclean_terms: Mutex<Vec<String>>,
+    /// Where the relay processes record exits nobody asked for.
+    unexpected: Arc<Mutex<Vec<UnexpectedExit>>>,
 }
 
 impl Ctx {
@@ -341,7 +375,7 @@ impl Ctx {
     /// Runs `f` on toxiproxy; a failed call restarts it ([`Toxiproxy::call`]).
     fn toxi(&self, f: impl FnOnce(&Toxiproxy) -> Result<(), String>) -> Result<(), String> {
         tokio::task::block_in_place(|| {
-            let mut toxi = self.toxi.lock().unwrap_or_else(|e| e.into_inner());
+            let mut toxi = locked(&self.toxi);
             let t = self.t0.elapsed().as_secs_f64();
             toxi.call(f).inspect_err(|error| {
                 eprintln!("chaos: t+{t:.1}s toxiproxy: {error} (restarted)");
@@ -351,8 +385,70 @@ impl Ctx {
 }
 
 /// Runs the chaos test; the report's `pass` says whether it passed.
+///
+/// The steps, in order: plan the schedule; bring up the stack instance; prepare each
+/// scenario (databases, topics, slots, relay processes); start the relays; start the
+/// load and the LSN samplers; run the fault schedule; heal; drain; stop the relays;
+/// judge; report and clean up.
 pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
     let seed = args.seed();
+    let schedule = plan(args, seed)?;
+    if args.plan_only {
+        return Ok(empty_report(args, seed, &schedule));
+    }
+    let stack = bring_up_stack(args).await?;
+    let run_dir = create_run_dir(&stack, seed)?;
+    let ctx = prepare_runs(args, &stack, &run_dir).await?;
+    let supervisor = start_pipelines(&ctx).await?;
+
+    let t_load = Instant::now();
+    let observers = Observers::start(args, &ctx);
+    let deadline =
+        t_load + Duration::from_secs_f64(args.fault_deadline.unwrap_or(args.duration * 1.5));
+    let lanes = run_schedule(&ctx, &schedule, t_load, deadline).await;
+    observers.lanes_done.store(true, Ordering::Relaxed);
+    let load_summaries = heal_after_schedule(&ctx, observers.loads, t_load).await;
+    let healed = Instant::now();
+    eprintln!(
+        "chaos: healed and load done at t+{:.1}s; draining",
+        t_load.elapsed().as_secs_f64()
+    );
+
+    // Concurrently: each scenario's drain time is its own.
+    let drains: Vec<Option<f64>> = futures_util::future::join_all(
+        ctx.runs
+            .iter()
+            .map(|run| drain(run, healed, Duration::from_secs_f64(args.drain_timeout))),
+    )
+    .await;
+    let all_samples = stop_sampling(observers.stop_sampling, observers.samplers).await;
+    stop_relays(&ctx, supervisor).await;
+
+    let mut scenarios = Vec::new();
+    for (i, run) in ctx.runs.iter().enumerate() {
+        scenarios.push(
+            judge(
+                &stack,
+                run,
+                &lanes.outcomes,
+                drains[i],
+                load_summaries[i].clone(),
+                &all_samples[i],
+            )
+            .await?,
+        );
+    }
+    let report = assemble_report(args, seed, &ctx, lanes, scenarios);
+    let _ = std::fs::write(
+        run_dir.join("report.json"),
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    );
+    cleanup(&stack, &ctx.runs, report.pass && !args.keep).await;
+    Ok(report)
+}
+
+/// Plans the schedule of `seed` and prints it, with the command line that repeats it.
+fn plan(args: &ChaosArgs, seed: u64) -> Result<Schedule, String> {
     let kinds = args.kinds()?;
     let duration_ms = (args.duration.max(1.0) * 1000.0) as u64;
     let schedule = Schedule::plan(seed, duration_ms, &kinds);
@@ -367,9 +463,12 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
             .join(","),
         args.faults.join(",")
     );
-    if args.plan_only {
-        return Ok(empty_report(args, seed, &schedule));
-    }
+    Ok(schedule)
+}
+
+/// Brings up the stack instance of `args`; fails unless its brokers also listen on
+/// the ports the relay reaches them through toxiproxy.
+async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
     let stack = Stack {
         script: args.stack_script.clone(),
         dir: args.stack_dir.clone(),
@@ -393,14 +492,30 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
             stack.broker_proxied_port(1)
         ));
     }
+    Ok(stack)
+}
+
+/// Creates this run's own directory for the logs and the report.
+fn create_run_dir(stack: &Stack, seed: u64) -> Result<PathBuf, String> {
     let run_dir = stack
         .dir
         .join("chaos")
         .join(format!("run-{seed}-{}", unix_secs()));
     std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
     eprintln!("chaos: logs in {}", run_dir.display());
+    Ok(run_dir)
+}
+
+/// Starts toxiproxy and prepares every scenario of `args` (fresh databases, topics and
+/// names, relay processes not yet started); `t0`, the start of the run's clock, is
+/// taken here.
+async fn prepare_runs(
+    args: &ChaosArgs,
+    stack: &Stack,
+    run_dir: &std::path::Path,
+) -> Result<Arc<Ctx>, String> {
     let toxi_bin = stack::toxiproxy_binary(&stack.dir)?;
-    let toxi = Toxiproxy::start(&toxi_bin, &stack, &run_dir.join("toxiproxy.log"))?;
+    let toxi = Toxiproxy::start(&toxi_bin, stack, &run_dir.join("toxiproxy.log"))?;
     let binary = match &args.relay_binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().map_err(|e| format!("current exe: {e}"))?,
@@ -409,141 +524,226 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
     let t0 = Instant::now();
     let unexpected = Arc::new(Mutex::new(Vec::new()));
     let tag = format!("chaos_{}", unix_secs());
-    drop_stale_slots(&stack).await?;
+    drop_stale_slots(stack).await?;
+    let spawner = RelaySpawner {
+        binary: &binary,
+        run_dir,
+        unexpected: &unexpected,
+        t0,
+        metrics_port_base: 9641 + stack.offset,
+    };
     let mut runs = Vec::new();
     for scenario in &args.scenarios {
-        runs.push(
-            prepare(
-                &stack,
-                *scenario,
-                &tag,
-                &binary,
-                &run_dir,
-                unexpected.clone(),
-                t0,
-            )
-            .await?,
-        );
+        runs.push(prepare(stack, *scenario, &tag, &spawner).await?);
     }
-    let ctx = Arc::new(Ctx {
+    Ok(Arc::new(Ctx {
         stack: stack.clone(),
         toxi: Mutex::new(toxi),
         runs,
         t0,
         unclean_terms: Mutex::new(Vec::new()),
-    });
+        unexpected,
+    }))
+}
 
-    // Relays up, slots created, before the load starts.
+/// Restarts, every half second, each relay process that exited while no fault held it
+/// down, until stopped.
+struct Supervisor {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Supervisor {
+    fn spawn(ctx: Arc<Ctx>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    for relay in ctx.runs.iter().flat_map(|r| &r.relays) {
+                        relay.supervise();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        Self { stop, task }
+    }
+
+    /// Returns once the supervisor has stopped: no relay is restarted after this.
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts every relay and its supervisor, and returns once every relay slot is active:
+/// relays up, slots created, before the load starts.
+async fn start_pipelines(ctx: &Arc<Ctx>) -> Result<Supervisor, String> {
     for run in &ctx.runs {
         for relay in &run.relays {
             relay.start()?;
         }
     }
-    let stop_supervisor = Arc::new(AtomicBool::new(false));
-    let supervisor = {
-        let (ctx, stop) = (ctx.clone(), stop_supervisor.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                for relay in ctx.runs.iter().flat_map(|r| &r.relays) {
-                    relay.supervise();
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let supervisor = Supervisor::spawn(ctx.clone());
     for run in &ctx.runs {
-        wait_for_slot(&stack, run, Duration::from_secs(180)).await?;
+        wait_for_slot(&ctx.stack, run, Duration::from_secs(180)).await?;
     }
     eprintln!(
         "chaos: pipelines up after {:.1}s; load and faults start",
-        t0.elapsed().as_secs_f64()
+        ctx.t0.elapsed().as_secs_f64()
     );
+    Ok(supervisor)
+}
 
-    let t_load = Instant::now();
-    let stop_sampling = Arc::new(AtomicBool::new(false));
-    let mut samplers = Vec::new();
-    let mut loads = Vec::new();
-    let lanes_done = Arc::new(AtomicBool::new(false));
-    for run in &ctx.runs {
-        let next = match run.scenario {
-            Scenario::Direct => NextStage::PgEnd {
-                url: Stack::url(stack.pg_end_port(), &run.db),
-            },
-            Scenario::Kafka => NextStage::ProgressTopic {
-                brokers: stack.brokers(),
-                topic: run.progress_topic.clone(),
-            },
-        };
-        samplers.push(tokio::spawn(check::sample_lsns(
-            run.source_url.clone(),
-            run.slot.clone(),
-            next,
-            Duration::from_millis(match run.scenario {
-                Scenario::Direct => 250,
-                Scenario::Kafka => 1000,
-            }),
-            stop_sampling.clone(),
-        )));
-        loads.push(tokio::spawn(steady_load(
-            run.source_url.clone(),
-            args.rate,
-            args.duration,
-            lanes_done.clone(),
-        )));
+/// The tasks that run beside the faults, one of each per scenario: the LSN sampler and
+/// the steady load.
+struct Observers {
+    /// Set to end the samplers.
+    stop_sampling: Arc<AtomicBool>,
+    samplers: Vec<tokio::task::JoinHandle<Vec<check::Sample>>>,
+    /// Set once the fault lanes are done: the load ends after its minimum time.
+    lanes_done: Arc<AtomicBool>,
+    loads: Vec<tokio::task::JoinHandle<LoadSummary>>,
+}
+
+impl Observers {
+    /// Spawns each scenario's sampler (against the next stage of its pipeline) and load.
+    fn start(args: &ChaosArgs, ctx: &Ctx) -> Self {
+        let stop_sampling = Arc::new(AtomicBool::new(false));
+        let lanes_done = Arc::new(AtomicBool::new(false));
+        let mut samplers = Vec::new();
+        let mut loads = Vec::new();
+        for run in &ctx.runs {
+            let next = match run.scenario {
+                Scenario::Direct => NextStage::PgEnd {
+                    url: Stack::url(ctx.stack.pg_end_port(), &run.db),
+                },
+                Scenario::Kafka => NextStage::ProgressTopic {
+                    brokers: ctx.stack.brokers(),
+                    topic: run.progress_topic.clone(),
+                },
+            };
+            samplers.push(tokio::spawn(check::sample_lsns(
+                run.source_url.clone(),
+                run.slot.clone(),
+                next,
+                Duration::from_millis(match run.scenario {
+                    Scenario::Direct => 250,
+                    Scenario::Kafka => 1000,
+                }),
+                stop_sampling.clone(),
+            )));
+            loads.push(tokio::spawn(steady_load(
+                run.source_url.clone(),
+                args.rate,
+                args.duration,
+                lanes_done.clone(),
+            )));
+        }
+        Self {
+            stop_sampling,
+            samplers,
+            lanes_done,
+            loads,
+        }
     }
+}
 
+/// What the fault lanes did.
+struct LaneResults {
+    /// Every injected fault, in the order they ended (both lanes mixed).
+    outcomes: Vec<FaultOutcome>,
+    /// Planned faults not started because the fault deadline had passed.
+    skipped: usize,
+}
+
+/// Runs both lanes of the schedule at once and returns when both are done.
+async fn run_schedule(
+    ctx: &Arc<Ctx>,
+    schedule: &Schedule,
+    t_load: Instant,
+    deadline: Instant,
+) -> LaneResults {
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let skipped = Arc::new(Mutex::new(0usize));
-    let deadline =
-        t_load + Duration::from_secs_f64(args.fault_deadline.unwrap_or(args.duration * 1.5));
     let mut lanes = Vec::new();
     for lane in [schedule.db.clone(), schedule.kafka.clone()] {
         let (ctx, outcomes, skipped) = (ctx.clone(), outcomes.clone(), skipped.clone());
-        let kinds_in_lane = {
-            let mut k: Vec<FaultKind> = lane.iter().map(|f| f.kind).collect();
-            k.sort();
-            k.dedup();
-            k.len()
-        };
         lanes.push(tokio::spawn(async move {
-            for fault in lane {
-                if fault.seq >= kinds_in_lane && Instant::now() > deadline {
-                    *skipped.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                    continue;
-                }
-                let due = t_load + Duration::from_millis(fault.at_ms);
-                tokio::time::sleep_until(due.into()).await;
-                let outcome = inject(&ctx, &fault, t_load).await;
-                eprintln!(
-                    "chaos: t+{:>6.1}s {:<5} #{:<3} {:<22} {:>5.1}s {}{}",
-                    outcome.started_secs,
-                    format!("{:?}", outcome.lane).to_lowercase(),
-                    outcome.seq,
-                    outcome.kind.name(),
-                    outcome.took_secs,
-                    outcome.note,
-                    outcome
-                        .error
-                        .as_deref()
-                        .map(|e| format!(" ERROR: {e}"))
-                        .unwrap_or_default()
-                );
-                outcomes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(outcome);
-            }
+            run_lane(&ctx, lane, t_load, deadline, &outcomes, &skipped).await
         }));
     }
     for lane in lanes {
         let _ = lane.await;
     }
-    lanes_done.store(true, Ordering::Relaxed);
+    let outcomes = std::mem::take(&mut *locked(&outcomes));
+    let skipped = *locked(&skipped);
+    LaneResults { outcomes, skipped }
+}
+
+/// Injects the faults of one lane, one after the other, each at its planned moment or
+/// as soon as the previous one has healed. Past `deadline` only the first fault of each
+/// kind still runs (so every kind is injected at least once); the others are counted in
+/// `skipped`.
+async fn run_lane(
+    ctx: &Ctx,
+    lane: Vec<Fault>,
+    t_load: Instant,
+    deadline: Instant,
+    outcomes: &Mutex<Vec<FaultOutcome>>,
+    skipped: &Mutex<usize>,
+) {
+    let kinds_in_lane = {
+        let mut k: Vec<FaultKind> = lane.iter().map(|f| f.kind).collect();
+        k.sort();
+        k.dedup();
+        k.len()
+    };
+    for fault in lane {
+        if fault.seq >= kinds_in_lane && Instant::now() > deadline {
+            *locked(skipped) += 1;
+            continue;
+        }
+        let due = t_load + Duration::from_millis(fault.at_ms);
+        tokio::time::sleep_until(due.into()).await;
+        let outcome = inject(ctx, &fault, t_load).await;
+        eprintln!("{}", outcome_line(&outcome));
+        locked(outcomes).push(outcome);
+    }
+}
+
+/// The log line of one fault that has been injected and healed.
+fn outcome_line(outcome: &FaultOutcome) -> String {
+    format!(
+        "chaos: t+{:>6.1}s {:<5} #{:<3} {:<22} {:>5.1}s {}{}",
+        outcome.started_secs,
+        format!("{:?}", outcome.lane).to_lowercase(),
+        outcome.seq,
+        outcome.kind.name(),
+        outcome.took_secs,
+        outcome.note,
+        outcome
+            .error
+            .as_deref()
+            .map(|e| format!(" ERROR: {e}"))
+            .unwrap_or_default()
+    )
+}
+
+/// Heals everything, waits for each scenario's load to end, and heals again: the load
+/// may have outlasted the first heal, and a component may have been hit by a late
+/// step. The load summaries, in scenario order (`None`: the load task failed).
+async fn heal_after_schedule(
+    ctx: &Ctx,
+    loads: Vec<tokio::task::JoinHandle<LoadSummary>>,
+    t_load: Instant,
+) -> Vec<Option<LoadSummary>> {
     eprintln!(
         "chaos: schedule done at t+{:.1}s; healing",
         t_load.elapsed().as_secs_f64()
     );
-    heal(&ctx).await;
+    heal(ctx).await;
     let mut load_summaries = Vec::new();
     for load in loads {
         load_summaries.push(match load.await {
@@ -554,60 +754,47 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
             }
         });
     }
-    // Heal again: the load may have outlasted the heal, and a component may have been
-    // hit by a late step.
-    heal(&ctx).await;
-    let healed = Instant::now();
-    eprintln!(
-        "chaos: healed and load done at t+{:.1}s; draining",
-        t_load.elapsed().as_secs_f64()
-    );
+    heal(ctx).await;
+    load_summaries
+}
 
-    // Concurrently: each scenario's drain time is its own.
-    let drains: Vec<Option<f64>> = futures_util::future::join_all(
-        ctx.runs
-            .iter()
-            .map(|run| drain(run, healed, Duration::from_secs_f64(args.drain_timeout))),
-    )
-    .await;
-    stop_sampling.store(true, Ordering::Relaxed);
+/// Ends the samplers; their samples, in scenario order.
+async fn stop_sampling(
+    stop: Arc<AtomicBool>,
+    samplers: Vec<tokio::task::JoinHandle<Vec<check::Sample>>>,
+) -> Vec<Vec<check::Sample>> {
+    stop.store(true, Ordering::Relaxed);
     let mut all_samples = Vec::new();
     for sampler in samplers {
         all_samples.push(sampler.await.unwrap_or_default());
     }
-    // Relays down with SIGTERM: a clean exit is part of the contract.
-    stop_supervisor.store(true, Ordering::Relaxed);
-    let _ = supervisor.await;
+    all_samples
+}
+
+/// Stops the supervisor, then every relay with SIGTERM: a clean exit is part of the
+/// contract, and one that is not clean within 60 s is recorded.
+async fn stop_relays(ctx: &Ctx, supervisor: Supervisor) {
+    supervisor.stop().await;
     for relay in ctx.runs.iter().flat_map(|r| &r.relays) {
         let (status, clean) = relay.term(Duration::from_secs(60)).await;
         if !clean {
-            ctx.unclean_terms
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            locked(&ctx.unclean_terms)
                 .push(format!("{} at the end of the run: {status}", relay.name));
         }
     }
+}
 
-    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut scenarios = Vec::new();
-    for (i, run) in ctx.runs.iter().enumerate() {
-        scenarios.push(
-            judge(
-                &stack,
-                run,
-                &outcomes,
-                drains[i],
-                load_summaries[i].clone(),
-                &all_samples[i],
-            )
-            .await?,
-        );
-    }
-    let unexpected_exits = unexpected.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut faults_by_kind = BTreeMap::new();
-    for o in &outcomes {
-        *faults_by_kind.entry(o.kind.name().to_string()).or_default() += 1;
-    }
+/// The run's report from the scenarios' reports and what the lanes and the relays
+/// recorded; it passes when every scenario passed and no relay exited unexpectedly.
+fn assemble_report(
+    args: &ChaosArgs,
+    seed: u64,
+    ctx: &Ctx,
+    lanes: LaneResults,
+    scenarios: Vec<ScenarioReport>,
+) -> ChaosReport {
+    let unexpected_exits = locked(&ctx.unexpected).clone();
+    let outcomes = lanes.outcomes;
     let fault_errors: Vec<String> = outcomes
         .iter()
         .filter_map(|o| {
@@ -617,33 +804,38 @@ pub async fn run(args: &ChaosArgs) -> Result<ChaosReport, String> {
         })
         .collect();
     let pass = scenarios.iter().all(|s| s.pass) && unexpected_exits.is_empty();
-    let report = ChaosReport {
+    ChaosReport {
         seed,
         duration_secs: args.duration,
-        elapsed_secs: t0.elapsed().as_secs_f64(),
-        stack_dir: stack.dir.display().to_string(),
-        port_offset: stack.offset,
+        elapsed_secs: ctx.t0.elapsed().as_secs_f64(),
+        stack_dir: ctx.stack.dir.display().to_string(),
+        port_offset: ctx.stack.offset,
         faults: outcomes.len(),
-        faults_skipped: *skipped.lock().unwrap_or_else(|e| e.into_inner()),
-        faults_by_kind,
+        faults_skipped: lanes.skipped,
+        faults_by_kind: count_by_kind(outcomes.iter().map(|o| o.kind)),
         fault_errors,
-        toxiproxy_restarts: ctx.toxi.lock().unwrap_or_else(|e| e.into_inner()).restarts,
-        unclean_terms: ctx
-            .unclean_terms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        toxiproxy_restarts: locked(&ctx.toxi).restarts,
+        unclean_terms: locked(&ctx.unclean_terms).clone(),
         unexpected_exits,
         scenarios,
         outcomes,
         pass,
-    };
-    let _ = std::fs::write(
-        run_dir.join("report.json"),
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    );
-    cleanup(&stack, &ctx.runs, report.pass && !args.keep).await;
-    Ok(report)
+    }
+}
+
+/// How many faults of each kind, by the kind's name.
+fn count_by_kind(kinds: impl IntoIterator<Item = FaultKind>) -> BTreeMap<String, u64> {
+    let mut by_kind = BTreeMap::new();
+    for kind in kinds {
+        *by_kind.entry(kind.name().to_string()).or_default() += 1;
+    }
+    by_kind
+}
+
+/// Locks `m` even when a task panicked while holding it: what the other tasks recorded
+/// still belongs in the report.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes `rate` transactions per second into `source_url` for at least `min_secs`
@@ -688,11 +880,8 @@ async fn steady_load(
     total
 }
 
+/// The report of a run that only planned: the schedule's faults, nothing injected.
 fn empty_report(args: &ChaosArgs, seed: u64, schedule: &Schedule) -> ChaosReport {
-    let mut faults_by_kind = BTreeMap::new();
-    for f in schedule.all() {
-        *faults_by_kind.entry(f.kind.name().to_string()).or_default() += 1;
-    }
     ChaosReport {
         seed,
         duration_secs: args.duration,
@@ -701,7 +890,7 @@ fn empty_report(args: &ChaosArgs, seed: u64, schedule: &Schedule) -> ChaosReport
         port_offset: args.port_offset,
         faults: schedule.len(),
         faults_skipped: 0,
-        faults_by_kind,
+        faults_by_kind: count_by_kind(schedule.all().iter().map(|f| f.kind)),
         fault_errors: Vec::new(),
         toxiproxy_restarts: 0,
         unclean_terms: Vec::new(),
@@ -757,36 +946,48 @@ async fn drop_stale_slots(stack: &Stack) -> Result<(), String> {
     Ok(())
 }
 
-/// Fresh databases, topics and names for one scenario.
+/// What every relay process of a run is made with.
+struct RelaySpawner<'a> {
+    binary: &'a std::path::Path,
+    run_dir: &'a std::path::Path,
+    unexpected: &'a Arc<Mutex<Vec<UnexpectedExit>>>,
+    t0: Instant,
+    /// Each relay process serves its metrics on a port of this instance, this plus its
+    /// number (the defaults, 9641-9643, belong to the relay of the default stack, or of
+    /// another runner).
+    metrics_port_base: u16,
+}
+
+impl RelaySpawner<'_> {
+    /// The relay process `name` (not started), running `outbox-relay <args>`, number `n`
+    /// of the run for its metrics port.
+    fn relay(&self, name: &str, args: &[&str], n: u16) -> RelayProc {
+        RelayProc::new(
+            name,
+            self.binary,
+            args.iter().map(|a| a.to_string()).collect(),
+            vec![(
+                "OUTBOX_RELAY_METRICS_ADDR".to_string(),
+                format!("127.0.0.1:{}", self.metrics_port_base + n),
+            )],
+            self.run_dir,
+            self.unexpected.clone(),
+            self.t0,
+        )
+    }
+}
+
+/// Fresh databases, topics and names for one scenario, and its relay processes (not
+/// started).
 async fn prepare(
     stack: &Stack,
     scenario: Scenario,
     tag: &str,
-    binary: &std::path::Path,
-    run_dir: &std::path::Path,
-    unexpected: Arc<Mutex<Vec<UnexpectedExit>>>,
-    t0: Instant,
+    spawner: &RelaySpawner<'_>,
 ) -> Result<ScenarioRun, String> {
-    let short = match scenario {
-        Scenario::Kafka => "kafka",
-        Scenario::Direct => "direct",
-    };
+    let short = scenario.short_name();
     let db = format!("{tag}_{short}");
-    for port in [stack.pg_start_port(), stack.pg_end_port()] {
-        admin(port)
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await
-            .map_err(|e| format!("create database {db}: {e}"))?;
-    }
-    let source_url = Stack::url(stack.pg_start_port(), &db);
-    let target_url = Stack::url(stack.pg_end_port(), &db);
-    migrate::source(&source_url)
-        .await
-        .map_err(|e| format!("migrate {db} on pg_start: {e}"))?;
-    migrate::target(&target_url)
-        .await
-        .map_err(|e| format!("migrate {db} on pg_end: {e}"))?;
+    let (source_url, target_url) = create_databases(stack, &db).await?;
     let slot = format!("{db}_slot");
     let witness = format!("{db}_witness");
     let source = pg::connect(&source_url)
@@ -799,96 +1000,58 @@ async fn prepare(
     let progress_topic = format!("{db}_progress");
     let relay_source = Stack::url(stack.pg_start_proxy_port(), &db);
     let relay_target = Stack::url(stack.pg_end_proxy_port(), &db);
-    let s = |v: &str| v.to_string();
-    // Each relay process serves its metrics on a port of this instance (the defaults,
-    // 9641-9643, belong to the relay of the default stack, or of another runner).
-    let metrics = |n: u16| {
-        vec![(
-            s("OUTBOX_RELAY_METRICS_ADDR"),
-            format!("127.0.0.1:{}", 9641 + stack.offset + n),
-        )]
-    };
     let relays = match scenario {
         Scenario::Kafka => {
-            let brokers = stack.brokers();
-            for spec in [
-                TopicSpec {
-                    name: &topic,
-                    partitions: 3,
-                    replication_factor: 3,
-                    configs: &[],
-                },
-                TopicSpec {
-                    name: &progress_topic,
-                    partitions: 1,
-                    replication_factor: 3,
-                    configs: &[("cleanup.policy", "compact")],
-                },
-            ] {
-                kafka::ensure_topic(&brokers, &spec)
-                    .await
-                    .map_err(|e| format!("create topic {}: {e}", spec.name))?;
-            }
+            create_topics(stack, &topic, &progress_topic).await?;
             let proxied = stack.proxied_brokers();
+            let group = format!("{db}_sink");
             vec![
-                RelayProc::new(
+                spawner.relay(
                     "connector",
-                    binary,
-                    vec![
-                        s("connector"),
-                        s("--source-url"),
-                        relay_source.clone(),
-                        s("--brokers"),
-                        proxied.clone(),
-                        s("--topic"),
-                        topic.clone(),
-                        s("--progress-topic"),
-                        progress_topic.clone(),
-                        s("--slot"),
-                        slot.clone(),
+                    &[
+                        "connector",
+                        "--source-url",
+                        &relay_source,
+                        "--brokers",
+                        &proxied,
+                        "--topic",
+                        &topic,
+                        "--progress-topic",
+                        &progress_topic,
+                        "--slot",
+                        &slot,
                     ],
-                    metrics(0),
-                    run_dir,
-                    unexpected.clone(),
-                    t0,
+                    0,
                 ),
-                RelayProc::new(
+                spawner.relay(
                     "sink",
-                    binary,
-                    vec![
-                        s("sink"),
-                        s("--target-url"),
-                        relay_target.clone(),
-                        s("--brokers"),
-                        proxied,
-                        s("--topic"),
-                        topic.clone(),
-                        s("--group"),
-                        format!("{db}_sink"),
+                    &[
+                        "sink",
+                        "--target-url",
+                        &relay_target,
+                        "--brokers",
+                        &proxied,
+                        "--topic",
+                        &topic,
+                        "--group",
+                        &group,
                     ],
-                    metrics(1),
-                    run_dir,
-                    unexpected,
-                    t0,
+                    1,
                 ),
             ]
         }
-        Scenario::Direct => vec![RelayProc::new(
+        Scenario::Direct => vec![spawner.relay(
             "direct",
-            binary,
-            vec![
-                s("direct"),
-                s("--source-url"),
-                relay_source,
-                s("--target-url"),
-                relay_target,
-                s("--slot"),
-                slot.clone(),
+            &[
+                "direct",
+                "--source-url",
+                &relay_source,
+                "--target-url",
+                &relay_target,
+                "--slot",
+                &slot,
             ],
-            metrics(2),
-            run_dir,
-            unexpected,
-            t0,
+            2,
         )],
     };
     eprintln!("chaos: scenario {short}: database {db}, slot {slot}, witness {witness}");
@@ -903,6 +1066,51 @@ async fn prepare(
         progress_topic,
         relays,
     })
+}
+
+/// Creates database `db` on pg_start and on pg_end and migrates both; their URLs.
+async fn create_databases(stack: &Stack, db: &str) -> Result<(String, String), String> {
+    for port in [stack.pg_start_port(), stack.pg_end_port()] {
+        admin(port)
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .map_err(|e| format!("create database {db}: {e}"))?;
+    }
+    let source_url = Stack::url(stack.pg_start_port(), db);
+    let target_url = Stack::url(stack.pg_end_port(), db);
+    migrate::source(&source_url)
+        .await
+        .map_err(|e| format!("migrate {db} on pg_start: {e}"))?;
+    migrate::target(&target_url)
+        .await
+        .map_err(|e| format!("migrate {db} on pg_end: {e}"))?;
+    Ok((source_url, target_url))
+}
+
+/// Creates the Kafka scenario's topic (3 partitions) and its compacted progress topic,
+/// each replicated on the three brokers.
+async fn create_topics(stack: &Stack, topic: &str, progress_topic: &str) -> Result<(), String> {
+    let brokers = stack.brokers();
+    for spec in [
+        TopicSpec {
+            name: topic,
+            partitions: 3,
+            replication_factor: 3,
+            configs: &[],
+        },
+        TopicSpec {
+            name: progress_topic,
+            partitions: 1,
+            replication_factor: 3,
+            configs: &[("cleanup.policy", "compact")],
+        },
+    ] {
+        kafka::ensure_topic(&brokers, &spec)
+            .await
+            .map_err(|e| format!("create topic {}: {e}", spec.name))?;
+    }
+    Ok(())
 }
 
 async fn wait_for_slot(stack: &Stack, run: &ScenarioRun, timeout: Duration) -> Result<(), String> {
@@ -977,6 +1185,9 @@ async fn drain(run: &ScenarioRun, healed: Instant, timeout: Duration) -> Option<
     }
 }
 
+/// Judges one scenario once it has drained (or not): `verify`, the LSN samples against
+/// the witness's commits, the dead letters and, for Kafka, the topic. It passes only when
+/// every check found nothing and pg_start holds as many outbox ids as transactions.
 async fn judge(
     stack: &Stack,
     run: &ScenarioRun,
@@ -1001,18 +1212,7 @@ async fn judge(
         .await
         .map_err(|e| format!("witness: {e}"))?;
     let history = match run.scenario {
-        Scenario::Kafka => {
-            let (brokers, topic, slot) = (
-                stack.brokers(),
-                run.progress_topic.clone(),
-                run.slot.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                check::progress_history(&brokers, &topic, &slot, Duration::from_secs(120))
-            })
-            .await
-            .map_err(|e| format!("progress history: {e}"))??
-        }
+        Scenario::Kafka => read_progress_history(stack, run).await?,
         Scenario::Direct => Vec::new(),
     };
     let lsn = check::judge_lsns(&check::resolve_samples(samples, &history), &commits);
@@ -1020,29 +1220,13 @@ async fn judge(
         .await
         .map_err(|e| format!("dead letters: {e}"))?;
     let topic = match run.scenario {
-        Scenario::Kafka => {
-            let (brokers, topic, ids) = (stack.brokers(), run.topic.clone(), ids.clone());
-            Some(
-                tokio::task::spawn_blocking(move || {
-                    check::check_topic(&brokers, &topic, &ids, Duration::from_secs(300))
-                })
-                .await
-                .map_err(|e| format!("topic check: {e}"))??,
-            )
-        }
+        Scenario::Kafka => Some(read_topic(stack, run, &ids).await?),
         Scenario::Direct => None,
     };
     let affecting: Vec<&FaultOutcome> = outcomes
         .iter()
-        .filter(|o| match run.scenario {
-            Scenario::Kafka => o.kind.affects_kafka_path(),
-            Scenario::Direct => o.kind.affects_direct_path(),
-        })
+        .filter(|o| run.scenario.affected_by(o.kind))
         .collect();
-    let mut faults_by_kind = BTreeMap::new();
-    for o in &affecting {
-        *faults_by_kind.entry(o.kind.name().to_string()).or_default() += 1;
-    }
     let lost = report.missing_count + topic.as_ref().map_or(0, |t| t.missing);
     let double_counted = if report.missing_count == 0 {
         report.balance_diffs.len() as u64
@@ -1065,7 +1249,7 @@ async fn judge(
         committed_at_source: ids.len() as u64,
         load,
         faults: affecting.len(),
-        faults_by_kind,
+        faults_by_kind: count_by_kind(affecting.iter().map(|o| o.kind)),
         drain_secs,
         lost,
         duplicated,
@@ -1080,6 +1264,39 @@ async fn judge(
             .collect(),
         pass,
     })
+}
+
+/// The connector's committed streaming positions in its progress topic (see
+/// [`check::progress_history`]), read on a blocking thread.
+async fn read_progress_history(
+    stack: &Stack,
+    run: &ScenarioRun,
+) -> Result<Vec<(i64, crate::lsn::Lsn)>, String> {
+    let (brokers, topic, slot) = (
+        stack.brokers(),
+        run.progress_topic.clone(),
+        run.slot.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        check::progress_history(&brokers, &topic, &slot, Duration::from_secs(120))
+    })
+    .await
+    .map_err(|e| format!("progress history: {e}"))?
+}
+
+/// The topic read back against pg_start's outbox ids (see [`check::check_topic`]), on a
+/// blocking thread.
+async fn read_topic(
+    stack: &Stack,
+    run: &ScenarioRun,
+    ids: &std::collections::HashSet<i64>,
+) -> Result<TopicCheck, String> {
+    let (brokers, topic, ids) = (stack.brokers(), run.topic.clone(), ids.clone());
+    tokio::task::spawn_blocking(move || {
+        check::check_topic(&brokers, &topic, &ids, Duration::from_secs(300))
+    })
+    .await
+    .map_err(|e| format!("topic check: {e}"))?
 }
 
 /// Drops the witness slots (they hold WAL) and, when `everything`, the relay slots and
@@ -1123,135 +1340,13 @@ async fn cleanup(stack: &Stack, runs: &[ScenarioRun], everything: bool) {
     }
 }
 
-/// Injects one fault, holds it, heals it.
+/// Injects one fault, holds it, heals it; what happened, timed from `t_load`.
 async fn inject(ctx: &Ctx, fault: &Fault, t_load: Instant) -> FaultOutcome {
     let started = Instant::now();
     let started_secs = started.duration_since(t_load).as_secs_f64();
     let hold = Duration::from_millis(fault.hold_ms);
     let mut note = String::new();
-    let result: Result<(), String> = async {
-        use FaultKind::*;
-        let stack = &ctx.stack;
-        match fault.kind {
-            PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => {
-                let name = match fault.kind {
-                    PgEndKill | PgEndCrash => "pg_end",
-                    _ => "pg_start",
-                };
-                let how = match fault.kind {
-                    PgStartCrash | PgEndCrash => "crash",
-                    _ => "kill",
-                };
-                stack.run_async(&[how, name]).await?;
-                tokio::time::sleep(hold).await;
-                stack.run_async(&["start", name]).await
-            }
-            PgEndHang => {
-                stack.run_async(&["pause", "pg_end"]).await?;
-                tokio::time::sleep(hold).await;
-                stack.run_async(&["resume", "pg_end"]).await
-            }
-            WalsenderKill => {
-                let client = admin(stack.pg_start_port()).await?;
-                let slots: Vec<String> = ctx.runs.iter().map(|r| r.slot.clone()).collect();
-                let rows = client
-                    .query(
-                        "SELECT slot_name::text, pg_terminate_backend(active_pid) FROM pg_replication_slots
-                         WHERE slot_name = ANY($1) AND active_pid IS NOT NULL",
-                        &[&slots],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let ended: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-                note = format!("walsenders of {ended:?} terminated");
-                Ok(())
-            }
-            NetPgStartCut | NetPgEndCut | NetPgStartBlackhole | NetPgEndBlackhole => {
-                let name = if matches!(fault.kind, NetPgStartCut | NetPgStartBlackhole) {
-                    "pg_start"
-                } else {
-                    "pg_end"
-                };
-                net_fault(ctx, &[name], matches!(fault.kind, NetPgStartCut | NetPgEndCut), hold)
-                    .await
-            }
-            NetKafkaCut | NetKafkaBlackhole => {
-                net_fault(
-                    ctx,
-                    &["kafka1", "kafka2", "kafka3"],
-                    fault.kind == NetKafkaCut,
-                    hold,
-                )
-                .await
-            }
-            BrokerKill | BrokersTwoDown | BrokersAllDown | LeaderKill => {
-                let targets: Vec<u8> = if fault.kind == LeaderKill {
-                    let topic = ctx.kafka_topic().unwrap_or_default().to_string();
-                    let partition = i32::from(fault.targets.first().copied().unwrap_or(0));
-                    let brokers = stack.brokers();
-                    let leader = tokio::task::spawn_blocking(move || {
-                        check::partition_leader(&brokers, &topic, partition)
-                    })
-                    .await
-                    .ok()
-                    .flatten()
-                    .ok_or("no leader found in the metadata")?;
-                    note = format!("partition {partition} led by kafka{leader}");
-                    vec![leader]
-                } else {
-                    fault.targets.clone()
-                };
-                for n in &targets {
-                    stack.run_async(&["kill", &format!("kafka{n}")]).await?;
-                }
-                tokio::time::sleep(hold).await;
-                // Started together: with two or three down, none finishes booting
-                // without another (a controller quorum is two of three). Not `up`,
-                // which would also heal the other lane's fault.
-                let starts = targets.iter().map(|n| {
-                    let name = format!("kafka{n}");
-                    async move { stack.run_async(&["start", &name]).await }
-                });
-                futures_util::future::join_all(starts)
-                    .await
-                    .into_iter()
-                    .collect::<Result<Vec<()>, String>>()
-                    .map(|_| ())
-            }
-            BrokerHang => {
-                let name = format!("kafka{}", fault.targets.first().copied().unwrap_or(1));
-                stack.run_async(&["pause", &name]).await?;
-                tokio::time::sleep(hold).await;
-                stack.run_async(&["resume", &name]).await
-            }
-            DirectKill | ConnectorKill | SinkKill | DirectTerm | ConnectorTerm | SinkTerm => {
-                let name = match fault.kind {
-                    DirectKill | DirectTerm => "direct",
-                    ConnectorKill | ConnectorTerm => "connector",
-                    _ => "sink",
-                };
-                let relay = ctx.relay(name).ok_or(format!("no {name} in this run"))?;
-                if matches!(fault.kind, DirectKill | ConnectorKill | SinkKill) {
-                    relay.kill();
-                } else {
-                    let (status, clean) = relay.term(Duration::from_secs(60)).await;
-                    note = format!("exit {status}");
-                    if !clean {
-                        ctx.unclean_terms
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(format!(
-                                "{name} at t+{:.1}s: {status}",
-                                ctx.t0.elapsed().as_secs_f64()
-                            ));
-                    }
-                }
-                tokio::time::sleep(hold).await;
-                relay.start()
-            }
-        }
-    }
-    .await;
+    let result = inject_and_heal(ctx, fault, hold, &mut note).await;
     FaultOutcome {
         kind: fault.kind,
         lane: fault.lane,
@@ -1263,26 +1358,401 @@ async fn inject(ctx: &Ctx, fault: &Fault, t_load: Instant) -> FaultOutcome {
     }
 }
 
-async fn net_fault(ctx: &Ctx, names: &[&str], cut: bool, hold: Duration) -> Result<(), String> {
-    ctx.toxi(|t| {
-        for name in names {
-            if cut {
-                t.set_enabled(name, false)?;
-            } else {
-                t.blackhole(name)?;
-            }
+/// Injects `fault`, holds it for `hold`, and heals what it broke. `note` gets what the
+/// log line should say beyond the kind (which walsenders, which leader, which exit),
+/// even when a later step fails.
+async fn inject_and_heal(
+    ctx: &Ctx,
+    fault: &Fault,
+    hold: Duration,
+    note: &mut String,
+) -> Result<(), String> {
+    use FaultKind::*;
+    match fault.kind {
+        PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => {
+            let name = match fault.kind {
+                PgEndKill | PgEndCrash => "pg_end",
+                _ => "pg_start",
+            };
+            let how = match fault.kind {
+                PgStartCrash | PgEndCrash => "crash",
+                _ => "kill",
+            };
+            ctx.stack.run_async(&[how, name]).await?;
+            tokio::time::sleep(hold).await;
+            ctx.stack.run_async(&["start", name]).await
         }
-        Ok(())
-    })?;
+        PgEndHang => hang(&ctx.stack, "pg_end", hold).await,
+        WalsenderKill => {
+            *note = kill_walsenders(ctx).await?;
+            Ok(())
+        }
+        NetPgStartCut | NetPgEndCut | NetPgStartBlackhole | NetPgEndBlackhole => {
+            let name = if matches!(fault.kind, NetPgStartCut | NetPgStartBlackhole) {
+                "pg_start"
+            } else {
+                "pg_end"
+            };
+            net_fault(
+                ctx,
+                &[name],
+                matches!(fault.kind, NetPgStartCut | NetPgEndCut),
+                hold,
+            )
+            .await
+        }
+        NetKafkaCut | NetKafkaBlackhole => {
+            net_fault(
+                ctx,
+                &["kafka1", "kafka2", "kafka3"],
+                fault.kind == NetKafkaCut,
+                hold,
+            )
+            .await
+        }
+        BrokerKill | BrokersTwoDown | BrokersAllDown | LeaderKill => {
+            brokers_down(ctx, fault, hold, note).await
+        }
+        BrokerHang => {
+            let name = format!("kafka{}", fault.targets.first().copied().unwrap_or(1));
+            hang(&ctx.stack, &name, hold).await
+        }
+        DirectKill | ConnectorKill | SinkKill | DirectTerm | ConnectorTerm | SinkTerm => {
+            relay_down(ctx, fault.kind, hold, note).await
+        }
+    }
+}
+
+/// Stops every process of component `name` with SIGSTOP for `hold`, then SIGCONT.
+async fn hang(stack: &Stack, name: &str, hold: Duration) -> Result<(), String> {
+    stack.run_async(&["pause", name]).await?;
     tokio::time::sleep(hold).await;
-    ctx.toxi(|t| {
-        for name in names {
-            if cut {
-                t.set_enabled(name, true)?;
-            } else {
-                t.unblackhole(name)?;
-            }
+    stack.run_async(&["resume", name]).await
+}
+
+/// Terminates the walsenders serving the run's relay slots; the note says whose.
+async fn kill_walsenders(ctx: &Ctx) -> Result<String, String> {
+    let client = admin(ctx.stack.pg_start_port()).await?;
+    let slots: Vec<String> = ctx.runs.iter().map(|r| r.slot.clone()).collect();
+    let rows = client
+        .query(
+            "SELECT slot_name::text, pg_terminate_backend(active_pid) FROM pg_replication_slots
+                         WHERE slot_name = ANY($1) AND active_pid IS NOT NULL",
+            &[&slots],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let ended: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    Ok(format!("walsenders of {ended:?} terminated"))
+}
+
+/// Kills the fault's brokers (for `leader-kill`, the leader of its partition, found in
+/// the metadata), holds, and starts them again together.
+async fn brokers_down(
+    ctx: &Ctx,
+    fault: &Fault,
+    hold: Duration,
+    note: &mut String,
+) -> Result<(), String> {
+    let stack = &ctx.stack;
+    let targets: Vec<u8> = if fault.kind == FaultKind::LeaderKill {
+        let topic = ctx.kafka_topic().unwrap_or_default().to_string();
+        let partition = i32::from(fault.targets.first().copied().unwrap_or(0));
+        let brokers = stack.brokers();
+        let leader = tokio::task::spawn_blocking(move || {
+            check::partition_leader(&brokers, &topic, partition)
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or("no leader found in the metadata")?;
+        *note = format!("partition {partition} led by kafka{leader}");
+        vec![leader]
+    } else {
+        fault.targets.clone()
+    };
+    for n in &targets {
+        stack.run_async(&["kill", &format!("kafka{n}")]).await?;
+    }
+    tokio::time::sleep(hold).await;
+    // Started together: with two or three down, none finishes booting
+    // without another (a controller quorum is two of three). Not `up`,
+    // which would also heal the other lane's fault.
+    let starts = targets.iter().map(|n| {
+        let name = format!("kafka{n}");
+        async move { stack.run_async(&["start", &name]).await }
+    });
+    futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, String>>()
+        .map(|_| ())
+}
+
+/// Takes a relay process down (SIGKILL, or SIGTERM and a wait for its exit, whose
+/// status goes to the note and, when not clean, to the run's unclean terms), holds,
+/// and starts it again.
+async fn relay_down(
+    ctx: &Ctx,
+    kind: FaultKind,
+    hold: Duration,
+    note: &mut String,
+) -> Result<(), String> {
+    use FaultKind::*;
+    let name = match kind {
+        DirectKill | DirectTerm => "direct",
+        ConnectorKill | ConnectorTerm => "connector",
+        _ => "sink",
+    };
+    let relay = ctx.relay(name).ok_or(format!("no {name} in this run"))?;
+    if matches!(kind, DirectKill | ConnectorKill | SinkKill) {
+        relay.kill();
+    } else {
+        let (status, clean) = relay.term(Duration::from_secs(60)).await;
+        *note = format!("exit {status}");
+        if !clean {
+            locked(&ctx.unclean_terms).push(format!(
+                "{name} at t+{:.1}s: {status}",
+                ctx.t0.elapsed().as_secs_f64()
+            ));
         }
-        Ok(())
-    })
+    }
+    tokio::time::sleep(hold).await;
+    relay.start()
+}
+
+/// Cuts (`cut`) or blackholes the proxies of `names` for `hold`, then restores them.
+async fn net_fault(ctx: &Ctx, names: &[&str], cut: bool, hold: Duration) -> Result<(), String> {
+    ctx.toxi(|t| set_net_fault(t, names, cut, true))?;
+    tokio::time::sleep(hold).await;
+    ctx.toxi(|t| set_net_fault(t, names, cut, false))
+}
+
+/// With `on`, disables (`cut`) or blackholes each proxy of `names`; without, undoes it.
+fn set_net_fault(t: &Toxiproxy, names: &[&str], cut: bool, on: bool) -> Result<(), String> {
+    for name in names {
+        match (cut, on) {
+            (true, _) => t.set_enabled(name, !on)?,
+            (false, true) => t.blackhole(name)?,
+            (false, false) => t.unblackhole(name)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario_report(scenario: Scenario, pass: bool) -> ScenarioReport {
+        let verify = verify::Report {
+            ok: pass,
+            source_transactions: 120,
+            target_transactions: if pass { 120 } else { 119 },
+            missing_count: u64::from(!pass),
+            missing_sample: if pass { vec![] } else { vec![42] },
+            ..verify::Report::default()
+        };
+        ScenarioReport {
+            scenario,
+            database: format!("chaos_1_{scenario:?}"),
+            committed_at_source: 120,
+            load: None,
+            faults: 7,
+            faults_by_kind: [
+                ("broker-kill".to_string(), 2),
+                ("pg-end-kill".to_string(), 5),
+            ]
+            .into(),
+            drain_secs: pass.then_some(12.345),
+            lost: u64::from(!pass),
+            duplicated: 0,
+            verify,
+            topic: (scenario == Scenario::Kafka).then(|| TopicCheck {
+                records: 121,
+                distinct_ids: 120,
+                duplicates: 1,
+                ..TopicCheck::default()
+            }),
+            lsn: LsnCheck {
+                samples: 300,
+                judged: 280,
+                outbox_commits: 120,
+                violations: u64::from(!pass) as usize,
+                first_violation: (!pass).then(|| "slot confirmed 0/20 while ...".into()),
+            },
+            dead_letters: 0,
+            relay_starts: [("connector".to_string(), 3), ("sink".to_string(), 1)].into(),
+            pass,
+        }
+    }
+
+    fn full_report(pass: bool) -> ChaosReport {
+        ChaosReport {
+            seed: 1234,
+            duration_secs: 180.0,
+            elapsed_secs: 401.7,
+            stack_dir: "/var/tmp/outbox-relay-chaos".into(),
+            port_offset: 1000,
+            faults: 40,
+            faults_skipped: 2,
+            faults_by_kind: [("broker-kill".to_string(), 4), ("sink-term".to_string(), 1)].into(),
+            fault_errors: if pass {
+                vec![]
+            } else {
+                (0..12)
+                    .map(|i| format!("broker-kill #{i} 3.5: refused"))
+                    .collect()
+            },
+            toxiproxy_restarts: u32::from(!pass) * 2,
+            unclean_terms: if pass {
+                vec![]
+            } else {
+                vec!["sink at t+3.0s: signal 9".into()]
+            },
+            unexpected_exits: if pass {
+                vec![]
+            } else {
+                (0..11)
+                    .map(|i| UnexpectedExit {
+                        process: "connector".into(),
+                        status: "exit status: 1".into(),
+                        at_secs: f64::from(i) * 1.25,
+                    })
+                    .collect()
+            },
+            scenarios: if pass {
+                vec![scenario_report(Scenario::Kafka, true)]
+            } else {
+                vec![
+                    scenario_report(Scenario::Kafka, false),
+                    scenario_report(Scenario::Direct, true),
+                ]
+            },
+            outcomes: vec![],
+            pass,
+        }
+    }
+
+    /// The text of [`full_report`] passing and failing, as the one-function `render`
+    /// wrote it before it was split (the passing report without its direct scenario,
+    /// which the failing one shows).
+    const BOTH_REPORTS: &str = r#"chaos report: seed 1234 duration 180s (elapsed 402s), stack /var/tmp/outbox-relay-chaos offset 1000
+  faults injected: 40 (planned but skipped after the deadline: 2)
+    broker-kill              4
+    sink-term                1
+  scenario Kafka (db chaos_1_Kafka): PASS
+    committed at source 120, faults affecting it 7, drain 12.3s
+    lost 0, duplicated 0, dead letters 0, verify ok
+    topic (read_committed): 121 records, 120 ids, duplicates 1, missing 0, extra 0, unreadable 0
+    slot vs next stage: 300 samples (280 judged) against 120 outbox commits, violations 0
+    relay starts: {"connector": 3, "sink": 1}
+  unexpected relay exits: 0
+chaos: PASS
+=====
+chaos report: seed 1234 duration 180s (elapsed 402s), stack /var/tmp/outbox-relay-chaos offset 1000
+  faults injected: 40 (planned but skipped after the deadline: 2)
+    broker-kill              4
+    sink-term                1
+  scenario Kafka (db chaos_1_Kafka): FAIL
+    committed at source 120, faults affecting it 7, drain never
+    lost 1, duplicated 0, dead letters 0, verify FAILED
+      verify: FAILED: pg_start has 120 transactions, pg_end 119
+        missing in pg_end: 1 (first ids: [42])
+    topic (read_committed): 121 records, 120 ids, duplicates 1, missing 0, extra 0, unreadable 0
+    slot vs next stage: 300 samples (280 judged) against 120 outbox commits, violations 1
+      first: slot confirmed 0/20 while ...
+    relay starts: {"connector": 3, "sink": 1}
+  scenario Direct (db chaos_1_Direct): PASS
+    committed at source 120, faults affecting it 7, drain 12.3s
+    lost 0, duplicated 0, dead letters 0, verify ok
+    slot vs next stage: 300 samples (280 judged) against 120 outbox commits, violations 0
+    relay starts: {"connector": 3, "sink": 1}
+  unexpected relay exits: 11
+    connector exit status: 1 at t+0.0s
+    connector exit status: 1 at t+1.2s
+    connector exit status: 1 at t+2.5s
+    connector exit status: 1 at t+3.8s
+    connector exit status: 1 at t+5.0s
+    connector exit status: 1 at t+6.2s
+    connector exit status: 1 at t+7.5s
+    connector exit status: 1 at t+8.8s
+    connector exit status: 1 at t+10.0s
+    connector exit status: 1 at t+11.2s
+  unclean SIGTERMs: ["sink at t+3.0s: signal 9"]
+  toxiproxy restarted after a failed call: 2 times
+  fault steps that failed: 12
+    broker-kill #0 3.5: refused
+    broker-kill #1 3.5: refused
+    broker-kill #2 3.5: refused
+    broker-kill #3 3.5: refused
+    broker-kill #4 3.5: refused
+    broker-kill #5 3.5: refused
+    broker-kill #6 3.5: refused
+    broker-kill #7 3.5: refused
+    broker-kill #8 3.5: refused
+    broker-kill #9 3.5: refused
+chaos: FAIL"#;
+
+    #[test]
+    fn render_is_pinned() {
+        let text = [full_report(true).render(), full_report(false).render()].join("\n=====\n");
+        assert_eq!(text, BOTH_REPORTS);
+    }
+
+    #[test]
+    fn faults_are_counted_by_kind_name() {
+        use FaultKind::*;
+        let counted = count_by_kind([SinkKill, BrokerKill, SinkKill]);
+        assert_eq!(
+            counted.into_iter().collect::<Vec<_>>(),
+            [("broker-kill".to_string(), 1), ("sink-kill".to_string(), 2)]
+        );
+    }
+
+    #[test]
+    fn outcome_line_is_aligned_and_names_the_error() {
+        let outcome = FaultOutcome {
+            kind: FaultKind::LeaderKill,
+            lane: Lane::Kafka,
+            seq: 3,
+            started_secs: 12.34,
+            took_secs: 5.0,
+            note: "partition 1 led by kafka2".into(),
+            error: Some("refused".into()),
+        };
+        assert_eq!(
+            outcome_line(&outcome),
+            "chaos: t+  12.3s kafka #3   leader-kill              5.0s partition 1 led by kafka2 ERROR: refused"
+        );
+    }
+
+    #[test]
+    fn kinds_leave_out_what_touches_no_selected_scenario() {
+        let args = |scenarios: Vec<Scenario>, faults: &[&str]| ChaosArgs {
+            seed: Some(1),
+            duration: 1.0,
+            scenarios,
+            faults: faults.iter().map(|f| f.to_string()).collect(),
+            rate: 1.0,
+            stack_dir: PathBuf::new(),
+            port_offset: 0,
+            stack_script: PathBuf::new(),
+            relay_binary: None,
+            fault_deadline: None,
+            drain_timeout: 1.0,
+            json: false,
+            plan_only: true,
+            keep: false,
+        };
+        let direct = args(vec![Scenario::Direct], &["all"]).kinds().unwrap();
+        assert!(direct.iter().all(|k| k.affects_direct_path()));
+        assert!(direct.contains(&FaultKind::DirectKill));
+        let kafka = args(
+            vec![Scenario::Kafka],
+            &["direct-kill", "sink-kill", "sink-kill"],
+        );
+        assert_eq!(kafka.kinds().unwrap(), [FaultKind::SinkKill]);
+        assert!(args(vec![Scenario::Kafka], &["nope"]).kinds().is_err());
+    }
 }
