@@ -9,7 +9,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
-use crate::config::{KafkaArgs, SourceArgs, TargetArgs};
+use crate::config::{KafkaArgs, OutboxArgs, SlotsArgs, SourceArgs, TargetArgs};
 use crate::kafka;
 use crate::pg;
 use crate::source::{self, TableName};
@@ -23,26 +23,10 @@ pub struct CheckArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// The connector's slot.
-    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = "outbox_relay")]
-    pub slot: String,
-    /// Direct mode's slot.
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_DIRECT_SLOT",
-        default_value = "outbox_relay_direct"
-    )]
-    pub direct_slot: String,
-    /// The publication that holds the outbox table.
-    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", default_value = "outbox_relay")]
-    pub publication: String,
-    /// The outbox table, schema-qualified.
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_TABLE",
-        default_value = "outbox.transactions"
-    )]
-    pub table: String,
+    #[command(flatten)]
+    pub slots: SlotsArgs,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
     /// Skip the Kafka checks (a direct-mode deployment).
     #[arg(long)]
     pub no_kafka: bool,
@@ -77,7 +61,7 @@ fn line(check: &str, result: Result<String, String>) -> CheckLine {
 /// Runs every check; each failure is a line, never an early return.
 pub async fn run(args: &CheckArgs) -> Vec<CheckLine> {
     let mut lines = Vec::new();
-    match TableName::parse(&args.table) {
+    match TableName::parse(&args.outbox.table) {
         Ok(table) => source_checks(args, &table, &mut lines).await,
         Err(e) => lines.push(line("config: table", Err(e))),
     }
@@ -151,13 +135,13 @@ async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<Chec
     ));
     lines.push(line(
         "pg_start: publication",
-        source::check_publication(&client, table, &args.publication, false)
+        source::check_publication(&client, table, &args.outbox.publication, false)
             .await
-            .map(|()| format!("{} publishes inserts of {table}", args.publication))
+            .map(|()| format!("{} publishes inserts of {table}", args.outbox.publication))
             .map_err(err),
     ));
     let database = source::database_of(url).unwrap_or_default();
-    for slot in [&args.slot, &args.direct_slot] {
+    for slot in [&args.slots.slot, &args.slots.direct_slot] {
         let result = match source::slot_state(&client, slot).await {
             Ok(None) => Ok("absent: created at the first start".to_string()),
             Ok(Some(state)) => source::check_slot(slot, &state, &database)

@@ -55,6 +55,26 @@ pub struct OutboxArgs {
     pub table: String,
 }
 
+/// Both pipelines' slots, for the commands that look at both (`check`, `status`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SlotsArgs {
+    /// The connector's slot (its progress-topic key as well).
+    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = DEFAULT_SLOT)]
+    pub slot: String,
+    /// Direct mode's slot (its `outbox_relay.direct_progress` key as well).
+    #[arg(long, env = "OUTBOX_RELAY_DIRECT_SLOT", default_value = DEFAULT_DIRECT_SLOT)]
+    pub direct_slot: String,
+}
+
+impl Default for SlotsArgs {
+    fn default() -> Self {
+        Self {
+            slot: DEFAULT_SLOT.into(),
+            direct_slot: DEFAULT_DIRECT_SLOT.into(),
+        }
+    }
+}
+
 /// The value parser of the PostgreSQL URL flags: [`crate::pg::check_url`] at parse
 /// time, so that a bad sslmode or a missing certificate or password file stops the
 /// command at once. Unlike clap's default message, its error does not repeat the
@@ -115,6 +135,17 @@ pub struct KafkaArgs {
         hide_env_values = true
     )]
     pub kafka_property: Vec<crate::kafka::KafkaProperty>,
+}
+
+impl KafkaArgs {
+    /// `brokers` and `topic` with no extra client property.
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            kafka_property: Vec::new(),
+        }
+    }
 }
 
 /// Settings read from a TOML configuration file, merged under the command line.

@@ -205,14 +205,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => {
             let lines = check::run(&args).await;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&lines)?);
-            } else {
-                println!("{}", check::render(&lines));
-            }
-            if lines.iter().any(|l| !l.ok) {
-                return Ok(ExitCode::from(1));
-            }
+            let ok = lines.iter().all(|l| l.ok);
+            return print_report(&lines, args.json, check::render(&lines), ok);
         }
         Command::Connector(args) => {
             connector::run(args, shutdown_signal()).await?;
@@ -242,25 +236,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             let report = status::run(&args).await;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{}", report.render());
-            }
-            if !report.ok {
-                return Ok(ExitCode::from(1));
-            }
+            return print_report(&report, args.json, report.render(), report.ok);
         }
         Command::Reconcile(args) => {
             let report = reconcile::run(&args).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{}", report.render());
-            }
-            if !report.ok() {
-                return Ok(ExitCode::from(1));
-            }
+            return print_report(&report, args.json, report.render(), report.ok());
         }
         Command::Chaos(args) => {
             let report = chaos::run(&args).await.map_err(anyhow::Error::msg)?;
@@ -276,15 +256,27 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let report = verify::run(&args)
                 .await
                 .context("verify could not read the databases")?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{}", report.render());
-            }
-            if !report.ok {
-                return Ok(ExitCode::from(1));
-            }
+            return print_report(&report, args.json, report.render(), report.ok);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a one-shot command's report, as JSON or as text, on stdout; exit 1 unless `ok`.
+fn print_report(
+    report: &impl serde::Serialize,
+    json: bool,
+    text: String,
+    ok: bool,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -28,7 +28,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::{KafkaArgs, SourceArgs, TargetArgs};
+use crate::config::{self, KafkaArgs, SlotsArgs, SourceArgs, TargetArgs};
 use crate::error::error_chain;
 use crate::kafka;
 use crate::pg;
@@ -43,22 +43,10 @@ pub struct StatusArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// The connector's slot (its progress-topic key as well).
-    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = "outbox_relay")]
-    pub slot: String,
-    /// The direct mode's slot (its `outbox_relay.direct_progress` key as well).
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_DIRECT_SLOT",
-        default_value = "outbox_relay_direct"
-    )]
-    pub direct_slot: String,
+    #[command(flatten)]
+    pub slots: SlotsArgs,
     /// The connector's compacted progress topic.
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_PROGRESS_TOPIC",
-        default_value = "outbox-relay-progress"
-    )]
+    #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC", default_value = config::DEFAULT_PROGRESS_TOPIC)]
     pub progress_topic: String,
     /// Skip Kafka (a deployment that runs only direct mode).
     #[arg(long)]
@@ -81,14 +69,9 @@ impl StatusArgs {
             target: TargetArgs {
                 target_url: target_url.to_string(),
             },
-            kafka: KafkaArgs {
-                brokers: brokers.to_string(),
-                topic: topic.to_string(),
-                kafka_property: Vec::new(),
-            },
-            slot: "outbox_relay".into(),
-            direct_slot: "outbox_relay_direct".into(),
-            progress_topic: "outbox-relay-progress".into(),
+            kafka: KafkaArgs::new(brokers, topic),
+            slots: SlotsArgs::default(),
+            progress_topic: config::DEFAULT_PROGRESS_TOPIC.into(),
             no_kafka: false,
             timeout: 10.0,
             json: false,
@@ -299,7 +282,7 @@ async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
         )
         .await
         .map_err(query_error)?;
-    let names = vec![args.slot.clone(), args.direct_slot.clone()];
+    let names = vec![args.slots.slot.clone(), args.slots.direct_slot.clone()];
     let rows = client.query(SLOTS, &[&names]).await.map_err(query_error)?;
     let mut slots = Vec::with_capacity(rows.len());
     for (r, role) in rows.iter().zip(["connector", "direct"]) {
@@ -330,7 +313,7 @@ async fn kafka_status(args: &StatusArgs, timeout: Duration) -> Result<KafkaStatu
         args.kafka.brokers.clone(),
         args.kafka.topic.clone(),
         args.progress_topic.clone(),
-        args.slot.clone(),
+        args.slots.slot.clone(),
     );
     // librdkafka's calls block: a thread of the blocking pool, each call bounded.
     let per_call = timeout.mul_f64(0.8);
@@ -412,7 +395,7 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
         .await
         .map_err(query_error)?;
     let direct = client
-        .query_opt(DIRECT_PROGRESS, &[&args.direct_slot])
+        .query_opt(DIRECT_PROGRESS, &[&args.slots.direct_slot])
         .await
         .map_err(query_error)?;
     let letters = client.query(DEAD_LETTERS, &[]).await.map_err(query_error)?;
@@ -428,7 +411,7 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
     }
     let direct = match direct {
         Some(r) => Some(DirectStatus {
-            slot: args.direct_slot.clone(),
+            slot: args.slots.direct_slot.clone(),
             commit_lsn: r.try_get(0).map_err(query_error)?,
             updated_at: r.try_get(1).map_err(query_error)?,
         }),
@@ -526,7 +509,7 @@ fn judge(args: &StatusArgs, report: &mut StatusReport) {
         if source.slots.iter().all(|s| !s.exists) {
             warnings.push(format!(
                 "neither slot {} nor {} exists on pg_start",
-                args.slot, args.direct_slot
+                args.slots.slot, args.slots.direct_slot
             ));
         }
     }

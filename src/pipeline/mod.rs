@@ -80,6 +80,7 @@ use crate::pg;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::progress::{ProgressRecord, ProgressState, ProgressTracker, TxnTicket};
 use crate::retry::{self, Backoff};
+pub use crate::source::ColumnDef;
 use crate::source::{self, SourceError, TableName};
 
 /// Settings of the replication side, shared by `connector` and `direct`.
@@ -149,13 +150,6 @@ impl PipelineError {
             PipelineError::Destination { class, .. } => *class,
         }
     }
-}
-
-/// A column of the outbox table: its name and type OID.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnDef {
-    pub name: String,
-    pub type_oid: u32,
 }
 
 /// What the source says about one transaction.
@@ -588,14 +582,8 @@ impl<D: Destination> Pipeline<D> {
                             if relation.namespace == self.table.schema
                                 && relation.name == self.table.name =>
                         {
-                            let columns: Vec<ColumnDef> = relation
-                                .columns
-                                .iter()
-                                .map(|c| ColumnDef {
-                                    name: c.name.clone(),
-                                    type_oid: c.type_oid,
-                                })
-                                .collect();
+                            let columns: Vec<ColumnDef> =
+                                relation.columns.iter().map(ColumnDef::from).collect();
                             self.dest.set_columns(&columns)?;
                             outbox_rel = Some(relation.rel_id);
                         }

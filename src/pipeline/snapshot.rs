@@ -16,7 +16,7 @@
 
 use pgwire_replication::ReplicationClient;
 
-use super::{ColumnDef, Destination, Pipeline, PipelineError, TxnMeta};
+use super::{Destination, Pipeline, PipelineError, TxnMeta};
 use crate::lsn::Lsn;
 use crate::pg;
 use crate::progress::{ProgressRecord, ProgressState};
@@ -127,22 +127,14 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         })?;
     drop(txn);
 
-    let columns: Vec<ColumnDef> = info
-        .columns
-        .iter()
-        .map(|c| ColumnDef {
-            name: c.name.clone(),
-            type_oid: c.type_oid,
-        })
-        .collect();
-    pipeline.dest.set_columns(&columns)?;
+    pipeline.dest.set_columns(&info.columns)?;
     pipeline.dest.begin_txn(TxnMeta {
         commit_lsn: consistent_point,
         xid: None,
         commit_time_micros: None,
     });
     for row in &rows {
-        let texts: Vec<Option<&str>> = (0..columns.len()).map(|i| row.get(i)).collect();
+        let texts: Vec<Option<&str>> = (0..info.columns.len()).map(|i| row.get(i)).collect();
         let values: Vec<Option<&[u8]>> = texts.iter().map(|v| v.map(str::as_bytes)).collect();
         pipeline.dest.row(&values);
     }

@@ -132,11 +132,7 @@ impl SinkArgs {
             target: TargetArgs {
                 target_url: target_url.to_string(),
             },
-            kafka: KafkaArgs {
-                brokers: brokers.to_string(),
-                topic: topic.to_string(),
-                kafka_property: Vec::new(),
-            },
+            kafka: KafkaArgs::new(brokers, topic),
             group: group.to_string(),
             batch_size: 5000,
             batch_linger_ms: 20,

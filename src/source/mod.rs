@@ -115,18 +115,28 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A published column of the outbox table, in table order.
-#[derive(Debug, Clone)]
-pub struct TableColumn {
+/// A published column of the outbox table, in table order: its name and type OID,
+/// as the catalog lists it for the snapshot and as a Relation message sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnDef {
     pub name: String,
     pub type_oid: u32,
+}
+
+impl From<&crate::pgoutput::Column> for ColumnDef {
+    fn from(column: &crate::pgoutput::Column) -> Self {
+        Self {
+            name: column.name.clone(),
+            type_oid: column.type_oid,
+        }
+    }
 }
 
 /// What the relay needs to know about the source before streaming.
 #[derive(Debug, Clone)]
 pub struct SourceInfo {
     pub server_version_num: i32,
-    pub columns: Vec<TableColumn>,
+    pub columns: Vec<ColumnDef>,
 }
 
 /// The slot as `pg_replication_slots` shows it.
@@ -191,7 +201,7 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
 pub async fn outbox_columns(
     client: &Client,
     table: &TableName,
-) -> Result<Vec<TableColumn>, SourceError> {
+) -> Result<Vec<ColumnDef>, SourceError> {
     let columns = client
         .query(
             "SELECT a.attname::text, a.atttypid::int8
@@ -209,7 +219,7 @@ pub async fn outbox_columns(
     }
     Ok(columns
         .iter()
-        .map(|r| TableColumn {
+        .map(|r| ColumnDef {
             name: r.get(0),
             type_oid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
         })
