@@ -5,51 +5,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{random_name, stack, Relay, TestDbs};
-use outbox_relay::load::{self, LoadArgs};
+use common::sink::dead_letter_count;
+use common::{load, random_name, stack, Relay, TestDbs};
+use outbox_relay::load::LoadArgs;
 use outbox_relay::lsn::Lsn;
 
+/// The batch size of every relay in these tests.
+const BATCH: [&str; 2] = ["--batch-size", "500"];
+
 fn spawn_direct(dbs: &TestDbs, slot: &str, envs: &[(&str, &str)]) -> Relay {
-    spawn_direct_between(&dbs.source_url, &dbs.target_url, slot, envs)
-}
-
-fn spawn_direct_between(
-    source_url: &str,
-    target_url: &str,
-    slot: &str,
-    envs: &[(&str, &str)],
-) -> Relay {
-    Relay::spawn(
-        &[
-            "direct",
-            "--source-url",
-            source_url,
-            "--target-url",
-            target_url,
-            "--slot",
-            slot,
-            "--batch-size",
-            "500",
-        ],
-        envs,
-    )
-}
-
-/// Waits until `verify` passes on the pair, or panics with its last report.
-async fn wait_verified(dbs: &TestDbs, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let report = dbs.verify().await;
-        if report.ok {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "verify never passed:\n{}",
-            report.render()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::spawn_direct(dbs, slot, &BATCH, envs)
 }
 
 /// The slot's confirmed LSN and the LSN recorded in pg_end, read in that order.
@@ -83,23 +48,12 @@ async fn confirmed_and_recorded(
 async fn direct_mode_applies_snapshot_and_stream_exactly_once() {
     let dbs = TestDbs::new().await;
     let slot = random_name("direct");
-    load::run(&LoadArgs::count(&dbs.source_url, 500))
-        .await
-        .unwrap();
+    load(&dbs, 500).await;
     let mut relay = spawn_direct(&dbs, &slot, &[]);
-    load::run(&LoadArgs::count(&dbs.source_url, 1500))
-        .await
-        .unwrap();
-    wait_verified(&dbs, Duration::from_secs(120)).await;
+    load(&dbs, 1500).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
     assert!(relay.terminate().success());
-    let dead: i64 = dbs
-        .target()
-        .await
-        .query_one("SELECT count(*) FROM outbox_relay.dead_letters", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(dead, 0);
+    assert_eq!(dead_letter_count(&dbs).await, 0);
 }
 
 /// A co-located relay can reach both databases over their Unix sockets (a URL whose host
@@ -115,14 +69,10 @@ async fn direct_mode_runs_over_unix_sockets() {
         "{}?application_name={slot}",
         common::over_unix_socket(&dbs.target_url, &dir)
     );
-    load::run(&LoadArgs::count(&dbs.source_url, 300))
-        .await
-        .unwrap();
-    let mut relay = spawn_direct_between(&source_url, &target_url, &slot, &[]);
-    load::run(&LoadArgs::count(&dbs.source_url, 700))
-        .await
-        .unwrap();
-    wait_verified(&dbs, Duration::from_secs(120)).await;
+    load(&dbs, 300).await;
+    let mut relay = common::spawn_direct_between(&source_url, &target_url, &slot, &BATCH, &[]);
+    load(&dbs, 700).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
     // Where the relay's sessions come from, while it runs: a Unix socket has no address.
     let walsender: Vec<(String, Option<String>)> = dbs
         .source()
@@ -167,7 +117,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
     let witness = dbs.create_witness_slot().await;
     let mut args = LoadArgs::count(&dbs.source_url, 6000);
     args.rate = 250.0;
-    let load = tokio::spawn(async move { load::run(&args).await });
+    let load = tokio::spawn(async move { outbox_relay::load::run(&args).await });
 
     // Sample the slot's confirmed LSN C and then pg_end's recorded LSN R all along;
     // afterwards, a witness slot tells every outbox transaction's commit LSN, and no
@@ -219,7 +169,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
 
     let summary = load.await.unwrap().unwrap();
     assert_eq!(summary.failed, 0);
-    wait_verified(&dbs, Duration::from_secs(180)).await;
+    dbs.wait_verified(Duration::from_secs(180)).await;
     let samples = sampler.await.unwrap();
     assert!(samples.len() > 50, "too few samples: {}", samples.len());
     let commits = dbs.outbox_commit_lsns(&witness).await;
@@ -266,10 +216,8 @@ async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
     let dbs = TestDbs::new().await;
     let slot = random_name("direct");
     let mut relay = spawn_direct(&dbs, &slot, &[]);
-    load::run(&LoadArgs::count(&dbs.source_url, 500))
-        .await
-        .unwrap();
-    wait_verified(&dbs, Duration::from_secs(120)).await;
+    load(&dbs, 500).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
 
     stack(&["hold-wal", "pg_end"]);
     let held = WalHeld;
@@ -277,7 +225,7 @@ async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
     // to flush them itself.
     let mut args = LoadArgs::count(&dbs.source_url, 3000);
     args.rate = 500.0;
-    let load = tokio::spawn(async move { load::run(&args).await });
+    let load = tokio::spawn(async move { outbox_relay::load::run(&args).await });
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let (applied, insert, written, flushed) = {
         let target = dbs.target().await;
@@ -316,7 +264,7 @@ async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
 
     let summary = load.await.unwrap().unwrap();
     assert_eq!(summary.failed, 0);
-    wait_verified(&dbs, Duration::from_secs(180)).await;
+    dbs.wait_verified(Duration::from_secs(180)).await;
     common::connector::assert_running(&mut relay, "after pg_end's crash");
     assert!(relay.terminate().success());
 }
