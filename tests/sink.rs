@@ -4,7 +4,8 @@
 //! Each test fills its own source database with `outbox_relay::load`, produces the
 //! source rows to its own random topic in one of the formats the sink reads, runs the
 //! `outbox-relay sink` binary, and waits (polling with a deadline) until `verify` passes
-//! against the source. The apply module on its own is tested in `tests/apply.rs`.
+//! against the source. The apply module on its own is tested in `tests/apply.rs`; the
+//! sink's throughput is measured by `scripts/bench`, not here.
 
 mod common;
 
@@ -18,7 +19,6 @@ use common::sink::{
     stored_offsets, wait_offsets, Out, Row, MAX_MESSAGE_BYTES,
 };
 use common::{load, random_name, TestDbs};
-use outbox_relay::load::SourceTxn;
 use rand::Rng;
 
 /// A topic of `partitions` partitions that accepts values above the sink's 1 MiB limit,
@@ -601,58 +601,4 @@ async fn end_to_end_with_the_connector() {
     load(&dbs, 1000).await;
     dbs.wait_verified(Duration::from_secs(180)).await;
     assert_eq!(dead_letter_count(&dbs).await, 0);
-}
-
-/// Throughput of the binary on 50k seed records already in the topic: prints
-/// records/s from the sink's start to pg_end holding the last offset.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throughput_50k_records() {
-    const N: usize = 50_000;
-    let _faults = common::fault_lock().await;
-    let dbs = TestDbs::new().await;
-    // Bulk-fill the source: the load generator writes ~2-3k/s, too slow to set up 50k.
-    let mut rng = rand::rng();
-    let txns: Vec<SourceTxn> = (0..N).map(|_| SourceTxn::random(&mut rng, 10)).collect();
-    let source = dbs.source().await;
-    source
-        .execute(
-            "INSERT INTO main.transactions (id, account_id, amount, created_at)
-             SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[]::numeric[], $4::text[]::timestamp[])
-             ON CONFLICT (id) DO NOTHING",
-            &[
-                &txns.iter().map(|t| t.id).collect::<Vec<_>>(),
-                &txns.iter().map(|t| t.account_id).collect::<Vec<_>>(),
-                &txns.iter().map(|t| t.amount).collect::<Vec<_>>(),
-                &txns.iter().map(|t| t.created_at.clone()).collect::<Vec<_>>(),
-            ],
-        )
-        .await
-        .unwrap();
-    source
-        .batch_execute(
-            "INSERT INTO main.balance (account_id, current_balance, updated_at)
-             SELECT account_id, sum(amount), max(created_at) FROM main.transactions GROUP BY account_id",
-        )
-        .await
-        .unwrap();
-    let topic = create_topic(3).await;
-    let records: Vec<Out> = source_rows(&dbs).await.iter().map(seed).collect();
-    let n = records.len();
-    let last = produce(&producer(), &topic, &records).await;
-
-    let start = Instant::now();
-    let _sink = spawn_sink(&dbs, &topic, &random_name("group"), &[]);
-    wait_offsets(&dbs, &topic, &last, Duration::from_secs(300)).await;
-    let elapsed = start.elapsed();
-    eprintln!(
-        "sink throughput: {n} records applied in {:.2} s = {:.0} records/s (including start-up and group join)",
-        elapsed.as_secs_f64(),
-        n as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "sink throughput: {n} records in {:.2} s = {:.0} records/s",
-        elapsed.as_secs_f64(),
-        n as f64 / elapsed.as_secs_f64()
-    );
-    dbs.wait_verified(Duration::from_secs(60)).await;
 }
