@@ -5,51 +5,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{random_name, stack, Relay, TestDbs};
-use outbox_relay::load::{self, LoadArgs};
+use common::sink::dead_letter_count;
+use common::{load, random_name, stack, Relay, TestDbs};
+use outbox_relay::load::LoadArgs;
 use outbox_relay::lsn::Lsn;
 
+/// The batch size of every relay in these tests.
+const BATCH: [&str; 2] = ["--batch-size", "500"];
+
 fn spawn_direct(dbs: &TestDbs, slot: &str, envs: &[(&str, &str)]) -> Relay {
-    spawn_direct_between(&dbs.source_url, &dbs.target_url, slot, envs)
-}
-
-fn spawn_direct_between(
-    source_url: &str,
-    target_url: &str,
-    slot: &str,
-    envs: &[(&str, &str)],
-) -> Relay {
-    Relay::spawn(
-        &[
-            "direct",
-            "--source-url",
-            source_url,
-            "--target-url",
-            target_url,
-            "--slot",
-            slot,
-            "--batch-size",
-            "500",
-        ],
-        envs,
-    )
-}
-
-/// Waits until `verify` passes on the pair, or panics with its last report.
-async fn wait_verified(dbs: &TestDbs, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let report = dbs.verify().await;
-        if report.ok {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "verify never passed:\n{}",
-            report.render()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::spawn_direct(dbs, slot, &BATCH, envs)
 }
 
 /// The slot's confirmed LSN and the LSN recorded in pg_end, read in that order.
@@ -83,23 +48,12 @@ async fn confirmed_and_recorded(
 async fn direct_mode_applies_snapshot_and_stream_exactly_once() {
     let dbs = TestDbs::new().await;
     let slot = random_name("direct");
-    load::run(&LoadArgs::count(&dbs.source_url, 500))
-        .await
-        .unwrap();
+    load(&dbs, 500).await;
     let mut relay = spawn_direct(&dbs, &slot, &[]);
-    load::run(&LoadArgs::count(&dbs.source_url, 1500))
-        .await
-        .unwrap();
-    wait_verified(&dbs, Duration::from_secs(120)).await;
+    load(&dbs, 1500).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
     assert!(relay.terminate().success());
-    let dead: i64 = dbs
-        .target()
-        .await
-        .query_one("SELECT count(*) FROM outbox_relay.dead_letters", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(dead, 0);
+    assert_eq!(dead_letter_count(&dbs).await, 0);
 }
 
 /// A co-located relay can reach both databases over their Unix sockets (a URL whose host
@@ -115,14 +69,10 @@ async fn direct_mode_runs_over_unix_sockets() {
         "{}?application_name={slot}",
         common::over_unix_socket(&dbs.target_url, &dir)
     );
-    load::run(&LoadArgs::count(&dbs.source_url, 300))
-        .await
-        .unwrap();
-    let mut relay = spawn_direct_between(&source_url, &target_url, &slot, &[]);
-    load::run(&LoadArgs::count(&dbs.source_url, 700))
-        .await
-        .unwrap();
-    wait_verified(&dbs, Duration::from_secs(120)).await;
+    load(&dbs, 300).await;
+    let mut relay = common::spawn_direct_between(&source_url, &target_url, &slot, &BATCH, &[]);
+    load(&dbs, 700).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
     // Where the relay's sessions come from, while it runs: a Unix socket has no address.
     let walsender: Vec<(String, Option<String>)> = dbs
         .source()
@@ -167,7 +117,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
     let witness = dbs.create_witness_slot().await;
     let mut args = LoadArgs::count(&dbs.source_url, 6000);
     args.rate = 250.0;
-    let load = tokio::spawn(async move { load::run(&args).await });
+    let load = tokio::spawn(async move { outbox_relay::load::run(&args).await });
 
     // Sample the slot's confirmed LSN C and then pg_end's recorded LSN R all along;
     // afterwards, a witness slot tells every outbox transaction's commit LSN, and no
@@ -219,7 +169,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
 
     let summary = load.await.unwrap().unwrap();
     assert_eq!(summary.failed, 0);
-    wait_verified(&dbs, Duration::from_secs(180)).await;
+    dbs.wait_verified(Duration::from_secs(180)).await;
     let samples = sampler.await.unwrap();
     assert!(samples.len() > 50, "too few samples: {}", samples.len());
     let commits = dbs.outbox_commit_lsns(&witness).await;
@@ -254,69 +204,102 @@ impl Drop for WalHeld {
     }
 }
 
+/// How many times [`asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again`]
+/// crashes pg_end at the most, until a crash takes back a visible commit.
+const CRASH_ROUNDS: usize = 3;
+
 /// pg_end's commits are asynchronous by default (`--synchronous-commit off`). With
 /// pg_end's WAL writer held, the relay's commits stay in WAL buffers, visible but not
 /// flushed; killing every pg_end process during a steady load then takes them back.
 /// The slot must not have been confirmed past them, and the relay must not go on from
 /// its in-memory position: after pg_end's crash recovery it applies them again from the
 /// slot, and pg_end ends up equal to pg_start, each transaction counted once.
+///
+/// The test first checks that the crash did take back commits that were visible before
+/// it, or it would pass without exercising the recovery. The relay is frozen (SIGSTOP)
+/// from just before pg_end is killed until pg_end has restarted and been counted:
+/// its connections are cut under it all the same, and it cannot apply anything again
+/// before the count. Any synchronous commit on pg_end (another test's, say) flushes the
+/// held WAL, so a crash that lost nothing is repeated, up to [`CRASH_ROUNDS`] times.
 #[tokio::test(flavor = "multi_thread")]
 async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
     let _lock = common::fault_lock().await;
     let dbs = TestDbs::new().await;
     let slot = random_name("direct");
     let mut relay = spawn_direct(&dbs, &slot, &[]);
-    load::run(&LoadArgs::count(&dbs.source_url, 500))
-        .await
-        .unwrap();
-    wait_verified(&dbs, Duration::from_secs(120)).await;
+    load(&dbs, 500).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
 
-    stack(&["hold-wal", "pg_end"]);
-    let held = WalHeld;
-    // Commits follow each other every linger (20 ms): the relay never idles long enough
-    // to flush them itself.
-    let mut args = LoadArgs::count(&dbs.source_url, 3000);
-    args.rate = 500.0;
-    let load = tokio::spawn(async move { load::run(&args).await });
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    let (applied, insert, written, flushed) = {
-        let target = dbs.target().await;
-        let row = target
-            .query_one(
-                "SELECT (SELECT count(*) FROM main.transactions), \
-                 pg_current_wal_insert_lsn()::text, pg_current_wal_lsn()::text, \
-                 pg_current_wal_flush_lsn()::text",
-                &[],
+    let rows = "SELECT count(*) FROM main.transactions";
+    let mut loads = Vec::new();
+    let mut lost = None;
+    for round in 1..=CRASH_ROUNDS {
+        let before = common::count(&dbs.target_url, rows).await;
+        stack(&["hold-wal", "pg_end"]);
+        let held = WalHeld;
+        // Commits follow each other every linger (20 ms): the relay never idles long
+        // enough to flush them itself.
+        let mut args = LoadArgs::count(&dbs.source_url, 3000);
+        args.rate = 500.0;
+        loads.push(tokio::spawn(
+            async move { outbox_relay::load::run(&args).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        relay.pause();
+        let (applied, insert, written, flushed) = {
+            let target = dbs.target().await;
+            let row = target
+                .query_one(
+                    "SELECT (SELECT count(*) FROM main.transactions), \
+                     pg_current_wal_insert_lsn()::text, pg_current_wal_lsn()::text, \
+                     pg_current_wal_flush_lsn()::text",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let lsn = |i: usize| row.get::<_, String>(i).parse::<Lsn>().unwrap();
+            (row.get::<_, i64>(0), lsn(1), lsn(2), lsn(3))
+        };
+        stack(&["kill-all", "pg_end"]);
+        stack(&["start", "pg_end"]);
+        drop(held);
+        assert!(applied > before, "the relay applied nothing under load");
+        let recovered = common::count(&dbs.target_url, rows).await;
+        eprintln!(
+            "round {round}: pg_end killed with {applied} rows visible; WAL inserted to \
+             {insert}, written to {written}, flushed to {flushed}: {} bytes unwritten; \
+             {recovered} rows after its recovery",
+            insert.as_u64().saturating_sub(written.as_u64())
+        );
+        // Another client's writes take pg_end's recovered WAL past the lost commits'
+        // positions before the relay runs again: a flush position read on any new
+        // connection now says nothing about them.
+        let admin = common::connect(common::PG_END_ADMIN).await;
+        admin
+            .batch_execute(
+                "DROP TABLE IF EXISTS wal_filler; CREATE TABLE wal_filler AS SELECT g, repeat('x', 200) AS pad \
+                 FROM generate_series(1, 100000) g; DROP TABLE wal_filler",
             )
             .await
             .unwrap();
-        let lsn = |i: usize| row.get::<_, String>(i).parse::<Lsn>().unwrap();
-        (row.get::<_, i64>(0), lsn(1), lsn(2), lsn(3))
-    };
-    stack(&["kill-all", "pg_end"]);
-    eprintln!(
-        "pg_end killed with {applied} rows visible; WAL inserted to {insert}, written to \
-         {written}, flushed to {flushed}: {} bytes lost",
-        insert.as_u64().saturating_sub(written.as_u64())
-    );
-    assert!(applied > 500, "the relay applied nothing under load");
-    stack(&["start", "pg_end"]);
-    drop(held);
-    // Another client's writes take pg_end's recovered WAL past the lost commits'
-    // positions at once: a flush position read on any new connection now says nothing
-    // about them.
-    let admin = common::connect(common::PG_END_ADMIN).await;
-    admin
-        .batch_execute(
-            "DROP TABLE IF EXISTS wal_filler; CREATE TABLE wal_filler AS SELECT g, repeat('x', 200) AS pad \
-             FROM generate_series(1, 100000) g; DROP TABLE wal_filler",
+        relay.resume();
+        if recovered < applied {
+            lost = Some(applied - recovered);
+            break;
+        }
+    }
+    let lost = lost.unwrap_or_else(|| {
+        panic!(
+            "no crash of {CRASH_ROUNDS} took back a visible commit: pg_end's WAL was flushed \
+             each time, and the test did not exercise the recovery"
         )
-        .await
-        .unwrap();
+    });
+    eprintln!("the crash took back {lost} rows that were visible before it");
 
-    let summary = load.await.unwrap().unwrap();
-    assert_eq!(summary.failed, 0);
-    wait_verified(&dbs, Duration::from_secs(180)).await;
+    for load in loads {
+        assert_eq!(load.await.unwrap().unwrap().failed, 0);
+    }
+    dbs.wait_verified(Duration::from_secs(180)).await;
     common::connector::assert_running(&mut relay, "after pg_end's crash");
     assert!(relay.terminate().success());
 }

@@ -2,29 +2,23 @@
 
 mod common;
 
-use common::TestDbs;
-use outbox_relay::load::{self, LoadArgs};
-
-async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
+use common::{count, load, TestDbs};
+use outbox_relay::load::LoadArgs;
 
 #[tokio::test]
 async fn load_writes_each_transaction_to_ledger_outbox_and_balance() {
     let dbs = TestDbs::new().await;
-    let summary = load::run(&LoadArgs::count(&dbs.source_url, 500))
+    let summary = outbox_relay::load::run(&LoadArgs::count(&dbs.source_url, 500))
         .await
         .unwrap();
     assert_eq!(summary.committed, 500);
     assert_eq!(summary.failed, 0);
 
+    let ledger = "SELECT count(*) FROM main.transactions";
+    assert_eq!(count(&dbs.source_url, ledger).await, 500);
+    let outbox = "SELECT count(*) FROM outbox.transactions";
+    assert_eq!(count(&dbs.source_url, outbox).await, 500);
     let source = dbs.source().await;
-    assert_eq!(count(&source, "main.transactions").await, 500);
-    assert_eq!(count(&source, "outbox.transactions").await, 500);
     // The outbox row is the ledger row.
     let differing: i64 = source
         .query_one(
@@ -55,9 +49,7 @@ async fn load_writes_each_transaction_to_ledger_outbox_and_balance() {
 #[tokio::test]
 async fn verify_passes_on_equal_databases() {
     let dbs = TestDbs::new().await;
-    load::run(&LoadArgs::count(&dbs.source_url, 300))
-        .await
-        .unwrap();
+    load(&dbs, 300).await;
     dbs.copy_source_to_target().await;
     let report = dbs.verify().await;
     assert!(report.ok, "{}", report.render());
@@ -69,9 +61,7 @@ async fn verify_passes_on_equal_databases() {
 async fn verify_passes_on_empty_databases_and_fails_when_target_is_empty() {
     let dbs = TestDbs::new().await;
     assert!(dbs.verify().await.ok);
-    load::run(&LoadArgs::count(&dbs.source_url, 50))
-        .await
-        .unwrap();
+    load(&dbs, 50).await;
     let report = dbs.verify().await;
     assert!(!report.ok);
     assert_eq!(report.missing_count, 50);
@@ -81,9 +71,7 @@ async fn verify_passes_on_empty_databases_and_fails_when_target_is_empty() {
 /// Sets up an equal pair, applies `damage` to pg_end, and returns the report.
 async fn damaged(damage: &str) -> (TestDbs, outbox_relay::verify::Report, i64, i64) {
     let dbs = TestDbs::new().await;
-    load::run(&LoadArgs::count(&dbs.source_url, 200))
-        .await
-        .unwrap();
+    load(&dbs, 200).await;
     dbs.copy_source_to_target().await;
     let target = dbs.target().await;
     let row = target

@@ -5,8 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{random_name, stack, Relay, TestDbs, BROKERS};
-use outbox_relay::load::{self, LoadArgs};
+use common::{load, random_name, spawn_direct, stack, TestDbs, BROKERS};
 
 fn relay(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
@@ -102,15 +101,17 @@ async fn configuration_file_environment_and_flags_take_effect_in_that_order() {
 #[tokio::test]
 async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
     let dbs = TestDbs::new().await;
-    let output = relay(&[
-        "check",
-        "--source-url",
-        &dbs.source_url,
-        "--target-url",
-        &dbs.target_url,
-        "--brokers",
-        BROKERS,
-    ]);
+    let check = |last: &[&str]| {
+        let args: [&str; 5] = [
+            "check",
+            "--source-url",
+            &dbs.source_url,
+            "--target-url",
+            &dbs.target_url,
+        ];
+        relay(&[&args, last].concat())
+    };
+    let output = check(&["--brokers", BROKERS]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.lines().all(|l| l.starts_with("ok")), "{stdout}");
@@ -120,14 +121,7 @@ async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
         .batch_execute("DROP PUBLICATION outbox_relay")
         .await
         .unwrap();
-    let output = relay(&[
-        "check",
-        "--source-url",
-        &dbs.source_url,
-        "--target-url",
-        &dbs.target_url,
-        "--no-kafka",
-    ]);
+    let output = check(&["--no-kafka"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
@@ -138,6 +132,16 @@ async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
         stdout.contains("CREATE PUBLICATION outbox_relay FOR TABLE"),
         "says what to do: {stdout}"
     );
+}
+
+/// The newest installed PostgreSQL's `bin` directory.
+fn pg_bin() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .max()
+        .unwrap()
 }
 
 /// A throw-away PostgreSQL cluster with `wal_level = replica`, stopped on drop.
@@ -152,12 +156,7 @@ impl ReplicaCluster {
             std::path::PathBuf::from(format!("/var/tmp/{}", random_name("outbox-relay-replica")));
         let port = 8090 + (rand::random::<u16>() % 9);
         std::fs::create_dir_all(&dir).unwrap();
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .max()
-            .unwrap();
+        let bin = pg_bin();
         let run = |args: &[&str]| {
             let status = Command::new("runuser")
                 .args(["-u", "postgres", "--"])
@@ -199,12 +198,7 @@ impl ReplicaCluster {
 
 impl Drop for ReplicaCluster {
     fn drop(&mut self) {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .max()
-            .unwrap();
+        let bin = pg_bin();
         let _ = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(bin.join("pg_ctl"))
@@ -266,28 +260,13 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_pg_start_is_dow
     let port = 20000 + rand::random::<u16>() % 20000;
     let addr = format!("127.0.0.1:{port}");
     let slot = random_name("metrics");
-    let _direct = Relay::spawn(
-        &[
-            "direct",
-            "--source-url",
-            &dbs.source_url,
-            "--target-url",
-            &dbs.target_url,
-            "--slot",
-            &slot,
-            "--metrics-addr",
-            &addr,
-        ],
-        &[],
-    );
+    let _direct = spawn_direct(&dbs, &slot, &["--metrics-addr", &addr], &[]);
     common::wait_until("/readyz to turn ready", Duration::from_secs(60), || async {
         scrape(&addr, "/readyz").await.0 == 200
     })
     .await;
     assert_eq!(scrape(&addr, "/healthz").await.0, 200);
-    load::run(&LoadArgs::count(&dbs.source_url, 500))
-        .await
-        .unwrap();
+    load(&dbs, 500).await;
     common::wait_until(
         "the transactions to be counted",
         Duration::from_secs(60),
@@ -309,9 +288,7 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_pg_start_is_dow
         assert!(body.contains(series), "{series} missing from:\n{body}");
     }
     let confirmed = metric(&body, "outbox_relay_confirmed_lsn").unwrap();
-    load::run(&LoadArgs::count(&dbs.source_url, 100))
-        .await
-        .unwrap();
+    load(&dbs, 100).await;
     common::wait_until(
         "the confirmed LSN to move",
         Duration::from_secs(60),

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{random_name, repo, Relay, TestDbs};
+use common::{error_chain, random_name, repo, Relay, TestDbs};
 use outbox_relay::load::{self, LoadArgs};
 
 const TLS_STATE: &str = "/var/tmp/outbox-relay-tls";
@@ -232,23 +232,12 @@ impl TlsDbs {
     /// Polls `verify` (as the administrator) until it passes, or panics with its report
     /// after two minutes.
     async fn wait_verified(&self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let source = common::connect(&self.admin_source()).await;
-            let target = common::connect(&self.admin_target()).await;
-            let report = outbox_relay::verify::compare(&source, &target)
-                .await
-                .expect("verify reads both databases");
-            if report.ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "verify never passed:\n{}",
-                report.render()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        common::wait_verified(
+            &self.admin_source(),
+            &self.admin_target(),
+            Duration::from_secs(120),
+        )
+        .await
     }
 
     /// Lets [`CERT_ROLE`] act as the source role on pg_start and as the sink role on
@@ -363,17 +352,6 @@ async fn replication_error(
         .await
         .expect("the replication session answers or fails within 30 s")
         .err()
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The relays that `start` spawns carry pg_start's outbox to pg_end: `verify` passes for

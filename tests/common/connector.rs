@@ -29,32 +29,18 @@ impl KafkaPipeline {
         }
     }
 
-    pub fn connector_args(&self) -> Vec<String> {
-        [
-            "connector",
-            "--source-url",
-            &self.dbs.source_url,
-            "--brokers",
-            BROKERS,
-            "--topic",
-            &self.topic,
-            "--progress-topic",
-            &self.progress_topic,
-            "--slot",
-            &self.slot,
-            "--batch-size",
-            "500",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
+    /// Spawns the connector of this pipeline, in batches of 500, with `extra` arguments.
     pub fn spawn_connector(&self, extra: &[&str], envs: &[(&str, &str)]) -> Relay {
-        let mut args = self.connector_args();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Relay::spawn(&args, envs)
+        let mut args = vec!["--batch-size", "500"];
+        args.extend_from_slice(extra);
+        spawn_connector(
+            &self.dbs.source_url,
+            &self.topic,
+            &self.progress_topic,
+            &self.slot,
+            &args,
+            envs,
+        )
     }
 
     /// Waits until the topic holds every outbox row, then checks that each id is there
@@ -157,6 +143,34 @@ impl KafkaPipeline {
             self.slot.clone(),
         )
     }
+}
+
+/// Spawns `outbox-relay connector` from the database at `source_url` into `topic`,
+/// with its progress records in `progress_topic`, on slot `slot`, with `extra`
+/// arguments.
+pub fn spawn_connector(
+    source_url: &str,
+    topic: &str,
+    progress_topic: &str,
+    slot: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Relay {
+    let mut args = vec![
+        "connector",
+        "--source-url",
+        source_url,
+        "--brokers",
+        BROKERS,
+        "--topic",
+        topic,
+        "--progress-topic",
+        progress_topic,
+        "--slot",
+        slot,
+    ];
+    args.extend_from_slice(extra);
+    Relay::spawn(&args, envs)
 }
 
 /// The rows of `table` in the source database, as the connector must render them:

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod connector;
+pub mod sink;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -123,6 +124,163 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Polls `verify` on the databases at `source_url` and `target_url` until it passes;
+/// panics with its report after `timeout`. A failure to read (a database restarting for
+/// some fault test) is retried like a difference.
+pub async fn wait_verified(source_url: &str, target_url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let source = outbox_relay::pg::connect(source_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            let target = outbox_relay::pg::connect(target_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            outbox_relay::verify::compare(&source, &target)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let outcome = match attempt.await {
+            Ok(report) if report.ok => return,
+            Ok(report) => report.render(),
+            Err(error) => format!("cannot read: {error}"),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "verify still fails after {timeout:?}:\n{outcome}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One number (`SELECT count(*) …`) from the database at `url`, retried for up to 60 s
+/// while the server restarts.
+pub async fn count(url: &str, sql: &str) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match connect(url).await.query_one(sql, &[]).await {
+            Ok(row) => return row.get(0),
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("{sql}: {error}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("{sql}: {error}"),
+        }
+    }
+}
+
+/// Writes `n` transactions into the pair's source with the load generator, and checks
+/// that it committed every one.
+pub async fn load(dbs: &TestDbs, n: u64) {
+    let summary = outbox_relay::load::run(&outbox_relay::load::LoadArgs::count(&dbs.source_url, n))
+        .await
+        .unwrap();
+    assert_eq!(summary.committed, n);
+}
+
+/// An error and its sources, `: `-separated, as the relay logs them.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Runs the binary to completion; returns its exit code, stdout and stderr.
+pub fn run_binary(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .env("OUTBOX_RELAY_LOG", "warn")
+        .output()
+        .expect("run outbox-relay");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The balances of `client`'s database by account, as PostgreSQL prints them: with their
+/// display scale, or without trailing fraction zeros if `trim_scale`.
+pub async fn balances(
+    client: &Client,
+    trim_scale: bool,
+) -> std::collections::BTreeMap<i64, String> {
+    let balance = if trim_scale {
+        "trim_scale(current_balance)"
+    } else {
+        "current_balance"
+    };
+    client
+        .query(
+            &format!("SELECT account_id, {balance}::text FROM main.balance"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Creates a topic with a random name, `partitions` partitions, replication factor 3 and
+/// the topic `configs`; returns its name. Retried for up to 180 s: a broker may be down
+/// for another test's fault, and RF 3 needs all three.
+pub async fn create_topic(prefix: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
+    let name = random_name(prefix);
+    let spec = outbox_relay::kafka::TopicSpec {
+        name: &name,
+        partitions,
+        replication_factor: 3,
+        configs,
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let Err(error) = outbox_relay::kafka::ensure_topic(BROKERS, &spec).await else {
+            return name;
+        };
+        let error = error_chain(&error);
+        assert!(
+            Instant::now() < deadline,
+            "cannot create topic {name}: {error}"
+        );
+        eprintln!("creating topic {name}: {error}; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Spawns `outbox-relay direct` from `source_url` to `target_url` on `slot`, with
+/// `extra` arguments.
+pub fn spawn_direct_between(
+    source_url: &str,
+    target_url: &str,
+    slot: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Relay {
+    let mut args = vec![
+        "direct",
+        "--source-url",
+        source_url,
+        "--target-url",
+        target_url,
+        "--slot",
+        slot,
+    ];
+    args.extend_from_slice(extra);
+    Relay::spawn(&args, envs)
+}
+
+/// [`spawn_direct_between`] the pair's databases.
+pub fn spawn_direct(dbs: &TestDbs, slot: &str, extra: &[&str], envs: &[(&str, &str)]) -> Relay {
+    spawn_direct_between(&dbs.source_url, &dbs.target_url, slot, extra, envs)
 }
 
 /// A fresh source database on pg_start and target database on pg_end, with the
@@ -256,6 +414,11 @@ impl TestDbs {
             .await
             .expect("verify reads both databases")
     }
+
+    /// [`wait_verified`] on this pair.
+    pub async fn wait_verified(&self, timeout: Duration) {
+        wait_verified(&self.source_url, &self.target_url, timeout).await
+    }
 }
 
 impl Drop for TestDbs {
@@ -386,33 +549,11 @@ pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
     records
 }
 
-/// The outbox rows of the source database, as the connector must render them:
-/// `{"id":…,"account_id":…,"amount":…,"created_at":"…"}`, keyed by id.
-pub async fn expected_records(source: &Client) -> std::collections::HashMap<i64, String> {
-    source
-        .query(
-            "SELECT id, account_id::text, amount::text, created_at::text FROM outbox.transactions",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let id: i64 = r.get(0);
-            let value = format!(
-                "{{\"id\":{id},\"account_id\":{},\"amount\":{},\"created_at\":\"{}\"}}",
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
-                r.get::<_, String>(3)
-            );
-            (id, value)
-        })
-        .collect()
-}
-
 /// A child process of the `outbox-relay` binary, killed on drop.
 pub struct Relay {
     pub child: std::process::Child,
+    /// The file that receives its stdout and stderr.
+    pub log: PathBuf,
 }
 
 impl Relay {
@@ -430,7 +571,26 @@ impl Relay {
             .stderr(file)
             .spawn()
             .expect("spawn outbox-relay");
-        Self { child }
+        Self { child, log }
+    }
+
+    /// SIGSTOP: the process keeps its state and its connections but does nothing
+    /// until [`Relay::resume`].
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {}", self.child.id());
     }
 
     /// SIGKILL, and wait for the process to be gone.
