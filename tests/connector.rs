@@ -35,8 +35,7 @@ async fn sigkill_at_random_moments_and_between_kafka_commit_and_slot_ack_loses_a
     // Kills forced right after a Kafka commit, before the slot is confirmed: the
     // next instance must find those transactions in the progress topic and skip them.
     for _ in 0..2 {
-        let mut connector =
-            p.spawn_connector(&[], &[("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", "3")]);
+        let mut connector = p.spawn_connector(&[], &[common::crash_after_commits("3")]);
         let status = common::wait_for_exit(&mut connector, Duration::from_secs(90)).await;
         assert!(!status.success(), "the test hook aborts the process");
     }

@@ -277,7 +277,7 @@ async fn confirmed_flush_lsn_never_passes_what_kafka_holds_through_connector_and
     // Killed right after a Kafka commit, before the slot is confirmed.
     let mut connector = run
         .p
-        .spawn_connector(&[], &[("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", "3")]);
+        .spawn_connector(&[], &[common::crash_after_commits("3")]);
     let status = common::wait_for_exit(&mut connector, Duration::from_secs(120)).await;
     assert!(!status.success(), "the test hook aborts the process");
     // Killed at random moments, one of them while a broker is down.

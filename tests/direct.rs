@@ -140,11 +140,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
         })
     };
 
-    let mut relay = spawn_direct(
-        &dbs,
-        &slot,
-        &[("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", "3")],
-    );
+    let mut relay = spawn_direct(&dbs, &slot, &[common::crash_after_commits("3")]);
     let status = common::wait_for_exit(&mut relay, Duration::from_secs(90)).await;
     assert!(
         !status.success(),

@@ -19,7 +19,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{error_chain, random_name, repo, Relay, TestDbs};
+use common::{random_name, repo, Relay, TestDbs};
+use outbox_relay::error::error_chain;
 use outbox_relay::load::{self, LoadArgs};
 
 const TLS_STATE: &str = "/var/tmp/outbox-relay-tls";

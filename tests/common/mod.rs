@@ -181,16 +181,16 @@ pub async fn load(dbs: &TestDbs, n: u64) {
     assert_eq!(summary.committed, n);
 }
 
-/// An error and its sources, `: `-separated, as the relay logs them.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+/// The environment that makes a relay abort right after its `n`th destination commit,
+/// before it confirms the slot: the test-only hook of the `fault-injection` feature.
+/// A test that needs it fails, not passes, when the relay was built without it.
+pub fn crash_after_commits(n: &'static str) -> (&'static str, &'static str) {
+    assert!(
+        cfg!(feature = "fault-injection"),
+        "this test needs the relay's fault hooks: cargo test --features fault-injection \
+         (scripts/test does)"
+    );
+    ("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", n)
 }
 
 /// Runs the binary to completion; returns its exit code, stdout and stderr.
@@ -246,7 +246,7 @@ pub async fn create_topic(prefix: &str, partitions: i32, configs: &[(&str, &str)
         let Err(error) = outbox_relay::kafka::ensure_topic(BROKERS, &spec).await else {
             return name;
         };
-        let error = error_chain(&error);
+        let error = outbox_relay::error::error_chain(&error);
         assert!(
             Instant::now() < deadline,
             "cannot create topic {name}: {error}"
