@@ -19,26 +19,20 @@
 //! - [`reconcile`]: `outbox-relay reconcile`, copies what pg_end lacks from pg_start.
 
 pub mod apply;
-pub mod chaos;
-pub mod check;
+pub mod cmd;
 pub mod config;
 pub mod connector;
 pub mod direct;
 pub mod error;
 pub mod kafka;
-pub mod load;
 pub mod lsn;
 pub mod metrics;
-pub mod migrate;
 pub mod pg;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod progress;
-pub mod reconcile;
 pub mod record;
 pub mod retry;
 pub mod secret;
 pub mod sink;
 pub mod source;
-pub mod status;
-pub mod verify;

@@ -4,10 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use outbox_relay::cmd::{chaos, check, load, migrate, reconcile, status, verify};
 use outbox_relay::config::{SourceArgs, TargetArgs};
-use outbox_relay::{
-    chaos, check, connector, direct, load, migrate, reconcile, sink, status, verify,
-};
+use outbox_relay::{connector, direct, sink};
 
 #[derive(Parser)]
 #[command(name = "outbox-relay", version, about)]

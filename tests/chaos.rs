@@ -124,7 +124,7 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
 /// server is killed (its API gone) while a proxy holds a blackhole.
 #[test]
 fn a_toxiproxy_that_stops_answering_is_restarted_with_clean_proxies() {
-    use outbox_relay::chaos::stack::{toxiproxy_binary, Stack, Toxiproxy};
+    use outbox_relay::cmd::chaos::stack::{toxiproxy_binary, Stack, Toxiproxy};
     use std::net::TcpStream;
 
     let dir = std::path::PathBuf::from(stack_dir());

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::connector::KafkaPipeline as Pipeline;
-use outbox_relay::load::{self, LoadArgs};
+use outbox_relay::cmd::load::{self, LoadArgs};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_rows_and_streamed_rows_arrive_exactly_once_with_exact_values() {

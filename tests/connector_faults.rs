@@ -15,7 +15,7 @@ use common::connector::{
     assert_never_confirmed_past_kafka, assert_running, KafkaPipeline, LsnSampler,
 };
 use common::{stack, Relay};
-use outbox_relay::load::{self, LoadArgs, LoadError, LoadSummary};
+use outbox_relay::cmd::load::{self, LoadArgs, LoadError, LoadSummary};
 use outbox_relay::lsn::Lsn;
 
 /// A stack component taken down by a test; brought back on drop if the test did not

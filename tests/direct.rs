@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::sink::dead_letter_count;
 use common::{load, random_name, stack, Relay, TestDbs};
-use outbox_relay::load::LoadArgs;
+use outbox_relay::cmd::load::LoadArgs;
 use outbox_relay::lsn::Lsn;
 
 /// The batch size of every relay in these tests.
@@ -117,7 +117,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
     let witness = dbs.create_witness_slot().await;
     let mut args = LoadArgs::count(&dbs.source_url, 6000);
     args.rate = 250.0;
-    let load = tokio::spawn(async move { outbox_relay::load::run(&args).await });
+    let load = tokio::spawn(async move { outbox_relay::cmd::load::run(&args).await });
 
     // Sample the slot's confirmed LSN C and then pg_end's recorded LSN R all along;
     // afterwards, a witness slot tells every outbox transaction's commit LSN, and no
@@ -237,9 +237,9 @@ async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
         // enough to flush them itself.
         let mut args = LoadArgs::count(&dbs.source_url, 3000);
         args.rate = 500.0;
-        loads.push(tokio::spawn(
-            async move { outbox_relay::load::run(&args).await },
-        ));
+        loads.push(tokio::spawn(async move {
+            outbox_relay::cmd::load::run(&args).await
+        }));
         tokio::time::sleep(Duration::from_millis(3000)).await;
         relay.pause();
         let (applied, insert, written, flushed) = {

@@ -3,12 +3,12 @@
 mod common;
 
 use common::{count, load, TestDbs};
-use outbox_relay::load::LoadArgs;
+use outbox_relay::cmd::load::LoadArgs;
 
 #[tokio::test]
 async fn load_writes_each_transaction_to_ledger_outbox_and_balance() {
     let dbs = TestDbs::new().await;
-    let summary = outbox_relay::load::run(&LoadArgs::count(&dbs.source_url, 500))
+    let summary = outbox_relay::cmd::load::run(&LoadArgs::count(&dbs.source_url, 500))
         .await
         .unwrap();
     assert_eq!(summary.committed, 500);
@@ -69,7 +69,7 @@ async fn verify_passes_on_empty_databases_and_fails_when_target_is_empty() {
 }
 
 /// Sets up an equal pair, applies `damage` to pg_end, and returns the report.
-async fn damaged(damage: &str) -> (TestDbs, outbox_relay::verify::Report, i64, i64) {
+async fn damaged(damage: &str) -> (TestDbs, outbox_relay::cmd::verify::Report, i64, i64) {
     let dbs = TestDbs::new().await;
     load(&dbs, 200).await;
     dbs.copy_source_to_target().await;

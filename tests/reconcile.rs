@@ -7,7 +7,7 @@ mod common;
 
 use common::sink::dead_letter_count;
 use common::{balances, load, run_binary, TestDbs};
-use outbox_relay::reconcile::{self, ReconcileArgs};
+use outbox_relay::cmd::reconcile::{self, ReconcileArgs};
 use serde_json::Value;
 
 /// Deletes `ids` from pg_end together with their amounts in the balances, as a pg_end

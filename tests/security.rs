@@ -20,8 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{random_name, repo, Relay, TestDbs};
+use outbox_relay::cmd::load::{self, LoadArgs};
 use outbox_relay::error::error_chain;
-use outbox_relay::load::{self, LoadArgs};
 
 const TLS_STATE: &str = "/var/tmp/outbox-relay-tls";
 const TLS_OFFSET: u16 = 300;
@@ -207,10 +207,10 @@ impl TlsDbs {
                 .expect("create test database");
         }
         let dbs = Self { name };
-        outbox_relay::migrate::source(&dbs.admin_source())
+        outbox_relay::cmd::migrate::source(&dbs.admin_source())
             .await
             .expect("migrate source");
-        outbox_relay::migrate::target(&dbs.admin_target())
+        outbox_relay::cmd::migrate::target(&dbs.admin_target())
             .await
             .expect("migrate target");
         apply_roles(

@@ -1,7 +1,7 @@
 //! The sink against the real stack: Kafka → pg_end exactly once, through duplicates,
 //! replays, bad input, SIGKILLs, a pg_end restart and a group of two.
 //!
-//! Each test fills its own source database with `outbox_relay::load`, produces the
+//! Each test fills its own source database with `outbox_relay::cmd::load`, produces the
 //! source rows to its own random topic in one of the formats the sink reads, runs the
 //! `outbox-relay sink` binary, and waits (polling with a deadline) until `verify` passes
 //! against the source. The apply module on its own is tested in `tests/apply.rs`; the

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{stack, TestDbs, BROKERS};
-use outbox_relay::load::{self, LoadArgs};
+use outbox_relay::cmd::load::{self, LoadArgs};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};

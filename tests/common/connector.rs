@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use outbox_relay::chaos::check;
+use outbox_relay::cmd::chaos::check;
 use outbox_relay::lsn::Lsn;
 use tokio_postgres::Client;
 
@@ -199,7 +199,7 @@ pub async fn expected_records(source: &Client, table: &str) -> HashMap<i64, Stri
 
 /// One sample resolved: the slot's `confirmed_flush_lsn` (C), and the LSN of the
 /// slot's last committed progress record in Kafka below the progress partition's high
-/// watermark read after C (K); see `outbox_relay::chaos::check::Held` for why the
+/// watermark read after C (K); see `outbox_relay::cmd::chaos::check::Held` for why the
 /// watermark is read during the run and the records only after it.
 #[derive(Debug, Clone, Copy)]
 pub struct LsnSample {

@@ -139,7 +139,7 @@ pub async fn wait_verified(source_url: &str, target_url: &str, timeout: Duration
             let target = outbox_relay::pg::connect(target_url)
                 .await
                 .map_err(|e| e.to_string())?;
-            outbox_relay::verify::compare(&source, &target)
+            outbox_relay::cmd::verify::compare(&source, &target)
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -175,9 +175,12 @@ pub async fn count(url: &str, sql: &str) -> i64 {
 /// Writes `n` transactions into the pair's source with the load generator, and checks
 /// that it committed every one.
 pub async fn load(dbs: &TestDbs, n: u64) {
-    let summary = outbox_relay::load::run(&outbox_relay::load::LoadArgs::count(&dbs.source_url, n))
-        .await
-        .unwrap();
+    let summary = outbox_relay::cmd::load::run(&outbox_relay::cmd::load::LoadArgs::count(
+        &dbs.source_url,
+        n,
+    ))
+    .await
+    .unwrap();
     assert_eq!(summary.committed, n);
 }
 
@@ -309,8 +312,8 @@ impl TestDbs {
         // A cluster may be restarting (another test binary's fault): retry a while.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let migrated = match outbox_relay::migrate::source(&dbs.source_url).await {
-                Ok(()) => outbox_relay::migrate::target(&dbs.target_url).await,
+            let migrated = match outbox_relay::cmd::migrate::source(&dbs.source_url).await {
+                Ok(()) => outbox_relay::cmd::migrate::target(&dbs.target_url).await,
                 Err(error) => Err(error),
             };
             match migrated {
@@ -409,8 +412,8 @@ impl TestDbs {
     }
 
     /// Runs `verify` on this pair once.
-    pub async fn verify(&self) -> outbox_relay::verify::Report {
-        outbox_relay::verify::compare(&self.source().await, &self.target().await)
+    pub async fn verify(&self) -> outbox_relay::cmd::verify::Report {
+        outbox_relay::cmd::verify::compare(&self.source().await, &self.target().await)
             .await
             .expect("verify reads both databases")
     }

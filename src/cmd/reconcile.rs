@@ -30,11 +30,11 @@ use thiserror::Error;
 use tokio_postgres::Client;
 
 use crate::apply::{self, ApplyBatch, ApplyError, Origin, Progress, TxnRecord};
+use crate::cmd::verify::{self, ChangedRow, Report, TxnRow, VerifyError};
 use crate::config::{SourceArgs, TargetArgs};
 use crate::error::ErrorClass;
 use crate::pg;
 use crate::retry::Backoff;
-use crate::verify::{self, ChangedRow, Report, TxnRow, VerifyError};
 
 /// Buckets whose rows are read together: 1/32 of the table per step.
 const BUCKETS_PER_STEP: usize = 32;

@@ -8,9 +8,9 @@ use thiserror::Error;
 use crate::pg;
 
 /// The source schema: service tables, outbox, publication.
-pub const PG_START_SQL: &str = include_str!("../sql/pg_start.sql");
+pub const PG_START_SQL: &str = include_str!("../../sql/pg_start.sql");
 /// The target schema: inbox tables and the relay's bookkeeping.
-pub const PG_END_SQL: &str = include_str!("../sql/pg_end.sql");
+pub const PG_END_SQL: &str = include_str!("../../sql/pg_end.sql");
 
 #[derive(Debug, Error)]
 pub enum MigrateError {

@@ -34,11 +34,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::cmd::load::{self, LoadArgs, LoadSummary};
+use crate::cmd::{migrate, verify};
 use crate::config::SourceArgs;
 use crate::error::error_chain;
 use crate::kafka::{self, TopicSpec};
-use crate::load::{self, LoadArgs, LoadSummary};
-use crate::{migrate, pg, verify};
+use crate::pg;
 use check::{LsnCheck, NextStage, TopicCheck};
 use relay::{RelayProc, UnexpectedExit};
 use schedule::{Fault, FaultKind, Lane, Schedule};
