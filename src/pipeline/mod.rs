@@ -246,6 +246,28 @@ enum SessionEnd {
     Stopped,
 }
 
+/// Where the read loop is in the stream.
+struct Reading {
+    /// The outbox table's relation id, once its Relation message has been seen.
+    outbox_rel: Option<u32>,
+    /// Whether a transaction is open, and whether it is skipped (already durable).
+    open: Option<bool>,
+    /// `--linger-ms`.
+    linger: Duration,
+    /// The destination's least time between commits ([`Destination::commit_interval`]).
+    interval: Duration,
+}
+
+/// What a wait with no event queued came to.
+enum Waited {
+    /// The next replication event (or the stream's end, or its error).
+    Event(Result<Option<ReplicationEvent>, PgWireError>),
+    /// A commit completed or a batch fell due, and was handled.
+    Handled,
+    /// A stop was asked for.
+    Stop,
+}
+
 impl<D: Destination> Pipeline<D> {
     pub fn new(
         source_url: String,
@@ -473,68 +495,41 @@ impl<D: Destination> Pipeline<D> {
         result
     }
 
+    /// The session's read loop: takes the next event (or, with none queued, waits for
+    /// one, a commit's completion, a batch falling due, or a stop) and hands it on.
     async fn stream_events(
         &mut self,
         replication: &mut ReplicationClient,
         s: &mut Session,
     ) -> Result<SessionEnd, PipelineError> {
-        let mut outbox_rel: Option<u32> = None;
-        // Whether a transaction is open, and whether it is skipped (already durable).
-        let mut open: Option<bool> = None;
-        let linger = Duration::from_millis(self.args.linger_ms);
-        let interval = self.dest.commit_interval();
+        let mut r = Reading {
+            outbox_rel: None,
+            open: None,
+            linger: Duration::from_millis(self.args.linger_ms),
+            interval: self.dest.commit_interval(),
+        };
         let mut stop = self.stop.clone();
         let mut events = events::Events::new();
-
         loop {
             let event = match events.queued(replication) {
                 Some(event) => event,
                 None => {
                     events.before_wait(replication);
-                    // The batch may only be committed between source transactions (the
-                    // rows of an open one are in the destination's batch but not
-                    // complete), and a lingering batch waits for the commit in flight
-                    // rather than for its own turn inside flush().
-                    let deadline = if open.is_none() && s.in_flight.is_none() {
-                        s.due(linger, interval).or_else(|| s.sync_due())
-                    } else {
-                        None
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = stop.wait_for(|s| *s) => {
-                            if open.take().is_some() {
-                                // Read again from the slot on the next start.
-                                self.dest.discard_txn();
-                                s.tracker.abandon_open();
-                            }
-                            self.drain(s, replication).await?;
-                            // Give the worker a moment to send the final status update.
-                            tokio::time::sleep(Duration::from_millis(1200)).await;
-                            return Ok(SessionEnd::Stopped);
-                        }
-                        result = committing(&mut s.in_flight) => {
-                            self.committed(s, result)?;
-                            s.confirm(replication);
-                            continue;
-                        }
-                        _ = retry::sleep_until(deadline) => {
-                            if s.batch.is_empty() {
-                                self.start_sync(s);
-                            } else {
-                                self.flush(s).await?;
-                            }
-                            continue;
-                        }
-                        event = replication.recv() => {
+                    match self.wait(replication, s, &r, &mut stop).await? {
+                        Waited::Event(event) => {
                             events.taken();
                             event
+                        }
+                        Waited::Handled => continue,
+                        Waited::Stop => {
+                            self.stop_session(replication, s, &mut r).await?;
+                            return Ok(SessionEnd::Stopped);
                         }
                     }
                 }
             };
-            let event = match event {
-                Ok(Some(event)) => event,
+            match event {
+                Ok(Some(event)) => self.on_event(event, replication, s, &mut r).await?,
                 Ok(None) => {
                     return Err(PipelineError::Replication(PgWireError::Protocol(
                         "replication stream ended".into(),
@@ -543,119 +538,194 @@ impl<D: Destination> Pipeline<D> {
                 Err(error) => {
                     // Complete transactions in the batch are valid: make them durable
                     // before reconnecting, so the next session does not redo them.
-                    if open.take().is_some() {
+                    if r.open.take().is_some() {
                         self.dest.discard_txn();
                     }
                     s.tracker.abandon_open();
                     let _ = self.drain(s, replication).await;
                     return Err(PipelineError::Replication(error));
                 }
-            };
-            match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => {
-                    s.tracker.begin();
-                    let commit_lsn = Lsn(final_lsn.as_u64());
-                    let skip = commit_lsn < self.durable_lsn;
-                    if !skip {
-                        self.dest.begin_txn(TxnMeta {
-                            commit_lsn,
-                            xid: Some(xid),
-                            commit_time_micros: Some(commit_time_micros),
-                        });
-                    }
-                    open = Some(skip);
-                }
-                ReplicationEvent::XLogData {
-                    data, wal_start, ..
-                } => {
-                    let message =
-                        pgoutput::decode(&data).map_err(|source| PipelineError::Decode {
-                            lsn: Lsn(wal_start.as_u64()),
-                            source,
-                        })?;
-                    match message {
-                        LogicalMessage::Relation(relation)
-                            if relation.namespace == self.table.schema
-                                && relation.name == self.table.name =>
-                        {
-                            let columns: Vec<ColumnDef> =
-                                relation.columns.iter().map(ColumnDef::from).collect();
-                            self.dest.set_columns(&columns)?;
-                            outbox_rel = Some(relation.rel_id);
-                        }
-                        LogicalMessage::Insert(insert)
-                            if open == Some(false) && outbox_rel == Some(insert.rel_id) =>
-                        {
-                            let values: Vec<Option<&[u8]>> =
-                                insert.new.columns.iter().map(|c| c.as_text()).collect();
-                            self.dest.row(&values);
-                        }
-                        // Updates, deletes and truncates of the outbox are not published;
-                        // types, origins and messages carry nothing to relay.
-                        _ => {}
-                    }
-                }
-                ReplicationEvent::Commit { end_lsn, .. } => {
-                    let end_lsn = Lsn(end_lsn.as_u64());
-                    match open.take() {
-                        None => {}
-                        Some(true) => {
-                            s.tracker.commit(end_lsn, 0);
-                        }
-                        Some(false) if end_lsn <= self.durable_lsn => {
-                            self.dest.discard_txn();
-                            s.tracker.commit(end_lsn, 0);
-                        }
-                        Some(false) => {
-                            self.dest.end_txn();
-                            let batch = &mut s.batch;
-                            batch.last_end_lsn = Some(end_lsn);
-                            batch.last_ticket = Some(s.tracker.commit(end_lsn, 1));
-                            batch.transactions += 1;
-                            batch.started.get_or_insert_with(Instant::now);
-                            let (rows, bytes) = self.dest.batch_size();
-                            ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE)
-                                .set(rows as f64);
-                            ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE)
-                                .set(bytes as f64);
-                            let full =
-                                rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
-                            let due = s
-                                .due(linger, interval)
-                                .is_some_and(|due| due <= Instant::now());
-                            if full || (due && s.in_flight.is_none()) {
-                                self.flush(s).await?;
-                            }
-                        }
-                    }
-                    s.confirm(replication);
-                }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    let wal_end = Lsn(wal_end.as_u64());
-                    ::metrics::gauge!(metrics::SLOT_LAG_BYTES, "stage" => D::STAGE)
-                        .set(wal_end.as_u64().saturating_sub(s.confirmed.as_u64()) as f64);
-                    if s.idle() {
-                        s.tracker.idle_position(wal_end);
-                        s.confirm(replication);
-                    }
-                }
-                ReplicationEvent::Message {
-                    transactional: false,
-                    lsn,
-                    ..
-                } => {
-                    if s.idle() {
-                        s.tracker.idle_position(Lsn(lsn.as_u64()));
-                        s.confirm(replication);
-                    }
-                }
-                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
             }
         }
+    }
+
+    /// With no event queued: waits for whichever comes first of a stop, the commit in
+    /// flight completing (handled here), the batch or a sync falling due (handled
+    /// here), and the next event.
+    async fn wait(
+        &mut self,
+        replication: &mut ReplicationClient,
+        s: &mut Session,
+        r: &Reading,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Waited, PipelineError> {
+        // The batch may only be committed between source transactions (the rows of an
+        // open one are in the destination's batch but not complete), and a lingering
+        // batch waits for the commit in flight rather than for its own turn inside
+        // flush().
+        let deadline = if r.open.is_none() && s.in_flight.is_none() {
+            s.due(r.linger, r.interval).or_else(|| s.sync_due())
+        } else {
+            None
+        };
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Ok(Waited::Stop),
+            result = committing(&mut s.in_flight) => {
+                self.committed(s, result)?;
+                s.confirm(replication);
+                Ok(Waited::Handled)
+            }
+            _ = retry::sleep_until(deadline) => {
+                if s.batch.is_empty() {
+                    self.start_sync(s);
+                } else {
+                    self.flush(s).await?;
+                }
+                Ok(Waited::Handled)
+            }
+            event = replication.recv() => Ok(Waited::Event(event)),
+        }
+    }
+
+    /// A stop: an open transaction is abandoned (read again from the slot on the next
+    /// start), the complete ones are made durable and confirmed.
+    async fn stop_session(
+        &mut self,
+        replication: &ReplicationClient,
+        s: &mut Session,
+        r: &mut Reading,
+    ) -> Result<(), PipelineError> {
+        if r.open.take().is_some() {
+            self.dest.discard_txn();
+            s.tracker.abandon_open();
+        }
+        self.drain(s, replication).await?;
+        // Give the worker a moment to send the final status update.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        Ok(())
+    }
+
+    /// One replication event.
+    async fn on_event(
+        &mut self,
+        event: ReplicationEvent,
+        replication: &ReplicationClient,
+        s: &mut Session,
+        r: &mut Reading,
+    ) -> Result<(), PipelineError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                s.tracker.begin();
+                let commit_lsn = Lsn(final_lsn.as_u64());
+                let skip = commit_lsn < self.durable_lsn;
+                if !skip {
+                    self.dest.begin_txn(TxnMeta {
+                        commit_lsn,
+                        xid: Some(xid),
+                        commit_time_micros: Some(commit_time_micros),
+                    });
+                }
+                r.open = Some(skip);
+            }
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => self.on_message(&data, Lsn(wal_start.as_u64()), r)?,
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.on_commit(Lsn(end_lsn.as_u64()), s, r).await?;
+                s.confirm(replication);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                let wal_end = Lsn(wal_end.as_u64());
+                ::metrics::gauge!(metrics::SLOT_LAG_BYTES, "stage" => D::STAGE)
+                    .set(wal_end.as_u64().saturating_sub(s.confirmed.as_u64()) as f64);
+                s.idle_position(wal_end, replication);
+            }
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } => s.idle_position(Lsn(lsn.as_u64()), replication),
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A pgoutput message: the outbox's Relation sets the destination's columns, its
+    /// inserts in a transaction not yet durable become rows.
+    fn on_message(
+        &mut self,
+        data: &bytes::Bytes,
+        at: Lsn,
+        r: &mut Reading,
+    ) -> Result<(), PipelineError> {
+        let message =
+            pgoutput::decode(data).map_err(|source| PipelineError::Decode { lsn: at, source })?;
+        match message {
+            LogicalMessage::Relation(relation)
+                if relation.namespace == self.table.schema && relation.name == self.table.name =>
+            {
+                let columns: Vec<ColumnDef> =
+                    relation.columns.iter().map(ColumnDef::from).collect();
+                self.dest.set_columns(&columns)?;
+                r.outbox_rel = Some(relation.rel_id);
+            }
+            LogicalMessage::Insert(insert)
+                if r.open == Some(false) && r.outbox_rel == Some(insert.rel_id) =>
+            {
+                let values: Vec<Option<&[u8]>> =
+                    insert.new.columns.iter().map(|c| c.as_text()).collect();
+                self.dest.row(&values);
+            }
+            // Updates, deletes and truncates of the outbox are not published; types,
+            // origins and messages carry nothing to relay.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A source transaction's commit: a skipped one only moves the tracker; a new one
+    /// joins the batch, which is committed when full, or when due with nothing in
+    /// flight.
+    async fn on_commit(
+        &mut self,
+        end_lsn: Lsn,
+        s: &mut Session,
+        r: &mut Reading,
+    ) -> Result<(), PipelineError> {
+        match r.open.take() {
+            None => {}
+            Some(true) => {
+                s.tracker.commit(end_lsn, 0);
+            }
+            Some(false) if end_lsn <= self.durable_lsn => {
+                self.dest.discard_txn();
+                s.tracker.commit(end_lsn, 0);
+            }
+            Some(false) => {
+                self.dest.end_txn();
+                let batch = &mut s.batch;
+                batch.last_end_lsn = Some(end_lsn);
+                batch.last_ticket = Some(s.tracker.commit(end_lsn, 1));
+                batch.transactions += 1;
+                batch.started.get_or_insert_with(Instant::now);
+                let (rows, bytes) = self.dest.batch_size();
+                ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE).set(rows as f64);
+                ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE).set(bytes as f64);
+                let full = rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
+                let due = s
+                    .due(r.linger, r.interval)
+                    .is_some_and(|due| due <= Instant::now());
+                if full || (due && s.in_flight.is_none()) {
+                    self.flush(s).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts the batch's commit, after the one in flight (if any) has completed:
@@ -832,6 +902,15 @@ impl Session {
             Some(last) => lingered.max(last + interval),
             None => lingered,
         })
+    }
+
+    /// With nothing read waiting to become durable, everything before `lsn` (a
+    /// keepalive's WAL end, a non-transactional message) may be confirmed.
+    fn idle_position(&mut self, lsn: Lsn, replication: &ReplicationClient) {
+        if self.idle() {
+            self.tracker.idle_position(lsn);
+            self.confirm(replication);
+        }
     }
 
     /// Tells the slot what may be confirmed.
