@@ -3,20 +3,33 @@
 //! that every transaction is counted in pg_end exactly once, whatever fails.
 //!
 //! # Layout
-//! - [`lsn`]: the `Lsn` newtype.
-//! - [`pgoutput`]: pure decoder of the pgoutput logical replication protocol.
-//! - [`pg`]: PostgreSQL connections and error classification.
-//! - [`retry`]: the one backoff helper.
+//! The engine, from the bottom layer up (a module imports only from layers below it):
+//! - [`lsn`]: the `Lsn` newtype, printed as `X/X`.
 //! - [`secret`]: the `Secret` type that never prints its value.
-//! - [`config`]: settings shared by the commands, defaulting to the local stack.
-//! - [`migrate`]: the schemas in `sql/`.
-//! - [`load`]: the load generator writing seed-shaped transactions to pg_start.
-//! - [`verify`]: the checker comparing pg_start and pg_end.
-//! - [`apply`]: the one set-based, idempotent apply to pg_end (sink and direct mode).
+//! - [`error`]: the error policy: transient or definite, `error_chain`, and the
+//!   PostgreSQL and Kafka classifiers.
+//! - [`retry`]: the one backoff helper and the optional-deadline sleep.
+//! - [`metrics`]: the Prometheus recorder and the health endpoints.
+//! - [`pgoutput`]: the pure decoder of the pgoutput logical replication protocol.
+//! - [`pg`]: PostgreSQL connections from one URL form (TLS, password files, timeouts).
+//! - [`progress`]: `ProgressTracker` (what may be confirmed to the slot) and the
+//!   progress record every destination stores with its data.
+//! - [`apply`]: the one set-based, idempotent apply to pg_end and its driver (sink,
+//!   direct mode, reconcile).
+//! - [`kafka`]: Kafka clients, topics and the progress topic's read.
+//! - [`source`]: pg_start's checks, the slot's state, the replication settings.
+//! - [`record`]: the record wire format (value, key, headers), encode and decode.
+//! - [`config`]: the settings and defaults shared by the commands, and the TOML file.
+//! - [`pipeline`]: the replication pipeline shared by `connector` and `direct`.
 //! - [`sink`]: `outbox-relay sink`, Kafka → pg_end with offsets stored in pg_end.
-//! - [`status`]: `outbox-relay status`, health and lag of every component.
-//! - [`chaos`]: `outbox-relay chaos`, the fault-injection runner and its checkers.
-//! - [`reconcile`]: `outbox-relay reconcile`, copies what pg_end lacks from pg_start.
+//! - [`connector`]: `outbox-relay connector`, slot → Kafka, exactly once.
+//! - [`direct`]: `outbox-relay direct`, slot → pg_end without Kafka.
+//!
+//! Apart from the engine, [`cmd`] holds the one-shot and operator commands: `migrate`,
+//! `load`, `verify`, `check`, `status`, `reconcile` and `chaos`.
+//!
+//! Test-only fault hooks are compiled only with the `fault-injection` feature, never
+//! into a release build.
 
 pub mod apply;
 pub mod cmd;
