@@ -197,10 +197,6 @@ impl Driver {
         self
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// The connection as it is, never a new one (e.g. to make commits made on it
     /// durable); `None` if there is none.
     pub fn current(&mut self) -> Option<&mut Target> {
