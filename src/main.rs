@@ -211,11 +211,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             connector::run(args, shutdown_signal()).await?;
         }
         Command::Sink(args) => {
-            let mut stop = shutdown_signal();
-            let stats = sink::run_until(&args, async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            })
-            .await?;
+            let stats = sink::run(args, shutdown_signal()).await?;
             eprintln!("sink: {}", serde_json::to_string(&stats)?);
         }
         Command::Direct(args) => {

@@ -48,10 +48,18 @@
 //! A unique index on `(topic, partition, kafka_offset)` makes a replayed Kafka record's
 //! dead letter a no-op. Dead letters without a Kafka origin (direct mode) have no such
 //! key and would be written again if their batch were applied twice.
+//!
+//! # Retries
+//! [`apply`] makes one attempt. Its callers (sink, direct mode, reconcile) retry
+//! through the one [`Driver`]: timeout, reconnect, backoff, and the transient/definite
+//! split of [`crate::error`].
 
 pub mod binary;
 pub mod credit;
+pub mod driver;
 pub mod validate;
+
+pub use driver::{Driver, APPLY_TIMEOUT};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -29,10 +29,10 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::apply::{self, ApplyBatch, ApplyError, Origin, Progress, TxnRecord};
+use crate::apply::driver::{self, Driver, Failure};
+use crate::apply::{self, ApplyBatch, Origin, Progress, TxnRecord};
 use crate::cmd::verify::{self, ChangedRow, Report, TxnRow, VerifyError};
 use crate::config::{SourceArgs, TargetArgs};
-use crate::error::ErrorClass;
 use crate::pg;
 use crate::retry::Backoff;
 
@@ -100,7 +100,7 @@ pub enum ReconcileError {
     #[error("reading the missing rows' amounts from pg_start failed")]
     Credits(#[source] tokio_postgres::Error),
     #[error("applying missing transactions to pg_end failed")]
-    Apply(#[source] ApplyError),
+    Apply(#[source] Failure),
 }
 
 /// What the missing rows add to one account's balance.
@@ -232,23 +232,34 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
         ));
     }
     let source = connect("pg_start", &args.source.source_url).await?;
-    let mut target = apply::Target::new(connect("pg_end", &args.target.target_url).await?);
+    // Applies retry a bounded number of times, reconnecting; reads use the same
+    // connection (or the one an apply left behind).
+    let mut pg_end = Driver::new(args.target.target_url.clone())
+        .with_backoff(Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        ))
+        .with_attempts(APPLY_ATTEMPTS)
+        .with_connection(apply::Target::new(
+            connect("pg_end", &args.target.target_url).await?,
+        ));
     let mut report = ReconcileReport {
         dry_run: args.dry_run,
         ..ReconcileReport::default()
     };
     let mut missing_ids: Vec<i64> = Vec::new();
 
-    let buckets = verify::differing_buckets(&source, &target).await?;
+    let buckets = verify::differing_buckets(&source, reading(&mut pg_end).await?).await?;
     tracing::info!(
         differing_buckets = buckets.len(),
         of = verify::BUCKETS,
         "compared pg_start and pg_end"
     );
     for step in buckets.chunks(BUCKETS_PER_STEP) {
+        let target = reading(&mut pg_end).await?;
         let (source_rows, target_rows) = tokio::try_join!(
             verify::bucket_rows("pg_start", &source, step),
-            verify::bucket_rows("pg_end", &target, step)
+            verify::bucket_rows("pg_end", target, step)
         )?;
         let diff = verify::row_diff(&source_rows, &target_rows);
         drop((source_rows, target_rows));
@@ -269,7 +280,7 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
             continue;
         }
         for rows in diff.missing.chunks(args.batch_size) {
-            let outcome = apply_rows(&mut target, &args.target.target_url, rows).await?;
+            let outcome = apply_rows(&mut pg_end, rows).await?;
             report.inserted += outcome.inserted;
             report.duplicates += outcome.duplicates;
             report.conflicts += outcome.conflicts;
@@ -279,7 +290,7 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
     if !missing_ids.is_empty() {
         report.credits = credits(&source, &missing_ids).await?;
     }
-    report.verify = verify::compare(&source, &target).await?;
+    report.verify = verify::compare(&source, reading(&mut pg_end).await?).await?;
     tracing::info!(
         dry_run = args.dry_run,
         missing = report.missing,
@@ -307,6 +318,14 @@ async fn connect(which: &'static str, url: &str) -> Result<Client, ReconcileErro
         })
 }
 
+/// pg_end's connection for a read: the open one, or one new attempt.
+async fn reading(pg_end: &mut Driver) -> Result<&apply::Target, ReconcileError> {
+    match pg_end.connection().await {
+        Ok(target) => Ok(target),
+        Err(failure) => Err(ReconcileError::Apply(failure)),
+    }
+}
+
 /// The per-account sums of the missing rows, read from pg_start in one query.
 async fn credits(source: &Client, ids: &[i64]) -> Result<Vec<Credit>, ReconcileError> {
     let rows = source
@@ -326,10 +345,9 @@ async fn credits(source: &Client, ids: &[i64]) -> Result<Vec<Credit>, ReconcileE
 }
 
 /// Applies `rows` as one batch with no progress marker, retrying transient failures
-/// (reconnecting) a bounded number of times.
+/// (reconnecting) up to [`APPLY_ATTEMPTS`] attempts in all.
 async fn apply_rows(
-    target: &mut apply::Target,
-    url: &str,
+    pg_end: &mut Driver,
     rows: &[TxnRow],
 ) -> Result<apply::ApplyOutcome, ReconcileError> {
     let origin = Origin {
@@ -356,26 +374,27 @@ async fn apply_rows(
         dead_letters: Vec::new(),
         progress: Progress::None,
     };
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    loop {
-        let error = match apply::apply(target, &batch).await {
-            Ok(outcome) => return Ok(outcome),
-            Err(error) => error,
-        };
-        if error.class() == ErrorClass::Definite || backoff.attempts() + 1 >= APPLY_ATTEMPTS {
-            return Err(ReconcileError::Apply(error));
-        }
+    pg_end
+        .run(&mut Reconciling, &mut driver::Apply(&batch))
+        .await
+        .map_err(|ended| ReconcileError::Apply(ended.into()))
+}
+
+/// Reconcile's side of the driver: it never stops half-way and keeps no commit in
+/// doubt (each batch is committed synchronously), so it only logs its retries.
+struct Reconciling;
+
+impl driver::Session for Reconciling {
+    fn stopped(&self) -> bool {
+        false
+    }
+
+    fn retrying(&mut self, failure: &str, attempt: u32) {
         tracing::warn!(
-            error = %crate::error::error_chain(&error),
-            attempt = backoff.attempts() + 1,
+            error = %failure,
+            attempt,
             "cannot apply a batch to pg_end; retrying"
         );
-        backoff.wait().await;
-        if target.is_closed() {
-            if let Ok(client) = pg::connect(url).await {
-                *target = apply::Target::new(client);
-            }
-        }
     }
 }
 

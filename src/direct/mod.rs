@@ -50,17 +50,16 @@ use std::sync::Arc;
 use tokio::sync::{watch, Mutex};
 use tokio_postgres::types::PgLsn;
 
+use crate::apply::driver::{self, Driver, Ended, Failure};
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
 use crate::config::{self, SourceArgs, TargetArgs};
 use crate::error::{self, ErrorClass};
 use crate::lsn::Lsn;
-use crate::pg;
 use crate::pipeline::{
     ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
 use crate::progress::{ProgressRecord, ProgressState};
 use crate::record::encode::{self, ColumnSpec};
-use crate::retry::Backoff;
 
 /// Options of `outbox-relay direct`.
 #[derive(clap::Args, Debug, Clone)]
@@ -112,9 +111,6 @@ impl SynchronousCommit {
         }
     }
 }
-
-/// How long one apply attempt may take before it counts as a transient failure.
-const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs direct mode until `stop` turns true or a definite error occurs.
 pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
@@ -174,13 +170,13 @@ struct PgEndDestination {
 
 /// The connection to pg_end.
 struct PgEnd {
-    url: String,
+    /// The connection (set to the `synchronous_commit` level) and the retries on it.
+    driver: Driver,
     /// The slot whose progress row this relay writes.
     slot: String,
     synchronous_commit: SynchronousCommit,
-    client: Option<apply::Target>,
-    /// pg_end's WAL insert position after the last commit on `client` that has not
-    /// been seen flushed.
+    /// pg_end's WAL insert position after the last commit on the driver's connection
+    /// that has not been seen flushed.
     unflushed: Option<Lsn>,
     stop: watch::Receiver<bool>,
 }
@@ -200,23 +196,10 @@ impl PgEnd {
         self.synchronous_commit == SynchronousCommit::Off
     }
 
-    /// Gives the connection up after a failure. A commit on it not yet seen flushed may
-    /// be lost, if pg_end crashed, and no later connection can tell: the error ends the
-    /// session, whose successor starts from pg_end's progress row.
-    fn disconnect(&mut self) -> Result<(), PipelineError> {
-        match self.unflushed {
-            None => {
-                self.client = None;
-                Ok(())
-            }
-            Some(_) => Err(self.in_doubt()),
-        }
-    }
-
     /// Gives the connection up with commits on it not yet seen flushed: the error that
     /// ends the session.
     fn in_doubt(&mut self) -> PipelineError {
-        self.client = None;
+        self.driver.disconnect();
         let upto = match self.unflushed.take() {
             Some(lsn) => format!(" (up to WAL {lsn})"),
             None => String::new(),
@@ -230,40 +213,108 @@ impl PgEnd {
             source: "connection given up".into(),
         }
     }
+}
 
-    /// A connected client, retrying transient failures until a stop.
-    async fn client(&mut self) -> Result<&mut apply::Target, PipelineError> {
-        let mut backoff = Backoff::reconnect();
-        while self.client.is_none() {
-            let connected = match pg::connect(&self.url).await {
-                Ok(client) => client
-                    .batch_execute(&format!(
-                        "SET synchronous_commit = {}",
-                        self.synchronous_commit.as_sql()
-                    ))
-                    .await
-                    .map(|()| client),
-                Err(error) => Err(error),
-            };
-            match connected {
-                Ok(client) => self.client = Some(apply::Target::new(client)),
-                Err(error) if error::pg::classify(&error) == ErrorClass::Transient => {
-                    tracing::warn!(%error, "pg_end unavailable, retrying");
-                    if *self.stop.borrow() {
-                        return Err(PipelineError::Stopped);
-                    }
-                    backoff.wait().await;
-                }
-                Err(error) => {
-                    return Err(PipelineError::Destination {
-                        context: format!("connecting to pg_end ({})", pg::redact_url(&self.url)),
-                        class: ErrorClass::Definite,
-                        source: Box::new(error),
-                    })
-                }
-            }
+/// A failure the driver ended with, as the pipeline's error.
+fn destination_error(context: &str, failure: Failure) -> PipelineError {
+    PipelineError::Destination {
+        context: context.into(),
+        class: failure.class(),
+        source: Box::new(failure),
+    }
+}
+
+/// Direct mode's side of the driver while applying a batch: the pipeline's stop, and
+/// the commit-in-doubt rule.
+struct Applying<'s> {
+    stop: &'s watch::Receiver<bool>,
+    /// As it was when the batch's first attempt started.
+    unflushed: Option<Lsn>,
+}
+
+impl driver::Session for Applying<'_> {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn retrying(&mut self, failure: &str, attempt: u32) {
+        tracing::warn!(
+            error = %failure,
+            attempt,
+            "pg_end apply failed, retrying the same batch"
+        );
+    }
+
+    /// A commit on the connection not yet seen flushed may be lost, if pg_end crashed,
+    /// and no later connection can tell: the connection is not exchanged for a new
+    /// one, the session ends, and its successor starts from pg_end's progress row.
+    fn may_release(&mut self) -> bool {
+        self.unflushed.is_none()
+    }
+}
+
+/// Direct mode's side of the driver while reading the progress row at the start of a
+/// session: the pipeline's stop; a connection given up is noted (see `read_progress`).
+struct ReadingProgress<'s> {
+    stop: &'s watch::Receiver<bool>,
+    released: bool,
+}
+
+impl driver::Session for ReadingProgress<'_> {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn retrying(&mut self, failure: &str, attempt: u32) {
+        tracing::warn!(error = %failure, attempt, "reading direct-mode progress, retrying");
+    }
+
+    fn may_release(&mut self) -> bool {
+        self.released = true;
+        true
+    }
+}
+
+/// One attempt at a batch: the apply, then (commits being asynchronous) pg_end's WAL
+/// insert and flush positions, read on the connection that committed it.
+struct ApplyAndRead<'b> {
+    batch: &'b ApplyBatch,
+    asynchronous: bool,
+}
+
+impl driver::Attempt for ApplyAndRead<'_> {
+    type Output = (apply::ApplyOutcome, Option<(Lsn, Lsn)>);
+    async fn run(&mut self, target: &mut apply::Target) -> Result<Self::Output, apply::ApplyError> {
+        let outcome = apply::apply(target, self.batch).await?;
+        if !self.asynchronous {
+            return Ok((outcome, None));
         }
-        self.client.as_mut().ok_or(PipelineError::Stopped)
+        let positions = wal_positions(target)
+            .await
+            .map_err(|e| apply::ApplyError::new("reading WAL positions", e))?;
+        Ok((outcome, Some(positions)))
+    }
+}
+
+/// One attempt at reading the progress row: `(row, whether it was made durable)`.
+struct ReadProgress<'s> {
+    slot: &'s str,
+    asynchronous: bool,
+}
+
+impl driver::Attempt for ReadProgress<'_> {
+    type Output = (Option<Lsn>, bool);
+    async fn run(&mut self, target: &mut apply::Target) -> Result<Self::Output, apply::ApplyError> {
+        let lsn = apply::read_source_lsn(&**target, self.slot).await?;
+        // The row may be an asynchronous commit not yet flushed: it is made durable
+        // before the pipeline skips what it covers.
+        let flush_it = lsn.is_some() && self.asynchronous;
+        if flush_it {
+            flush(target, self.slot)
+                .await
+                .map_err(|e| apply::ApplyError::new("flushing pg_end's WAL", e))?;
+        }
+        Ok((lsn, flush_it))
     }
 }
 
@@ -277,10 +328,12 @@ impl PgEndDestination {
     ) -> Self {
         Self {
             pg_end: Arc::new(Mutex::new(PgEnd {
-                url: url.to_string(),
+                driver: Driver::new(url).with_setup(format!(
+                    "SET synchronous_commit = {}",
+                    synchronous_commit.as_sql()
+                )),
                 slot: slot.to_string(),
                 synchronous_commit,
-                client: None,
                 unflushed: None,
                 stop,
             })),
@@ -336,51 +389,42 @@ impl Destination for PgEndDestination {
     const STAGE: &'static str = "direct";
 
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
-        let mut pg_end = self.pg_end.lock().await;
-        let mut backoff = Backoff::reconnect();
-        loop {
-            let asynchronous = pg_end.asynchronous();
-            let client = pg_end.client().await?;
-            let mut read = apply::read_source_lsn(&**client, slot).await;
-            // The row may be an asynchronous commit not yet flushed: it is made
-            // durable before the pipeline skips what it covers.
-            if let (Ok(Some(_)), true) = (&read, asynchronous) {
-                match flush(client, slot).await {
-                    Ok(_) => pg_end.unflushed = None,
-                    Err(error) => {
-                        read = Err(apply::ApplyError::new("flushing pg_end's WAL", error))
-                    }
+        let mut guard = self.pg_end.lock().await;
+        let pg_end = &mut *guard;
+        let mut attempt = ReadProgress {
+            slot,
+            asynchronous: pg_end.asynchronous(),
+        };
+        let mut session = ReadingProgress {
+            stop: &pg_end.stop,
+            released: false,
+        };
+        let read = pg_end.driver.run(&mut session, &mut attempt).await;
+        if session.released {
+            // A new session is starting: it takes the progress row, whatever
+            // survived, as the truth, so commits in doubt are no error here.
+            pg_end.unflushed = None;
+        }
+        match read {
+            Ok((lsn, flushed)) => {
+                if flushed {
+                    pg_end.unflushed = None;
                 }
-            }
-            match read {
-                // The snapshot marker is the progress row at 0/0.
-                Ok(Some(lsn)) if lsn.is_zero() => {
-                    return Ok(Some(ProgressRecord {
+                Ok(match lsn {
+                    // The snapshot marker is the progress row at 0/0.
+                    Some(lsn) if lsn.is_zero() => Some(ProgressRecord {
                         state: ProgressState::Snapshot,
                         lsn: lsn.to_string(),
-                    }))
-                }
-                Ok(Some(lsn)) => return Ok(Some(ProgressRecord::streaming(lsn))),
-                Ok(None) => return Ok(None),
-                Err(error) if error.class() == ErrorClass::Transient => {
-                    tracing::warn!(%error, "reading direct-mode progress, retrying");
-                    // A new session is starting: it takes the progress row, whatever
-                    // survived, as the truth, so commits in doubt are no error here.
-                    pg_end.client = None;
-                    pg_end.unflushed = None;
-                    if *pg_end.stop.borrow() {
-                        return Err(PipelineError::Stopped);
-                    }
-                    backoff.wait().await;
-                }
-                Err(error) => {
-                    return Err(PipelineError::Destination {
-                        context: "reading direct-mode progress from pg_end".into(),
-                        class: ErrorClass::Definite,
-                        source: Box::new(error),
-                    })
-                }
+                    }),
+                    Some(lsn) => Some(ProgressRecord::streaming(lsn)),
+                    None => None,
+                })
             }
+            Err(Ended::Stopped) => Err(PipelineError::Stopped),
+            Err(ended) => Err(destination_error(
+                "reading direct-mode progress from pg_end",
+                ended.into(),
+            )),
         }
     }
 
@@ -530,77 +574,50 @@ async fn wal_positions(client: &apply::Target) -> Result<(Lsn, Lsn), tokio_postg
 }
 
 impl PgEnd {
-    /// Applies `batch`, retrying transient failures (on a new connection, unless that
-    /// would put an earlier commit in doubt) until it is committed or a stop.
+    /// Applies `batch` through the driver: transient failures are retried (on a new
+    /// connection, unless that would put an earlier commit in doubt, which ends the
+    /// session instead) until it is committed or a stop.
     async fn apply(&mut self, batch: &ApplyBatch) -> Result<Committed, PipelineError> {
-        let mut backoff = Backoff::reconnect();
-        loop {
-            let asynchronous = self.asynchronous();
-            let client = self.client().await?;
-            // A frozen or black-holed pg_end must not hold the pipeline forever: an
-            // attempt that outlasts APPLY_TIMEOUT is a transient failure, retried on a
-            // new connection (applying the same batch twice is harmless).
-            let result =
-                match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, batch)).await {
-                    Ok(result) => result.map_err(Some),
-                    Err(_) => Err(None),
+        let mut attempt = ApplyAndRead {
+            batch,
+            asynchronous: self.asynchronous(),
+        };
+        // `unflushed` stays as it was until an attempt succeeds: if a failed attempt's
+        // commit happened and is lost, the retry (on whichever connection) applies the
+        // batch again.
+        let mut session = Applying {
+            stop: &self.stop,
+            unflushed: self.unflushed,
+        };
+        let (outcome, committed) = match self.driver.run(&mut session, &mut attempt).await {
+            // What must be flushed for the batch to be durable.
+            Ok((outcome, Some((needed, flushed)))) => {
+                self.unflushed = (flushed < needed).then_some(needed);
+                let committed = Committed {
+                    flush_needed: Some(needed),
+                    flushed,
                 };
-            let result = match result {
-                // What must be flushed for the batch to be durable.
-                Ok(outcome) if asynchronous => match wal_positions(client).await {
-                    Ok((needed, flushed)) => {
-                        self.unflushed = (flushed < needed).then_some(needed);
-                        let flush_needed = Some(needed);
-                        Ok((
-                            outcome,
-                            Committed {
-                                flush_needed,
-                                flushed,
-                            },
-                        ))
-                    }
-                    Err(error) => Err(Some(apply::ApplyError::new("reading WAL positions", error))),
-                },
-                Ok(outcome) => Ok((outcome, Committed::DURABLE)),
-                // `unflushed` stays as it was: if this attempt's commit happened and is
-                // lost, the retry (on whichever connection) applies the batch again.
-                Err(error) => Err(error),
-            };
-            match result {
-                Ok((outcome, committed)) => {
-                    if outcome.dead_letters > 0 {
-                        tracing::warn!(
-                            dead_letters = outcome.dead_letters,
-                            "rows dead-lettered in pg_end"
-                        );
-                    }
-                    tracing::debug!(
-                        inserted = outcome.inserted,
-                        duplicates = outcome.duplicates,
-                        "applied"
-                    );
-                    return Ok(committed);
-                }
-                Err(None) => {
-                    tracing::warn!(timeout = ?APPLY_TIMEOUT, "pg_end apply timed out, retrying the same batch");
-                }
-                Err(Some(error)) if error.class() == ErrorClass::Transient => {
-                    tracing::warn!(%error, "pg_end apply failed, retrying the same batch");
-                }
-                Err(Some(error)) => {
-                    return Err(PipelineError::Destination {
-                        context: "applying to pg_end".into(),
-                        class: ErrorClass::Definite,
-                        source: Box::new(error),
-                    });
-                }
+                (outcome, committed)
             }
-            self.disconnect()?;
-            if *self.stop.borrow() {
-                return Err(PipelineError::Stopped);
+            Ok((outcome, None)) => (outcome, Committed::DURABLE),
+            Err(Ended::Stopped) => return Err(PipelineError::Stopped),
+            Err(Ended::InDoubt(_)) => return Err(self.in_doubt()),
+            Err(Ended::Failed(failure)) => {
+                return Err(destination_error("applying to pg_end", failure))
             }
-            backoff.wait().await;
+        };
+        if outcome.dead_letters > 0 {
+            tracing::warn!(
+                dead_letters = outcome.dead_letters,
+                "rows dead-lettered in pg_end"
+            );
         }
+        tracing::debug!(
+            inserted = outcome.inserted,
+            duplicates = outcome.duplicates,
+            "applied"
+        );
+        Ok(committed)
     }
 
     /// Makes every commit on the connection durable; returns pg_end's flush position.
@@ -608,10 +625,10 @@ impl PgEnd {
     /// made on the one before.
     async fn sync(&mut self) -> Result<Lsn, PipelineError> {
         let slot = self.slot.clone();
-        let Some(client) = self.client.as_mut() else {
+        let Some(client) = self.driver.current() else {
             return Err(self.in_doubt());
         };
-        match tokio::time::timeout(APPLY_TIMEOUT, flush(client, &slot)).await {
+        match tokio::time::timeout(apply::APPLY_TIMEOUT, flush(client, &slot)).await {
             Ok(Ok(flushed)) => {
                 if self.unflushed.is_some_and(|needed| flushed >= needed) {
                     self.unflushed = None;

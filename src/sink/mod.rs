@@ -57,32 +57,28 @@ pub mod rebalance;
 pub mod replay;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::consumer::{CommitMode, Consumer, MessageStream, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
+use tokio::sync::watch;
 
+use crate::apply::driver::{self, Driver, Ended, Failure};
 use crate::apply::{
     self, ApplyBatch, ApplyError, DeadLetter, KafkaOffset, Origin, Progress, TxnRecord,
 };
 use crate::config::{self, KafkaArgs, TargetArgs};
-use crate::error::{self, error_chain, ErrorClass};
 use crate::pg;
 use crate::record::decode::{Decoded, Detected, Format};
 use crate::record::{self, HEADER_COMMIT_TS, HEADER_LSN};
-use crate::retry::{self, Backoff};
+use crate::retry;
 use rebalance::{OffsetReader, RebalanceEvent, SinkContext};
-
-/// How long one attempt to apply a batch may take before it counts as a transient
-/// failure (a black-holed or frozen pg_end).
-const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often a summary line is logged while records flow.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -265,27 +261,76 @@ impl Pending {
     }
 }
 
-/// Runs the sink until `shutdown` resolves (the binary passes SIGTERM/SIGINT).
-pub async fn run_until(
-    args: &SinkArgs,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<SinkStats, SinkError> {
+/// Runs the sink until `stop` turns true (the binary's SIGTERM/SIGINT; a sender that
+/// is gone counts as a stop) or a definite error: set-up, the poll loop, shutdown.
+pub async fn run(args: SinkArgs, stop: watch::Receiver<bool>) -> Result<SinkStats, SinkError> {
     if args.batch_size == 0 {
         return Err(SinkError::InvalidOption(
             "--batch-size must be at least 1".into(),
         ));
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let watcher = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stop.store(true, Ordering::Relaxed);
-            let _ = stop_tx.send(true);
-        })
-    };
+    let flag = StopFlag::follow(stop.clone());
+    let consumer = set_up(&args, flag.shared()).await?;
+    let mut sink = SinkLoop::new(&args, &consumer, flag.shared());
+    let result = sink.poll(stop).await;
+    let (result, stats) = sink.shut_down(result).await;
+    // Whatever still waits (the offset reader) ends now.
+    flag.raise();
+    drop(flag);
+    drop(consumer);
+    tracing::info!(
+        consumed = stats.consumed,
+        inserted = stats.inserted,
+        duplicates = stats.duplicates,
+        dead_letters = stats.dead_letters,
+        skipped = stats.skipped,
+        "sink stopped"
+    );
+    result.map(|()| stats)
+}
 
+/// The caller's stop as a flag that the applier task and the offset reader's thread
+/// read without awaiting (the reader blocks inside librdkafka's rebalance callback).
+struct StopFlag {
+    flag: Arc<AtomicBool>,
+    /// Raises the flag when the caller's stop turns true; aborted on drop.
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl StopFlag {
+    fn follow(mut stop: watch::Receiver<bool>) -> Self {
+        let flag = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+                flag.store(true, Ordering::Relaxed);
+            })
+        };
+        Self { flag, watcher }
+    }
+
+    fn shared(&self) -> Arc<AtomicBool> {
+        self.flag.clone()
+    }
+
+    fn raise(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StopFlag {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Set-up: the metrics endpoint, the replay position, the offset reader and the
+/// subscribed consumer.
+async fn set_up(
+    args: &SinkArgs,
+    stop: Arc<AtomicBool>,
+) -> Result<StreamConsumer<SinkContext>, SinkError> {
     args.metrics
         .start(crate::metrics::SINK_METRICS)
         .await
@@ -293,8 +338,8 @@ pub async fn run_until(
     let replay = replay::resolve(&args.replay, &args.kafka.brokers, &args.kafka.topic)
         .await
         .map_err(SinkError::Replay)?;
-    let reader = OffsetReader::spawn(args.target.target_url.clone(), stop.clone())
-        .map_err(SinkError::Thread)?;
+    let reader =
+        OffsetReader::spawn(args.target.target_url.clone(), stop).map_err(SinkError::Thread)?;
     let consumer = consumer(args, SinkContext::new(reader).with_replay(replay))?;
     consumer
         .subscribe(&[args.kafka.topic.as_str()])
@@ -306,143 +351,217 @@ pub async fn run_until(
         batch_size = args.batch_size,
         "sink started"
     );
+    Ok(consumer)
+}
 
-    let linger = Duration::from_millis(args.batch_linger_ms);
-    let mut pending = Pending::default();
-    let mut stats = SinkStats::default();
-    // The writer is in the applier task while a batch is in flight, here otherwise.
-    let mut writer = Some(Writer {
-        url: args.target.target_url.clone(),
-        client: None,
-    });
-    let mut in_flight: Option<InFlight> = None;
-    let mut group_offsets = GroupOffsets::new();
-    let mut report = Report::new();
-    let mut kafka_errors = 0u64;
+/// The poll loop and what it keeps between polls: the batch being filled, the one in
+/// flight, the counts.
+struct SinkLoop<'a> {
+    args: &'a SinkArgs,
+    consumer: &'a StreamConsumer<SinkContext>,
+    stop: Arc<AtomicBool>,
+    linger: Duration,
+    pending: Pending,
+    stats: SinkStats,
+    /// pg_end's connection: in the applier task while a batch is in flight, here
+    /// otherwise.
+    writer: Option<Driver>,
+    in_flight: Option<InFlight>,
+    group_offsets: GroupOffsets,
+    report: Report,
+    /// Consumer errors in a row: the loop slows down when they repeat.
+    kafka_errors: u64,
+    /// Whether the last poll found no record waiting.
+    caught_up: bool,
+}
 
-    let mut messages = consumer.stream();
-    // Whether the last poll found no record waiting.
-    let mut caught_up = false;
-    let result = 'run: loop {
-        let full = pending.consumed >= args.batch_size;
-        let deadline = pending.since.map(|since| since + linger);
-        tokio::select! {
-            biased;
-            _ = stop_rx.wait_for(|stopped| *stopped) => break Ok(()),
-            done = wait_applied(&mut in_flight), if in_flight.is_some() => {
-                in_flight = None;
-                match finish_batch(done, &consumer, &mut group_offsets, &mut writer, &mut stats) {
-                    Ok(true) => {}
-                    Ok(false) => break Ok(()), // stopping; the batch was abandoned
-                    Err(error) => break Err(error),
+impl<'a> SinkLoop<'a> {
+    fn new(
+        args: &'a SinkArgs,
+        consumer: &'a StreamConsumer<SinkContext>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            args,
+            consumer,
+            stop,
+            linger: Duration::from_millis(args.batch_linger_ms),
+            pending: Pending::default(),
+            stats: SinkStats::default(),
+            writer: Some(Driver::new(args.target.target_url.clone())),
+            in_flight: None,
+            group_offsets: GroupOffsets::new(),
+            report: Report::new(),
+            kafka_errors: 0,
+            caught_up: false,
+        }
+    }
+
+    /// Consumes, batches and hands batches to the applier until a stop or an error.
+    async fn poll(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), SinkError> {
+        let consumer = self.consumer;
+        let mut messages = consumer.stream();
+        loop {
+            let full = self.pending.consumed >= self.args.batch_size;
+            let deadline = self.pending.since.map(|since| since + self.linger);
+            let group_due = self.group_offsets.due();
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|stopped| *stopped) => {
+                    // Before the last batch's one attempt: it must not wait out an outage.
+                    self.stop.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+                done = wait_applied(&mut self.in_flight), if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    let committed = finish_batch(
+                        done,
+                        consumer,
+                        &mut self.group_offsets,
+                        &mut self.writer,
+                        &mut self.stats,
+                    )?;
+                    if !committed {
+                        return Ok(()); // stopping; the batch was abandoned
+                    }
+                }
+                _ = retry::sleep_until(deadline), if deadline.is_some() && !full => {}
+                // The last batch's offsets when no further batch comes to carry them.
+                _ = retry::sleep_until(group_due), if group_due.is_some() => {
+                    self.group_offsets.commit(consumer);
+                }
+                received = messages.next(), if !full => {
+                    self.receive(received, &mut messages).await?;
                 }
             }
-            _ = retry::sleep_until(deadline), if deadline.is_some() && !full => {}
-            // The last batch's offsets when no further batch comes to carry them.
-            _ = retry::sleep_until(group_offsets.due()), if group_offsets.due().is_some() => {
-                group_offsets.commit(&consumer);
+            on_rebalance(
+                consumer,
+                &mut self.pending,
+                &mut self.group_offsets,
+                &mut self.stats,
+            )?;
+            self.maybe_apply();
+            self.report.maybe_log(&self.stats);
+        }
+    }
+
+    /// Decodes a received record, then what librdkafka has already fetched, without
+    /// going back through the select: one wake-up and one timer per burst, not per
+    /// record.
+    async fn receive(
+        &mut self,
+        first: Option<KafkaResult<BorrowedMessage<'a>>>,
+        messages: &mut MessageStream<'a, SinkContext>,
+    ) -> Result<(), SinkError> {
+        let mut received = first;
+        self.caught_up = false;
+        loop {
+            // Assignment changes happened inside this poll, before its message.
+            on_rebalance(
+                self.consumer,
+                &mut self.pending,
+                &mut self.group_offsets,
+                &mut self.stats,
+            )?;
+            match received {
+                Some(Ok(message)) => {
+                    self.kafka_errors = 0;
+                    consume(
+                        &message,
+                        self.args.format,
+                        &mut self.pending,
+                        &mut self.stats,
+                    );
+                }
+                Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
+                    // librdkafka gave up on this consumer (e.g. another instance runs
+                    // with the same group.instance.id): needs a person.
+                    return Err(SinkError::Consumer(error));
+                }
+                Some(Err(error)) => {
+                    self.kafka_errors += 1;
+                    // librdkafka retries by itself; log, and slow down if it repeats.
+                    tracing::warn!(%error, "kafka consumer error");
+                    if self.kafka_errors > 10 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    return Ok(());
+                }
+                // The stream of a consumer never ends.
+                None => return Ok(()),
             }
-            received = messages.next(), if !full => {
-                // Then what librdkafka has already fetched, without going back through
-                // the select: one wake-up and one timer per burst, not per record.
-                let mut received = received;
-                caught_up = false;
-                loop {
-                    // Assignment changes happened inside this poll, before its message.
-                    if let Err(error) = on_rebalance(&consumer, &mut pending, &mut group_offsets, &mut stats) {
-                        break 'run Err(error);
-                    }
-                    match received {
-                        Some(Ok(message)) => {
-                            kafka_errors = 0;
-                            consume(&message, args.format, &mut pending, &mut stats);
-                        }
-                        Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
-                            // librdkafka gave up on this consumer (e.g. another instance
-                            // runs with the same group.instance.id): needs a person.
-                            break 'run Err(SinkError::Consumer(error));
-                        }
-                        Some(Err(error)) => {
-                            kafka_errors += 1;
-                            // librdkafka retries by itself; log, and slow down if it repeats.
-                            tracing::warn!(%error, "kafka consumer error");
-                            if kafka_errors > 10 {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                            break;
-                        }
-                        // The stream of a consumer never ends.
-                        None => break,
-                    }
-                    if pending.consumed >= args.batch_size {
-                        break;
-                    }
-                    match messages.next().now_or_never() {
-                        Some(next) => received = next,
-                        None => {
-                            caught_up = true;
-                            break;
-                        }
-                    }
+            if self.pending.consumed >= self.args.batch_size {
+                return Ok(());
+            }
+            match messages.next().now_or_never() {
+                Some(next) => received = next,
+                None => {
+                    self.caught_up = true;
+                    return Ok(());
                 }
             }
         }
-        if let Err(error) = on_rebalance(&consumer, &mut pending, &mut group_offsets, &mut stats) {
-            break Err(error);
-        }
-        // A batch is applied when it is full, when nothing is being applied and the
-        // consumer has caught up (no record waits: a batch does not wait for records
-        // that are not there), or at the latest `linger` after its first record.
-        let due = pending
+    }
+
+    /// Hands the pending batch to the applier when it is full, when nothing is being
+    /// applied and the consumer has caught up (no record waits: a batch does not wait
+    /// for records that are not there), or at the latest `linger` after its first
+    /// record.
+    fn maybe_apply(&mut self) {
+        let due = self
+            .pending
             .since
-            .is_some_and(|since| since + linger <= tokio::time::Instant::now());
-        let idle = caught_up && in_flight.is_none();
-        if !pending.is_empty() && (pending.consumed >= args.batch_size || due || idle) {
-            if let Some(writer) = writer.take() {
-                in_flight = Some(InFlight::start(writer, &mut pending, stop.clone()));
+            .is_some_and(|since| since + self.linger <= tokio::time::Instant::now());
+        let idle = self.caught_up && self.in_flight.is_none();
+        let full = self.pending.consumed >= self.args.batch_size;
+        if !self.pending.is_empty() && (full || due || idle) {
+            if let Some(writer) = self.writer.take() {
+                self.in_flight = Some(InFlight::start(
+                    writer,
+                    &mut self.pending,
+                    self.stop.clone(),
+                ));
             }
         }
-        report.maybe_log(&stats);
-    };
+    }
 
-    drop(messages);
-    // Shutdown: the batch in flight finishes (or is abandoned if pg_end does not take
-    // it), the buffered one gets one attempt, then the consumer leaves the group.
-    let mut result = result;
-    let mut pg_end_takes_batches = true;
-    if let Some(applying) = in_flight.take() {
-        match finish_batch(
-            applying.task.await,
-            &consumer,
-            &mut group_offsets,
-            &mut writer,
-            &mut stats,
-        ) {
-            Ok(committed) => pg_end_takes_batches = committed,
-            Err(error) => result = result.and(Err(error)),
+    /// Shutdown: the batch in flight finishes (or is abandoned if pg_end does not take
+    /// it), the buffered one gets one attempt, and Kafka is told what pg_end committed.
+    async fn shut_down(
+        mut self,
+        result: Result<(), SinkError>,
+    ) -> (Result<(), SinkError>, SinkStats) {
+        let mut result = result;
+        let mut pg_end_takes_batches = true;
+        if let Some(applying) = self.in_flight.take() {
+            match finish_batch(
+                applying.task.await,
+                self.consumer,
+                &mut self.group_offsets,
+                &mut self.writer,
+                &mut self.stats,
+            ) {
+                Ok(committed) => pg_end_takes_batches = committed,
+                Err(error) => result = result.and(Err(error)),
+            }
         }
-    }
-    if result.is_ok() && pg_end_takes_batches && !pending.is_empty() {
-        if let Some(writer) = writer.take() {
-            let done = InFlight::start(writer, &mut pending, stop.clone())
-                .task
-                .await;
-            let _ = finish_batch(done, &consumer, &mut group_offsets, &mut None, &mut stats);
+        if result.is_ok() && pg_end_takes_batches && !self.pending.is_empty() {
+            if let Some(writer) = self.writer.take() {
+                let done = InFlight::start(writer, &mut self.pending, self.stop.clone())
+                    .task
+                    .await;
+                let _ = finish_batch(
+                    done,
+                    self.consumer,
+                    &mut self.group_offsets,
+                    &mut None,
+                    &mut self.stats,
+                );
+            }
         }
+        self.group_offsets.commit(self.consumer);
+        (result, self.stats)
     }
-    group_offsets.commit(&consumer);
-    stop.store(true, Ordering::Relaxed);
-    watcher.abort();
-    drop(consumer);
-    tracing::info!(
-        consumed = stats.consumed,
-        inserted = stats.inserted,
-        duplicates = stats.duplicates,
-        dead_letters = stats.dead_letters,
-        skipped = stats.skipped,
-        "sink stopped"
-    );
-    result.map(|()| stats)
 }
 
 /// Source commit → pg_end commit, per applied record that carries the connector's
@@ -466,7 +585,7 @@ struct InFlight {
 /// What the applier task hands back: the writer, the batch's progress, and how it went.
 /// The records are dropped in the task, off the consumer loop.
 struct Applied {
-    writer: Writer,
+    writer: Driver,
     progress: Progress,
     commit_times: Vec<i64>,
     stats: SinkStats,
@@ -474,12 +593,12 @@ struct Applied {
 }
 
 impl InFlight {
-    fn start(mut writer: Writer, pending: &mut Pending, stop: Arc<AtomicBool>) -> Self {
+    fn start(mut writer: Driver, pending: &mut Pending, stop: Arc<AtomicBool>) -> Self {
         let commit_times = std::mem::take(&mut pending.commit_times);
         let batch = pending.take_batch();
         let task = tokio::spawn(async move {
             let mut stats = SinkStats::default();
-            let result = writer.apply_until_done(&batch, &stop, &mut stats).await;
+            let result = apply_until_done(&mut writer, &batch, &stop, &mut stats).await;
             Applied {
                 writer,
                 progress: batch.progress,
@@ -506,7 +625,7 @@ fn finish_batch(
     done: Result<Applied, tokio::task::JoinError>,
     consumer: &StreamConsumer<SinkContext>,
     group_offsets: &mut GroupOffsets,
-    writer: &mut Option<Writer>,
+    writer: &mut Option<Driver>,
     stats: &mut SinkStats,
 ) -> Result<bool, SinkError> {
     let applied = done.map_err(|e| SinkError::Applier(e.to_string()))?;
@@ -771,106 +890,79 @@ impl GroupOffsets {
     }
 }
 
-/// The pg_end connection used to apply batches, re-established after failures.
-struct Writer {
-    url: String,
-    client: Option<apply::Target>,
-}
-
-impl Writer {
-    /// Applies `batch`, retrying transient failures with backoff until it is committed
-    /// (`Ok(true)`) or the sink stops (`Ok(false)`: abandoned, nothing advanced).
-    async fn apply_until_done(
-        &mut self,
-        batch: &ApplyBatch,
-        stop: &AtomicBool,
-        stats: &mut SinkStats,
-    ) -> Result<bool, SinkError> {
-        let mut backoff = Backoff::reconnect();
-        let started = Instant::now();
-        loop {
-            match self.attempt(batch).await {
-                Ok(outcome) => {
-                    crate::metrics::health().set_ready(true);
-                    stats.batches += 1;
-                    stats.inserted += outcome.inserted;
-                    stats.duplicates += outcome.duplicates;
-                    stats.conflicts += outcome.conflicts;
-                    // Parse failures were counted when consumed; count the rest now.
-                    stats.dead_letters += outcome
-                        .dead_letters
-                        .saturating_sub(batch.dead_letters.len() as u64);
-                    tracing::debug!(
-                        records = batch.records.len(),
-                        inserted = outcome.inserted,
-                        duplicates = outcome.duplicates,
-                        dead_letters = outcome.dead_letters,
-                        bisected = outcome.bisected,
-                        ms = started.elapsed().as_millis() as u64,
-                        "batch applied"
-                    );
-                    return Ok(true);
-                }
-                Err(Failure::Definite(error)) => return Err(SinkError::Definite(error)),
-                Err(Failure::Transient(error)) => {
-                    crate::metrics::health().set_ready(false);
-                    ::metrics::counter!(crate::metrics::RETRIES, "cause" => "pg_end").increment(1);
-                    self.client = None;
-                    stats.retries += 1;
-                    tracing::warn!(
-                        %error,
-                        attempt = backoff.attempts() + 1,
-                        records = batch.records.len(),
-                        "cannot apply the batch to pg_end; retrying"
-                    );
-                }
-            }
-            if stop.load(Ordering::Relaxed) {
-                tracing::info!("stopping: the unapplied batch is abandoned; it will be read again");
-                return Ok(false);
-            }
-            let delay = backoff.next_delay();
-            let until = tokio::time::Instant::now() + delay;
-            while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(100).min(delay)).await;
-            }
+/// Applies `batch` through the driver until it is committed (`Ok(true)`) or the sink
+/// stops (`Ok(false)`: abandoned, nothing advanced); transient failures are retried
+/// with backoff on a new connection, each one counted.
+async fn apply_until_done(
+    pg_end: &mut Driver,
+    batch: &ApplyBatch,
+    stop: &AtomicBool,
+    stats: &mut SinkStats,
+) -> Result<bool, SinkError> {
+    let started = Instant::now();
+    let mut session = Applying {
+        stop,
+        retries: 0,
+        records: batch.records.len(),
+    };
+    let applied = pg_end.run(&mut session, &mut driver::Apply(batch)).await;
+    stats.retries += session.retries;
+    match applied {
+        Ok(outcome) => {
+            crate::metrics::health().set_ready(true);
+            stats.batches += 1;
+            stats.inserted += outcome.inserted;
+            stats.duplicates += outcome.duplicates;
+            stats.conflicts += outcome.conflicts;
+            // Parse failures were counted when consumed; count the rest now.
+            stats.dead_letters += outcome
+                .dead_letters
+                .saturating_sub(batch.dead_letters.len() as u64);
+            tracing::debug!(
+                records = batch.records.len(),
+                inserted = outcome.inserted,
+                duplicates = outcome.duplicates,
+                dead_letters = outcome.dead_letters,
+                bisected = outcome.bisected,
+                ms = started.elapsed().as_millis() as u64,
+                "batch applied"
+            );
+            Ok(true)
         }
-    }
-
-    async fn attempt(&mut self, batch: &ApplyBatch) -> Result<apply::ApplyOutcome, Failure> {
-        let client = match &mut self.client {
-            Some(client) if !client.is_closed() => client,
-            _ => {
-                let client =
-                    pg::connect(&self.url)
-                        .await
-                        .map_err(|e| match error::pg::classify(&e) {
-                            ErrorClass::Transient => Failure::Transient(error_chain(&e)),
-                            ErrorClass::Definite => Failure::Definite(ApplyError::Definite {
-                                step: "connecting",
-                                source: e,
-                            }),
-                        })?;
-                self.client.insert(apply::Target::new(client))
-            }
-        };
-        match tokio::time::timeout(APPLY_TIMEOUT, apply::apply(client, batch)).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(error)) if error.class() == ErrorClass::Transient => {
-                Err(Failure::Transient(error_chain(&error)))
-            }
-            Ok(Err(error)) => Err(Failure::Definite(error)),
-            Err(_) => Err(Failure::Transient(format!(
-                "applying the batch took more than {}s",
-                APPLY_TIMEOUT.as_secs()
-            ))),
+        Err(Ended::Stopped) => {
+            tracing::info!("stopping: the unapplied batch is abandoned; it will be read again");
+            Ok(false)
         }
+        Err(Ended::Failed(Failure::Definite(error))) => Err(SinkError::Definite(error)),
+        // The sink sets no bound on attempts and keeps no commit in doubt.
+        Err(other) => Err(SinkError::Applier(other.to_string())),
     }
 }
 
-enum Failure {
-    Transient(String),
-    Definite(ApplyError),
+/// The sink's side of the driver: its stop, and what a transient pg_end failure costs
+/// (not ready, a retry counted, a warning).
+struct Applying<'s> {
+    stop: &'s AtomicBool,
+    retries: u64,
+    records: usize,
+}
+
+impl driver::Session for Applying<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn retrying(&mut self, failure: &str, attempt: u32) {
+        crate::metrics::health().set_ready(false);
+        ::metrics::counter!(crate::metrics::RETRIES, "cause" => "pg_end").increment(1);
+        self.retries += 1;
+        tracing::warn!(
+            error = %failure,
+            attempt,
+            records = self.records,
+            "cannot apply the batch to pg_end; retrying"
+        );
+    }
 }
 
 /// A summary line every [`REPORT_EVERY`] while records flow.

@@ -43,11 +43,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::replay::ReplayStart;
+use crate::apply::driver::{self, Driver, Ended, Failure};
 use crate::apply::{self, ApplyError};
 use crate::error::error_chain;
-use crate::error::{self, ErrorClass};
-use crate::pg;
-use crate::retry::Backoff;
 
 /// A (topic, partition) pair.
 pub type Partition = (String, i32);
@@ -116,59 +114,57 @@ impl OffsetReader {
     }
 }
 
-/// One failed attempt to read the offsets.
-enum Failed {
-    Transient(String),
-    Definite(ApplyError),
-}
-
+/// Reads the stored offsets of `partitions`: on a new connection, retried through the
+/// [`Driver`] until pg_end answers, refuses definitively, or the sink stops.
 async fn read_until_done(
     url: &str,
     partitions: &[Partition],
     stop: &AtomicBool,
 ) -> Result<HashMap<Partition, i64>, ReadFailure> {
-    let mut backoff = Backoff::reconnect();
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return Err(ReadFailure::Stopped);
+    if stop.load(Ordering::Relaxed) {
+        return Err(ReadFailure::Stopped);
+    }
+    let mut session = Reading { stop };
+    let mut pg_end = Driver::new(url).with_timeout(READ_TIMEOUT);
+    match pg_end.run(&mut session, &mut ReadOffsets(partitions)).await {
+        Ok(offsets) => Ok(offsets),
+        Err(Ended::Failed(Failure::Definite(error))) => Err(ReadFailure::Definite(error)),
+        // With no bound on attempts and no connection held back, only a stop is left.
+        Err(Ended::Stopped | Ended::InDoubt(_) | Ended::Failed(Failure::Transient(_))) => {
+            Err(ReadFailure::Stopped)
         }
-        let attempt = tokio::time::timeout(READ_TIMEOUT, async {
-            let client = pg::connect(url)
-                .await
-                .map_err(|e| match error::pg::classify(&e) {
-                    ErrorClass::Transient => Failed::Transient(error_chain(&e)),
-                    ErrorClass::Definite => Failed::Definite(ApplyError::Definite {
-                        step: "connecting to read the stored Kafka offsets",
-                        source: e,
-                    }),
-                })?;
-            apply::read_kafka_offsets(&client, partitions)
-                .await
-                .map_err(|e| match e.class() {
-                    ErrorClass::Transient => Failed::Transient(error_chain(&e)),
-                    ErrorClass::Definite => Failed::Definite(e),
-                })
-        })
-        .await;
-        match attempt {
-            Ok(Ok(offsets)) => return Ok(offsets),
-            Ok(Err(Failed::Definite(error))) => return Err(ReadFailure::Definite(error)),
-            Ok(Err(Failed::Transient(error))) => tracing::warn!(
-                %error,
-                attempt = backoff.attempts() + 1,
-                "cannot read the stored offsets from pg_end; retrying"
-            ),
-            Err(_) => tracing::warn!(
-                timeout_secs = READ_TIMEOUT.as_secs(),
-                "reading the stored offsets from pg_end timed out; retrying"
-            ),
-        }
-        let delay = backoff.next_delay();
-        // Sleep in short steps so that a shutdown is noticed quickly.
-        let until = tokio::time::Instant::now() + delay;
-        while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(100).min(delay)).await;
-        }
+    }
+}
+
+/// One read of the stored offsets.
+struct ReadOffsets<'p>(&'p [Partition]);
+
+impl driver::Attempt for ReadOffsets<'_> {
+    type Output = HashMap<Partition, i64>;
+    fn run<'a>(
+        &'a mut self,
+        target: &'a mut apply::Target,
+    ) -> impl std::future::Future<Output = Result<Self::Output, ApplyError>> + Send + 'a {
+        apply::read_kafka_offsets(&**target, self.0)
+    }
+}
+
+/// The offset reader's side of the driver: the sink's stop, and its log.
+struct Reading<'s> {
+    stop: &'s AtomicBool,
+}
+
+impl driver::Session for Reading<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn retrying(&mut self, failure: &str, attempt: u32) {
+        tracing::warn!(
+            error = %failure,
+            attempt,
+            "cannot read the stored offsets from pg_end; retrying"
+        );
     }
 }
 
