@@ -481,8 +481,14 @@ pub fn drop_databases(admin_urls: Vec<String>, name: String) {
 #[derive(Debug, Clone)]
 pub struct ReadRecord {
     pub partition: i32,
+    pub offset: i64,
     pub key: Option<Vec<u8>>,
+    /// The value's bytes; empty for a null value too ([`ReadRecord::null_value`] tells).
     pub value: Vec<u8>,
+    /// The record had no value at all (a tombstone), rather than an empty one.
+    pub null_value: bool,
+    /// The record's timestamp (ms since the epoch), whichever its type.
+    pub timestamp: Option<i64>,
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
@@ -543,8 +549,11 @@ pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
                     .unwrap_or_default();
                 records.push(ReadRecord {
                     partition: m.partition(),
+                    offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().unwrap_or_default().to_vec(),
+                    null_value: m.payload().is_none(),
+                    timestamp: m.timestamp().to_millis(),
                     headers,
                 });
             }
