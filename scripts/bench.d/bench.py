@@ -13,7 +13,12 @@ Each run (repeated --runs times, every tool in the same run on the same data):
      over the servers' Unix sockets (odd runs start with direct mode, even runs with the
      subscription).
   4. Kafka -> pg_end: the sink on the transactional topic, the seed-style consumer, COPY.
-  5. Steady state (latency) at fixed source rates, Kafka path then direct mode.
+  5. The outbox leg, on a WAL of its own: pg_start's Debezium-shaped outbox
+     (bench.outboxevent: uuid id, aggregatetype, aggregateid, type, jsonb payload) gets one
+     slot per tool, then N events (4 aggregate types, ~500-byte JSON payloads, one per source
+     transaction, the last one after reading X); pg_recvlogical (ceiling), the connector with
+     `--preset event-router`, Debezium with its Outbox Event Router tuned for throughput.
+  6. Steady state (latency) at fixed source rates, Kafka path then direct mode.
 """
 
 import argparse
@@ -251,6 +256,57 @@ BEGIN
 END $$;
 """
 
+# The outbox leg's table: Debezium's outbox table (its documentation's column names and
+# types), in a publication of its own that both the relay and Debezium read.
+OUTBOX_TABLE = "bench.outboxevent"
+OUTBOX_PUBLICATION = "bench_outbox"
+OUTBOX_AGGREGATES = ("Order", "Customer", "Shipment", "Invoice")
+OUTBOX_SETUP = """
+CREATE TABLE IF NOT EXISTS bench.outboxevent (
+    id uuid PRIMARY KEY,
+    aggregatetype varchar(255) NOT NULL,
+    aggregateid varchar(255) NOT NULL,
+    type varchar(255) NOT NULL,
+    payload jsonb);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'bench_outbox') THEN
+        CREATE PUBLICATION bench_outbox FOR TABLE bench.outboxevent;
+    END IF;
+END $$;
+-- One event per source transaction: 4 aggregate types (Order<suffix>, ...) in turn, 10,000
+-- aggregate ids, a payload of ~500 bytes of JSON (nested objects, an array, decimals).
+CREATE OR REPLACE PROCEDURE bench.outbox_seed(n int, suffix text) LANGUAGE plpgsql AS $$
+DECLARE
+    i int; k bigint; agg text; customer bigint;
+BEGIN
+    FOR i IN 1..n LOOP
+        k := nextval('bench.ids');
+        agg := (ARRAY['Order', 'Customer', 'Shipment', 'Invoice'])[1 + k % 4] || suffix;
+        customer := k % 1000;
+        INSERT INTO bench.outboxevent (id, aggregatetype, aggregateid, type, payload)
+        VALUES (gen_random_uuid(), agg, agg || '-' || (k % 10000), agg || 'Created', jsonb_build_object(
+            'id', k,
+            'status', 'CREATED',
+            'createdAt', localtimestamp,
+            'amount', round((random() * 1000)::numeric, 2),
+            'currency', 'EUR',
+            'customer', jsonb_build_object(
+                'id', customer, 'name', 'Customer ' || customer,
+                'email', 'customer' || customer || '@example.com',
+                'address', jsonb_build_object('street', 'Bahnhofstrasse ' || (k % 100),
+                    'city', 'Zürich', 'zip', '8001', 'country', 'CH')),
+            'lines', jsonb_build_array(
+                jsonb_build_object('sku', 'SKU-' || (k % 97), 'name', 'Widget ' || (k % 97),
+                                   'qty', 1 + k % 5, 'price', 12.30),
+                jsonb_build_object('sku', 'SKU-' || (k % 89), 'name', 'Gadget ' || (k % 89),
+                                   'qty', 1 + k % 3, 'price', 4.05)),
+            'note', 'Leave the parcel at the reception desk if nobody answers the door.'));
+        COMMIT;
+    END LOOP;
+END $$;
+"""
+
 TARGET_SETUP = """
 CREATE SCHEMA IF NOT EXISTS bench;
 -- The write ceiling: COPY into a table without any index or constraint.
@@ -282,6 +338,7 @@ def prepare_schemas(stack):
     stack.psql("start", "-f", str(REPO / "sql" / "pg_start.sql"))
     stack.psql("end", "-f", str(REPO / "sql" / "pg_end.sql"))
     stack.psql("start", "-c", SOURCE_SETUP)
+    stack.psql("start", "-c", OUTBOX_SETUP)
     stack.psql("end", "-c", TARGET_SETUP)
 
 
@@ -315,20 +372,21 @@ def empty_target(stack):
 
 def empty_source(stack):
     with stack.pg("start") as conn:
-        conn.execute("TRUNCATE main.transactions, outbox.transactions, main.balance")
+        conn.execute(f"TRUNCATE main.transactions, outbox.transactions, main.balance, {OUTBOX_TABLE}")
         conn.execute("CHECKPOINT")
 
 
-def write_backlog(stack, n, clients=2):
-    """n seed-shaped transactions in `clients` parallel sessions; returns (X, seconds)
-    where X is the insert LSN read before the last transaction (the marker)."""
+def write_backlog(stack, n, clients=2, call="bench.seed({k}, 10)", table="outbox.transactions"):
+    """n transactions, each `CALL <call>` with k=1 writing one (seed-shaped by default),
+    in `clients` parallel sessions; returns (X, seconds) where X is the insert LSN read
+    before the last transaction (the marker). `table` must then hold n rows."""
     started = time.monotonic()
     per = [(n - 1) // clients + (1 if i < (n - 1) % clients else 0) for i in range(clients)]
     port = str(stack.start_port)
     procs = [
         subprocess.Popen(
             ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", port,
-             "-U", "postgres", "-d", "db_start", "-c", f"CALL bench.seed({k}, 10)"],
+             "-U", "postgres", "-d", "db_start", "-c", "CALL " + call.format(k=k)],
             env={**os.environ, "PGPASSWORD": PASSWORD,
                  "PGOPTIONS": "-c synchronous_commit=off"})
         for k in per if k > 0
@@ -338,8 +396,8 @@ def write_backlog(stack, n, clients=2):
             raise RuntimeError("writing the backlog failed")
     with stack.pg("start") as conn:
         x = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
-        conn.execute("CALL bench.seed(1, 10)")
-        count = conn.execute("SELECT count(*) FROM outbox.transactions").fetchone()[0]
+        conn.execute("CALL " + call.format(k=1))
+        count = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         conn.execute("CHECKPOINT")
     if count != n:
         raise RuntimeError(f"backlog has {count} rows, expected {n}")
@@ -367,7 +425,9 @@ def create_topic(stack, name, partitions=3):
                 raise
 
 
-def delete_topics(stack, prefix):
+def delete_topics(stack, prefix, wait=False):
+    """Deletes the topics whose names start with `prefix`; with `wait`, until the brokers
+    no longer list them (so that the next tool creates them afresh)."""
     a = admin(stack)
     names = [t for t in a.list_topics(timeout=30).topics if t.startswith(prefix)]
     if names:
@@ -376,28 +436,35 @@ def delete_topics(stack, prefix):
                 f.result(60)
             except Exception as e:  # noqa: BLE001
                 log(f"deleting topics: {e}")
+    if wait and names:
+        wait_for(f"deleting {prefix}*", lambda: not any(
+            t.startswith(prefix) for t in admin(stack).list_topics(timeout=30).topics), 120, every=0.5)
 
 
 class Watermarks:
-    """High watermarks of a topic (sum over partitions)."""
+    """High watermarks of one topic or several (sum over partitions); 0 until every topic
+    exists."""
 
-    def __init__(self, stack, topic):
-        self.topic = topic
+    def __init__(self, stack, topics):
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.consumer = Consumer({"bootstrap.servers": stack.brokers, "group.id": "bench-watch",
                                   "enable.auto.commit": False})
         self.partitions = None
 
     def total(self):
         if self.partitions is None:
-            md = self.consumer.list_topics(self.topic, timeout=10)
-            t = md.topics.get(self.topic)
-            if t is None or t.error is not None or not t.partitions:
-                return 0
-            self.partitions = sorted(t.partitions)
+            partitions = []
+            for topic in self.topics:
+                md = self.consumer.list_topics(topic, timeout=10)
+                t = md.topics.get(topic)
+                if t is None or t.error is not None or not t.partitions:
+                    return 0
+                partitions += [TopicPartition(topic, p) for p in sorted(t.partitions)]
+            self.partitions = partitions
         total = 0
-        for p in self.partitions:
+        for tp in self.partitions:
             try:
-                _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=10)
             except KafkaException:
                 # A new topic's leaders may not be known yet (NOT_LEADER_FOR_PARTITION): ask again.
                 return 0
@@ -476,6 +543,15 @@ def last_data_offsets(stack, topic):
 # ---------------------------------------------------------------------------------------
 
 
+def debezium_label(tuned, outbox):
+    """The report's name of a Debezium run (report.py names the same rows)."""
+    if outbox:
+        return "Debezium 3.6.1 + Outbox Event Router, tuned (Kafka Connect standalone)" if tuned else \
+            "Debezium 3.6.1 + Outbox Event Router (Kafka Connect standalone)"
+    return "Debezium 3.6.1 PostgreSQL connector, tuned (Kafka Connect standalone)" if tuned else \
+        "Debezium 3.6.1 PostgreSQL connector (Kafka Connect standalone)"
+
+
 def result(tool, n, seconds, proc=None, startup=None, note=None, count=None):
     r = {"tool": tool, "n": count or n, "seconds": seconds, "tps": (count or n) / seconds}
     if proc is not None:
@@ -520,13 +596,13 @@ class Bench:
 
     # --- source -> Kafka -------------------------------------------------------------
 
-    def recvlogical(self, r, slot, x):
+    def recvlogical(self, r, slot, x, publication="outbox_relay"):
         argv = ["pg_recvlogical", "-h", "127.0.0.1", "-p", str(self.stack.start_port),
                 "-U", "postgres", "-d", "db_start", "--slot", slot, "--start", "--no-loop",
-                "-o", "proto_version=1", "-o", "publication_names=outbox_relay",
+                "-o", "proto_version=1", "-o", f"publication_names={publication}",
                 f"--endpos={lsn_text(x + 1)}", "-f", "/dev/null"]
-        p = Proc(f"r{r}-recvlogical", argv, self.logs / f"r{r}-recvlogical.log",
-                 env={"PGPASSWORD": PASSWORD})
+        name = f"r{r}-recvlogical" + ("" if publication == "outbox_relay" else f"-{publication}")
+        p = Proc(name, argv, self.logs / f"{name}.log", env={"PGPASSWORD": PASSWORD})
         if not p.wait_exit(1800):
             p.stop()
             raise RuntimeError("pg_recvlogical did not finish")
@@ -535,12 +611,22 @@ class Bench:
         return result("pg_recvlogical (decode ceiling)", self.args.n,
                       time.monotonic() - p.started, p)
 
-    def connector(self, r, slot, x, mode):
-        topic = f"bench-r{r}-{mode}"
-        progress = f"bench-r{r}-progress-{mode}"
-        p = self.relay(f"r{r}-connector-{mode}", "connector",
+    def connector(self, r, slot, x, mode, preset=None):
+        """The connector on the seed's outbox (one topic), or with `preset` (event-router)
+        on the outbox leg's table, into the topics the preset routes to."""
+        if preset:
+            topic = None
+            progress = f"bench-r{r}-progress-{preset}"
+            target = ["--table", OUTBOX_TABLE, "--publication", OUTBOX_PUBLICATION, "--preset", preset]
+            name = f"r{r}-connector-{preset}"
+        else:
+            topic = f"bench-r{r}-{mode}"
+            progress = f"bench-r{r}-progress-{mode}"
+            target = ["--topic", topic]
+            name = f"r{r}-connector-{mode}"
+        p = self.relay(name, "connector",
                        "--source-url", self.stack.start_url, "--brokers", self.stack.brokers,
-                       "--topic", topic, "--progress-topic", progress, "--slot", slot,
+                       *target, "--progress-topic", progress, "--slot", slot,
                        "--no-create-slot", "--no-create-publication", "--delivery", mode,
                        *self.args.connector_extra.split())
         first = [None]
@@ -581,6 +667,8 @@ class Bench:
         finally:
             p.stop()
         label = f"outbox-relay connector ({'transactional' if mode == 'transactional' else 'at-least-once'})"
+        if preset:
+            label = f"outbox-relay connector --preset {preset} ({mode})"
         if self.args.connector_extra:
             label += f" [{self.args.connector_extra}]"
         res = result(label, self.args.n, elapsed, p,
@@ -589,29 +677,62 @@ class Bench:
             res["broker_cpu_per_100k"] = (brokers_after - brokers_before) / self.args.n * 100_000
         return res, topic
 
-    def debezium(self, r, slot):
+    # Debezium as its documentation recommends tuning it for throughput: bigger batches
+    # and queue between the connector and Kafka Connect, a shorter poll interval, and a
+    # producer that batches (worker-level `producer.*`, which Kafka Connect passes to every
+    # source connector's producer, as `producer.override.*` would for one connector).
+    DEBEZIUM_TUNED_CONNECTOR = {"max.batch.size": "20480", "max.queue.size": "81920",
+                                "poll.interval.ms": "50"}
+    DEBEZIUM_TUNED_WORKER = {"producer.linger.ms": "20", "producer.batch.size": "1048576"}
+
+    def debezium(self, r, slot, tuned=False, outbox_suffix=None):
+        """Debezium's PostgreSQL connector in Kafka Connect standalone, draining its slot:
+        on the seed's outbox into one topic (JSON converter, keyed by account_id), or, with
+        `outbox_suffix`, on the outbox leg's table through its Outbox Event Router (string
+        converters, the router's defaults) into outbox.event.<aggregatetype>. `tuned`: the
+        throughput settings above, else Debezium's and Kafka Connect's defaults."""
+        variant = ("-outbox" if outbox_suffix is not None else "") + ("-tuned" if tuned else "")
         libs = Path(self.args.stack_dir) / "debezium-libs"
-        run_dir = Path(self.args.stack_dir) / f"debezium-r{r}"
+        run_dir = Path(self.args.stack_dir) / f"debezium-r{r}{variant}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "offsets").unlink(missing_ok=True)
-        connect_log = self.logs / f"r{r}-debezium-connect.log"
+        connect_log = self.logs / f"r{r}-debezium{variant}-connect.log"
         connect_log.unlink(missing_ok=True)
-        prefix = f"bench_r{r}"
-        topic = f"{prefix}.outbox.transactions"
-        create_topic(self.stack, topic)
+        name = f"bench-debezium-r{r}{variant}"
+        prefix = f"bench_r{r}" + ("_tuned" if tuned else "")
+        if outbox_suffix is None:
+            topics = [f"{prefix}.outbox.transactions"]
+            create_topic(self.stack, topics[0])
+            converters = ("key.converter=org.apache.kafka.connect.json.JsonConverter\n"
+                          "value.converter=org.apache.kafka.connect.json.JsonConverter\n"
+                          "key.converter.schemas.enable=false\n"
+                          "value.converter.schemas.enable=false\n")
+            source = ("publication.name=outbox_relay\n"
+                      "table.include.list=outbox.transactions\n"
+                      "message.key.columns=outbox.transactions:account_id\n")
+        else:
+            # Debezium creates them (the caller has deleted the relay's), as the relay does.
+            topics = [f"outbox.event.{a}{outbox_suffix}" for a in OUTBOX_AGGREGATES]
+            converters = ("key.converter=org.apache.kafka.connect.storage.StringConverter\n"
+                          "value.converter=org.apache.kafka.connect.storage.StringConverter\n")
+            source = (f"publication.name={OUTBOX_PUBLICATION}\n"
+                      f"table.include.list={OUTBOX_TABLE}\n"
+                      "topic.creation.default.partitions=3\n"
+                      "topic.creation.default.replication.factor=3\n"
+                      "topic.creation.default.min.insync.replicas=2\n"
+                      "transforms=outbox\n"
+                      "transforms.outbox.type=io.debezium.transforms.outbox.EventRouter\n")
+        tuning_worker = "".join(f"{k}={v}\n" for k, v in self.DEBEZIUM_TUNED_WORKER.items()) if tuned else ""
+        tuning = "".join(f"{k}={v}\n" for k, v in self.DEBEZIUM_TUNED_CONNECTOR.items()) if tuned else ""
         worker = run_dir / "worker.properties"
         worker.write_text(f"""bootstrap.servers={self.stack.brokers}
-key.converter=org.apache.kafka.connect.json.JsonConverter
-value.converter=org.apache.kafka.connect.json.JsonConverter
-key.converter.schemas.enable=false
-value.converter.schemas.enable=false
-offset.storage.file.filename={run_dir}/offsets
+{converters}offset.storage.file.filename={run_dir}/offsets
 offset.flush.interval.ms=10000
 plugin.discovery=service_load
 listeners=http://127.0.0.1:{18083 + self.stack.offset}
-""")
+{tuning_worker}""")
         connector = run_dir / "connector.properties"
-        connector.write_text(f"""name=bench-debezium-r{r}
+        connector.write_text(f"""name={name}
 connector.class=io.debezium.connector.postgresql.PostgresConnector
 tasks.max=1
 database.hostname=127.0.0.1
@@ -622,22 +743,19 @@ database.dbname=db_start
 topic.prefix={prefix}
 plugin.name=pgoutput
 slot.name={slot}
-publication.name=outbox_relay
 publication.autocreate.mode=disabled
-table.include.list=outbox.transactions
-message.key.columns=outbox.transactions:account_id
-snapshot.mode={self.args.debezium_snapshot_mode}
-""")
+{source}snapshot.mode={self.args.debezium_snapshot_mode}
+{tuning}""")
         argv = ["java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={HERE / 'log4j2-connect.xml'}",
                 f"-Dbench.connect.log={connect_log}",
                 "-cp", f"{libs}/*", "org.apache.kafka.connect.cli.ConnectStandalone",
                 str(worker), str(connector)]
-        p = Proc(f"r{r}-debezium", argv, self.logs / f"r{r}-debezium.log")
+        marks = Watermarks(self.stack, topics)
+        p = Proc(f"r{r}-debezium{variant}", argv, self.logs / f"r{r}-debezium{variant}.log")
         first = [None]
         brokers_before = self.broker_cpu()
-        marks = Watermarks(self.stack, topic)
-        status_url = f"http://127.0.0.1:{18083 + self.stack.offset}/connectors/bench-debezium-r{r}/status"
+        status_url = f"http://127.0.0.1:{18083 + self.stack.offset}/connectors/{name}/status"
         checked = [0.0]
 
         def failed():
@@ -667,8 +785,7 @@ snapshot.mode={self.args.debezium_snapshot_mode}
         finally:
             marks.close()
             p.stop(grace=20)
-        res = result("Debezium 3.6.1 PostgreSQL connector (Kafka Connect standalone)",
-                     self.args.n, elapsed, p,
+        res = result(debezium_label(tuned, outbox_suffix is not None), self.args.n, elapsed, p,
                      startup=(first[0] - p.started) if first[0] else None)
         if brokers_before is not None and brokers_after is not None:
             res["broker_cpu_per_100k"] = (brokers_after - brokers_before) / self.args.n * 100_000
@@ -936,20 +1053,25 @@ def percentile(sorted_values, q):
 def one_run(bench, r, legs):
     stack, n = bench.stack, bench.args.n
     out = {"run": r, "legs": {}}
-    log(f"run {r}: preparing pg_start, slots and a backlog of {n:,} transactions")
     delete_topics(stack, f"bench-r{r}-")
     delete_topics(stack, f"bench_r{r}.")
+    delete_topics(stack, f"bench_r{r}_tuned.")
+    delete_topics(stack, "outbox.event.")
     drop_bench_slots(stack)
     empty_source(stack)
     empty_target(stack)
-    tools = ["recv", "tx", "alo", "dbz", "direct", "native", "direct_unix", "native_unix"]
+    debezium = not bench.args.skip_debezium
+    tools = ["recv", "tx", "alo", "dbz", "dbz_tuned", "direct", "native", "direct_unix", "native_unix"]
     slots = {t: f"bench_r{r}_{t}" for t in tools}
-    with stack.pg("start") as conn:
-        for s in slots.values():
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s,))
-    x, seed_secs = write_backlog(stack, n)
-    out["backlog_seconds"] = seed_secs
-    log(f"run {r}: backlog written in {seed_secs:.1f} s ({n / seed_secs:,.0f}/s), X = {lsn_text(x)}")
+    x = None
+    if legs & {"kafka", "direct", "sink"}:
+        log(f"run {r}: preparing pg_start, slots and a backlog of {n:,} transactions")
+        with stack.pg("start") as conn:
+            for s in slots.values():
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s,))
+        x, seed_secs = write_backlog(stack, n)
+        out["backlog_seconds"] = seed_secs
+        log(f"run {r}: backlog written in {seed_secs:.1f} s ({n / seed_secs:,.0f}/s), X = {lsn_text(x)}")
 
     def record(leg, fn, *argv):
         """Runs one tool; a failure is logged and kept in the results, and the run goes on."""
@@ -974,8 +1096,9 @@ def one_run(bench, r, legs):
         record("kafka", bench.recvlogical, r, slots["recv"], x)
         kafka_topic = record("kafka", bench.connector, r, slots["tx"], x, "transactional")
         record("kafka", bench.connector, r, slots["alo"], x, "at-least-once")
-        if not bench.args.skip_debezium:
+        if debezium:
             record("kafka", bench.debezium, r, slots["dbz"])
+            record("kafka", bench.debezium, r, slots["dbz_tuned"], True)
     if "direct" in legs:
         # Each tool over TCP loopback and over the Unix socket, on its own slot; odd runs
         # start with the relay and even runs with the subscription, so neither always
@@ -991,6 +1114,24 @@ def one_run(bench, r, legs):
         record("sink", bench.sink, r, kafka_topic)
         record("sink", bench.naive, r, kafka_topic)
         record("sink", bench.copy, r)
+    if "outbox" in legs:
+        # A WAL of its own: slots made now skip the seed-shaped backlog above.
+        suffix = f"_r{r}"
+        empty_source(stack)
+        oslots = {t: f"bench_r{r}_outbox_{t}" for t in ("recv", "relay", "dbz")}
+        with stack.pg("start") as conn:
+            for s in oslots.values():
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s,))
+        ox, secs = write_backlog(stack, n, call=f"bench.outbox_seed({{k}}, '{suffix}')", table=OUTBOX_TABLE)
+        out["outbox_backlog_seconds"] = secs
+        log(f"run {r}: outbox backlog written in {secs:.1f} s ({n / secs:,.0f}/s), X = {lsn_text(ox)}")
+        record("outbox", bench.recvlogical, r, oslots["recv"], ox, OUTBOX_PUBLICATION)
+        record("outbox", bench.connector, r, oslots["relay"], ox, "transactional", "event-router")
+        if debezium:
+            # Both write outbox.event.<aggregatetype>: Debezium into topics of its own making.
+            delete_topics(stack, "outbox.event.", wait=True)
+            record("outbox", bench.debezium, r, oslots["dbz"], True, suffix)
+        drop_bench_slots(stack)
     if "steady" in legs:
         try:
             out["steady"] = bench.steady(r)
@@ -1004,6 +1145,8 @@ def one_run(bench, r, legs):
         drop_bench_slots(stack)
     delete_topics(stack, f"bench-r{r}-")
     delete_topics(stack, f"bench_r{r}.")
+    delete_topics(stack, f"bench_r{r}_tuned.")
+    delete_topics(stack, "outbox.event.")
     return out
 
 
@@ -1066,7 +1209,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("-n", type=int)
     ap.add_argument("--runs", type=int)
-    ap.add_argument("--legs", default="kafka,direct,sink,steady")
+    ap.add_argument("--legs", default="kafka,direct,sink,outbox,steady")
     ap.add_argument("--rates")
     ap.add_argument("--steady-seconds", type=float)
     ap.add_argument("--steady-paths", default="kafka,kafka-lowlat,kafka-alo,direct")
@@ -1094,9 +1237,9 @@ def main():
     args.rates = [int(x) for x in (args.rates or "250,500,1000,2000").split(",")]
     args.steady_seconds = args.steady_seconds or 15
     legs = set(args.legs.split(","))
-    unknown = legs - {"kafka", "direct", "sink", "steady"}
+    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady"}
     if unknown:
-        sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; use kafka, direct, sink, steady")
+        sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; use kafka, direct, sink, outbox, steady")
     if "sink" in legs and "kafka" not in legs:
         sys.exit("bench: the sink leg drains the topic the kafka leg writes; use --legs kafka,sink")
     args.steady_paths = args.steady_paths.split(",")
