@@ -103,7 +103,7 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     })?;
     // The same rendering as the replication session's (see source::replication_config),
     // so that snapshot rows and streamed rows are byte for byte alike.
-    txn.batch_execute("SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3")
+    txn.batch_execute("SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3; SET LOCAL TimeZone = 'UTC'; SET LOCAL bytea_output = 'hex'; SET LOCAL IntervalStyle = 'postgres'")
         .await
         .map_err(|source| SourceError::Query {
             context: "setting the snapshot session's formats".into(),

@@ -386,7 +386,7 @@ pub fn replication_config(
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(5))
     .with_buffer_size(READ_AHEAD_EVENTS)
-    .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3")
+    .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres")
     .with_application_name(format!("outbox-relay:{slot}"));
     replication.tls = target.replication_tls();
     Ok(replication)
