@@ -22,6 +22,8 @@ pub const DEFAULT_SLOT: &str = "outbox_relay";
 pub const DEFAULT_DIRECT_SLOT: &str = "outbox_relay_direct";
 /// The compacted topic of the connector's progress records.
 pub const DEFAULT_PROGRESS_TOPIC: &str = "outbox-relay-progress";
+/// The topic of the rows and messages the connector cannot route.
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "outbox-relay-dead-letters";
 /// The sinks' consumer group.
 pub const DEFAULT_SINK_GROUP: &str = "outbox-relay-sink";
 
@@ -226,6 +228,21 @@ pub mod file {
         }
     }
 
+    /// `t` as an inline TOML table, on one line.
+    fn inline_table(t: &toml::Table) -> String {
+        let fields: Vec<String> = t
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::Table(inner) => inline_table(inner),
+                    other => other.to_string(),
+                };
+                format!("{} = {v}", toml::Value::String(k.clone()))
+            })
+            .collect();
+        format!("{{{}}}", fields.join(", "))
+    }
+
     /// The configuration file named on the command line or in the environment.
     pub fn path_from(argv: &[OsString]) -> Option<PathBuf> {
         let flag = format!("--{CONFIG_FLAG}");
@@ -369,6 +386,20 @@ pub mod file {
                 expected,
                 found: type_name(&value),
             };
+            if let (ArgAction::Append, toml::Value::Array(items)) = (arg.get_action(), &value) {
+                // A repeatable flag: one value per item; a table (a `[[route]]`) as an
+                // inline TOML table on one line.
+                for item in items {
+                    let text = match item {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Table(t) => inline_table(t),
+                        other => other.to_string(),
+                    };
+                    argv.push(format!("{flag}={text}").into());
+                }
+                origins.keys.insert(long, origin);
+                continue;
+            }
             if matches!(arg.get_action(), ArgAction::SetTrue) {
                 match value {
                     toml::Value::Boolean(true) => argv.push(flag.into()),
@@ -551,6 +582,51 @@ mod tests {
             "the flag wins: {args:?}"
         );
         assert!(!args.iter().any(|a| a == "--slot=d1"));
+    }
+
+    #[test]
+    fn route_tables_become_one_route_flag_each() {
+        let text = r#"
+            [[route]]
+            table = "public.outbox"
+            preset = "event-router"
+
+            [[route]]
+            message_prefix = "orders"
+            topic = "orders.${type}"
+            headers = { "event-type" = "type" }
+        "#;
+        let args = merged(&["outbox-relay", "connector"], text).unwrap();
+        let routes: Vec<crate::route::RouteSpec> = args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--route="))
+            .map(|r| crate::route::RouteSpec::parse(r).unwrap())
+            .collect();
+        assert_eq!(routes.len(), 2, "{args:?}");
+        assert_eq!(
+            routes[0],
+            crate::route::RouteSpec::event_router("public.outbox")
+        );
+        assert_eq!(routes[1].message_prefix.as_deref(), Some("orders"));
+        assert_eq!(routes[1].topic.as_deref(), Some("orders.${type}"));
+        assert_eq!(
+            routes[1]
+                .headers
+                .as_ref()
+                .unwrap()
+                .get("event-type")
+                .map(String::as_str),
+            Some("type")
+        );
+        // And the command line parses them.
+        let matches = cli().try_get_matches_from(&args).unwrap();
+        let (_, sub) = matches.subcommand().unwrap();
+        assert_eq!(
+            sub.get_many::<crate::route::RouteSpec>("routes")
+                .unwrap()
+                .count(),
+            2
+        );
     }
 
     #[test]

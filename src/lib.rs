@@ -19,6 +19,8 @@
 //! - [`kafka`]: Kafka clients, topics and the progress topic's read.
 //! - [`source`]: pg_start's checks, the slot's state, the replication settings.
 //! - [`record`]: the record wire format (value, key, headers), encode and decode.
+//! - [`route`]: how an outbox table or a logical-message prefix becomes records
+//!   (topic, key, value, headers, dead letters); the event-router preset.
 //! - [`config`]: the settings and defaults shared by the commands, and the TOML file.
 //! - [`pipeline`]: the replication pipeline shared by `connector` and `direct`.
 //! - [`sink`]: `outbox-relay sink`, Kafka → pg_end with offsets stored in pg_end.
@@ -46,6 +48,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod record;
 pub mod retry;
+pub mod route;
 pub mod secret;
 pub mod sink;
 pub mod source;

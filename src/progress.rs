@@ -135,6 +135,33 @@ impl ProgressTracker {
     }
 }
 
+/// A bound on the slot's confirmation besides durability, shared between the
+/// pipeline (which reads it at every confirmation) and what holds it back (the outbox
+/// cleanup, until the rows it was handed are deleted). Unbounded when new.
+#[derive(Debug, Clone)]
+pub struct ConfirmGate(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Default for ConfirmGate {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            u64::MAX,
+        )))
+    }
+}
+
+impl ConfirmGate {
+    /// The highest LSN that may be confirmed.
+    pub fn get(&self) -> Lsn {
+        Lsn(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Holds confirmations at `lsn` (or releases them, with `None`).
+    pub fn set(&self, lsn: Option<Lsn>) {
+        let value = lsn.map_or(u64::MAX, |l| l.as_u64());
+        self.0.store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// What a destination stores, atomically with the rows it holds, about how far it
 /// holds the slot's stream: the value of a record of the Kafka progress topic (keyed by
 /// slot name), or pg_end's direct-mode progress row read back as one.

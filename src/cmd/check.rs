@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::config::{KafkaArgs, OutboxArgs, SlotsArgs, SourceArgs, TargetArgs};
 use crate::kafka;
 use crate::pg;
+use crate::route::{Rendered, Route, RouteArgs, RouteSource};
 use crate::source::{self, TableName};
 
 /// Options of `outbox-relay check`.
@@ -27,6 +28,8 @@ pub struct CheckArgs {
     pub slots: SlotsArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
+    #[command(flatten)]
+    pub route: RouteArgs,
     /// Skip the Kafka checks (a direct-mode deployment).
     #[arg(long)]
     pub no_kafka: bool,
@@ -61,13 +64,22 @@ fn line(check: &str, result: Result<String, String>) -> CheckLine {
 /// Runs every check; each failure is a line, never an early return.
 pub async fn run(args: &CheckArgs) -> Vec<CheckLine> {
     let mut lines = Vec::new();
-    match TableName::parse(&args.outbox.table) {
-        Ok(table) => source_checks(args, &table, &mut lines).await,
-        Err(e) => lines.push(line("config: table", Err(e))),
-    }
+    let routes = match args.route.resolve(&args.outbox.table, &args.kafka.topic) {
+        Ok(routes) => routes,
+        Err(e) => {
+            lines.push(line("config: routes", Err(e.to_string())));
+            Vec::new()
+        }
+    };
+    source_checks(args, &routes, &mut lines).await;
     target_checks(args, &mut lines).await;
     if !args.no_kafka {
-        kafka_checks(args, &mut lines).await;
+        let mut topics: Vec<String> = routes
+            .iter()
+            .filter_map(|r| r.topic.literal().map(str::to_string))
+            .collect();
+        topics.dedup();
+        kafka_checks(args, &topics, &mut lines).await;
     }
     lines
 }
@@ -98,7 +110,7 @@ async fn connect(
     }
 }
 
-async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<CheckLine>) {
+async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<CheckLine>) {
     let url = &args.source.source_url;
     let Some(client) = connect("pg_start: connect", url, lines).await else {
         return;
@@ -118,26 +130,29 @@ async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<Chec
             .map(|()| "logical".into())
             .map_err(err),
     ));
-    lines.push(line(
-        "pg_start: outbox table",
-        source::outbox_columns(&client, table)
-            .await
-            .map(|c| {
-                format!(
-                    "{table} ({})",
-                    c.iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-            .map_err(err),
-    ));
+    let tables: Vec<TableName> = routes
+        .iter()
+        .filter_map(|r| match &r.source {
+            RouteSource::Table(t) => Some(t.clone()),
+            RouteSource::Message(_) => None,
+        })
+        .collect();
+    for route in routes {
+        route_checks(&client, route, lines).await;
+    }
+    let listed = tables
+        .iter()
+        .map(TableName::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     lines.push(line(
         "pg_start: publication",
-        source::check_publication(&client, table, &args.outbox.publication, false)
+        source::check_publication(&client, &tables, &args.outbox.publication, false)
             .await
-            .map(|()| format!("{} publishes inserts of {table}", args.outbox.publication))
+            .map(|()| match tables.len() {
+                0 => format!("{} exists (messages only)", args.outbox.publication),
+                _ => format!("{} publishes inserts of {listed}", args.outbox.publication),
+            })
             .map_err(err),
     ));
     let database = source::database_of(url).unwrap_or_default();
@@ -166,6 +181,138 @@ async fn source_checks(args: &CheckArgs, table: &TableName, lines: &mut Vec<Chec
     }
 }
 
+/// One route: its table, whether the route fits the table's columns and types, and
+/// what it would produce for one row of the table.
+async fn route_checks(client: &tokio_postgres::Client, route: &Route, lines: &mut Vec<CheckLine>) {
+    let name = format!("route {}", route.source);
+    let table = match &route.source {
+        RouteSource::Table(table) => table,
+        RouteSource::Message(_) => {
+            lines.push(line(
+                &name,
+                Ok(format!(
+                    "transactional messages, routed by their JSON fields to {}",
+                    route.topic
+                )),
+            ));
+            return;
+        }
+    };
+    let columns = match source::outbox_columns(client, table).await {
+        Ok(columns) => columns,
+        Err(e) => {
+            lines.push(line(&name, Err(crate::error::error_chain(&e))));
+            return;
+        }
+    };
+    let bound = route.bind(&columns);
+    let fits = match bound.unusable() {
+        Some(problem) => Err(format!("{problem}: every row would be a dead letter")),
+        None => payload_fits(route, &columns).map(|()| {
+            format!(
+                "{table} ({}) → {}",
+                columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                route.topic
+            )
+        }),
+    };
+    let usable = fits.is_ok();
+    lines.push(line(&name, fits));
+    if !usable {
+        return;
+    }
+    // One row, read as the replication session prints it.
+    let select = format!(
+        "SET datestyle = 'ISO, MDY'; SET extra_float_digits = 3; SET TimeZone = 'UTC'; \
+         SELECT {} FROM {} LIMIT 1",
+        columns
+            .iter()
+            .map(|c| format!("{}::text", source::quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        table.quoted()
+    );
+    let sample = match client.simple_query(&select).await {
+        Err(e) => Err(e.to_string()),
+        Ok(messages) => {
+            let row = messages.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            });
+            Ok(match row {
+                None => "the table is empty: no row to show".to_string(),
+                Some(row) => {
+                    let values: Vec<Option<&[u8]>> = (0..columns.len())
+                        .map(|i| row.get(i).map(str::as_bytes))
+                        .collect();
+                    describe(bound.render(&values, None))
+                }
+            })
+        }
+    };
+    lines.push(line(&format!("{name}: sample"), sample));
+}
+
+/// Whether the payload column's type fits the declared payload format.
+fn payload_fits(route: &Route, columns: &[crate::source::ColumnDef]) -> Result<(), String> {
+    use crate::route::{PayloadFormat, ValueKind};
+    if route.value != ValueKind::Payload {
+        return Ok(());
+    }
+    let Some(column) = columns.iter().find(|c| c.name == route.payload) else {
+        return Ok(());
+    };
+    // json, jsonb, bytea, text, varchar, bpchar, name.
+    let textual = [114, 3802, 17, 25, 1043, 1042, 19].contains(&column.type_oid);
+    match route.payload_format {
+        PayloadFormat::Json | PayloadFormat::Bytes if !textual => Err(format!(
+            "the payload column {} (type oid {}) cannot hold {:?} content: use a json, jsonb, \
+             bytea or text column, or payload_format = \"auto\"",
+            column.name, column.type_oid, route.payload_format
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a rendered row would be, on one line.
+fn describe(rendered: Rendered<'_>) -> String {
+    let text = |b: &[u8]| {
+        let s = String::from_utf8_lossy(b);
+        if s.chars().count() > 120 {
+            format!("{}…", s.chars().take(120).collect::<String>())
+        } else {
+            s.into_owned()
+        }
+    };
+    match rendered {
+        Rendered::Dead { reason } => format!("this row would be a dead letter: {reason}"),
+        Rendered::Record {
+            topic,
+            key,
+            value,
+            headers,
+            ..
+        } => {
+            let mut out = format!(
+                "topic {topic}, key {}, value {}",
+                key.map_or("(none)".into(), text),
+                value.as_deref().map_or("(null)".into(), text)
+            );
+            for (name, v) in headers {
+                out.push_str(&format!(
+                    ", header {name}={}",
+                    v.map_or("(null)".into(), text)
+                ));
+            }
+            out
+        }
+    }
+}
+
 async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     let url = &args.target.target_url;
     let Some(client) = connect("pg_end: connect", url, lines).await else {
@@ -191,11 +338,10 @@ async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     }
 }
 
-async fn kafka_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
+async fn kafka_checks(args: &CheckArgs, topics: &[String], lines: &mut Vec<CheckLine>) {
     let brokers = args.kafka.brokers.clone();
-    let topic = args.kafka.topic.clone();
     let metadata = tokio::task::spawn_blocking({
-        let (brokers, topic) = (brokers.clone(), topic.clone());
+        let (brokers, topics) = (brokers.clone(), topics.to_vec());
         move || {
             let consumer: BaseConsumer<kafka::LastClientError> = kafka::client_config(&brokers)
                 .create_with_context(kafka::LastClientError::default())
@@ -217,12 +363,16 @@ async fn kafka_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
                     }
                 })?;
             let brokers = all.brokers().len();
-            let partitions: Option<Vec<usize>> = all
-                .topics()
+            let partitions: Vec<Option<Vec<usize>>> = topics
                 .iter()
-                .find(|t| t.name() == topic)
-                .filter(|t| t.error().is_none())
-                .map(|t| t.partitions().iter().map(|p| p.replicas().len()).collect());
+                .map(|topic| {
+                    all.topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .filter(|t| t.error().is_none())
+                        .map(|t| t.partitions().iter().map(|p| p.replicas().len()).collect())
+                })
+                .collect();
             Ok::<_, String>((brokers, partitions))
         }
     })
@@ -240,7 +390,19 @@ async fn kafka_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
         "kafka: brokers",
         Ok(format!("{broker_count} brokers answer at {brokers}")),
     ));
-    let Some(replicas) = partitions else {
+    for (topic, replicas) in topics.iter().zip(partitions) {
+        topic_checks(&brokers, topic, replicas, lines).await;
+    }
+}
+
+/// One topic's replication and `min.insync.replicas`.
+async fn topic_checks(
+    brokers: &str,
+    topic: &str,
+    replicas: Option<Vec<usize>>,
+    lines: &mut Vec<CheckLine>,
+) {
+    let Some(replicas) = replicas else {
         lines.push(line(
             &format!("kafka: topic {topic}"),
             Ok("absent: the connector creates it (3 partitions, replication factor 3)".into()),
@@ -261,7 +423,7 @@ async fn kafka_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     ));
     lines.push(line(
         &format!("kafka: topic {topic} min.insync.replicas"),
-        min_insync_replicas(&brokers, &topic).await.and_then(|m| {
+        min_insync_replicas(brokers, topic).await.and_then(|m| {
             if m >= 2 {
                 Ok(format!("{m}"))
             } else {

@@ -48,6 +48,9 @@ pub struct StatusArgs {
     /// The connector's compacted progress topic.
     #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC", default_value = config::DEFAULT_PROGRESS_TOPIC)]
     pub progress_topic: String,
+    /// The connector's dead-letter topic (its records are counted).
+    #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", default_value = config::DEFAULT_DEAD_LETTER_TOPIC)]
+    pub dead_letter_topic: String,
     /// Skip Kafka (a deployment that runs only direct mode).
     #[arg(long)]
     pub no_kafka: bool,
@@ -72,6 +75,7 @@ impl StatusArgs {
             kafka: KafkaArgs::new(brokers, topic),
             slots: SlotsArgs::default(),
             progress_topic: config::DEFAULT_PROGRESS_TOPIC.into(),
+            dead_letter_topic: config::DEFAULT_DEAD_LETTER_TOPIC.into(),
             no_kafka: false,
             timeout: 10.0,
             json: false,
@@ -142,6 +146,12 @@ pub struct KafkaStatus {
     pub progress: Option<ProgressStatus>,
     /// Why the progress record could not be read (`None`: read, or there is none).
     pub progress_error: Option<String>,
+    pub dead_letter_topic: String,
+    /// The connector's dead letters (committed records of the dead-letter topic);
+    /// `None` when the topic does not exist or could not be read.
+    pub dead_letters: Option<u64>,
+    /// The reason of the last one.
+    pub last_dead_letter: Option<String>,
 }
 
 /// One partition's watermarks.
@@ -309,28 +319,21 @@ async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
 }
 
 async fn kafka_status(args: &StatusArgs, timeout: Duration) -> Result<KafkaStatus, String> {
-    let (brokers, topic, progress_topic, slot) = (
-        args.kafka.brokers.clone(),
-        args.kafka.topic.clone(),
-        args.progress_topic.clone(),
-        args.slots.slot.clone(),
-    );
+    let args = args.clone();
     // librdkafka's calls block: a thread of the blocking pool, each call bounded.
     let per_call = timeout.mul_f64(0.8);
-    tokio::task::spawn_blocking(move || {
-        kafka_status_blocking(&brokers, &topic, &progress_topic, &slot, per_call)
-    })
-    .await
-    .map_err(|e| format!("the kafka status task failed: {e}"))?
+    tokio::task::spawn_blocking(move || kafka_status_blocking(&args, per_call))
+        .await
+        .map_err(|e| format!("the kafka status task failed: {e}"))?
 }
 
-fn kafka_status_blocking(
-    brokers: &str,
-    topic: &str,
-    progress_topic: &str,
-    slot: &str,
-    timeout: Duration,
-) -> Result<KafkaStatus, String> {
+fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaStatus, String> {
+    let (brokers, topic, progress_topic, slot) = (
+        args.kafka.brokers.as_str(),
+        args.kafka.topic.as_str(),
+        args.progress_topic.as_str(),
+        args.slots.slot.as_str(),
+    );
     let consumer: BaseConsumer = kafka::client_config(brokers)
         .set("group.id", "outbox-relay-status")
         .set("enable.auto.commit", "false")
@@ -350,7 +353,22 @@ fn kafka_status_blocking(
         progress_topic: progress_topic.to_string(),
         progress: None,
         progress_error: None,
+        dead_letter_topic: args.dead_letter_topic.clone(),
+        dead_letters: None,
+        last_dead_letter: None,
     };
+    if exists(&args.dead_letter_topic) {
+        if let Ok((count, last)) =
+            kafka::read_committed_count(brokers, &args.dead_letter_topic, timeout)
+        {
+            status.dead_letters = Some(count);
+            status.last_dead_letter = last.and_then(|value| {
+                serde_json::from_slice::<serde_json::Value>(&value)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_string))
+            });
+        }
+    }
     if exists(topic) {
         match kafka::topic_partitions(&consumer, topic, timeout) {
             Ok(partitions) => {
@@ -520,6 +538,13 @@ fn judge(args: &StatusArgs, report: &mut StatusReport) {
         if let Some(error) = &kafka.progress_error {
             warnings.push(format!("progress topic {}: {error}", kafka.progress_topic));
         }
+        if let Some(n @ 1..) = kafka.dead_letters {
+            warnings.push(format!(
+                "{n} dead letters in Kafka topic {} (last: {})",
+                kafka.dead_letter_topic,
+                kafka.last_dead_letter.as_deref().unwrap_or("?")
+            ));
+        }
     }
     if let Some(target) = report.pg_end.reachable() {
         if target.dead_letters > 0 {
@@ -659,6 +684,15 @@ fn render_kafka(out: &mut String, part: &Part<KafkaStatus>) {
                 "  progress topic {}: connector LSN in Kafka {}",
                 k.progress_topic,
                 progress_text(k)
+            );
+            let _ = writeln!(
+                out,
+                "  dead-letter topic {}: {}",
+                k.dead_letter_topic,
+                match k.dead_letters {
+                    Some(n) => format!("{n} dead letters"),
+                    None => "absent".into(),
+                }
             );
         }
         Part::Unreachable { error } => {
@@ -828,6 +862,9 @@ mod tests {
                 lsn: "0/1A2B000".into(),
             }),
             progress_error: topic_error.map(|_| "timed out".into()),
+            dead_letter_topic: "outbox-relay-dead-letters".into(),
+            dead_letters: Some(0),
+            last_dead_letter: None,
         }
     }
 
@@ -935,6 +972,7 @@ pg_start  postgres://postgres@127.0.0.1:8000/db_start  PostgreSQL 17.2, WAL at 0
   slot outbox_relay_direct      (direct) absent
 kafka     127.0.0.1:19090  topic outbox.transactions: 2 partitions, 215 offsets in the log
   progress topic outbox-relay-progress: connector LSN in Kafka 0/1A2B000 (streaming)
+  dead-letter topic outbox-relay-dead-letters: 0 dead letters
 pg_end    postgres://postgres@127.0.0.1:8001/db_end
   partition   sink offset  high watermark         lag
           0           118             120           1
@@ -948,6 +986,7 @@ pg_start  postgres://postgres@127.0.0.1:8000/db_start  PostgreSQL 17.2, WAL at 0
   slot outbox_relay             (connector) inactive  confirmed 0/1A2B3C4  lag 1.5 KiB  wal_status reserved
 kafka     127.0.0.1:19090  topic outbox.transactions: does not exist
   progress topic outbox-relay-progress: connector LSN in Kafka unreadable: timed out
+  dead-letter topic outbox-relay-dead-letters: 0 dead letters
 pg_end    postgres://postgres@127.0.0.1:8001/db_end
   sink: no stored offsets for this topic
   direct: no progress stored
@@ -959,6 +998,7 @@ outbox-relay status: OK
 pg_start  postgres://postgres@127.0.0.1:8000/db_start  PostgreSQL 17.2, WAL at 0/1A2B3C4
 kafka     127.0.0.1:19090  topic outbox.transactions: 2 partitions, 215 offsets in the log
   progress topic outbox-relay-progress: connector LSN in Kafka 0/1A2B000 (snapshot)
+  dead-letter topic outbox-relay-dead-letters: 0 dead letters
 =====
 outbox-relay status: UNHEALTHY
 kafka     unreachable: no broker answered
@@ -1029,6 +1069,9 @@ PROBLEM: pg_end unreachable: refused"#;
             progress_topic: "p".into(),
             progress: None,
             progress_error: None,
+            dead_letter_topic: "d".into(),
+            dead_letters: None,
+            last_dead_letter: None,
         };
         let stored = SinkPartition {
             partition: 0,

@@ -30,7 +30,9 @@
 
 pub mod cleanup;
 mod producer;
+mod topics;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,17 +46,20 @@ use crate::error::ErrorClass;
 use crate::kafka::{self, TopicSpec};
 use crate::lsn::Lsn;
 use crate::pipeline::{
-    ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
+    ColumnDef, Committed, Destination, Outbox, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
-use crate::progress::ProgressRecord;
-use crate::record::encode::{self, ColumnSpec};
+use crate::progress::{ConfirmGate, ProgressRecord};
 use crate::record::txn_headers;
 use crate::retry::Backoff;
-use crate::source::TableName;
+use crate::route::{self, Bound, Rendered, Route, RouteArgs, RouteSource};
 
 use cleanup::{CleanupArgs, OutboxCleaner, PendingIds};
 use producer::BatchProducer;
 pub use producer::{DeliveryMode, TRANSACTIONAL_PRODUCERS};
+use topics::Topics;
+
+/// The header a dead letter carries its reason in.
+pub const HEADER_ERROR: &str = "outbox-relay.error";
 
 /// Options of `outbox-relay connector`.
 #[derive(clap::Args, Debug, Clone)]
@@ -68,16 +73,25 @@ pub struct ConnectorArgs {
     pub slot: String,
     #[command(flatten)]
     pub stream: StreamArgs,
-    /// The column whose value is the Kafka record key (one key's records stay in order).
-    #[arg(long, env = "OUTBOX_RELAY_KEY_COLUMN", default_value = "account_id")]
-    pub key_column: String,
+    #[command(flatten)]
+    pub route: RouteArgs,
+    /// The topic of the rows and messages that cannot be routed (a NULL key or topic
+    /// column, a bad payload, a missing topic with --no-create-topics, …), each with
+    /// its reason and source position.
+    #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", default_value = config::DEFAULT_DEAD_LETTER_TOPIC)]
+    pub dead_letter_topic: String,
+    /// Do not create routed topics that do not exist: their records go to the
+    /// dead-letter topic instead.
+    #[arg(long)]
+    pub no_create_topics: bool,
     /// The compacted topic holding the last source LSN in Kafka, per slot.
     #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC", default_value = config::DEFAULT_PROGRESS_TOPIC)]
     pub progress_topic: String,
-    /// Partitions of the topic when the connector creates it.
+    /// Partitions of the topics the connector creates.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
-    /// Replication factor of the topics the connector creates.
+    /// Replication factor of the topics the connector creates (with 3 or more, they
+    /// get min.insync.replicas=2).
     #[arg(long, default_value_t = 3)]
     pub replication_factor: i32,
     /// `transactional` (exactly once into Kafka) or `at-least-once`.
@@ -111,18 +125,44 @@ impl ConnectorArgs {
             DeliveryMode::AtLeastOnce => 0,
         }))
     }
+
+    /// The routes: the `--route`s, or the one of the one-table flags.
+    pub fn routes(&self) -> Result<Vec<Route>, PipelineError> {
+        self.route
+            .resolve(&self.stream.outbox.table, &self.kafka.topic)
+            .map_err(|e| PipelineError::Definite(e.to_string()))
+    }
+}
+
+/// What the pipeline reads for `routes`: their tables and message prefixes, in order.
+pub fn outbox_of(routes: &[Route]) -> Outbox {
+    let mut outbox = Outbox::default();
+    for route in routes {
+        match &route.source {
+            RouteSource::Table(t) => outbox.tables.push(t.clone()),
+            RouteSource::Message(p) => outbox.prefixes.push(p.clone()),
+        }
+    }
+    outbox
 }
 
 /// Runs the connector until `stop` turns true or a definite error occurs.
 pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    let routes = args.routes()?;
+    crate::route::check_topic_name(&args.dead_letter_topic)
+        .map_err(|e| PipelineError::Definite(format!("--dead-letter-topic: {e}")))?;
+    for route in &routes {
+        tracing::info!(source = %route.source, topic = %route.topic, "route");
+    }
     args.metrics
         .start(crate::metrics::CONNECTOR_METRICS)
         .await
         .map_err(PipelineError::Definite)?;
     let mut backoff = Backoff::reconnect();
+    let topics = Arc::new(Topics::new(&args));
     // Topics and producer: retried until the brokers answer.
     let producer = loop {
-        match setup_kafka(&args, stop.clone()).await {
+        match setup_kafka(&args, &routes, &topics, stop.clone()).await {
             Ok(producer) => break producer,
             Err(error) if error.class() == ErrorClass::Transient && !*stop.borrow() => {
                 tracing::warn!(error = %crate::error::error_chain(&error), "kafka not ready, retrying");
@@ -131,26 +171,34 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
             Err(error) => return Err(error),
         }
     };
+    let outbox = outbox_of(&routes);
     let pending = args
         .cleanup
         .cleanup
         .then(|| PendingIds::new(args.cleanup.cleanup_max_pending));
-    let destination = KafkaDestination::new(&args, producer, pending.clone());
+    let destination =
+        KafkaDestination::new(&args, routes.clone(), producer, topics, pending.clone());
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
         args.slot.clone(),
         args.stream.clone(),
+        outbox,
         destination,
         stop,
     )?;
     let Some(pending) = pending else {
         return pipeline.run().await;
     };
-    let table = TableName::parse(&args.stream.outbox.table)
-        .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
+    let tables = routes
+        .iter()
+        .filter_map(|r| match &r.source {
+            RouteSource::Table(t) => Some((t.clone(), r.id.clone())),
+            RouteSource::Message(_) => None,
+        })
+        .collect();
     let cleaner = OutboxCleaner::new(
         args.source.source_url.clone(),
-        table,
+        tables,
         &args.cleanup,
         pending,
     );
@@ -168,23 +216,18 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
 
 async fn setup_kafka(
     args: &ConnectorArgs,
+    routes: &[Route],
+    topics: &Topics,
     stop: watch::Receiver<bool>,
 ) -> Result<BatchProducer, PipelineError> {
-    kafka::ensure_topic(
-        &args.kafka.brokers,
-        &TopicSpec {
-            name: &args.kafka.topic,
-            partitions: args.partitions,
-            replication_factor: args.replication_factor,
-            // An acknowledged record must survive the loss of a broker.
-            configs: if args.replication_factor >= 3 {
-                &[("min.insync.replicas", "2")]
-            } else {
-                &[]
-            },
-        },
-    )
-    .await?;
+    // The literal topics at once (a templated one when its first record comes), and
+    // the dead-letter topic, which must exist even with --no-create-topics.
+    let literal: Vec<String> = routes
+        .iter()
+        .filter_map(|r| r.topic.literal().map(str::to_string))
+        .collect();
+    topics.ensure(&literal).await?;
+    topics.create(&args.dead_letter_topic).await?;
     kafka::ensure_topic(
         &args.kafka.brokers,
         &TopicSpec {
@@ -218,21 +261,84 @@ pub fn transactional_id(slot: &str, turn: usize) -> String {
 /// One record ready for Kafka.
 #[derive(Debug, Clone)]
 pub struct OutRecord {
+    /// Index into [`Batch::topics`].
+    pub topic: u32,
     pub key: Option<Bytes>,
-    pub value: Bytes,
+    /// `None`: a record without a value (a NULL payload).
+    pub value: Option<Bytes>,
     /// Index into [`Batch::headers`]: the source transaction the record came from.
     pub txn: usize,
+    /// The route's own headers (and a dead letter's reason), after the transaction's.
+    pub headers: Vec<(Box<str>, Option<Bytes>)>,
 }
 
 /// Source transactions gathered for one Kafka transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<OutRecord>,
+    /// The topics the records go to.
+    pub topics: Vec<String>,
+    topic_index: HashMap<String, u32>,
     /// One header set per source transaction (commit LSN, xid, commit time).
     pub headers: Vec<OwnedHeaders>,
+    /// The commit LSN and xid of each source transaction, for dead letters.
+    pub txns: Vec<(Lsn, Option<u32>)>,
     pub value_bytes: usize,
-    /// The `--id-column` value of each record, with `--cleanup` only.
-    pub ids: Vec<String>,
+    /// Dead letters in the batch.
+    pub dead_letters: u64,
+    /// The event id of each delivered table row, with `--cleanup` only: (table, id).
+    pub ids: Vec<(usize, String)>,
+}
+
+impl Batch {
+    /// The index of `topic` in [`Batch::topics`].
+    fn topic(&mut self, topic: &str) -> u32 {
+        if let Some(&i) = self.topic_index.get(topic) {
+            return i;
+        }
+        let i = self.topics.len() as u32;
+        self.topics.push(topic.to_string());
+        self.topic_index.insert(topic.to_string(), i);
+        i
+    }
+
+    /// Turns the records bound for `missing` topics into dead letters (the topics do
+    /// not exist and may not be created).
+    fn reroute(&mut self, missing: &[String], dead_letter_topic: &str) {
+        let dlq = self.topic(dead_letter_topic);
+        let missing: Vec<u32> = missing
+            .iter()
+            .filter_map(|t| self.topic_index.get(t).copied())
+            .collect();
+        for record in &mut self.records {
+            if !missing.contains(&record.topic) {
+                continue;
+            }
+            let topic = &self.topics[record.topic as usize];
+            let reason = format!(
+                "topic {topic} does not exist and topic creation is off (--no-create-topics)"
+            );
+            let (lsn, xid) = self
+                .txns
+                .get(record.txn)
+                .copied()
+                .unwrap_or((Lsn::ZERO, None));
+            let value = route::dead_letter_value(
+                &reason,
+                &format!("route to topic {topic}"),
+                &lsn.to_string(),
+                xid,
+                record.value.as_deref().unwrap_or(b"null"),
+            );
+            self.value_bytes += value.len();
+            record.value = Some(Bytes::from(value));
+            record.topic = dlq;
+            record
+                .headers
+                .push((HEADER_ERROR.into(), Some(Bytes::from(reason))));
+            self.dead_letters += 1;
+        }
+    }
 }
 
 /// How far a [`Batch`] reached at one point: what [`BatchExtent::truncate`] takes it
@@ -242,6 +348,7 @@ struct BatchExtent {
     records: usize,
     ids: usize,
     value_bytes: usize,
+    dead_letters: u64,
 }
 
 impl BatchExtent {
@@ -250,6 +357,7 @@ impl BatchExtent {
             records: batch.records.len(),
             ids: batch.ids.len(),
             value_bytes: batch.value_bytes,
+            dead_letters: batch.dead_letters,
         }
     }
 
@@ -259,55 +367,153 @@ impl BatchExtent {
         batch.records.truncate(self.records);
         batch.ids.truncate(self.ids);
         batch.value_bytes = self.value_bytes;
+        batch.dead_letters = self.dead_letters;
     }
+}
+
+/// A table route and, once the table's columns are known, its binding.
+struct TableRoute {
+    route: Route,
+    bound: Option<Bound>,
+}
+
+/// The open source transaction.
+struct OpenTxn {
+    headers: OwnedHeaders,
+    lsn: Lsn,
+    xid: Option<u32>,
 }
 
 /// The Kafka destination of the pipeline.
 struct KafkaDestination {
-    topic: String,
     progress_topic: String,
+    dead_letter_topic: String,
     brokers: String,
-    key_column: String,
     mode: DeliveryMode,
     commit_interval: Duration,
     /// Shared with the commit in flight, which holds it until it is done.
     producer: Arc<Mutex<BatchProducer>>,
-    /// How each column of the outbox is rendered.
-    columns: Vec<ColumnSpec>,
-    key_index: Option<usize>,
+    /// The topics known to exist, and their creation.
+    topics: Arc<Topics>,
+    /// Per outbox table (the pipeline's index), its route.
+    tables: Vec<TableRoute>,
+    /// Per message prefix (the pipeline's index), its route.
+    messages: Vec<Route>,
     batch: Batch,
     /// The batch as it was before the open source transaction.
     txn_start: BatchExtent,
-    txn_headers: Option<OwnedHeaders>,
-    /// The column that identifies an outbox row, for the cleanup.
-    id_column: String,
-    id_index: Option<usize>,
+    txn: Option<OpenTxn>,
     /// Where committed ids go to be deleted (`--cleanup`), else `None`.
     cleanup: Option<PendingIds>,
 }
 
 impl KafkaDestination {
-    /// An empty destination of `args`' topics, producing with `producer`; `cleanup`
-    /// is where committed ids go with `--cleanup`.
-    fn new(args: &ConnectorArgs, producer: BatchProducer, cleanup: Option<PendingIds>) -> Self {
+    /// An empty destination of `routes`, producing with `producer`; `cleanup` is where
+    /// committed ids go with `--cleanup`.
+    fn new(
+        args: &ConnectorArgs,
+        routes: Vec<Route>,
+        producer: BatchProducer,
+        topics: Arc<Topics>,
+        cleanup: Option<PendingIds>,
+    ) -> Self {
+        let (mut tables, mut messages) = (Vec::new(), Vec::new());
+        for route in routes {
+            match route.source {
+                RouteSource::Table(_) => tables.push(TableRoute { route, bound: None }),
+                RouteSource::Message(_) => messages.push(route),
+            }
+        }
         Self {
-            topic: args.kafka.topic.clone(),
             progress_topic: args.progress_topic.clone(),
+            dead_letter_topic: args.dead_letter_topic.clone(),
             brokers: args.kafka.brokers.clone(),
-            key_column: args.key_column.clone(),
             mode: args.delivery,
             commit_interval: args.commit_interval(),
             producer: Arc::new(Mutex::new(producer)),
-            columns: Vec::new(),
-            key_index: None,
+            topics,
+            tables,
+            messages,
             batch: Batch::default(),
             txn_start: BatchExtent::default(),
-            txn_headers: None,
-            id_column: args.cleanup.id_column.clone(),
-            id_index: None,
+            txn: None,
             cleanup,
         }
     }
+}
+
+/// Adds one rendered row (or message) to the batch; `table` is the outbox table it
+/// came from (`None`: a message), `event` the whole of it, for a dead letter.
+#[allow(clippy::too_many_arguments)]
+fn add(
+    batch: &mut Batch,
+    cleanup: Option<&PendingIds>,
+    txn: Option<&OpenTxn>,
+    dead_letter_topic: &str,
+    table: Option<usize>,
+    rendered: Rendered<'_>,
+    source: &str,
+    event: &dyn Fn() -> Vec<u8>,
+) {
+    let txn_index = batch.headers.len();
+    match rendered {
+        Rendered::Record {
+            topic,
+            key,
+            value,
+            headers,
+            id,
+        } => {
+            if let (Some(table), Some(_)) = (table, cleanup) {
+                if let Some(id) = id.and_then(|v| std::str::from_utf8(v).ok()) {
+                    batch.ids.push((table, id.to_string()));
+                }
+            }
+            let topic = batch.topic(&topic);
+            let value = value.map(Bytes::from);
+            batch.value_bytes += value.as_ref().map_or(0, Bytes::len);
+            batch.records.push(OutRecord {
+                topic,
+                key: key.map(Bytes::copy_from_slice),
+                value,
+                txn: txn_index,
+                headers: headers
+                    .into_iter()
+                    .map(|(name, v)| (name.into(), v.map(Bytes::copy_from_slice)))
+                    .collect(),
+            });
+        }
+        Rendered::Dead { reason } => {
+            dead_letter(batch, txn, dead_letter_topic, &reason, source, &event())
+        }
+    }
+}
+
+/// Adds a dead letter of `event` (the row as JSON, or the message) to the batch.
+fn dead_letter(
+    batch: &mut Batch,
+    txn: Option<&OpenTxn>,
+    dead_letter_topic: &str,
+    reason: &str,
+    source: &str,
+    event: &[u8],
+) {
+    let (lsn, xid) = txn.map_or((Lsn::ZERO, None), |t| (t.lsn, t.xid));
+    tracing::warn!(%source, %lsn, reason, "dead letter");
+    let value = route::dead_letter_value(reason, source, &lsn.to_string(), xid, event);
+    let topic = batch.topic(dead_letter_topic);
+    batch.value_bytes += value.len();
+    batch.dead_letters += 1;
+    batch.records.push(OutRecord {
+        topic,
+        key: None,
+        value: Some(Bytes::from(value)),
+        txn: batch.headers.len(),
+        headers: vec![(
+            HEADER_ERROR.into(),
+            Some(Bytes::copy_from_slice(reason.as_bytes())),
+        )],
+    });
 }
 
 impl Destination for KafkaDestination {
@@ -340,71 +546,138 @@ impl Destination for KafkaDestination {
         })
     }
 
-    fn set_columns(&mut self, columns: &[ColumnDef]) -> Result<(), PipelineError> {
-        self.key_index = columns.iter().position(|c| c.name == self.key_column);
-        if self.key_index.is_none() {
-            return Err(PipelineError::Definite(format!(
-                "--key-column {} is not a column of the outbox table",
-                self.key_column
-            )));
+    fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError> {
+        let Some(t) = self.tables.get_mut(table) else {
+            return Ok(());
+        };
+        let bound = t.route.bind(columns);
+        if let Some(problem) = bound.unusable() {
+            tracing::error!(
+                problem,
+                "every row of this outbox goes to the dead-letter topic until the route or the table is fixed"
+            );
         }
-        self.id_index = columns.iter().position(|c| c.name == self.id_column);
-        if self.cleanup.is_some() && self.id_index.is_none() {
-            return Err(PipelineError::Definite(format!(
-                "--id-column {} is not a column of the outbox table (needed by --cleanup)",
-                self.id_column
-            )));
-        }
-        self.columns = columns
-            .iter()
-            .map(|c| ColumnSpec::new(&c.name, c.type_oid))
-            .collect();
+        t.bound = Some(bound);
         Ok(())
     }
 
     fn begin_txn(&mut self, meta: TxnMeta) {
         self.txn_start = BatchExtent::of(&self.batch);
-        self.txn_headers = Some(txn_headers(
-            meta.commit_lsn,
-            meta.xid,
-            meta.commit_time_micros,
-        ));
-    }
-
-    fn row(&mut self, values: &[Option<&[u8]>]) {
-        let mut value = Vec::with_capacity(128);
-        encode::encode_row(&mut value, &self.columns, values.iter().copied());
-        let key = self
-            .key_index
-            .and_then(|k| values.get(k).copied().flatten())
-            .map(Bytes::copy_from_slice);
-        if self.cleanup.is_some() {
-            // A NULL or non-text id cannot be matched: that row stays.
-            if let Some(id) = self
-                .id_index
-                .and_then(|i| values.get(i).copied().flatten())
-                .and_then(|v| std::str::from_utf8(v).ok())
-            {
-                self.batch.ids.push(id.to_string());
-            }
-        }
-        self.batch.value_bytes += value.len();
-        self.batch.records.push(OutRecord {
-            key,
-            value: Bytes::from(value),
-            txn: self.batch.headers.len(),
+        self.txn = Some(OpenTxn {
+            headers: txn_headers(meta.commit_lsn, meta.xid, meta.commit_time_micros),
+            lsn: meta.commit_lsn,
+            xid: meta.xid,
         });
     }
 
+    fn row(&mut self, table: usize, values: &[Option<&[u8]>]) {
+        let Self {
+            tables,
+            batch,
+            cleanup,
+            txn,
+            dead_letter_topic,
+            ..
+        } = self;
+        let Some(bound) = tables.get(table).and_then(|t| t.bound.as_ref()) else {
+            return;
+        };
+        let rendered = bound.render(values, None);
+        add(
+            batch,
+            cleanup.as_ref(),
+            txn.as_ref(),
+            dead_letter_topic,
+            Some(table),
+            rendered,
+            bound.source(),
+            &|| bound.row_json(values),
+        );
+    }
+
+    fn message(&mut self, prefix: usize, content: &[u8], transactional: bool) {
+        let Self {
+            messages,
+            batch,
+            cleanup,
+            txn,
+            dead_letter_topic,
+            ..
+        } = self;
+        let Some(route) = messages.get(prefix) else {
+            return;
+        };
+        let source = route.source.to_string();
+        if !transactional {
+            let reason = "a non-transactional logical message: only \
+                          pg_logical_emit_message(true, …) is relayed, inside the transaction \
+                          that makes the change";
+            dead_letter(
+                batch,
+                txn.as_ref(),
+                dead_letter_topic,
+                reason,
+                &source,
+                content,
+            );
+            return;
+        }
+        match route::message_row(content) {
+            Ok((columns, values)) => {
+                let bound = route.bind(&columns);
+                let refs: Vec<Option<&[u8]>> = values.iter().map(|v| v.as_deref()).collect();
+                let rendered = bound.render(&refs, Some(content));
+                add(
+                    batch,
+                    cleanup.as_ref(),
+                    txn.as_ref(),
+                    dead_letter_topic,
+                    None,
+                    rendered,
+                    &source,
+                    &|| content.to_vec(),
+                );
+            }
+            Err(reason) => dead_letter(
+                batch,
+                txn.as_ref(),
+                dead_letter_topic,
+                &reason,
+                &source,
+                content,
+            ),
+        }
+    }
+
+    fn delivered_row(&mut self, table: usize, values: &[Option<&[u8]>], end_lsn: Lsn) {
+        let (Some(pending), Some(bound)) = (
+            &self.cleanup,
+            self.tables.get(table).and_then(|t| t.bound.as_ref()),
+        ) else {
+            return;
+        };
+        if let Some(id) = bound
+            .id_of(values)
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
+            pending.push(end_lsn, vec![(table, id.to_string())]);
+        }
+    }
+
+    fn confirm_gate(&self) -> Option<ConfirmGate> {
+        self.cleanup.as_ref().map(PendingIds::gate)
+    }
+
     fn end_txn(&mut self) {
-        if let Some(headers) = self.txn_headers.take() {
-            self.batch.headers.push(headers);
+        if let Some(txn) = self.txn.take() {
+            self.batch.headers.push(txn.headers);
+            self.batch.txns.push((txn.lsn, txn.xid));
         }
     }
 
     fn discard_txn(&mut self) {
         self.txn_start.truncate(&mut self.batch);
-        self.txn_headers = None;
+        self.txn = None;
     }
 
     fn batch_size(&self) -> (usize, usize) {
@@ -414,7 +687,7 @@ impl Destination for KafkaDestination {
     fn clear(&mut self) {
         self.batch = Batch::default();
         self.txn_start = BatchExtent::default();
-        self.txn_headers = None;
+        self.txn = None;
     }
 
     fn commit(
@@ -422,23 +695,34 @@ impl Destination for KafkaDestination {
         slot: &str,
         progress: &ProgressRecord,
     ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
-        let batch = std::mem::take(&mut self.batch);
-        let (topic, progress_topic) = (self.topic.clone(), self.progress_topic.clone());
+        let mut batch = std::mem::take(&mut self.batch);
+        let (progress_topic, dead_letter_topic) =
+            (self.progress_topic.clone(), self.dead_letter_topic.clone());
         let (slot, progress) = (slot.to_string(), progress.clone());
         let producer = Arc::clone(&self.producer);
+        let topics = Arc::clone(&self.topics);
         let cleanup = self.cleanup.clone();
         async move {
+            let missing = topics.ensure(&batch.topics).await?;
+            if !missing.is_empty() {
+                batch.reroute(&missing, &dead_letter_topic);
+            }
             let batch = tokio::task::spawn_blocking(move || {
                 lock(&producer)?
-                    .commit(&topic, &batch, &progress_topic, &slot, &progress)
+                    .commit(&batch, &progress_topic, &slot, &progress)
                     .map_err(producer::destination_error)?;
-                Ok::<_, PipelineError>(batch)
+                Ok::<_, PipelineError>((batch, progress))
             })
             .await
             .map_err(|e| PipelineError::Definite(format!("kafka commit panicked: {e}")))??;
+            let (batch, progress) = batch;
+            if batch.dead_letters > 0 {
+                ::metrics::counter!(crate::metrics::DEAD_LETTERS, "stage" => "connector")
+                    .increment(batch.dead_letters);
+            }
             // Only now, after the Kafka commit, may the rows be deleted.
             if let Some(pending) = cleanup {
-                pending.push(batch.ids);
+                pending.push(progress.lsn().unwrap_or(Lsn::ZERO), batch.ids);
             }
             Ok(Committed::DURABLE)
         }
@@ -495,12 +779,16 @@ mod tests {
         let (_, stop) = watch::channel(false);
         let producer =
             BatchProducer::new(&args.kafka.brokers, args.delivery, "unused", stop).unwrap();
-        let mut d = KafkaDestination::new(&args, producer, Some(PendingIds::new(100)));
+        let routes = args.routes().unwrap();
+        let topics = Arc::new(Topics::new(&args));
+        let mut d =
+            KafkaDestination::new(&args, routes, producer, topics, Some(PendingIds::new(100)));
         let column = |name: &str, type_oid| ColumnDef {
             name: name.into(),
             type_oid,
+            key: name == "id",
         };
-        d.set_columns(&[column("id", 20), column("account_id", 20)])
+        d.set_columns(0, &[column("id", 20), column("account_id", 20)])
             .unwrap();
         d
     }
@@ -512,7 +800,7 @@ mod tests {
             xid: Some(lsn as u32),
             commit_time_micros: None,
         });
-        d.row(&[Some(id.as_bytes()), Some(b"7")]);
+        d.row(0, &[Some(id.as_bytes()), Some(b"7")]);
     }
 
     #[test]
@@ -559,6 +847,46 @@ mod tests {
             .find(|h| h.key == crate::record::HEADER_LSN)
             .and_then(|h| h.value);
         assert_eq!(lsn, Some(Lsn(300).to_string().as_bytes()));
-        assert_eq!(d.batch.ids, ["3"]);
+        assert_eq!(d.batch.ids, [(0, "3".to_string())]);
+    }
+
+    #[test]
+    fn rows_that_cannot_be_routed_are_dead_letters_in_the_same_batch() {
+        let mut d = destination();
+        d.begin_txn(TxnMeta {
+            commit_lsn: Lsn(500),
+            xid: Some(9),
+            commit_time_micros: None,
+        });
+        d.row(0, &[Some(b"1"), Some(b"7")]);
+        // A NULL key: a dead letter with the whole row and the source position.
+        d.row(0, &[Some(b"2"), None]);
+        d.end_txn();
+        assert_eq!(d.batch.records.len(), 2);
+        assert_eq!(d.batch.dead_letters, 1);
+        let letter = &d.batch.records[1];
+        assert_eq!(
+            d.batch.topics[letter.topic as usize],
+            config::DEFAULT_DEAD_LETTER_TOPIC
+        );
+        let value: serde_json::Value =
+            serde_json::from_slice(letter.value.as_deref().unwrap()).unwrap();
+        assert_eq!(value["reason"], "the key column is NULL");
+        assert_eq!(value["lsn"], Lsn(500).to_string());
+        assert_eq!(value["xid"], 9);
+        assert_eq!(value["event"]["id"], 2);
+        assert_eq!(&*letter.headers[0].0, HEADER_ERROR);
+
+        // A topic that may not be created: its records become dead letters too.
+        let mut batch = std::mem::take(&mut d.batch);
+        batch.reroute(
+            &[config::DEFAULT_TOPIC.to_string()],
+            config::DEFAULT_DEAD_LETTER_TOPIC,
+        );
+        assert_eq!(batch.dead_letters, 2);
+        let first: serde_json::Value =
+            serde_json::from_slice(batch.records[0].value.as_deref().unwrap()).unwrap();
+        assert!(first["reason"].as_str().unwrap().contains("does not exist"));
+        assert_eq!(first["event"]["account_id"], 7);
     }
 }

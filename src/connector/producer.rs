@@ -31,6 +31,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Header;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use thiserror::Error;
@@ -255,7 +256,6 @@ impl BatchProducer {
     /// Makes the whole batch durable; blocks until it is, or until a definite error.
     pub fn commit(
         &mut self,
-        topic: &str,
         batch: &Batch,
         progress_topic: &str,
         slot: &str,
@@ -272,10 +272,9 @@ impl BatchProducer {
             let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
             let result = match self.mode {
                 DeliveryMode::Transactional => {
-                    self.commit_transaction(topic, batch, progress_topic, slot, &progress_value)
+                    self.commit_transaction(batch, progress_topic, slot, &progress_value)
                 }
                 DeliveryMode::AtLeastOnce => self.commit_acks(
-                    topic,
                     batch,
                     failed_before,
                     progress_topic,
@@ -370,7 +369,6 @@ impl BatchProducer {
     /// One attempt in one Kafka transaction.
     fn commit_transaction(
         &self,
-        topic: &str,
         batch: &Batch,
         progress_topic: &str,
         slot: &str,
@@ -385,7 +383,7 @@ impl BatchProducer {
             return Err(attempt);
         }
         let sent = self
-            .send_records(topic, batch)
+            .send_records(batch)
             .and_then(|()| self.send_progress(progress_topic, slot, progress));
         if let Err(error) = sent {
             self.abort()?;
@@ -435,7 +433,6 @@ impl BatchProducer {
     #[allow(clippy::too_many_arguments)]
     fn commit_acks(
         &self,
-        topic: &str,
         batch: &Batch,
         failed_before: u64,
         progress_topic: &str,
@@ -445,11 +442,11 @@ impl BatchProducer {
     ) -> Result<(), Attempt> {
         if unchanged {
             return self.send_and_wait(failed_before, || {
-                self.send_records(topic, batch)?;
+                self.send_records(batch)?;
                 self.send_progress(progress_topic, slot, progress)
             });
         }
-        self.send_and_wait(failed_before, || self.send_records(topic, batch))?;
+        self.send_and_wait(failed_before, || self.send_records(batch))?;
         let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
         self.send_and_wait(failed_before, || {
             self.send_progress(progress_topic, slot, progress)
@@ -496,9 +493,9 @@ impl BatchProducer {
     }
 
     /// Enqueues the batch's records, waiting when the local queue is full.
-    fn send_records(&self, topic: &str, batch: &Batch) -> Result<(), KafkaError> {
+    fn send_records(&self, batch: &Batch) -> Result<(), KafkaError> {
         for record in &batch.records {
-            self.send(record_of(topic, batch, record))?;
+            self.send(record_of(batch, record))?;
         }
         Ok(())
     }
@@ -583,18 +580,30 @@ impl BatchProducer {
     }
 }
 
-/// The Kafka record of one of the batch's records.
-fn record_of<'a>(
-    topic: &'a str,
-    batch: &Batch,
-    record: &'a OutRecord,
-) -> BaseRecord<'a, [u8], [u8]> {
-    let mut base = BaseRecord::to(topic).payload(record.value.as_ref());
+/// The Kafka record of one of the batch's records: its topic, key, value, the source
+/// transaction's headers and then the route's own.
+fn record_of<'a>(batch: &'a Batch, record: &'a OutRecord) -> BaseRecord<'a, [u8], [u8]> {
+    let topic = batch.topics[record.topic as usize].as_str();
+    let mut base = BaseRecord::to(topic);
+    if let Some(value) = &record.value {
+        base = base.payload(value.as_ref());
+    }
     if let Some(key) = &record.key {
         base = base.key(key.as_ref());
     }
-    if let Some(headers) = batch.headers.get(record.txn) {
-        base = base.headers(headers.clone());
+    let mut headers = batch.headers.get(record.txn).cloned();
+    if !record.headers.is_empty() {
+        let mut extended = headers.unwrap_or_default();
+        for (name, value) in &record.headers {
+            extended = extended.insert(Header {
+                key: name,
+                value: value.as_deref(),
+            });
+        }
+        headers = Some(extended);
+    }
+    if let Some(headers) = headers {
+        base = base.headers(headers);
     }
     base
 }

@@ -56,10 +56,11 @@ use crate::config::{self, SourceArgs, TargetArgs};
 use crate::error::{self, ErrorClass};
 use crate::lsn::Lsn;
 use crate::pipeline::{
-    ColumnDef, Committed, Destination, Pipeline, PipelineError, StreamArgs, TxnMeta,
+    ColumnDef, Committed, Destination, Outbox, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
 use crate::progress::{ProgressRecord, ProgressState};
 use crate::record::encode::{self, ColumnSpec};
+use crate::source::TableName;
 
 /// Options of `outbox-relay direct`.
 #[derive(clap::Args, Debug, Clone)]
@@ -124,10 +125,13 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         args.synchronous_commit,
         stop.clone(),
     );
+    let table = TableName::parse(&args.stream.outbox.table)
+        .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
         args.slot.clone(),
         args.stream.clone(),
+        Outbox::table(table),
         destination,
         stop,
     )?;
@@ -428,7 +432,7 @@ impl Destination for PgEndDestination {
         }
     }
 
-    fn set_columns(&mut self, columns: &[ColumnDef]) -> Result<(), PipelineError> {
+    fn set_columns(&mut self, _table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError> {
         let find = |name: &str| {
             columns.iter().position(|c| c.name == name).ok_or_else(|| {
                 PipelineError::Definite(format!(
@@ -459,7 +463,7 @@ impl Destination for PgEndDestination {
         });
     }
 
-    fn row(&mut self, values: &[Option<&[u8]>]) {
+    fn row(&mut self, _table: usize, values: &[Option<&[u8]>]) {
         let Some(c) = self.columns else {
             return;
         };
@@ -664,13 +668,17 @@ mod tests {
         let column = |name: &str, type_oid| ColumnDef {
             name: name.into(),
             type_oid,
+            key: name == "id",
         };
-        d.set_columns(&[
-            column("id", 20),
-            column("account_id", 20),
-            column("amount", 1700),
-            column("created_at", 1114),
-        ])
+        d.set_columns(
+            0,
+            &[
+                column("id", 20),
+                column("account_id", 20),
+                column("amount", 1700),
+                column("created_at", 1114),
+            ],
+        )
         .unwrap();
         d
     }
@@ -683,12 +691,15 @@ mod tests {
             xid: Some(lsn as u32),
             commit_time_micros: Some(lsn as i64),
         });
-        d.row(&[
-            Some(id.as_bytes()),
-            Some(b"7"),
-            Some(b"-12.50"),
-            Some(b"2025-07-23 20:06:21.085330"),
-        ]);
+        d.row(
+            0,
+            &[
+                Some(id.as_bytes()),
+                Some(b"7"),
+                Some(b"-12.50"),
+                Some(b"2025-07-23 20:06:21.085330"),
+            ],
+        );
     }
 
     #[test]

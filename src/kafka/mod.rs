@@ -118,6 +118,74 @@ pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
     Ok(partitions)
 }
 
+/// Whether `topic` exists (the brokers' auto-creation is assumed off).
+pub fn topic_exists(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<bool, TopicLookupError> {
+    let consumer: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
+        .create_with_context(EndOfPartitionIsExpected)
+        .map_err(TopicLookupError::Kafka)?;
+    match topic_partitions(&consumer, topic, timeout) {
+        Ok(_) => Ok(true),
+        Err(TopicLookupError::Topic(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)) => {
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// How many committed records `topic` holds (`read_committed`, every partition from
+/// its beginning to its current end), and the last one's value. For small topics (the
+/// dead letters): it reads them all.
+pub fn read_committed_count(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(u64, Option<Vec<u8>>), TopicLookupError> {
+    let consumer: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
+        .set("group.id", "outbox-relay-status")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(EndOfPartitionIsExpected)
+        .map_err(TopicLookupError::Kafka)?;
+    let partitions = topic_partitions(&consumer, topic, timeout)?;
+    let mut assignment = TopicPartitionList::new();
+    for p in &partitions {
+        assignment
+            .add_partition_offset(topic, *p, Offset::Beginning)
+            .map_err(TopicLookupError::Kafka)?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(TopicLookupError::Kafka)?;
+    let deadline = Instant::now() + timeout;
+    let mut at_end = std::collections::HashSet::new();
+    let (mut count, mut last) = (0, None);
+    while at_end.len() < partitions.len() && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Ok(message)) => {
+                at_end.remove(&message.partition());
+                count += 1;
+                last = message.payload().map(<[u8]>::to_vec);
+            }
+            Some(Err(error)) => return Err(TopicLookupError::Kafka(error)),
+            None => {}
+        }
+    }
+    if at_end.len() < partitions.len() {
+        return Err(TopicLookupError::Kafka(KafkaError::MessageConsumption(
+            RDKafkaErrorCode::RequestTimedOut,
+        )));
+    }
+    Ok((count, last))
+}
+
 /// The value is a [`Secret`]: printed only for keys that cannot hold one.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KafkaProperty {

@@ -78,6 +78,7 @@ use crate::lsn::Lsn;
 use crate::metrics;
 use crate::pg;
 use crate::pgoutput::{self, LogicalMessage};
+use crate::progress::ConfirmGate;
 use crate::progress::{ProgressRecord, ProgressState, ProgressTracker, TxnTicket};
 use crate::retry::{self, Backoff};
 pub use crate::source::ColumnDef;
@@ -152,6 +153,25 @@ impl PipelineError {
     }
 }
 
+/// What the pipeline reads from the slot: the outbox tables (inserts) and the prefixes
+/// of the transactional logical messages that are outboxes too. The destination is
+/// told which one by its index in these lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outbox {
+    pub tables: Vec<TableName>,
+    pub prefixes: Vec<String>,
+}
+
+impl Outbox {
+    /// One outbox table.
+    pub fn table(table: TableName) -> Self {
+        Self {
+            tables: vec![table],
+            prefixes: Vec::new(),
+        }
+    }
+}
+
 /// What the source says about one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct TxnMeta {
@@ -170,13 +190,26 @@ pub trait Destination {
     const STAGE: &'static str;
     /// Reads the progress stored with the destination's data for `slot`.
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError>;
-    /// The outbox table's columns, in the order rows list them (after every Relation
-    /// message, and before the snapshot's rows).
-    fn set_columns(&mut self, columns: &[ColumnDef]) -> Result<(), PipelineError>;
+    /// Outbox table `table`'s columns, in the order rows list them (after every
+    /// Relation message, and before the snapshot's rows).
+    fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError>;
     /// A source transaction starts.
     fn begin_txn(&mut self, meta: TxnMeta);
-    /// One inserted row of the current transaction; `None` is NULL.
-    fn row(&mut self, values: &[Option<&[u8]>]);
+    /// One inserted row of outbox table `table` in the current transaction; `None` is
+    /// NULL.
+    fn row(&mut self, table: usize, values: &[Option<&[u8]>]);
+    /// A logical message with prefix `prefix` in the current transaction (for a
+    /// non-transactional one, the pipeline makes a transaction of it alone). Only
+    /// called when [`Outbox::prefixes`] is not empty.
+    fn message(&mut self, _prefix: usize, _content: &[u8], _transactional: bool) {}
+    /// A row of a transaction read again that the destination already holds (it is
+    /// skipped): the outbox cleanup deletes what it did not delete before a crash.
+    fn delivered_row(&mut self, _table: usize, _values: &[Option<&[u8]>], _end_lsn: Lsn) {}
+    /// A bound on what the slot may be confirmed to, besides durability (the outbox
+    /// cleanup holds it until the rows are deleted).
+    fn confirm_gate(&self) -> Option<ConfirmGate> {
+        None
+    }
     /// The current transaction is complete: its rows join the batch.
     fn end_txn(&mut self);
     /// The current transaction is abandoned (the session broke in its middle).
@@ -234,7 +267,7 @@ pub struct Pipeline<D: Destination> {
     source_url: String,
     slot: String,
     args: StreamArgs,
-    table: TableName,
+    outbox: Outbox,
     dest: D,
     /// Everything at or below this LSN is durable in the destination.
     durable_lsn: Lsn,
@@ -248,10 +281,13 @@ enum SessionEnd {
 
 /// Where the read loop is in the stream.
 struct Reading {
-    /// The outbox table's relation id, once its Relation message has been seen.
-    outbox_rel: Option<u32>,
+    /// The outbox tables' relation ids (and their index), once their Relation
+    /// messages have been seen.
+    relations: Vec<(u32, usize)>,
     /// Whether a transaction is open, and whether it is skipped (already durable).
     open: Option<bool>,
+    /// The open transaction's commit LSN.
+    commit_lsn: Lsn,
     /// `--linger-ms`.
     linger: Duration,
     /// The destination's least time between commits ([`Destination::commit_interval`]).
@@ -273,11 +309,15 @@ impl<D: Destination> Pipeline<D> {
         source_url: String,
         slot: String,
         args: StreamArgs,
+        outbox: Outbox,
         dest: D,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, PipelineError> {
-        let table = TableName::parse(&args.outbox.table)
-            .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
+        if outbox.tables.is_empty() && outbox.prefixes.is_empty() {
+            return Err(PipelineError::Definite(
+                "nothing to read: no outbox table and no message prefix".into(),
+            ));
+        }
         source::validate_identifier(&slot)
             .map_err(|e| PipelineError::Definite(format!("--slot: {e}")))?;
         if args.batch_size == 0 {
@@ -289,7 +329,7 @@ impl<D: Destination> Pipeline<D> {
             source_url,
             slot,
             args,
-            table,
+            outbox,
             dest,
             durable_lsn: Lsn::ZERO,
             stop,
@@ -340,7 +380,7 @@ impl<D: Destination> Pipeline<D> {
             })?;
         let info = source::check_source(
             &client,
-            &self.table,
+            &self.outbox.tables,
             &self.args.outbox.publication,
             !self.args.no_create_publication,
         )
@@ -480,6 +520,7 @@ impl<D: Destination> Pipeline<D> {
             unflushed: VecDeque::new(),
             confirmed: Lsn::ZERO,
             last_commit: None,
+            gate: self.dest.confirm_gate(),
         };
         let result = self.stream_events(replication, &mut s).await;
         if !s.settled() {
@@ -503,8 +544,9 @@ impl<D: Destination> Pipeline<D> {
         s: &mut Session,
     ) -> Result<SessionEnd, PipelineError> {
         let mut r = Reading {
-            outbox_rel: None,
+            relations: Vec::with_capacity(self.outbox.tables.len()),
             open: None,
+            commit_lsn: Lsn::ZERO,
             linger: Duration::from_millis(self.args.linger_ms),
             interval: self.dest.commit_interval(),
         };
@@ -631,6 +673,7 @@ impl<D: Destination> Pipeline<D> {
                     });
                 }
                 r.open = Some(skip);
+                r.commit_lsn = commit_lsn;
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
@@ -646,17 +689,66 @@ impl<D: Destination> Pipeline<D> {
                 s.idle_position(wal_end, replication);
             }
             ReplicationEvent::Message {
-                transactional: false,
+                transactional,
                 lsn,
-                ..
-            } => s.idle_position(Lsn(lsn.as_u64()), replication),
-            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+                prefix,
+                content,
+            } => {
+                let lsn = Lsn(lsn.as_u64());
+                let outbox = self.outbox.prefixes.iter().position(|p| *p == prefix);
+                match (outbox, transactional) {
+                    (Some(i), true) if r.open == Some(false) => {
+                        self.dest.message(i, &content, true)
+                    }
+                    (Some(i), false) => self.on_lone_message(i, lsn, &content, s, r).await?,
+                    (None, false) => s.idle_position(lsn, replication),
+                    _ => {}
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
     }
 
-    /// A pgoutput message: the outbox's Relation sets the destination's columns, its
-    /// inserts in a transaction not yet durable become rows.
+    /// A non-transactional message with an outbox prefix: refused (it is not part of
+    /// any source transaction, so its delivery could not be tied to one), never
+    /// dropped. It becomes a source transaction of its own, at its LSN, in which the
+    /// destination makes a dead letter of it.
+    async fn on_lone_message(
+        &mut self,
+        prefix: usize,
+        lsn: Lsn,
+        content: &[u8],
+        s: &mut Session,
+        r: &mut Reading,
+    ) -> Result<(), PipelineError> {
+        if r.open.is_some() {
+            // pgoutput sends such a message between transactions only.
+            return Ok(());
+        }
+        s.tracker.begin();
+        if lsn <= self.durable_lsn {
+            s.tracker.commit(lsn, 0);
+            return Ok(());
+        }
+        tracing::error!(
+            prefix = %self.outbox.prefixes[prefix],
+            %lsn,
+            "a non-transactional logical message with an outbox prefix: only \
+             pg_logical_emit_message(true, …) is relayed; this one goes to the dead-letter topic"
+        );
+        self.dest.begin_txn(TxnMeta {
+            commit_lsn: lsn,
+            xid: None,
+            commit_time_micros: None,
+        });
+        self.dest.message(prefix, content, false);
+        r.open = Some(false);
+        self.on_commit(lsn, s, r).await
+    }
+
+    /// A pgoutput message: an outbox table's Relation sets the destination's columns,
+    /// its inserts become rows (or, in a transaction already durable, delivered rows).
     fn on_message(
         &mut self,
         data: &bytes::Bytes,
@@ -666,20 +758,33 @@ impl<D: Destination> Pipeline<D> {
         let message =
             pgoutput::decode(data).map_err(|source| PipelineError::Decode { lsn: at, source })?;
         match message {
-            LogicalMessage::Relation(relation)
-                if relation.namespace == self.table.schema && relation.name == self.table.name =>
-            {
+            LogicalMessage::Relation(relation) => {
+                let Some(table) = self
+                    .outbox
+                    .tables
+                    .iter()
+                    .position(|t| relation.namespace == t.schema && relation.name == t.name)
+                else {
+                    return Ok(());
+                };
                 let columns: Vec<ColumnDef> =
                     relation.columns.iter().map(ColumnDef::from).collect();
-                self.dest.set_columns(&columns)?;
-                r.outbox_rel = Some(relation.rel_id);
+                self.dest.set_columns(table, &columns)?;
+                r.relations.retain(|(_, t)| *t != table);
+                r.relations.push((relation.rel_id, table));
             }
-            LogicalMessage::Insert(insert)
-                if r.open == Some(false) && r.outbox_rel == Some(insert.rel_id) =>
-            {
+            LogicalMessage::Insert(insert) if r.open.is_some() => {
+                let Some(&(_, table)) = r.relations.iter().find(|(rel, _)| *rel == insert.rel_id)
+                else {
+                    return Ok(());
+                };
                 let values: Vec<Option<&[u8]>> =
                     insert.new.columns.iter().map(|c| c.as_text()).collect();
-                self.dest.row(&values);
+                if r.open == Some(false) {
+                    self.dest.row(table, &values);
+                } else {
+                    self.dest.delivered_row(table, &values, r.commit_lsn);
+                }
             }
             // Updates, deletes and truncates of the outbox are not published; types,
             // origins and messages carry nothing to relay.
@@ -856,6 +961,8 @@ struct Session {
     confirmed: Lsn,
     /// When the last commit started.
     last_commit: Option<Instant>,
+    /// The destination's bound on confirmations, if it has one.
+    gate: Option<ConfirmGate>,
 }
 
 impl Session {
@@ -915,7 +1022,10 @@ impl Session {
 
     /// Tells the slot what may be confirmed.
     fn confirm(&mut self, replication: &ReplicationClient) {
-        let lsn = self.tracker.confirmable();
+        let mut lsn = self.tracker.confirmable();
+        if let Some(gate) = &self.gate {
+            lsn = lsn.min(gate.get());
+        }
         if lsn > self.confirmed {
             ::metrics::gauge!(metrics::CONFIRMED_LSN).set(lsn.as_u64() as f64);
             replication.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.as_u64()));
@@ -1001,6 +1111,7 @@ mod tests {
             unflushed: VecDeque::new(),
             confirmed: Lsn::ZERO,
             last_commit: None,
+            gate: None,
         }
     }
 
@@ -1057,11 +1168,11 @@ mod tests {
         ) -> Result<Option<ProgressRecord>, PipelineError> {
             Ok(None)
         }
-        fn set_columns(&mut self, _: &[ColumnDef]) -> Result<(), PipelineError> {
+        fn set_columns(&mut self, _: usize, _: &[ColumnDef]) -> Result<(), PipelineError> {
             Ok(())
         }
         fn begin_txn(&mut self, _: TxnMeta) {}
-        fn row(&mut self, _: &[Option<&[u8]>]) {}
+        fn row(&mut self, _: usize, _: &[Option<&[u8]>]) {}
         fn end_txn(&mut self) {}
         fn discard_txn(&mut self) {}
         fn batch_size(&self) -> (usize, usize) {
@@ -1085,9 +1196,10 @@ mod tests {
             stream: StreamArgs,
         }
         let args = <Args as clap::Parser>::parse_from(["test"]).stream;
+        let outbox = Outbox::table(TableName::parse(&args.outbox.table).unwrap());
         let (_, stop) = watch::channel(false);
         let mut pipeline =
-            Pipeline::new(String::new(), "slot".into(), args, Nowhere, stop).unwrap();
+            Pipeline::new(String::new(), "slot".into(), args, outbox, Nowhere, stop).unwrap();
         let mut s = session();
         committed_batches(&mut s, [Some(100), Some(200), Some(300)]);
         // The commit of a fourth batch fails: its connection was lost.

@@ -103,41 +103,45 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     })?;
     // The same rendering as the replication session's (see source::replication_config),
     // so that snapshot rows and streamed rows are byte for byte alike.
-    txn.batch_execute("SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3")
+    txn.batch_execute("SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3; SET LOCAL TimeZone = 'UTC'; SET LOCAL bytea_output = 'hex'; SET LOCAL IntervalStyle = 'postgres'")
         .await
         .map_err(|source| SourceError::Query {
             context: "setting the snapshot session's formats".into(),
             source,
         })?;
-    let select = format!(
-        "SELECT {} FROM {}",
-        info.columns
-            .iter()
-            .map(|c| format!("{}::text", quote_ident(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        pipeline.table.quoted()
-    );
-    let rows = txn
-        .query(&select, &[])
-        .await
-        .map_err(|source| SourceError::Query {
-            context: "reading the outbox under the slot's snapshot".into(),
-            source,
-        })?;
-    drop(txn);
-
-    pipeline.dest.set_columns(&info.columns)?;
     pipeline.dest.begin_txn(TxnMeta {
         commit_lsn: consistent_point,
         xid: None,
         commit_time_micros: None,
     });
-    for row in &rows {
-        let texts: Vec<Option<&str>> = (0..info.columns.len()).map(|i| row.get(i)).collect();
-        let values: Vec<Option<&[u8]>> = texts.iter().map(|v| v.map(str::as_bytes)).collect();
-        pipeline.dest.row(&values);
+    let mut total = 0;
+    for (i, table) in pipeline.outbox.tables.iter().enumerate() {
+        let columns = &info.columns[i];
+        let select = format!(
+            "SELECT {} FROM {}",
+            columns
+                .iter()
+                .map(|c| format!("{}::text", quote_ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            table.quoted()
+        );
+        let rows = txn
+            .query(&select, &[])
+            .await
+            .map_err(|source| SourceError::Query {
+                context: format!("reading the outbox {table} under the slot's snapshot"),
+                source,
+            })?;
+        pipeline.dest.set_columns(i, columns)?;
+        for row in &rows {
+            let texts: Vec<Option<&str>> = (0..columns.len()).map(|c| row.get(c)).collect();
+            let values: Vec<Option<&[u8]>> = texts.iter().map(|v| v.map(str::as_bytes)).collect();
+            pipeline.dest.row(i, &values);
+        }
+        total += rows.len();
     }
+    drop(txn);
     pipeline.dest.end_txn();
 
     // 4. Rows and the streaming record, atomically.
@@ -147,7 +151,7 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         &ProgressRecord::streaming(consistent_point),
     )
     .await?;
-    tracing::info!(%slot, rows = rows.len(), "delivered the outbox rows present at slot creation");
+    tracing::info!(%slot, rows = total, "delivered the outbox rows present at slot creation");
 
     replication
         .start()

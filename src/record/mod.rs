@@ -2,9 +2,9 @@
 //! and what the sink (and direct mode's dead letters) read back. Pure, no I/O.
 //!
 //! One outbox row is one record:
-//! - **value**: the row as a JSON object, each column's text exactly as PostgreSQL
-//!   printed it ([`encode`]); read back, together with the seed's and Debezium's
-//!   shapes, by [`decode`];
+//! - **value**: the row as a JSON object, each column the faithful JSON image of the
+//!   text PostgreSQL printed for it, by one rule per type ([`encode`]); read back,
+//!   together with the seed's and Debezium's shapes, by [`decode`];
 //! - **key**: the key column's text, as is (the connector's `--key-column`);
 //! - **headers**: the source transaction's commit LSN ([`HEADER_LSN`]), xid
 //!   ([`HEADER_XID`]) and commit time ([`HEADER_COMMIT_TS`], RFC 3339 in UTC), the same

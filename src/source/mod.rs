@@ -121,6 +121,8 @@ pub fn quote_ident(name: &str) -> String {
 pub struct ColumnDef {
     pub name: String,
     pub type_oid: u32,
+    /// Part of the table's replica identity key (its primary key by default).
+    pub key: bool,
 }
 
 impl From<&crate::pgoutput::Column> for ColumnDef {
@@ -128,6 +130,7 @@ impl From<&crate::pgoutput::Column> for ColumnDef {
         Self {
             name: column.name.clone(),
             type_oid: column.type_oid,
+            key: column.is_key(),
         }
     }
 }
@@ -136,7 +139,8 @@ impl From<&crate::pgoutput::Column> for ColumnDef {
 #[derive(Debug, Clone)]
 pub struct SourceInfo {
     pub server_version_num: i32,
-    pub columns: Vec<ColumnDef>,
+    /// Each outbox table's columns, in the order the tables were given.
+    pub columns: Vec<Vec<ColumnDef>>,
 }
 
 /// The slot as `pg_replication_slots` shows it.
@@ -153,14 +157,17 @@ pub struct SlotState {
 /// (creating the publication if it is missing and `create_publication` is set).
 pub async fn check_source(
     client: &Client,
-    table: &TableName,
+    tables: &[TableName],
     publication: &str,
     create_publication: bool,
 ) -> Result<SourceInfo, SourceError> {
     let server_version_num = check_version(client).await?;
     check_wal_level(client).await?;
-    let columns = outbox_columns(client, table).await?;
-    check_publication(client, table, publication, create_publication).await?;
+    let mut columns = Vec::with_capacity(tables.len());
+    for table in tables {
+        columns.push(outbox_columns(client, table).await?);
+    }
+    check_publication(client, tables, publication, create_publication).await?;
     Ok(SourceInfo {
         server_version_num,
         columns,
@@ -204,8 +211,10 @@ pub async fn outbox_columns(
 ) -> Result<Vec<ColumnDef>, SourceError> {
     let columns = client
         .query(
-            "SELECT a.attname::text, a.atttypid::int8
+            "SELECT a.attname::text, a.atttypid::int8,
+                    COALESCE(a.attnum = ANY (i.indkey), false)
              FROM pg_attribute a
+             LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
              ORDER BY a.attnum",
             &[&table.quoted()],
@@ -222,18 +231,25 @@ pub async fn outbox_columns(
         .map(|r| ColumnDef {
             name: r.get(0),
             type_oid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+            key: r.get(2),
         })
         .collect())
 }
 
-/// The publication exists, publishes inserts and holds the outbox table (it is
-/// created if missing and `create` is set).
+/// The publication exists, publishes inserts and holds every outbox table (it is
+/// created if missing and `create` is set; with no table, for the logical messages
+/// alone, it is created empty).
 pub async fn check_publication(
     client: &Client,
-    table: &TableName,
+    tables: &[TableName],
     publication: &str,
     create: bool,
 ) -> Result<(), SourceError> {
+    let listed = tables
+        .iter()
+        .map(TableName::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     validate_identifier(publication).map_err(SourceError::Definite)?;
     let publishes: Option<bool> = client
         .query_opt(
@@ -245,22 +261,27 @@ pub async fn check_publication(
         .map(|r| r.get(0));
     match publishes {
         None if create => {
+            let for_tables = if tables.is_empty() {
+                String::new()
+            } else {
+                let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
+                format!("FOR TABLE {}", quoted.join(", "))
+            };
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                    "CREATE PUBLICATION {} {for_tables} WITH (publish = 'insert')",
                     quote_ident(publication),
-                    table.quoted()
                 ))
                 .await
                 .map_err(SourceError::query(format!(
                     "creating publication {publication}"
                 )))?;
-            tracing::info!(publication, %table, "created publication");
+            tracing::info!(publication, tables = %listed, "created publication");
         }
         None => {
             return Err(SourceError::Definite(format!(
                 "publication {publication} does not exist in pg_start; create it with \
-                 CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert')"
+                 CREATE PUBLICATION {publication} FOR TABLE {listed} WITH (publish = 'insert')"
             )))
         }
         Some(false) => {
@@ -271,20 +292,22 @@ pub async fn check_publication(
         }
         Some(true) => {}
     }
-    let in_publication: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
-                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(SourceError::query("reading pg_publication_tables"))?
-        .get(0);
-    if !in_publication {
-        return Err(SourceError::Definite(format!(
-            "the outbox table {table} is not in publication {publication}; \
-             ALTER PUBLICATION {publication} ADD TABLE {table}"
-        )));
+    for table in tables {
+        let in_publication: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+                                WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+                &[&publication, &table.schema, &table.name],
+            )
+            .await
+            .map_err(SourceError::query("reading pg_publication_tables"))?
+            .get(0);
+        if !in_publication {
+            return Err(SourceError::Definite(format!(
+                "the outbox table {table} is not in publication {publication}; \
+                 ALTER PUBLICATION {publication} ADD TABLE {table}"
+            )));
+        }
     }
     Ok(())
 }
@@ -363,7 +386,7 @@ pub fn replication_config(
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(5))
     .with_buffer_size(READ_AHEAD_EVENTS)
-    .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3")
+    .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres")
     .with_application_name(format!("outbox-relay:{slot}"));
     replication.tls = target.replication_tls();
     Ok(replication)

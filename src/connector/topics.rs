@@ -1,0 +1,105 @@
+//! The topics the connector writes to: which are known to exist, and the creation of
+//! the others (routed topics come and go with the rows' values).
+//!
+//! Invariant: a record is sent only to a topic known to exist. A routed topic that does
+//! not exist is created with the connector's partitions, replication factor and
+//! `min.insync.replicas` (the brokers have auto-creation off); with
+//! `--no-create-topics` it is reported missing and its records become dead letters.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::ConnectorArgs;
+use crate::kafka::{self, TopicSpec};
+use crate::pipeline::PipelineError;
+
+pub struct Topics {
+    brokers: String,
+    create: bool,
+    partitions: i32,
+    replication_factor: i32,
+    known: Mutex<HashSet<String>>,
+}
+
+impl Topics {
+    pub fn new(args: &ConnectorArgs) -> Self {
+        Self {
+            brokers: args.kafka.brokers.clone(),
+            create: !args.no_create_topics,
+            partitions: args.partitions,
+            replication_factor: args.replication_factor,
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn is_known(&self, topic: &str) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(topic)
+    }
+
+    fn learn(&self, topic: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_string());
+    }
+
+    /// Makes sure each of `topics` exists, creating it if allowed; returns those that
+    /// do not exist and may not be created.
+    pub async fn ensure(&self, topics: &[String]) -> Result<Vec<String>, PipelineError> {
+        let mut missing = Vec::new();
+        for topic in topics {
+            if self.is_known(topic) {
+                continue;
+            }
+            if self.create {
+                self.create(topic).await?;
+            } else if self.exists(topic).await? {
+                self.learn(topic);
+            } else {
+                tracing::error!(%topic, "a routed topic does not exist and --no-create-topics is set: its records go to the dead-letter topic");
+                missing.push(topic.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Creates `topic` if it does not exist, whatever `--no-create-topics` says.
+    pub async fn create(&self, topic: &str) -> Result<(), PipelineError> {
+        // An acknowledged record must survive the loss of a broker.
+        let configs: &[(&str, &str)] = if self.replication_factor >= 3 {
+            &[("min.insync.replicas", "2")]
+        } else {
+            &[]
+        };
+        kafka::ensure_topic(
+            &self.brokers,
+            &TopicSpec {
+                name: topic,
+                partitions: self.partitions,
+                replication_factor: self.replication_factor,
+                configs,
+            },
+        )
+        .await?;
+        self.learn(topic);
+        Ok(())
+    }
+
+    async fn exists(&self, topic: &str) -> Result<bool, PipelineError> {
+        let (brokers, name) = (self.brokers.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            kafka::topic_exists(&brokers, &name, Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| PipelineError::Definite(format!("topic lookup panicked: {e}")))?
+        .map_err(|source| PipelineError::Destination {
+            context: format!("looking up topic {topic}"),
+            class: crate::error::ErrorClass::Transient,
+            source: Box::new(source),
+        })
+    }
+}
