@@ -155,6 +155,7 @@ async fn debezium_outbox_event_router_and_the_event_router_preset_write_the_same
     // The relay, on its own slot and publication, with the preset's defaults.
     let started = Instant::now();
     let progress_topic = random_name("progress");
+    let dead_letter_topic = random_name("dead_letters");
     let mut relay = Relay::spawn(
         &[
             "connector",
@@ -172,6 +173,8 @@ async fn debezium_outbox_event_router_and_the_event_router_preset_write_the_same
             relay_publication,
             "--progress-topic",
             &progress_topic,
+            "--dead-letter-topic",
+            &dead_letter_topic,
             "--no-create-slot",
             "--no-create-publication",
         ],
@@ -201,9 +204,22 @@ async fn debezium_outbox_event_router_and_the_event_router_preset_write_the_same
     // Read after the stop: whatever it published besides the events (an update, a delete,
     // a duplicate) is in the topics by then.
     let relayed = read_topics(&topics, nonce).await;
+    let dead_letters = {
+        let topic = dead_letter_topic.clone();
+        tokio::task::spawn_blocking(move || read_topic(&topic))
+            .await
+            .unwrap()
+    };
+    assert!(
+        dead_letters.is_empty(),
+        "the relay dead-lettered {} events, e.g. {:?} ({:?})",
+        dead_letters.len(),
+        String::from_utf8_lossy(&dead_letters[0].value),
+        header_names(&dead_letters[0])
+    );
     eprintln!("relay: done in {:?}", started.elapsed());
     let mut cleanup: Vec<String> = topics.iter().cloned().collect();
-    cleanup.push(progress_topic);
+    cleanup.extend([progress_topic, dead_letter_topic]);
 
     let report = compare(&written, &dbz, &relayed, last_commit_ms);
     eprintln!("{report}");
