@@ -293,6 +293,12 @@ pub struct Batch {
 impl Batch {
     /// The index of `topic` in [`Batch::topics`].
     fn topic(&mut self, topic: &str) -> u32 {
+        // Most rows go where the one before went.
+        if let Some(last) = self.topics.last() {
+            if last == topic {
+                return self.topics.len() as u32 - 1;
+            }
+        }
         if let Some(&i) = self.topic_index.get(topic) {
             return i;
         }
