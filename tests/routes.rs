@@ -366,6 +366,29 @@ async fn with_topic_creation_off_a_missing_topic_sends_its_rows_to_dead_letters(
         })
         .collect();
     assert_eq!(ids.len(), 50, "each row once");
+
+    // `status` counts them, and says why the last one is there.
+    let (_, stdout, stderr) = common::run_binary(&[
+        "status",
+        "--source-url",
+        &dbs.source_url,
+        "--target-url",
+        &dbs.target_url,
+        "--slot",
+        &slot,
+        "--progress-topic",
+        &progress,
+        "--dead-letter-topic",
+        &dead_letters,
+        "--json",
+    ]);
+    let report = json(stdout.as_bytes());
+    assert_eq!(report["kafka"]["dead_letters"], 50, "{stdout}{stderr}");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains(&format!("50 dead letters in Kafka topic {dead_letters}")),
+        "{warnings}"
+    );
 }
 
 /// Issue 24, item 8: rows committed in Kafka but not yet deleted when the connector
