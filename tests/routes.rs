@@ -366,6 +366,29 @@ async fn with_topic_creation_off_a_missing_topic_sends_its_rows_to_dead_letters(
         })
         .collect();
     assert_eq!(ids.len(), 50, "each row once");
+
+    // `status` counts them, and says why the last one is there.
+    let (_, stdout, stderr) = common::run_binary(&[
+        "status",
+        "--source-url",
+        &dbs.source_url,
+        "--target-url",
+        &dbs.target_url,
+        "--slot",
+        &slot,
+        "--progress-topic",
+        &progress,
+        "--dead-letter-topic",
+        &dead_letters,
+        "--json",
+    ]);
+    let report = json(stdout.as_bytes());
+    assert_eq!(report["kafka"]["dead_letters"], 50, "{stdout}{stderr}");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains(&format!("50 dead letters in Kafka topic {dead_letters}")),
+        "{warnings}"
+    );
 }
 
 /// Issue 24, item 8: rows committed in Kafka but not yet deleted when the connector
@@ -441,4 +464,75 @@ async fn cleanup_deletes_after_a_restart_what_a_kill_left_between_kafka_commit_a
     let ids: std::collections::HashSet<Vec<u8>> = records.iter().map(|r| r.value.clone()).collect();
     assert_eq!(records.len(), 1500, "every row once in Kafka");
     assert_eq!(ids.len(), 1500);
+}
+
+/// Issue 24, item 6: `check` validates each route against its live table and prints
+/// what one row would become.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_validates_routes_and_shows_a_sample_record() {
+    let dbs = TestDbs::new().await;
+    let source = dbs.source().await;
+    source.batch_execute(SCHEMA).await.unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO app.outbox VALUES ('00000000-0000-4000-8000-000000000001', 'Order', 'o-1', 'Created', '{\"a\": 1}');
+             CREATE PUBLICATION routes_pub FOR TABLE app.outbox, app.audit WITH (publish = 'insert');",
+        )
+        .await
+        .unwrap();
+    let config = std::env::temp_dir().join(format!("{}.toml", random_name("routes")));
+    let run = |routes: &str| {
+        std::fs::write(&config, routes).unwrap();
+        let (code, stdout, stderr) = common::run_binary(&[
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--source-url",
+            &dbs.source_url,
+            "--target-url",
+            &dbs.target_url,
+            "--publication",
+            "routes_pub",
+            "--no-kafka",
+        ]);
+        (code, format!("{stdout}{stderr}"))
+    };
+    let (code, out) = run(
+        "[[route]]\ntable = \"app.outbox\"\npreset = \"event-router\"\n\n[[route]]\ntable = \"app.audit\"\ntopic = \"audit\"\nvalue = \"payload\"\npayload = \"body\"\n",
+    );
+    assert!(out.contains("ok    route table app.outbox: app.outbox (id, aggregatetype, aggregateid, type, payload) → outbox.event.${aggregatetype}"), "{out}");
+    assert!(
+        out.contains(
+            "ok    route table app.outbox: sample: topic outbox.event.Order, key o-1, value {\"a\": 1}, header id=00000000-0000-4000-8000-000000000001"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("route table app.audit: sample: the table is empty"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "ok    pg_start: publication: routes_pub publishes inserts of app.outbox, app.audit"
+        ),
+        "{out}"
+    );
+    assert_eq!(code, 0, "{out}");
+
+    // A template over a missing column, a table outside the publication, a bad key.
+    let (code, out) = run(
+        "[[route]]\ntable = \"app.outbox\"\npreset = \"event-router\"\ntopic = \"t.${region}\"\n\n[[route]]\ntable = \"outbox.transactions\"\n",
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL  route table app.outbox: the route for table app.outbox names what the source does not have: the topic column \"region\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  pg_start: publication: the outbox table outbox.transactions is not in publication routes_pub"),
+        "{out}"
+    );
+    let (code, out) = run("[[route]]\ntable = \"app.outbox\"\nprest = \"x\"\n");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("unknown field `prest`"), "{out}");
 }

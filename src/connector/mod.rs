@@ -220,30 +220,42 @@ async fn setup_kafka(
     topics: &Topics,
     stop: watch::Receiver<bool>,
 ) -> Result<BatchProducer, PipelineError> {
-    // The literal topics at once (a templated one when its first record comes), and
-    // the dead-letter topic, which must exist even with --no-create-topics.
+    // The literal topics at once (a templated one when its first record comes), the
+    // dead-letter topic, which must exist even with --no-create-topics, and the
+    // progress topic; and meanwhile the producers (their set-up needs no topic).
     let literal: Vec<String> = routes
         .iter()
         .filter_map(|r| r.topic.literal().map(str::to_string))
         .collect();
-    topics.ensure(&literal).await?;
-    topics.create(&args.dead_letter_topic).await?;
-    kafka::ensure_topic(
-        &args.kafka.brokers,
-        &TopicSpec {
-            name: &args.progress_topic,
-            partitions: 1,
-            replication_factor: args.replication_factor,
-            configs: &[("cleanup.policy", "compact")],
-        },
-    )
-    .await?;
+    let topics_ready = async {
+        tokio::try_join!(
+            topics.ensure(&literal),
+            topics.create(&args.dead_letter_topic),
+            async {
+                kafka::ensure_topic(
+                    &args.kafka.brokers,
+                    &TopicSpec {
+                        name: &args.progress_topic,
+                        partitions: 1,
+                        replication_factor: args.replication_factor,
+                        configs: &[("cleanup.policy", "compact")],
+                    },
+                )
+                .await
+                .map_err(PipelineError::from)
+            },
+        )
+    };
     let (brokers, slot) = (args.kafka.brokers.clone(), args.slot.clone());
     let mode = args.delivery;
-    tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &slot, stop))
-        .await
-        .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
-        .map_err(producer::destination_error)
+    let producer = async {
+        tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &slot, stop))
+            .await
+            .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
+            .map_err(producer::destination_error)
+    };
+    let (_, producer) = tokio::try_join!(topics_ready, producer)?;
+    Ok(producer)
 }
 
 /// The transactional id of the slot's producer `turn` (invariant 2):
@@ -293,6 +305,12 @@ pub struct Batch {
 impl Batch {
     /// The index of `topic` in [`Batch::topics`].
     fn topic(&mut self, topic: &str) -> u32 {
+        // Most rows go where the one before went.
+        if let Some(last) = self.topics.last() {
+            if last == topic {
+                return self.topics.len() as u32 - 1;
+            }
+        }
         if let Some(&i) = self.topic_index.get(topic) {
             return i;
         }

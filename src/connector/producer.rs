@@ -224,6 +224,7 @@ impl BatchProducer {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
+            .set("retry.backoff.ms", "20")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.kbytes", "16384")
             .set("queue.buffering.max.messages", "100000")
@@ -239,6 +240,9 @@ impl BatchProducer {
             .map_err(FlushError::Setup)?;
         if mode == DeliveryMode::Transactional {
             let mut backoff = Backoff::reconnect();
+            // A broker connection first: librdkafka asks for the transaction coordinator
+            // once a broker is up, and otherwise only on its next 500 ms timer.
+            let _ = producer.client().fetch_metadata(None, CALL_TIMEOUT);
             loop {
                 match producer.init_transactions(CALL_TIMEOUT) {
                     Ok(()) => break,

@@ -50,21 +50,25 @@ impl Topics {
     /// Makes sure each of `topics` exists, creating it if allowed; returns those that
     /// do not exist and may not be created.
     pub async fn ensure(&self, topics: &[String]) -> Result<Vec<String>, PipelineError> {
-        let mut missing = Vec::new();
-        for topic in topics {
-            if self.is_known(topic) {
-                continue;
-            }
+        let unknown: Vec<&String> = topics.iter().filter(|t| !self.is_known(t)).collect();
+        let found = futures_util::future::try_join_all(unknown.iter().map(|topic| async move {
             if self.create {
-                self.create(topic).await?;
+                self.create(topic).await.map(|()| true)
             } else if self.exists(topic).await? {
                 self.learn(topic);
+                Ok(true)
             } else {
                 tracing::error!(%topic, "a routed topic does not exist and --no-create-topics is set: its records go to the dead-letter topic");
-                missing.push(topic.clone());
+                Ok(false)
             }
-        }
-        Ok(missing)
+        }))
+        .await?;
+        Ok(unknown
+            .into_iter()
+            .zip(found)
+            .filter(|(_, found)| !found)
+            .map(|(topic, _)| topic.clone())
+            .collect())
     }
 
     /// Creates `topic` if it does not exist, whatever `--no-create-topics` says.

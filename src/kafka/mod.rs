@@ -346,7 +346,11 @@ pub struct EndOfPartitionIsExpected;
 
 impl rdkafka::ClientContext for EndOfPartitionIsExpected {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
             tracing::warn!(%error, reason, "kafka client error");
         }
     }
@@ -432,14 +436,12 @@ pub fn read_progress(
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
+        // The read waits for the end of the partition: a fetch that finds nothing new
+        // must come back at once, not after the broker's default 500 ms.
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.error.backoff.ms", "10")
         .create_with_context(EndOfPartitionIsExpected)
         .map_err(KafkaSetupError::Config)?;
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Beginning)
-        .map_err(read_error)?;
-    consumer.assign(&assignment).map_err(read_error)?;
-
     // The high watermark: a read_committed client would be told the last stable offset.
     let ends: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
         .set("isolation.level", "read_uncommitted")
@@ -474,11 +476,19 @@ pub fn read_progress(
     if low >= end {
         return Ok(None);
     }
+    // From the log's start, known already: no offset lookup before the first fetch.
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Offset(low))
+        .map_err(read_error)?;
+    consumer.assign(&assignment).map_err(read_error)?;
     while !reached_end() {
         if Instant::now() >= deadline {
             return Err(timed_out());
         }
-        match consumer.poll(Duration::from_millis(500)) {
+        // Short polls: the position passes the last transaction's marker without an
+        // event, and each poll is the moment it is looked at again.
+        match consumer.poll(Duration::from_millis(10)) {
             Some(Ok(message)) if message.key() == Some(slot.as_bytes()) => {
                 // A tombstone: the slot's progress was deleted on purpose.
                 last = message

@@ -117,29 +117,38 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     let mut total = 0;
     for (i, table) in pipeline.outbox.tables.iter().enumerate() {
         let columns = &info.columns[i];
+        // The simple protocol returns each value as its type's output function prints
+        // it, which is what pgoutput sends (a `::text` cast is not always the same:
+        // char(n) loses its padding, bool prints true/false).
         let select = format!(
             "SELECT {} FROM {}",
             columns
                 .iter()
-                .map(|c| format!("{}::text", quote_ident(&c.name)))
+                .map(|c| quote_ident(&c.name))
                 .collect::<Vec<_>>()
                 .join(", "),
             table.quoted()
         );
-        let rows = txn
-            .query(&select, &[])
+        let messages = txn
+            .simple_query(&select)
             .await
             .map_err(|source| SourceError::Query {
                 context: format!("reading the outbox {table} under the slot's snapshot"),
                 source,
             })?;
         pipeline.dest.set_columns(i, columns)?;
-        for row in &rows {
-            let texts: Vec<Option<&str>> = (0..columns.len()).map(|c| row.get(c)).collect();
-            let values: Vec<Option<&[u8]>> = texts.iter().map(|v| v.map(str::as_bytes)).collect();
+        let mut rows = 0;
+        for message in &messages {
+            let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            let values: Vec<Option<&[u8]>> = (0..columns.len())
+                .map(|c| row.get(c).map(str::as_bytes))
+                .collect();
             pipeline.dest.row(i, &values);
+            rows += 1;
         }
-        total += rows.len();
+        total += rows;
     }
     drop(txn);
     pipeline.dest.end_txn();

@@ -282,7 +282,7 @@ fn dead(reason: &str) -> Rendered<'static> {
 /// A payload column's content as the record value.
 fn payload(text: &[u8], type_oid: u32, format: PayloadFormat) -> Result<Vec<u8>, String> {
     let bytea = || {
-        bytea_hex(text)
+        encode::decode_bytea_hex(text)
             .ok_or_else(|| "the bytea payload is not in PostgreSQL's hex form".to_string())
     };
     match format {
@@ -306,18 +306,6 @@ fn payload(text: &[u8], type_oid: u32, format: PayloadFormat) -> Result<Vec<u8>,
 
 /// A message as a row: its fields as columns, and their values' text.
 pub type MessageRow = (Vec<ColumnDef>, Vec<Option<Vec<u8>>>);
-
-/// pgoutput's text form of bytea, `\\x` and two hex digits a byte, as the bytes.
-fn bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
-    let hex = text.strip_prefix(b"\\x")?;
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    hex.chunks(2)
-        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
-        .collect()
-}
 
 /// A logical message's top-level JSON fields as columns and values: a string is text
 /// (its content), a number numeric (its exact text), a boolean bool, null NULL, an
