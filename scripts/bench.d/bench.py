@@ -409,6 +409,17 @@ def write_backlog(stack, n, clients=2, call="bench.seed({k}, 10)", table="outbox
 # ---------------------------------------------------------------------------------------
 
 
+def machine_busy():
+    """CPU seconds the whole machine has been busy (every process, the kernel's work
+    included) since boot, from /proc/stat; None where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def admin(stack):
     return AdminClient({"bootstrap.servers": stack.brokers})
 
@@ -595,6 +606,61 @@ class Bench:
         return total
 
     # --- source -> Kafka -------------------------------------------------------------
+
+    def kafka_floor(self, r, suffix):
+        """The Kafka half of the outbox leg alone, with no PostgreSQL in the loop: a bare
+        librdkafka producer (confluent-kafka) writes N records shaped as the event-router
+        preset writes them (the table's own payloads, aggregate ids as keys, the id
+        header) into 4 fresh topics, in transactions of 5,000 taking turns over 4
+        transactional ids with the relay's producer settings. The records are made
+        before the clock starts, and the topics and producers are set up before it too,
+        so this is the floor of what the brokers take on this machine, not a tool."""
+        from confluent_kafka import Producer
+        batch, producers = 5000, 4
+        topics = [f"bench-r{r}-floor.{a}" for a in OUTBOX_AGGREGATES]
+        for t in topics:
+            create_topic(self.stack, t)
+        with self.stack.pg("start") as conn:
+            sample = conn.execute(
+                f"SELECT aggregatetype, aggregateid, id::text, payload::text FROM {OUTBOX_TABLE} "
+                "WHERE aggregatetype LIKE %s LIMIT 4000", ("%" + suffix,)).fetchall()
+        if not sample:
+            raise RuntimeError("no outbox rows to model the floor's records on")
+        topic_of = {a + suffix: f"bench-r{r}-floor.{a}" for a in OUTBOX_AGGREGATES}
+        records = [(topic_of[agg], key.encode(), value.encode(), [("id", ident.encode())])
+                   for agg, key, ident, value in sample]
+        conf = {"bootstrap.servers": self.stack.brokers, "enable.idempotence": True,
+                "acks": "all", "linger.ms": 2, "batch.num.messages": 10000,
+                "queue.buffering.max.kbytes": 16384, "queue.buffering.max.messages": 100000}
+        ps = []
+        for i in range(producers):
+            p = Producer({**conf, "transactional.id": f"bench-r{r}-floor-{i}"})
+            p.init_transactions(30)
+            ps.append(p)
+        n, m = self.args.n, len(records)
+        brokers_before = self.broker_cpu()
+        started = time.monotonic()
+        for first in range(0, n, batch):
+            p = ps[(first // batch) % producers]
+            p.begin_transaction()
+            for k in range(first, min(n, first + batch)):
+                topic, key, value, headers = records[k % m]
+                while True:
+                    try:
+                        p.produce(topic, value=value, key=key, headers=headers)
+                        break
+                    except BufferError:
+                        p.poll(0.001)
+            p.commit_transaction(30)
+        seconds = time.monotonic() - started
+        brokers_after = self.broker_cpu()
+        for p in ps:
+            p.flush(10)
+        res = result("Kafka floor: bare librdkafka producer, same records and transactions, "
+                     "no PostgreSQL", n, seconds)
+        if brokers_before is not None and brokers_after is not None:
+            res["broker_cpu_per_100k"] = (brokers_after - brokers_before) / n * 100_000
+        return res
 
     def recvlogical(self, r, slot, x, publication="outbox_relay"):
         argv = ["pg_recvlogical", "-h", "127.0.0.1", "-p", str(self.stack.start_port),
@@ -1075,6 +1141,7 @@ def one_run(bench, r, legs):
 
     def record(leg, fn, *argv):
         """Runs one tool; a failure is logged and kept in the results, and the run goes on."""
+        busy_before = machine_busy()
         try:
             res = fn(*argv)
         except Exception as e:  # noqa: BLE001 - one tool's failure must not lose the others' figures
@@ -1085,6 +1152,9 @@ def one_run(bench, r, legs):
             res, extra_value = res
         else:
             extra_value = None
+        busy_after = machine_busy()
+        if busy_before is not None and busy_after is not None:
+            res["machine_cpu_per_100k"] = (busy_after - busy_before) / res["n"] * 100_000
         out["legs"].setdefault(leg, []).append(res)
         extra = f", {res['cpu_per_100k']:.1f} CPU s/100k" if res.get("cpu_per_100k") is not None else ""
         rss = f", {res['peak_rss'] / 2**20:.0f} MiB" if res.get("peak_rss") else ""
@@ -1127,6 +1197,7 @@ def one_run(bench, r, legs):
         log(f"run {r}: outbox backlog written in {secs:.1f} s ({n / secs:,.0f}/s), X = {lsn_text(ox)}")
         record("outbox", bench.recvlogical, r, oslots["recv"], ox, OUTBOX_PUBLICATION)
         record("outbox", bench.connector, r, oslots["relay"], ox, "transactional", "event-router")
+        record("outbox", bench.kafka_floor, r, suffix)
         if debezium:
             # Both write outbox.event.<aggregatetype>: Debezium into topics of its own making.
             delete_topics(stack, "outbox.event.", wait=True)
@@ -1165,7 +1236,8 @@ def summarize(runs):
             row = {"tool": tool, "tps": statistics.median(tps), "tps_min": min(tps),
                    "tps_max": max(tps), "runs": len(rs), "n": rs[0]["n"],
                    "seconds": statistics.median(x["seconds"] for x in rs)}
-            for key in ("cpu_per_100k", "peak_rss", "startup", "broker_cpu_per_100k"):
+            for key in ("cpu_per_100k", "peak_rss", "startup", "broker_cpu_per_100k",
+                        "machine_cpu_per_100k"):
                 vals = [x[key] for x in rs if x.get(key) is not None]
                 if vals:
                     row[key] = max(vals) if key == "peak_rss" else statistics.median(vals)

@@ -8,6 +8,7 @@ DBZ = "Debezium 3.6.1 PostgreSQL connector (Kafka Connect standalone)"
 DBZ_TUNED = "Debezium 3.6.1 PostgreSQL connector, tuned (Kafka Connect standalone)"
 DBZ_OUTBOX_TUNED = "Debezium 3.6.1 + Outbox Event Router, tuned (Kafka Connect standalone)"
 RELAY_EVENT_ROUTER = "outbox-relay connector --preset event-router (transactional)"
+KAFKA_FLOOR = "Kafka floor: bare librdkafka producer, same records and transactions, no PostgreSQL"
 CEILING = {
     "kafka": "pg_recvlogical (decode ceiling)",
     "outbox": "pg_recvlogical (decode ceiling)",
@@ -70,6 +71,9 @@ def leg_table(data, leg):
     brokers = any(r.get("broker_cpu_per_100k") is not None for r in rows)
     if brokers:
         head.append("brokers' CPU s / 100k tx")
+    machine = any(r.get("machine_cpu_per_100k") is not None for r in rows)
+    if machine:
+        head.append("machine CPU s / 100k tx")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -90,6 +94,8 @@ def leg_table(data, leg):
         cells.append(fmt(r["peak_rss"] / 2**20, 0) if r.get("peak_rss") else "–")
         if brokers:
             cells.append(fmt(r.get("broker_cpu_per_100k")))
+        if machine:
+            cells.append(fmt(r.get("machine_cpu_per_100k")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -148,6 +154,10 @@ def targets(data):
     r = ratio("outbox", RELAY_EVENT_ROUTER, CEILING["outbox"])
     line("event-router preset ≥ 0.8× pg_recvlogical", fmt(r, 2) + "×" if r else "not measured",
          None if r is None else r >= 0.8)
+    busy = machine_share(data, "outbox", RELAY_EVENT_ROUTER)
+    if busy is not None:
+        line("event-router preset: share of the machine's cores busy during its drain "
+             "(no target; near 1, the drain is bound by the machine's CPU)", f"{busy:.2f}", None)
     r = ratio("sink", "outbox-relay sink", BASELINE["sink"][1])
     line("sink ≥ 10× the seed-style consumer", fmt(r, 1) + "×" if r else "not measured",
          None if r is None else r >= 10)
@@ -172,6 +182,17 @@ def targets(data):
         line(f"{label} < 64 MiB peak RSS draining {data['n']:,}",
              f"{rss / 2**20:.0f} MiB" if rss else "not measured", None if rss is None else rss < 64 * 2**20)
     return ["| target | measured | |", "|---|---|---|", *out]
+
+
+def machine_share(data, leg, tool):
+    """How much of the machine's cores were busy while `tool` drained: its rate times the
+    whole machine's CPU per transaction (every process: the relay, the brokers, the
+    walsender, the bench's own polling) over the cores."""
+    row = row_of(data["summary"], leg, tool)
+    cores = data.get("machine", {}).get("nproc")
+    if not (row and cores and row.get("machine_cpu_per_100k")):
+        return None
+    return row["tps"] * row["machine_cpu_per_100k"] / 100_000 / cores
 
 
 def chart(data, path):

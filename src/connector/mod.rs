@@ -54,7 +54,7 @@ use crate::retry::Backoff;
 use crate::route::{self, Bound, Rendered, Route, RouteArgs, RouteSource};
 
 use cleanup::{CleanupArgs, OutboxCleaner, PendingIds};
-use producer::BatchProducer;
+use producer::{BatchProducer, Partitioning};
 pub use producer::{DeliveryMode, TRANSACTIONAL_PRODUCERS};
 use topics::Topics;
 
@@ -248,14 +248,29 @@ async fn setup_kafka(
     };
     let (brokers, slot) = (args.kafka.brokers.clone(), args.slot.clone());
     let mode = args.delivery;
-    let producer = async {
-        tokio::task::spawn_blocking(move || BatchProducer::new(&brokers, mode, &slot, stop))
-            .await
-            .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
-            .map_err(producer::destination_error)
+    let partitioning = if routes.iter().any(|r| r.java_partitioning) {
+        Partitioning::Java
+    } else {
+        Partitioning::Librdkafka
     };
-    let (_, producer) = tokio::try_join!(topics_ready, producer)?;
-    Ok(producer)
+    let producer = async {
+        tokio::task::spawn_blocking(move || {
+            BatchProducer::new(&brokers, mode, partitioning, &slot, stop)
+        })
+        .await
+        .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
+        .map_err(producer::destination_error)
+    };
+    let ((ensured, (), ()), producer) = tokio::try_join!(topics_ready, producer)?;
+    // The progress topic takes a record in every batch, the literal topics most of them.
+    let mut known = ensured.learned;
+    known.push(args.progress_topic.clone());
+    tokio::task::spawn_blocking(move || {
+        producer.learn_topics(&known);
+        producer
+    })
+    .await
+    .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))
 }
 
 /// The transactional id of the slot's producer `turn` (invariant 2):
@@ -721,12 +736,14 @@ impl Destination for KafkaDestination {
         let topics = Arc::clone(&self.topics);
         let cleanup = self.cleanup.clone();
         async move {
-            let missing = topics.ensure(&batch.topics).await?;
-            if !missing.is_empty() {
-                batch.reroute(&missing, &dead_letter_topic);
+            let ensured = topics.ensure(&batch.topics).await?;
+            if !ensured.missing.is_empty() {
+                batch.reroute(&ensured.missing, &dead_letter_topic);
             }
             let batch = tokio::task::spawn_blocking(move || {
-                lock(&producer)?
+                let mut producer = lock(&producer)?;
+                producer.learn_topics(&ensured.learned);
+                producer
                     .commit(&batch, &progress_topic, &slot, &progress)
                     .map_err(producer::destination_error)?;
                 Ok::<_, PipelineError>((batch, progress))
@@ -795,8 +812,14 @@ mod tests {
             "--cleanup",
         ]);
         let (_, stop) = watch::channel(false);
-        let producer =
-            BatchProducer::new(&args.kafka.brokers, args.delivery, "unused", stop).unwrap();
+        let producer = BatchProducer::new(
+            &args.kafka.brokers,
+            args.delivery,
+            Partitioning::Librdkafka,
+            "unused",
+            stop,
+        )
+        .unwrap();
         let routes = args.routes().unwrap();
         let topics = Arc::new(Topics::new(&args));
         let mut d =

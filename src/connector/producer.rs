@@ -135,9 +135,19 @@ impl ProducerContext for DeliveryCounter {
 /// option: an instance must fence every id an earlier instance may have used.
 pub const TRANSACTIONAL_PRODUCERS: usize = 4;
 
+/// Where the producers put a keyed record (see [`crate::route::Route::java_partitioning`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioning {
+    /// librdkafka's default: CRC32 of the key.
+    Librdkafka,
+    /// Kafka's Java client's: murmur2 of the key (librdkafka's `murmur2_random`).
+    Java,
+}
+
 pub struct BatchProducer {
     brokers: String,
     mode: DeliveryMode,
+    partitioning: Partitioning,
     /// The slot, which names the transactional ids ([`transactional_id`]).
     slot: String,
     /// One producer at-least-once, [`TRANSACTIONAL_PRODUCERS`] transactional.
@@ -151,6 +161,9 @@ pub struct BatchProducer {
     committed: Option<ProgressRecord>,
 }
 
+/// Longest wait of [`BatchProducer::learn_topics`].
+const LEARN_TOPICS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Bound of one Kafka call; a broker outage is retried in a loop around it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -161,14 +174,16 @@ impl BatchProducer {
     pub fn new(
         brokers: &str,
         mode: DeliveryMode,
+        partitioning: Partitioning,
         slot: &str,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, FlushError> {
         Ok(Self {
             brokers: brokers.to_string(),
             mode,
+            partitioning,
             slot: slot.to_string(),
-            producers: Self::create_all(brokers, mode, slot)?,
+            producers: Self::create_all(brokers, mode, partitioning, slot)?,
             turn: 0,
             stop,
             committed: None,
@@ -180,6 +195,7 @@ impl BatchProducer {
     fn create_all(
         brokers: &str,
         mode: DeliveryMode,
+        partitioning: Partitioning,
         slot: &str,
     ) -> Result<Vec<ThreadedProducer<DeliveryCounter>>, FlushError> {
         let count = match mode {
@@ -189,7 +205,9 @@ impl BatchProducer {
         std::thread::scope(|scope| {
             let created: Vec<_> = (0..count)
                 .map(|turn| {
-                    scope.spawn(move || Self::create(brokers, mode, &transactional_id(slot, turn)))
+                    scope.spawn(move || {
+                        Self::create(brokers, mode, partitioning, &transactional_id(slot, turn))
+                    })
                 })
                 .collect();
             created
@@ -217,6 +235,7 @@ impl BatchProducer {
     fn create(
         brokers: &str,
         mode: DeliveryMode,
+        partitioning: Partitioning,
         transactional_id: &str,
     ) -> Result<ThreadedProducer<DeliveryCounter>, FlushError> {
         let mut config = kafka::client_config(brokers);
@@ -230,6 +249,10 @@ impl BatchProducer {
             .set("queue.buffering.max.messages", "100000")
             // Retry a record until the transaction gives up on it; never drop it.
             .set("message.timeout.ms", "300000");
+        // A `--kafka-property partitioner=…` is the operator's choice and stays.
+        if partitioning == Partitioning::Java && !kafka::has_client_property("partitioner") {
+            config.set("partitioner", "murmur2_random");
+        }
         if mode == DeliveryMode::Transactional {
             config
                 .set("transactional.id", transactional_id)
@@ -255,6 +278,34 @@ impl BatchProducer {
             }
         }
         Ok(producer)
+    }
+
+    /// Makes every producer learn `topics`' partitions and their leaders, waiting (a
+    /// little) for the leaders of a topic created a moment ago. A producer meeting a
+    /// topic for the first time holds its records back until its own metadata request
+    /// comes back, and retries on a timer while the topic has no leaders yet: ~0.5 s
+    /// per producer and new topic here, paid by the batch that waits on it. Best
+    /// effort: what is still unknown at the deadline is left to librdkafka.
+    pub fn learn_topics(&self, topics: &[String]) {
+        if topics.is_empty() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + LEARN_TOPICS_TIMEOUT;
+        std::thread::scope(|scope| {
+            for producer in &self.producers {
+                scope.spawn(move || {
+                    for topic in topics {
+                        while !kafka::has_leaders(producer.client(), topic, deadline) {
+                            if std::time::Instant::now() >= deadline {
+                                tracing::debug!(%topic, "topic leaders not known yet, sending anyway");
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                });
+            }
+        });
     }
 
     /// Makes the whole batch durable; blocks until it is, or until a definite error.
@@ -341,7 +392,7 @@ impl BatchProducer {
         slot: &str,
         pending: &ProgressRecord,
     ) -> Result<Found, FlushError> {
-        self.producers = Self::create_all(&self.brokers, self.mode, &self.slot)?;
+        self.producers = Self::create_all(&self.brokers, self.mode, self.partitioning, &self.slot)?;
         if self.mode != DeliveryMode::Transactional {
             return Ok(Found::Ours);
         }
@@ -378,6 +429,7 @@ impl BatchProducer {
         slot: &str,
         progress: &[u8],
     ) -> Result<(), Attempt> {
+        let started = std::time::Instant::now();
         if let Err(error) = self.producer().begin_transaction() {
             let attempt = self.txn_error(error);
             if matches!(attempt, Attempt::Retry(_)) {
@@ -396,10 +448,19 @@ impl BatchProducer {
         // rust-rdkafka's commit_transaction flushes first, with the 100 ms polls
         // described at [`DeliveryCounter`]: wait for the reports here, so that its
         // flush finds nothing outstanding.
+        let sent = started.elapsed();
         self.wait_delivered(CALL_TIMEOUT);
+        let acknowledged = started.elapsed();
         loop {
             match self.producer().commit_transaction(CALL_TIMEOUT) {
                 Ok(()) => {
+                    tracing::debug!(
+                        records = batch.records.len(),
+                        sent_ms = sent.as_millis() as u64,
+                        acknowledged_ms = acknowledged.as_millis() as u64,
+                        committed_ms = started.elapsed().as_millis() as u64,
+                        "kafka transaction committed"
+                    );
                     ::metrics::counter!(crate::metrics::KAFKA_TRANSACTIONS, "outcome" => "committed")
                         .increment(1);
                     return Ok(());

@@ -14,6 +14,15 @@ use super::ConnectorArgs;
 use crate::kafka::{self, TopicSpec};
 use crate::pipeline::PipelineError;
 
+/// What [`Topics::ensure`] found.
+#[derive(Debug, Default)]
+pub struct Ensured {
+    /// Topics that do not exist and may not be created: their records become dead letters.
+    pub missing: Vec<String>,
+    /// Topics not known before this call that exist now.
+    pub learned: Vec<String>,
+}
+
 pub struct Topics {
     brokers: String,
     create: bool,
@@ -47,9 +56,10 @@ impl Topics {
             .insert(topic.to_string());
     }
 
-    /// Makes sure each of `topics` exists, creating it if allowed; returns those that
-    /// do not exist and may not be created.
-    pub async fn ensure(&self, topics: &[String]) -> Result<Vec<String>, PipelineError> {
+    /// Makes sure each of `topics` exists, creating it if allowed. Returns the topics
+    /// that do not exist and may not be created, and those learned by this call (for
+    /// the producers to learn too: [`super::producer::BatchProducer::learn_topics`]).
+    pub async fn ensure(&self, topics: &[String]) -> Result<Ensured, PipelineError> {
         let unknown: Vec<&String> = topics.iter().filter(|t| !self.is_known(t)).collect();
         let found = futures_util::future::try_join_all(unknown.iter().map(|topic| async move {
             if self.create {
@@ -63,12 +73,15 @@ impl Topics {
             }
         }))
         .await?;
-        Ok(unknown
-            .into_iter()
-            .zip(found)
-            .filter(|(_, found)| !found)
-            .map(|(topic, _)| topic.clone())
-            .collect())
+        let mut ensured = Ensured::default();
+        for (topic, found) in unknown.into_iter().zip(found) {
+            if found {
+                ensured.learned.push(topic.clone());
+            } else {
+                ensured.missing.push(topic.clone());
+            }
+        }
+        Ok(ensured)
     }
 
     /// Creates `topic` if it does not exist, whatever `--no-create-topics` says.

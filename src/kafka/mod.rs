@@ -118,6 +118,28 @@ pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
     Ok(partitions)
 }
 
+/// Whether `client`'s metadata request (which also updates its own cache) finds
+/// `topic` with partitions, each with a leader; `false` on any error or at `deadline`.
+pub fn has_leaders<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    deadline: std::time::Instant,
+) -> bool {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let Ok(metadata) = client.fetch_metadata(Some(topic), left.max(Duration::from_millis(1)))
+    else {
+        return false;
+    };
+    metadata.topics().iter().any(|t| {
+        t.name() == topic
+            && t.error().is_none()
+            && !t.partitions().is_empty()
+            && t.partitions()
+                .iter()
+                .all(|p| p.error().is_none() && p.leader() >= 0)
+    })
+}
+
 /// Whether `topic` exists (the brokers' auto-creation is assumed off).
 pub fn topic_exists(
     brokers: &str,
@@ -288,6 +310,15 @@ pub fn set_client_properties(properties: &[KafkaProperty]) {
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     *current = properties.to_vec();
+}
+
+/// Whether a `--kafka-property` sets `key`.
+pub fn has_client_property(key: &str) -> bool {
+    CLIENT_PROPERTIES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|property| property.key == key)
 }
 
 /// Base client settings shared by every client the relay makes: the bootstrap

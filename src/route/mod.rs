@@ -133,6 +133,11 @@ pub struct Route {
     pub payload_format: PayloadFormat,
     pub headers: Vec<(String, String)>,
     pub columns: Option<Vec<String>>,
+    /// Keys are placed on partitions as Kafka's Java client places them (murmur2), as
+    /// Debezium does: the `event-router` preset's default, so that a key stays on the
+    /// partition it had under Debezium (consumers that keep per-partition state, Kafka
+    /// Streams joins). Otherwise librdkafka's default (CRC32).
+    pub java_partitioning: bool,
 }
 
 /// A route that cannot be used, with the reason.
@@ -258,6 +263,7 @@ impl RouteSpec {
             payload_format: self.payload_format.unwrap_or_default(),
             headers,
             columns: self.columns.clone(),
+            java_partitioning: router,
         })
     }
 }
@@ -275,7 +281,8 @@ pub struct RouteArgs {
     /// The route of the one-table case (--table): `row` (the row as JSON on --topic,
     /// keyed by --key-column) or `event-router` (Debezium's Outbox Event Router
     /// defaults: topic outbox.event.<aggregatetype>, key aggregateid, value payload,
-    /// header id; --topic, --key-column and --id-column are not used).
+    /// header id, keys on partitions by murmur2 as Java clients place them; --topic,
+    /// --key-column and --id-column are not used).
     #[arg(long, value_enum, env = "OUTBOX_RELAY_PRESET", default_value = "row")]
     pub preset: Preset,
     /// A route, as an inline TOML table: `{table = "public.outbox", preset =
@@ -467,6 +474,9 @@ mod tests {
         assert_eq!(route.value, ValueKind::Payload);
         assert_eq!(route.payload, "payload");
         assert_eq!(route.headers, vec![("id".to_string(), "id".to_string())]);
+        assert!(route.java_partitioning, "keys on Debezium's partitions");
+        // The flag form (`--preset event-router --table …`) makes the same route, so
+        // tests/debezium_outbox.rs, which runs the flag form, covers `--route` too.
         assert_eq!(
             RouteSpec::event_router("public.outbox")
                 .resolve("ignored")
@@ -485,6 +495,10 @@ mod tests {
         assert_eq!(route.id, None);
         assert_eq!(route.key, None);
         assert_eq!(route.value, ValueKind::Row);
+        assert!(
+            !route.java_partitioning,
+            "the seed's placement is unchanged"
+        );
     }
 
     #[test]
