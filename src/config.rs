@@ -503,12 +503,13 @@ pub fn reference(command: &clap::Command) -> String {
 
 /// Flags that ask for a one-time action: an environment variable left set would repeat
 /// it at every restart of a container, so they have none.
-const ONE_SHOT: [&str; 6] = [
+const ONE_SHOT: [&str; 7] = [
     "help",
     "version",
     "from-beginning",
     "from-offset",
     "from-timestamp",
+    "from-lsn",
     "dry-run",
 ];
 
@@ -540,13 +541,16 @@ mod tests {
 
     use super::file::{merge_text, ConfigError};
 
+    /// The commands without their environment variables, so that a developer's
+    /// `OUTBOX_RELAY_*` (from `scripts/stack env`) cannot change what the tests see.
     fn cli() -> Command {
+        let hermetic = |c: Command| c.mut_args(|a| a.env(None));
         Command::new("outbox-relay")
-            .subcommand(crate::connector::ConnectorArgs::augment_args(Command::new(
-                "connector",
+            .subcommand(hermetic(crate::connector::ConnectorArgs::augment_args(
+                Command::new("connector"),
             )))
-            .subcommand(crate::direct::DirectArgs::augment_args(Command::new(
-                "direct",
+            .subcommand(hermetic(crate::direct::DirectArgs::augment_args(
+                Command::new("direct"),
             )))
     }
 

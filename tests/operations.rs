@@ -7,11 +7,16 @@ use std::time::Duration;
 
 use common::{load, random_name, spawn_direct, stack, TestDbs, BROKERS};
 
+/// The relay with none of the developer's `OUTBOX_RELAY_*` variables (from
+/// `scripts/stack env`): these tests set the environment they mean to test.
 fn relay(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(args)
-        .output()
-        .expect("run outbox-relay")
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("OUTBOX_RELAY_") {
+            command.env_remove(name);
+        }
+    }
+    command.args(args).output().expect("run outbox-relay")
 }
 
 fn write_config(text: &str) -> std::path::PathBuf {

@@ -190,7 +190,11 @@ fn encode_scalar(out: &mut Vec<u8>, scalar: Scalar, text: &[u8]) {
         Scalar::Number if is_json_number(text) => out.extend_from_slice(text),
         Scalar::Bool if text == b"t" || text == b"true" => out.extend_from_slice(b"true"),
         Scalar::Bool if text == b"f" || text == b"false" => out.extend_from_slice(b"false"),
-        Scalar::Json if serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok() => {
+        // serde_json does not check the UTF-8 of strings it skips, so check it first.
+        Scalar::Json
+            if std::str::from_utf8(text).is_ok()
+                && serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok() =>
+        {
             out.extend_from_slice(text)
         }
         Scalar::Bytea => {

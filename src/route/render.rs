@@ -296,6 +296,12 @@ fn payload(text: &[u8], type_oid: u32, format: PayloadFormat) -> Result<Vec<u8>,
             } else {
                 text.to_vec()
             };
+            // serde_json does not check the UTF-8 of strings it skips, so check it first.
+            if let Err(e) = std::str::from_utf8(&json) {
+                return Err(format!(
+                    "the payload is declared JSON but is not UTF-8: {e}"
+                ));
+            }
             match serde_json::from_slice::<serde::de::IgnoredAny>(&json) {
                 Ok(_) => Ok(json),
                 Err(e) => Err(format!("the payload is declared JSON but is not: {e}")),
@@ -490,6 +496,10 @@ mod tests {
         assert!(payload(b"not json", TEXT_OID, PayloadFormat::Json)
             .unwrap_err()
             .contains("declared JSON"));
+        // A bytea payload of a JSON string holding a byte that is not UTF-8.
+        assert!(payload(b"\\x228022", BYTEA_OID, PayloadFormat::Json)
+            .unwrap_err()
+            .contains("not UTF-8"));
         assert!(payload(b"zz", BYTEA_OID, PayloadFormat::Auto).is_err());
     }
 

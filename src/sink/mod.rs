@@ -156,7 +156,7 @@ pub enum SinkError {
     #[error("the applier task failed: {0}")]
     Applier(String),
     #[error("cannot find where to replay from")]
-    Replay(#[source] replay::ReplayError),
+    Replay(#[source] Box<replay::ReplayError>),
 }
 
 /// What a sink run did.
@@ -337,7 +337,7 @@ async fn set_up(
         .map_err(SinkError::InvalidOption)?;
     let replay = replay::resolve(&args.replay, &args.kafka.brokers, &args.kafka.topic)
         .await
-        .map_err(SinkError::Replay)?;
+        .map_err(|e| SinkError::Replay(Box::new(e)))?;
     let reader =
         OffsetReader::spawn(args.target.target_url.clone(), stop).map_err(SinkError::Thread)?;
     let consumer = consumer(args, SinkContext::new(reader).with_replay(replay))?;
