@@ -634,6 +634,50 @@ mod tests {
     }
 
     #[test]
+    fn inbox_tables_with_multi_line_handlers_become_one_inbox_flag_each() {
+        let text = r#"
+            [[inbox]]
+            table = "inbox.events"
+            topics = ["^outbox\\.event\\..*"]
+            handler = """
+            UPDATE inbox.counters c
+            SET n = c.n + 1
+            FROM new_events e WHERE e.id = c.id"""
+            [inbox.columns]
+            event_id = "$header.id"
+
+            [[inbox]]
+            profile = "ledger"
+        "#;
+        let args = merged(&["outbox-relay", "direct"], text).unwrap();
+        let inboxes: Vec<crate::inbox::InboxSpec> = args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--inbox="))
+            .map(|r| crate::inbox::InboxSpec::parse(r).unwrap())
+            .collect();
+        assert_eq!(inboxes.len(), 2, "{args:?}");
+        let handler = inboxes[0].handler.as_deref().unwrap();
+        assert!(handler.contains("SET n = c.n + 1\n"), "{handler:?}");
+        assert_eq!(
+            inboxes[0].topics.as_deref(),
+            Some(&["^outbox\\.event\\..*".to_string()][..])
+        );
+        assert_eq!(
+            inboxes[0].columns.as_ref().unwrap()["event_id"],
+            "$header.id"
+        );
+        assert_eq!(inboxes[1].profile, Some(crate::inbox::Profile::Ledger));
+        let matches = cli().try_get_matches_from(&args).unwrap();
+        let (_, sub) = matches.subcommand().unwrap();
+        assert_eq!(
+            sub.get_many::<crate::inbox::InboxSpec>("inboxes")
+                .unwrap()
+                .count(),
+            2
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_tables_are_refused_by_name() {
         let error = merged(
             &["outbox-relay", "connector"],

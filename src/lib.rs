@@ -21,6 +21,8 @@
 //! - [`record`]: the record wire format (value, key, headers), encode and decode.
 //! - [`route`]: how an outbox table or a logical-message prefix becomes records
 //!   (topic, key, value, headers, dead letters); the event-router preset.
+//! - [`inbox`]: where records land in pg_end: the ledger profile, or a table with an
+//!   event-id key, a column mapping and a handler; the record formats they read.
 //! - [`config`]: the settings and defaults shared by the commands, and the TOML file.
 //! - [`pipeline`]: the replication pipeline shared by `connector` and `direct`.
 //! - [`sink`]: `outbox-relay sink`, Kafka → pg_end with offsets stored in pg_end.
@@ -39,6 +41,7 @@ pub mod config;
 pub mod connector;
 pub mod direct;
 pub mod error;
+pub mod inbox;
 pub mod kafka;
 pub mod lsn;
 pub mod metrics;

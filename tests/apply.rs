@@ -51,6 +51,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
         ],
         dead_letters: Vec::new(),
         progress: kafka_progress(10),
+        ..ApplyBatch::default()
     };
     let first = apply::apply(&mut client, &batch).await.unwrap();
     assert_eq!(
@@ -72,6 +73,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
         records: vec![txn(3, 2, "8"), txn(4, 2, "1")],
         dead_letters: Vec::new(),
         progress: kafka_progress(5),
+        ..ApplyBatch::default()
     };
     let outcome = apply::apply(&mut client, &conflict).await.unwrap();
     assert_eq!(
@@ -100,6 +102,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
                 slot: "s".into(),
                 commit_lsn: Lsn(lsn),
             },
+            ..ApplyBatch::default()
         };
         apply::apply(&mut client, &batch).await.unwrap();
         assert_eq!(
@@ -125,6 +128,7 @@ async fn apply_bisects_to_dead_letter_a_record_postgres_refuses() {
         records,
         dead_letters: Vec::new(),
         progress: kafka_progress(1000),
+        ..ApplyBatch::default()
     };
     let outcome = apply::apply(&mut client, &batch).await.unwrap();
     assert!(outcome.bisected);
@@ -231,6 +235,7 @@ async fn binary_values_are_what_postgres_makes_of_the_text() {
         records: records.clone(),
         dead_letters: Vec::new(),
         progress: Progress::None,
+        ..ApplyBatch::default()
     };
     let outcome = apply::apply(&mut client, &batch).await.unwrap();
     // Refused by the checks: a point with no fraction digits after it, a leap second.
@@ -317,6 +322,7 @@ async fn concurrent_appliers_of_overlapping_batches_count_every_id_once() {
         records: ids.map(|id| txn(id, id % 7, "1.5")).collect(),
         dead_letters: Vec::new(),
         progress: Progress::None,
+        ..ApplyBatch::default()
     };
     let (mut inserted, mut duplicates) = (0, 0);
     for round in 0..20i64 {

@@ -948,12 +948,19 @@ publication.autocreate.mode=disabled
 
     # --- Kafka -> pg_end ------------------------------------------------------------
 
-    def sink(self, r, topic):
+    def sink(self, r, topic, generic=False):
+        """The sink on the backlog's topic: the built-in ledger profile, or (generic) the
+        same ledger declared as a generic inbox, main.transactions with the balance
+        handler of docs/sink.md, on the same records."""
         empty_target(self.stack)
         targets = last_data_offsets(self.stack, topic)
-        p = self.relay(f"r{r}-sink", "sink", "--target-url", self.stack.end_url,
+        inbox = (["--inbox", "{name = \"ledger-generic\", table = \"main.transactions\", handler = \""
+                  + LEDGER_HANDLER + "\"}"] if generic else [])
+        p = self.relay(f"r{r}-sink" + ("-generic" if generic else ""), "sink",
+                       "--target-url", self.stack.end_url,
                        "--brokers", self.stack.brokers, "--topic", topic,
-                       "--group", f"bench-r{r}-sink", *self.args.sink_extra.split())
+                       "--group", f"bench-r{r}-sink" + ("-generic" if generic else ""),
+                       *inbox, *self.args.sink_extra.split())
         first = [None]
         with self.stack.pg("end") as conn:
             def done():
@@ -972,9 +979,14 @@ publication.autocreate.mode=disabled
             count = conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0]
         if count != self.args.n:
             raise RuntimeError(f"sink: pg_end has {count} rows, expected {self.args.n}")
-        label = "outbox-relay sink" + (f" [{self.args.sink_extra}]" if self.args.sink_extra else "")
+        label = ("outbox-relay sink, generic inbox + handler" if generic else "outbox-relay sink") + (
+            f" [{self.args.sink_extra}]" if self.args.sink_extra else "")
         return result(label, self.args.n, elapsed, p,
-                      startup=(first[0] - p.started) if first[0] else None)
+                      startup=(first[0] - p.started) if first[0] else None,
+                      note="main.transactions + balance handler as an --inbox" if generic else None)
+
+    def sink_generic(self, r, topic):
+        return self.sink(r, topic, generic=True)
 
     def naive(self, r, topic):
         empty_target(self.stack)
@@ -1116,6 +1128,16 @@ def percentile(sorted_values, q):
 # ---------------------------------------------------------------------------------------
 
 
+# The seed's balance rule as a generic inbox's handler (docs/sink.md, "the ledger, as an inbox").
+LEDGER_HANDLER = (
+    "INSERT INTO main.balance AS b (account_id, current_balance, updated_at) "
+    "SELECT account_id, sum(amount), max(created_at) FROM new_events "
+    "GROUP BY account_id ORDER BY account_id "
+    "ON CONFLICT (account_id) DO UPDATE "
+    "SET current_balance = b.current_balance + EXCLUDED.current_balance, "
+    "updated_at = GREATEST(b.updated_at, EXCLUDED.updated_at)")
+
+
 def one_run(bench, r, legs):
     stack, n = bench.stack, bench.args.n
     out = {"run": r, "legs": {}}
@@ -1182,6 +1204,7 @@ def one_run(bench, r, legs):
     drop_bench_slots(stack)
     if "sink" in legs and kafka_topic:
         record("sink", bench.sink, r, kafka_topic)
+        record("sink", bench.sink_generic, r, kafka_topic)
         record("sink", bench.naive, r, kafka_topic)
         record("sink", bench.copy, r)
     if "outbox" in legs:

@@ -33,6 +33,9 @@ TITLES = {
 }
 
 
+# The sink leg's generic-inbox run (bench.py, Bench.sink_generic).
+GENERIC_SINK = "outbox-relay sink, generic inbox + handler"
+
 def fmt_int(x):
     return "–" if x is None else f"{x:,.0f}"
 
@@ -163,6 +166,9 @@ def targets(data):
          None if r is None else r >= 10)
     r = ratio("sink", "outbox-relay sink", CEILING["sink"])
     line("sink ≥ 0.3× COPY", fmt(r, 2) + "×" if r else "not measured", None if r is None else r >= 0.3)
+    r = ratio("sink", GENERIC_SINK, "outbox-relay sink")
+    line("generic inbox + handler ≥ 0.5× the ledger profile (same records)",
+         fmt(r, 2) + "×" if r else "not measured", None if r is None else r >= 0.5)
     for suffix, label in (("", "TCP loopback"), (UNIX, "Unix sockets")):
         r = ratio("direct", "outbox-relay direct" + suffix, BASELINE["direct"][1] + suffix)
         line(f"direct ≥ native logical replication ({label})", fmt(r, 2) + "×" if r else "not measured",
@@ -176,7 +182,8 @@ def targets(data):
                  f"{fmt_int(k1000['p99'])} ms (source achieved {fmt_int(k1000['achieved'])} tx/s)"
                  if k1000 else "not measured",
                  None if k1000 is None else k1000["p99"] < 100)
-    for leg, tool, label in (("kafka", tx, "connector"), ("sink", "outbox-relay sink", "sink")):
+    for leg, tool, label in (("kafka", tx, "connector"), ("sink", "outbox-relay sink", "sink"),
+                             ("sink", GENERIC_SINK, "sink, generic inbox")):
         r = row_of(s, leg, tool)
         rss = r.get("peak_rss") if r else None
         line(f"{label} < 64 MiB peak RSS draining {data['n']:,}",
@@ -223,6 +230,7 @@ def chart(data, path):
         "outbox-relay direct" + UNIX: "relay direct\nUnix socket",
         "PostgreSQL native logical replication (subscription)" + UNIX: "native\nUnix socket",
         "outbox-relay sink": "relay\nsink",
+        GENERIC_SINK: "relay sink\ngeneric inbox",
         "seed-style consumer (1 record per pg_end transaction, Python)": "seed-style\nconsumer",
         "COPY into an unindexed table (write ceiling)": "COPY\n(ceiling)",
     }

@@ -57,6 +57,7 @@
 pub mod binary;
 pub mod credit;
 pub mod driver;
+pub mod table;
 pub mod validate;
 
 pub use driver::{Driver, APPLY_TIMEOUT};
@@ -233,6 +234,11 @@ pub enum DeadLetterKind {
     Conflict,
     /// PostgreSQL refused the record for a reason the checks did not foresee.
     ApplyFailed,
+    /// An inbox's handler raised an error for this event (the event was not applied).
+    HandlerFailed,
+    /// Direct mode: a route cannot make a record of the row or message (a NULL id, key
+    /// or topic column, a non-transactional message; see the routes).
+    Unroutable,
 }
 
 impl DeadLetterKind {
@@ -247,6 +253,8 @@ impl DeadLetterKind {
             Self::EmptyValue => "empty_value",
             Self::Conflict => "conflict",
             Self::ApplyFailed => "apply_failed",
+            Self::HandlerFailed => "handler_failed",
+            Self::Unroutable => "unroutable",
         }
     }
 }
@@ -289,8 +297,12 @@ pub struct KafkaOffset {
 /// What one pg_end transaction applies.
 #[derive(Debug, Clone, Default)]
 pub struct ApplyBatch {
-    /// In input order: for repeated ids, the first occurrence wins.
+    /// The ledger's records. In input order: for repeated ids, the first occurrence wins.
     pub records: Vec<(TxnRecord, Origin)>,
+    /// The generic inboxes' events, each naming its target in `tables`.
+    pub events: Vec<table::Event>,
+    /// The generic inboxes' tables (shared by the batches of a run).
+    pub tables: Arc<[table::TableTarget]>,
     /// Records already known to be bad (unparsable input).
     pub dead_letters: Vec<DeadLetter>,
     pub progress: Progress,
@@ -334,6 +346,14 @@ pub enum ApplyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// An inbox's statement cannot work for any event (see [`table`]): a person must
+    /// fix the configuration or the table.
+    #[error("inbox {inbox}: the statement failed while {statement}: {message}")]
+    Statement {
+        inbox: String,
+        statement: &'static str,
+        message: String,
+    },
 }
 
 impl ApplyError {
@@ -347,7 +367,7 @@ impl ApplyError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Transient { .. } => ErrorClass::Transient,
-            Self::Definite { .. } => ErrorClass::Definite,
+            Self::Definite { .. } | Self::Statement { .. } => ErrorClass::Definite,
         }
     }
 }
@@ -557,6 +577,9 @@ pub async fn apply(target: &mut Target, batch: &ApplyBatch) -> Result<ApplyOutco
         )
         .await?;
     }
+    if !batch.events.is_empty() {
+        apply_inboxes(&mut tx, batch, &mut dead_letters, &mut outcome).await?;
+    }
     outcome.dead_letters = dead_letters.len() as u64;
     outcome.dead_letters_written = insert_dead_letters(&tx, &statements, &dead_letters).await?;
     store_progress(&tx, &statements, &batch.progress).await?;
@@ -567,12 +590,8 @@ pub async fn apply(target: &mut Target, batch: &ApplyBatch) -> Result<ApplyOutco
     ::metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE).record(batch.records.len() as f64);
     ::metrics::counter!(crate::metrics::DEAD_LETTERS).increment(outcome.dead_letters_written);
 
-    for letter in dead_letters.iter().filter(|l| {
-        matches!(
-            l.kind,
-            DeadLetterKind::Conflict | DeadLetterKind::ApplyFailed
-        )
-    }) {
+    // The letters the batch came with were logged where they were made.
+    for letter in dead_letters.iter().skip(batch.dead_letters.len()) {
         tracing::warn!(
             kind = %letter.kind,
             topic = letter.origin.topic.as_deref().unwrap_or(""),
@@ -584,6 +603,23 @@ pub async fn apply(target: &mut Target, batch: &ApplyBatch) -> Result<ApplyOutco
         );
     }
     Ok(outcome)
+}
+
+/// The generic inboxes' events, target by target in the order of `batch.tables`.
+async fn apply_inboxes(
+    tx: &mut Transaction<'_>,
+    batch: &ApplyBatch,
+    dead_letters: &mut Vec<DeadLetter>,
+    outcome: &mut ApplyOutcome,
+) -> Result<(), ApplyError> {
+    for (index, target) in batch.tables.iter().enumerate() {
+        let events: Vec<&table::Event> =
+            batch.events.iter().filter(|e| e.target == index).collect();
+        if !events.is_empty() {
+            table::apply_events(tx, target, &events, dead_letters, outcome).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn begin(client: &mut Client) -> Result<Transaction<'_>, ApplyError> {
@@ -600,6 +636,26 @@ struct Checked<'a> {
     amount: validate::Amount<'a>,
     /// `created_at` as `timestamp_in` reads it.
     created_at: validate::Timestamp,
+}
+
+/// A dead letter's origin for `record`: as received, with the record's content as
+/// the value when the origin has none (direct mode reads rows, not records), so that
+/// a dead letter always keeps what it refused.
+fn letter_origin(record: &TxnRecord, origin: &Origin) -> Origin {
+    let mut origin = origin.clone();
+    if origin.value.is_none() {
+        origin.value = Some(
+            serde_json::json!({
+                "id": record.id,
+                "account_id": record.account_id,
+                "amount": record.amount,
+                "created_at": record.created_at,
+            })
+            .to_string()
+            .into_bytes(),
+        );
+    }
+    origin
 }
 
 /// Validates, sorts by id, drops in-batch repeats (a different repeat is a conflict).
@@ -623,7 +679,7 @@ fn prepare<'a>(
             Err(invalid) => dead_letters.push(DeadLetter {
                 kind: DeadLetterKind::InvalidValue,
                 error: invalid.to_string(),
-                origin: origin.clone(),
+                origin: letter_origin(record, origin),
             }),
         }
     }
@@ -649,7 +705,7 @@ fn prepare<'a>(
                     repeat.record.id,
                     differing.join(", ")
                 ),
-                origin: repeat.origin.clone(),
+                origin: letter_origin(repeat.record, repeat.origin),
             });
         }
         true
@@ -741,7 +797,7 @@ async fn apply_records(
                     dead_letters.push(DeadLetter {
                         kind: DeadLetterKind::ApplyFailed,
                         error: format!("pg_end refused the record: {}", db_error_text(&error)),
-                        origin: c.origin.clone(),
+                        origin: letter_origin(c.record, c.origin),
                     });
                 } else {
                     let middle = range.start + part.len() / 2;
@@ -852,7 +908,7 @@ async fn insert_part(
                 new_letters.push(DeadLetter {
                     kind: DeadLetterKind::Conflict,
                     error,
-                    origin: c.origin.clone(),
+                    origin: letter_origin(c.record, c.origin),
                 });
             }
         }

@@ -8,12 +8,14 @@
 //! - [`check`]: validates the configuration and connects to everything it names.
 //! - [`status`]: health and lag of every component.
 //! - [`reconcile`]: copies what pg_end lacks from pg_start through the one apply.
+//! - [`pairs`]: `verify` and `reconcile` for route → inbox pairs.
 //! - [`chaos`]: the fault-injection runner and its checkers.
 
 pub mod chaos;
 pub mod check;
 pub mod load;
 pub mod migrate;
+pub mod pairs;
 pub mod reconcile;
 pub mod status;
 pub mod verify;

@@ -31,6 +31,7 @@ use tokio_postgres::Client;
 
 use crate::apply::driver::{self, Driver, Failure};
 use crate::apply::{self, ApplyBatch, Origin, Progress, TxnRecord};
+use crate::cmd::pairs::{PairArgs, PairError, PairReport};
 use crate::cmd::verify::{self, ChangedRow, Report, TxnRow, VerifyError};
 use crate::config::{SourceArgs, TargetArgs};
 use crate::pg;
@@ -66,6 +67,8 @@ pub struct ReconcileArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub pairs: PairArgs,
 }
 
 impl ReconcileArgs {
@@ -80,6 +83,7 @@ impl ReconcileArgs {
             batch_size: 5000,
             dry_run: false,
             json: false,
+            pairs: PairArgs::default(),
         }
     }
 }
@@ -101,6 +105,8 @@ pub enum ReconcileError {
     Credits(#[source] tokio_postgres::Error),
     #[error("applying missing transactions to pg_end failed")]
     Apply(#[source] Failure),
+    #[error("reconciling the route -> inbox pairs failed")]
+    Pairs(#[source] Box<PairError>),
 }
 
 /// What the missing rows add to one account's balance.
@@ -136,18 +142,34 @@ pub struct ReconcileReport {
     pub changed_sample: Vec<ChangedRow>,
     /// `verify` on the state reconcile leaves (on a dry run: the current state).
     pub verify: Report,
+    /// The route -> inbox pairs (with `--inbox`): what each inbox lacked, and copied.
+    pub inboxes: Vec<PairReport>,
 }
 
 impl ReconcileReport {
     /// Whether pg_end is an exact copy of pg_start afterwards (dry run: already).
     pub fn ok(&self) -> bool {
-        self.verify.ok && (!self.dry_run || self.missing == 0)
+        let ledger =
+            self.ledger_skipped() || (self.verify.ok && (!self.dry_run || self.missing == 0));
+        ledger && self.inboxes.iter().all(|i| i.ok(!self.dry_run))
+    }
+
+    /// Inboxes were reconciled and the seed's ledger is not one of them.
+    fn ledger_skipped(&self) -> bool {
+        !self.inboxes.is_empty() && !self.verify.ledger_checked
     }
 
     /// The human-readable form.
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
+        let verb = if self.dry_run { "would add" } else { "added" };
+        for inbox in &self.inboxes {
+            let _ = writeln!(out, "reconcile: {}", inbox.render(verb));
+        }
+        if self.ledger_skipped() {
+            return out.trim_end().to_string();
+        }
         let verb = if self.dry_run { "would add" } else { "added" };
         if self.missing == 0 {
             let _ = writeln!(out, "reconcile: pg_end lacks no transaction of pg_start");
@@ -232,6 +254,20 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
         ));
     }
     let source = connect("pg_start", &args.source.source_url).await?;
+    let mut inboxes = Vec::new();
+    if args.pairs.is_set() {
+        inboxes =
+            crate::cmd::pairs::check(&args.pairs, &source, &args.target.target_url, !args.dry_run)
+                .await
+                .map_err(|e| ReconcileError::Pairs(Box::new(e)))?;
+        if !args.pairs.has_ledger() {
+            return Ok(ReconcileReport {
+                dry_run: args.dry_run,
+                inboxes,
+                ..ReconcileReport::default()
+            });
+        }
+    }
     // Applies retry a bounded number of times, reconnecting; reads use the same
     // connection (or the one an apply left behind).
     let mut pg_end = Driver::new(args.target.target_url.clone())
@@ -291,6 +327,7 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
         report.credits = credits(&source, &missing_ids).await?;
     }
     report.verify = verify::compare(&source, reading(&mut pg_end).await?).await?;
+    report.inboxes = inboxes;
     tracing::info!(
         dry_run = args.dry_run,
         missing = report.missing,
@@ -371,8 +408,8 @@ async fn apply_rows(
                 )
             })
             .collect(),
-        dead_letters: Vec::new(),
         progress: Progress::None,
+        ..ApplyBatch::default()
     };
     pg_end
         .run(&mut Reconciling, &mut driver::Apply(&batch))

@@ -18,6 +18,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
+use crate::cmd::pairs::{PairArgs, PairError, PairReport};
 use crate::config::{SourceArgs, TargetArgs};
 use crate::pg;
 
@@ -59,10 +60,14 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub pairs: PairArgs,
 }
 
 #[derive(Debug, Error)]
 pub enum VerifyError {
+    #[error("checking the route -> inbox pairs failed")]
+    Pairs(#[source] Box<PairError>),
     #[error("cannot read {which}")]
     Query {
         which: &'static str,
@@ -123,11 +128,17 @@ pub struct Report {
     pub balance_diffs: Vec<BalanceDiff>,
     pub source_drift: Vec<BalanceDrift>,
     pub target_drift: Vec<BalanceDrift>,
+    /// Whether the seed's ledger was compared (always without inboxes; with them, when
+    /// one is `profile = "ledger"`).
+    pub ledger_checked: bool,
+    /// The route -> inbox pairs (with `--inbox`).
+    pub inboxes: Vec<PairReport>,
 }
 
 impl Report {
     fn finish(mut self) -> Self {
-        self.ok = self.missing_count == 0
+        self.ok = self.inboxes.iter().all(|i| i.ok(false))
+            && self.missing_count == 0
             && self.extra_count == 0
             && self.changed_count == 0
             && self.balance_diffs.is_empty()
@@ -140,6 +151,16 @@ impl Report {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
+        if !self.inboxes.is_empty() {
+            let _ = writeln!(out, "verify: {}", if self.ok { "OK" } else { "FAILED" });
+            for inbox in &self.inboxes {
+                let _ = writeln!(out, "  {}", inbox.render("").replace('\n', "\n  "));
+            }
+            if !self.ledger_checked {
+                return out.trim_end().to_string();
+            }
+            let _ = write!(out, "  ledger: ");
+        }
         if self.ok {
             let _ = write!(
                 out,
@@ -218,6 +239,7 @@ pub async fn compare(source: &Client, target: &Client) -> Result<Report, VerifyE
         bucket_digests("pg_end", target)
     )?;
     let mut report = Report {
+        ledger_checked: true,
         source_transactions: source_buckets.values().map(|d| d.0).sum(),
         target_transactions: target_buckets.values().map(|d| d.0).sum(),
         ..Report::default()
@@ -440,7 +462,19 @@ pub async fn run(args: &VerifyArgs) -> Result<Report, VerifyError> {
                 which: "a database (connect)",
                 source,
             })?;
-            compare(&source, &target).await
+            if !args.pairs.is_set() {
+                return compare(&source, &target).await;
+            }
+            let inboxes =
+                crate::cmd::pairs::check(&args.pairs, &source, &args.target.target_url, false)
+                    .await
+                    .map_err(|e| VerifyError::Pairs(Box::new(e)))?;
+            let report = if args.pairs.has_ledger() {
+                compare(&source, &target).await?
+            } else {
+                Report::default()
+            };
+            Ok(Report { inboxes, ..report }.finish())
         };
         let result = attempt.await;
         let done = Instant::now() >= deadline;

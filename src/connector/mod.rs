@@ -134,18 +134,6 @@ impl ConnectorArgs {
     }
 }
 
-/// What the pipeline reads for `routes`: their tables and message prefixes, in order.
-pub fn outbox_of(routes: &[Route]) -> Outbox {
-    let mut outbox = Outbox::default();
-    for route in routes {
-        match &route.source {
-            RouteSource::Table(t) => outbox.tables.push(t.clone()),
-            RouteSource::Message(p) => outbox.prefixes.push(p.clone()),
-        }
-    }
-    outbox
-}
-
 /// Runs the connector until `stop` turns true or a definite error occurs.
 pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
     let routes = args.routes()?;
@@ -171,7 +159,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
             Err(error) => return Err(error),
         }
     };
-    let outbox = outbox_of(&routes);
+    let outbox = Outbox::of_routes(&routes);
     let pending = args
         .cleanup
         .cleanup

@@ -51,15 +51,19 @@ use tokio::sync::{watch, Mutex};
 use tokio_postgres::types::PgLsn;
 
 use crate::apply::driver::{self, Driver, Ended, Failure};
+use crate::apply::table::Event;
 use crate::apply::{self, ApplyBatch, DeadLetter, DeadLetterKind, Origin, Progress, TxnRecord};
 use crate::config::{self, SourceArgs, TargetArgs};
 use crate::error::{self, ErrorClass};
+use crate::inbox::{self, Extracted, InboxKind, InboxSpec, Inboxes, RecordView};
 use crate::lsn::Lsn;
 use crate::pipeline::{
     ColumnDef, Committed, Destination, Outbox, Pipeline, PipelineError, StreamArgs, TxnMeta,
 };
 use crate::progress::{ProgressRecord, ProgressState};
+use crate::record::decode::{Decoded, Format};
 use crate::record::encode::{self, ColumnSpec};
+use crate::route::{self, Rendered, Route, RouteSource, RouteSpec};
 use crate::source::TableName;
 
 /// Options of `outbox-relay direct`.
@@ -85,6 +89,17 @@ pub struct DirectArgs {
     pub synchronous_commit: SynchronousCommit,
     #[command(flatten)]
     pub stream: StreamArgs,
+    /// A route, as an inline TOML table (as the connector's, docs/connector.md
+    /// "Routes"): what an outbox table or message prefix becomes, and by its topic which
+    /// inbox takes it. Repeatable; `[[route]]` tables in the configuration file. Used
+    /// with --inbox; without any, the --table outbox as whole rows, topic its name.
+    #[arg(long = "route", env = "OUTBOX_RELAY_ROUTES", value_delimiter = '\n', value_parser = RouteSpec::parse)]
+    pub routes: Vec<RouteSpec>,
+    /// An inbox, as an inline TOML table (as the sink's, docs/sink.md "Inboxes"): the
+    /// routes' records go to the inbox their topic feeds. Repeatable; `[[inbox]]`
+    /// tables in the configuration file. Without any, the seed's ledger from --table.
+    #[arg(long = "inbox", value_parser = InboxSpec::parse)]
+    pub inboxes: Vec<InboxSpec>,
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
 }
@@ -119,23 +134,98 @@ pub async fn run(args: DirectArgs, stop: watch::Receiver<bool>) -> Result<(), Pi
         .start(crate::metrics::DIRECT_METRICS)
         .await
         .map_err(PipelineError::Definite)?;
-    let destination = PgEndDestination::new(
+    let mut destination = PgEndDestination::new(
         &args.target.target_url,
         &args.slot,
         args.synchronous_commit,
         stop.clone(),
     );
-    let table = TableName::parse(&args.stream.outbox.table)
-        .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
+    let outbox = if args.inboxes.is_empty() {
+        if !args.routes.is_empty() {
+            return Err(PipelineError::Definite(
+                "--route needs --inbox in direct mode: the route's topic names the inbox that takes its records".into(),
+            ));
+        }
+        let table = TableName::parse(&args.stream.outbox.table)
+            .map_err(|e| PipelineError::Definite(format!("--table: {e}")))?;
+        Outbox::table(table)
+    } else {
+        let routed = Routed::new(&args, &stop).await?;
+        let Some(routed) = routed else {
+            return Ok(());
+        };
+        let outbox = Outbox::of_routes(&routed.routes);
+        destination.routed = Some(routed);
+        outbox
+    };
     let mut pipeline = Pipeline::new(
         args.source.source_url.clone(),
         args.slot.clone(),
         args.stream.clone(),
-        Outbox::table(table),
+        outbox,
         destination,
         stop,
     )?;
     pipeline.run().await
+}
+
+/// Direct mode with inboxes: routes make records of rows and messages exactly as the
+/// connector does, and the inboxes take them exactly as the sink does, so a route →
+/// inbox pair means the same with or without Kafka in between.
+struct Routed {
+    routes: Vec<Route>,
+    /// Per outbox table (pipeline order): its route, bound once its columns are known.
+    tables: Vec<(usize, Option<route::Bound>)>,
+    /// Per message prefix (pipeline order): its route.
+    messages: Vec<usize>,
+    inboxes: Inboxes,
+}
+
+impl Routed {
+    async fn new(
+        args: &DirectArgs,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Option<Self>, PipelineError> {
+        let table = &args.stream.outbox.table;
+        let specs = if args.routes.is_empty() {
+            vec![RouteSpec {
+                table: Some(table.clone()),
+                ..RouteSpec::default()
+            }]
+        } else {
+            args.routes.clone()
+        };
+        let routes = route::resolve_all(&specs, table)
+            .map_err(|e| PipelineError::Definite(e.to_string()))?;
+        let stopped = || *stop.borrow();
+        let inboxes = Inboxes::bind_when_reachable(
+            &args.inboxes,
+            &args.target.target_url,
+            table,
+            Format::Auto,
+            &stopped,
+        )
+        .await
+        .map_err(|e| PipelineError::Definite(crate::error::error_chain(&e)))?;
+        let Some(inboxes) = inboxes else {
+            return Ok(None);
+        };
+        let mut tables = Vec::new();
+        let mut messages = Vec::new();
+        for (index, route) in routes.iter().enumerate() {
+            tracing::info!(source = %route.source, topic = %route.topic, "route");
+            match route.source {
+                RouteSource::Table(_) => tables.push((index, None)),
+                RouteSource::Message(_) => messages.push(index),
+            }
+        }
+        Ok(Some(Self {
+            routes,
+            tables,
+            messages,
+            inboxes,
+        }))
+    }
 }
 
 /// Positions of the seed's columns in the outbox rows.
@@ -152,6 +242,7 @@ struct Columns {
 #[derive(Debug, Clone, Copy)]
 struct OpenTxn {
     records: usize,
+    events: usize,
     dead_letters: usize,
     value_bytes: usize,
     commit_lsn: Lsn,
@@ -162,6 +253,8 @@ struct OpenTxn {
 struct PgEndDestination {
     /// Shared with the apply in flight, which holds it until it is done.
     pg_end: Arc<Mutex<PgEnd>>,
+    /// With inboxes: the routes and inboxes that turn rows into events.
+    routed: Option<Routed>,
     columns: Option<Columns>,
     /// For rendering a row as JSON in a dead letter.
     specs: Vec<ColumnSpec>,
@@ -341,6 +434,7 @@ impl PgEndDestination {
                 unflushed: None,
                 stop,
             })),
+            routed: None,
             columns: None,
             specs: Vec::new(),
             batch: ApplyBatch::default(),
@@ -348,6 +442,108 @@ impl PgEndDestination {
             txn: None,
             commit_times: Vec::new(),
         }
+    }
+
+    /// A row or message that no record can be made of: a dead letter with its content.
+    fn unroutable(&mut self, reason: &str, value: Vec<u8>) {
+        tracing::warn!(error = %reason, "outbox row cannot be routed; dead-lettered");
+        self.value_bytes += value.len();
+        self.batch.dead_letters.push(DeadLetter {
+            kind: DeadLetterKind::Unroutable,
+            error: reason.to_string(),
+            origin: Origin {
+                source_lsn: self.txn.map(|t| t.commit_lsn),
+                value: Some(value),
+                ..Origin::default()
+            },
+        });
+    }
+
+    /// A routed record, taken by the inbox its topic feeds, as the sink would take it.
+    fn routed_record(
+        &mut self,
+        inboxes: &mut Inboxes,
+        rendered: Rendered<'_>,
+        source: &str,
+        whole: &dyn Fn() -> Vec<u8>,
+    ) {
+        let (topic, key, value, headers) = match rendered {
+            Rendered::Dead { reason } => {
+                return self.unroutable(&format!("{source}: {reason}"), whole());
+            }
+            Rendered::Record {
+                topic,
+                key,
+                value,
+                headers,
+                ..
+            } => (topic, key, value, headers),
+        };
+        let source_lsn = self.txn.map(|t| t.commit_lsn);
+        self.value_bytes += 64 + value.as_ref().map_or(0, Vec::len) + key.map_or(0, <[u8]>::len);
+        let origin = |value: Option<Vec<u8>>| Origin {
+            topic: Some(Arc::from(topic.as_ref())),
+            source_lsn,
+            key: key.map(<[u8]>::to_vec),
+            value,
+            headers: headers.iter().copied().collect(),
+            ..Origin::default()
+        };
+        let rejected = match inboxes.for_topic(&topic).map(|i| &i.kind) {
+            None => crate::record::decode::Rejected {
+                kind: DeadLetterKind::UnknownFormat,
+                error: format!("no inbox takes records of topic {topic} ({source})"),
+            },
+            Some(InboxKind::Ledger(format)) => {
+                match crate::record::decode::decode(*format, value.as_deref(), true) {
+                    Ok(Decoded::Insert(record, _)) => {
+                        self.batch.records.push((record, origin(None)));
+                        return;
+                    }
+                    Ok(Decoded::Skip(_)) => return,
+                    Err(rejected) => rejected,
+                }
+            }
+            Some(InboxKind::Table {
+                format,
+                target,
+                sources,
+            }) => {
+                let view = RecordView {
+                    topic: &topic,
+                    partition: None,
+                    offset: None,
+                    timestamp_ms: self
+                        .txn
+                        .and_then(|t| t.commit_time_micros)
+                        .and_then(crate::record::pg_micros_to_utc)
+                        .map(|t| t.timestamp_millis()),
+                    key,
+                    value: value.as_deref(),
+                    headers: &headers,
+                    lsn: source_lsn,
+                };
+                match inbox::extract(*format, sources, &view) {
+                    Ok(Extracted::Event(values)) => {
+                        let target = *target;
+                        self.batch.events.push(Event {
+                            target,
+                            values,
+                            origin: origin(value),
+                        });
+                        return;
+                    }
+                    Ok(Extracted::Skip(_)) => return,
+                    Err(rejected) => rejected,
+                }
+            }
+        };
+        tracing::warn!(kind = %rejected.kind, error = %rejected.error, "outbox row cannot be applied; dead-lettered");
+        self.batch.dead_letters.push(DeadLetter {
+            kind: rejected.kind,
+            error: rejected.error,
+            origin: origin(value.or_else(|| Some(whole()))),
+        });
     }
 
     fn dead_letter(&mut self, kind: DeadLetterKind, error: String, values: &[Option<&[u8]>]) {
@@ -432,7 +628,13 @@ impl Destination for PgEndDestination {
         }
     }
 
-    fn set_columns(&mut self, _table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError> {
+    fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError> {
+        if let Some(routed) = &mut self.routed {
+            if let Some((route, bound)) = routed.tables.get_mut(table) {
+                *bound = Some(routed.routes[*route].bind(columns));
+            }
+            return Ok(());
+        }
         let find = |name: &str| {
             columns.iter().position(|c| c.name == name).ok_or_else(|| {
                 PipelineError::Definite(format!(
@@ -456,6 +658,7 @@ impl Destination for PgEndDestination {
     fn begin_txn(&mut self, meta: TxnMeta) {
         self.txn = Some(OpenTxn {
             records: self.batch.records.len(),
+            events: self.batch.events.len(),
             dead_letters: self.batch.dead_letters.len(),
             value_bytes: self.value_bytes,
             commit_lsn: meta.commit_lsn,
@@ -463,7 +666,17 @@ impl Destination for PgEndDestination {
         });
     }
 
-    fn row(&mut self, _table: usize, values: &[Option<&[u8]>]) {
+    fn row(&mut self, table: usize, values: &[Option<&[u8]>]) {
+        if let Some(mut routed) = self.routed.take() {
+            if let Some((_, Some(bound))) = routed.tables.get(table) {
+                let rendered = bound.render(values, None);
+                let whole = || bound.row_json(values);
+                let source = bound.source().to_string();
+                self.routed_record(&mut routed.inboxes, rendered, &source, &whole);
+            }
+            self.routed = Some(routed);
+            return;
+        }
         let Some(c) = self.columns else {
             return;
         };
@@ -497,6 +710,45 @@ impl Destination for PgEndDestination {
         }
     }
 
+    fn message(&mut self, prefix: usize, content: &[u8], transactional: bool) {
+        let Some(mut routed) = self.routed.take() else {
+            return;
+        };
+        if let Some(route) = routed
+            .messages
+            .get(prefix)
+            .map(|&i| routed.routes[i].clone())
+        {
+            let source = route.source.to_string();
+            if !transactional {
+                self.unroutable(
+                    &format!(
+                        "{source}: a non-transactional logical message: only \
+                         pg_logical_emit_message(true, …) is relayed, inside the transaction \
+                         that makes the change"
+                    ),
+                    content.to_vec(),
+                );
+            } else {
+                match route::message_row(content) {
+                    Ok((columns, values)) => {
+                        let bound = route.bind(&columns);
+                        let refs: Vec<Option<&[u8]>> =
+                            values.iter().map(|v| v.as_deref()).collect();
+                        let rendered = bound.render(&refs, Some(content));
+                        self.routed_record(&mut routed.inboxes, rendered, &source, &|| {
+                            content.to_vec()
+                        });
+                    }
+                    Err(reason) => {
+                        self.unroutable(&format!("{source}: {reason}"), content.to_vec())
+                    }
+                }
+            }
+        }
+        self.routed = Some(routed);
+    }
+
     fn end_txn(&mut self) {
         if let Some(micros) = self.txn.take().and_then(|t| t.commit_time_micros) {
             self.commit_times.push(micros);
@@ -506,6 +758,7 @@ impl Destination for PgEndDestination {
     fn discard_txn(&mut self) {
         if let Some(txn) = self.txn.take() {
             self.batch.records.truncate(txn.records);
+            self.batch.events.truncate(txn.events);
             self.batch.dead_letters.truncate(txn.dead_letters);
             self.value_bytes = txn.value_bytes;
         }
@@ -513,7 +766,7 @@ impl Destination for PgEndDestination {
 
     fn batch_size(&self) -> (usize, usize) {
         (
-            self.batch.records.len() + self.batch.dead_letters.len(),
+            self.batch.records.len() + self.batch.events.len() + self.batch.dead_letters.len(),
             self.value_bytes,
         )
     }
@@ -531,6 +784,9 @@ impl Destination for PgEndDestination {
         progress: &ProgressRecord,
     ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
         let mut batch = std::mem::take(&mut self.batch);
+        if let Some(routed) = &self.routed {
+            batch.tables = routed.inboxes.tables.clone();
+        }
         batch.progress = Progress::SourceLsn {
             slot: slot.to_string(),
             commit_lsn: progress.lsn().unwrap_or(Lsn::ZERO),

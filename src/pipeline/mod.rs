@@ -170,6 +170,20 @@ impl Outbox {
             prefixes: Vec::new(),
         }
     }
+
+    /// What the pipeline reads for `routes`: their tables and message prefixes, each
+    /// in route order (table `i` is the `i`-th table route, prefix `j` the `j`-th
+    /// message route).
+    pub fn of_routes(routes: &[crate::route::Route]) -> Self {
+        let mut outbox = Self::default();
+        for route in routes {
+            match &route.source {
+                crate::route::RouteSource::Table(t) => outbox.tables.push(t.clone()),
+                crate::route::RouteSource::Message(p) => outbox.prefixes.push(p.clone()),
+            }
+        }
+        outbox
+    }
 }
 
 /// What the source says about one transaction.

@@ -117,6 +117,10 @@ pub struct RouteSpec {
     pub headers: Option<BTreeMap<String, String>>,
     /// The columns a `row` value carries (default: all of them, in table order).
     pub columns: Option<Vec<String>>,
+    /// For `verify` and `reconcile`: a query on pg_start whose columns stand in for
+    /// the table's (named as the table's columns), when the outbox is cleaned up or
+    /// the route reads logical messages. Default: the outbox table itself.
+    pub source_query: Option<String>,
 }
 
 /// A route ready to bind to a source's columns.
@@ -133,6 +137,8 @@ pub struct Route {
     pub payload_format: PayloadFormat,
     pub headers: Vec<(String, String)>,
     pub columns: Option<Vec<String>>,
+    /// See [`RouteSpec::source_query`].
+    pub source_query: Option<String>,
     /// Keys are placed on partitions as Kafka's Java client places them (murmur2), as
     /// Debezium does: the `event-router` preset's default, so that a key stays on the
     /// partition it had under Debezium (consumers that keep per-partition state, Kafka
@@ -263,6 +269,7 @@ impl RouteSpec {
             payload_format: self.payload_format.unwrap_or_default(),
             headers,
             columns: self.columns.clone(),
+            source_query: self.source_query.clone(),
             java_partitioning: router,
         })
     }

@@ -70,10 +70,12 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::apply::driver::{self, Driver, Ended, Failure};
+use crate::apply::table::{BindError, Event, TableTarget};
 use crate::apply::{
     self, ApplyBatch, ApplyError, DeadLetter, KafkaOffset, Origin, Progress, TxnRecord,
 };
 use crate::config::{self, KafkaArgs, TargetArgs};
+use crate::inbox::{self, Extracted, InboxKind, InboxSpec, Inboxes, RecordView};
 use crate::pg;
 use crate::record::decode::{Decoded, Detected, Format};
 use crate::record::{self, HEADER_COMMIT_TS, HEADER_LSN};
@@ -100,6 +102,12 @@ pub struct SinkArgs {
     /// is applied sooner when full, or when nothing is being applied and no record waits).
     #[arg(long, env = "OUTBOX_RELAY_SINK_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
+    /// An inbox, as an inline TOML table: `{table = "inbox.events", topics =
+    /// ["outbox.event.order"], handler = "…"}` (see docs/sink.md, "Inboxes").
+    /// Repeatable; `[[inbox]]` tables in the configuration file. Without any, the
+    /// ledger profile on --topic with --format.
+    #[arg(long = "inbox", value_parser = InboxSpec::parse)]
+    pub inboxes: Vec<InboxSpec>,
     /// Record format: detected per record (auto), or one forced.
     #[arg(
         long,
@@ -133,6 +141,7 @@ impl SinkArgs {
             batch_size: 5000,
             batch_linger_ms: 20,
             format: Format::Auto,
+            inboxes: Vec::new(),
             consumer_properties: Vec::new(),
             replay: replay::ReplayArgs::default(),
             // Embedded sinks (tests, the chaos runner) serve no endpoint of their own.
@@ -157,6 +166,8 @@ pub enum SinkError {
     Applier(String),
     #[error("cannot find where to replay from")]
     Replay(#[source] Box<replay::ReplayError>),
+    #[error("an inbox cannot be used")]
+    Inbox(#[source] Box<BindError>),
 }
 
 /// What a sink run did.
@@ -177,6 +188,8 @@ pub struct SinkStats {
     pub connector_records: u64,
     pub seed_records: u64,
     pub debezium_records: u64,
+    /// Records of generic inboxes (tables with handlers) turned into events.
+    pub inbox_events: u64,
     /// Batches committed to pg_end.
     pub batches: u64,
     /// Apply attempts that failed transiently and were retried.
@@ -201,6 +214,7 @@ impl SinkStats {
 #[derive(Default)]
 struct Pending {
     records: Vec<(TxnRecord, Origin)>,
+    events: Vec<Event>,
     dead_letters: Vec<DeadLetter>,
     /// The highest offset consumed per partition.
     last_offsets: BTreeMap<(String, i32), i64>,
@@ -228,10 +242,11 @@ impl Pending {
                     && origin.partition == Some(*partition)
             })
         };
-        let before = self.records.len() + self.dead_letters.len();
+        let before = self.records.len() + self.events.len() + self.dead_letters.len();
         self.records.retain(|(_, origin)| !of(origin));
+        self.events.retain(|event| !of(&event.origin));
         self.dead_letters.retain(|letter| !of(&letter.origin));
-        let dropped = before - self.records.len() - self.dead_letters.len();
+        let dropped = before - self.records.len() - self.events.len() - self.dead_letters.len();
         for partition in partitions {
             self.last_offsets.remove(partition);
         }
@@ -241,10 +256,12 @@ impl Pending {
         dropped as u64
     }
 
-    fn take_batch(&mut self) -> ApplyBatch {
+    fn take_batch(&mut self, tables: &Arc<[TableTarget]>) -> ApplyBatch {
         let pending = std::mem::take(self);
         ApplyBatch {
             records: pending.records,
+            events: pending.events,
+            tables: tables.clone(),
             dead_letters: pending.dead_letters,
             progress: Progress::KafkaOffsets(
                 pending
@@ -270,8 +287,11 @@ pub async fn run(args: SinkArgs, stop: watch::Receiver<bool>) -> Result<SinkStat
         ));
     }
     let flag = StopFlag::follow(stop.clone());
-    let consumer = set_up(&args, flag.shared()).await?;
-    let mut sink = SinkLoop::new(&args, &consumer, flag.shared());
+    let Some(inboxes) = bind_inboxes(&args, &flag).await? else {
+        return Ok(SinkStats::default());
+    };
+    let consumer = set_up(&args, &inboxes, flag.shared()).await?;
+    let mut sink = SinkLoop::new(&args, &consumer, inboxes, flag.shared());
     let result = sink.poll(stop).await;
     let (result, stats) = sink.shut_down(result).await;
     // Whatever still waits (the offset reader) ends now.
@@ -325,27 +345,47 @@ impl Drop for StopFlag {
     }
 }
 
+/// The inboxes, checked against pg_end (waiting for it while it is unreachable);
+/// `None` if the sink is stopped first. Without `--inbox`: the ledger on --topic.
+async fn bind_inboxes(args: &SinkArgs, stop: &StopFlag) -> Result<Option<Inboxes>, SinkError> {
+    if args.inboxes.is_empty() {
+        return Ok(Some(Inboxes::ledger(&args.kafka.topic, args.format)));
+    }
+    Inboxes::bind_when_reachable(
+        &args.inboxes,
+        &args.target.target_url,
+        &args.kafka.topic,
+        args.format,
+        &|| stop.flag.load(Ordering::Relaxed),
+    )
+    .await
+    .map_err(|e| SinkError::Inbox(Box::new(e)))
+}
+
 /// Set-up: the metrics endpoint, the replay position, the offset reader and the
 /// subscribed consumer.
 async fn set_up(
     args: &SinkArgs,
+    inboxes: &Inboxes,
     stop: Arc<AtomicBool>,
 ) -> Result<StreamConsumer<SinkContext>, SinkError> {
     args.metrics
         .start(crate::metrics::SINK_METRICS)
         .await
         .map_err(SinkError::InvalidOption)?;
-    let replay = replay::resolve(&args.replay, &args.kafka.brokers, &args.kafka.topic)
+    let topics = inboxes.subscription();
+    let replay = replay::resolve(&args.replay, &args.kafka.brokers, &topics)
         .await
         .map_err(|e| SinkError::Replay(Box::new(e)))?;
     let reader =
         OffsetReader::spawn(args.target.target_url.clone(), stop).map_err(SinkError::Thread)?;
     let consumer = consumer(args, SinkContext::new(reader).with_replay(replay))?;
+    let subscription: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
-        .subscribe(&[args.kafka.topic.as_str()])
+        .subscribe(&subscription)
         .map_err(SinkError::Consumer)?;
     tracing::info!(
-        topic = %args.kafka.topic,
+        topics = ?topics,
         group = %args.group,
         target = %pg::redact_url(&args.target.target_url),
         batch_size = args.batch_size,
@@ -359,6 +399,7 @@ async fn set_up(
 struct SinkLoop<'a> {
     args: &'a SinkArgs,
     consumer: &'a StreamConsumer<SinkContext>,
+    inboxes: Inboxes,
     stop: Arc<AtomicBool>,
     linger: Duration,
     pending: Pending,
@@ -379,11 +420,13 @@ impl<'a> SinkLoop<'a> {
     fn new(
         args: &'a SinkArgs,
         consumer: &'a StreamConsumer<SinkContext>,
+        inboxes: Inboxes,
         stop: Arc<AtomicBool>,
     ) -> Self {
         Self {
             args,
             consumer,
+            inboxes,
             stop,
             linger: Duration::from_millis(args.batch_linger_ms),
             pending: Pending::default(),
@@ -468,7 +511,7 @@ impl<'a> SinkLoop<'a> {
                     self.kafka_errors = 0;
                     consume(
                         &message,
-                        self.args.format,
+                        &mut self.inboxes,
                         &mut self.pending,
                         &mut self.stats,
                     );
@@ -519,6 +562,7 @@ impl<'a> SinkLoop<'a> {
                 self.in_flight = Some(InFlight::start(
                     writer,
                     &mut self.pending,
+                    &self.inboxes.tables,
                     self.stop.clone(),
                 ));
             }
@@ -547,7 +591,8 @@ impl<'a> SinkLoop<'a> {
         }
         if result.is_ok() && pg_end_takes_batches && !self.pending.is_empty() {
             if let Some(writer) = self.writer.take() {
-                let done = InFlight::start(writer, &mut self.pending, self.stop.clone())
+                let tables = &self.inboxes.tables;
+                let done = InFlight::start(writer, &mut self.pending, tables, self.stop.clone())
                     .task
                     .await;
                 let _ = finish_batch(
@@ -593,9 +638,14 @@ struct Applied {
 }
 
 impl InFlight {
-    fn start(mut writer: Driver, pending: &mut Pending, stop: Arc<AtomicBool>) -> Self {
+    fn start(
+        mut writer: Driver,
+        pending: &mut Pending,
+        tables: &Arc<[TableTarget]>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
         let commit_times = std::mem::take(&mut pending.commit_times);
-        let batch = pending.take_batch();
+        let batch = pending.take_batch(tables);
         let task = tokio::spawn(async move {
             let mut stats = SinkStats::default();
             let result = apply_until_done(&mut writer, &batch, &stop, &mut stats).await;
@@ -717,10 +767,10 @@ fn on_rebalance(
     Ok(())
 }
 
-/// Decodes one record into the pending batch.
+/// Decodes one record into the pending batch, for the inbox its topic feeds.
 fn consume(
     message: &rdkafka::message::BorrowedMessage<'_>,
-    format: Format,
+    inboxes: &mut Inboxes,
     pending: &mut Pending,
     stats: &mut SinkStats,
 ) {
@@ -747,8 +797,8 @@ fn consume(
         Some(shared) if **shared == *topic => shared.clone(),
         _ => pending.topic.insert(Arc::from(topic)).clone(),
     };
-    let origin = move || Origin {
-        topic: Some(topic_shared),
+    let make_origin = |headers: apply::Headers| Origin {
+        topic: Some(topic_shared.clone()),
         partition: Some(partition),
         offset: Some(offset),
         source_lsn,
@@ -758,16 +808,61 @@ fn consume(
     };
 
     stats.consumed += 1;
-    match record::decode::decode(format, value, lsn_header.is_some()) {
-        Ok(Decoded::Insert(txn, detected)) => {
-            match detected {
-                Detected::Connector => stats.connector_records += 1,
-                Detected::Seed => stats.seed_records += 1,
-                Detected::Debezium => stats.debezium_records += 1,
+    let decoded = match inboxes.for_topic(topic).map(|inbox| &inbox.kind) {
+        Some(InboxKind::Ledger(format)) => {
+            match record::decode::decode(*format, value, lsn_header.is_some()) {
+                Ok(Decoded::Insert(txn, detected)) => {
+                    match detected {
+                        Detected::Connector => stats.connector_records += 1,
+                        Detected::Seed => stats.seed_records += 1,
+                        Detected::Debezium => stats.debezium_records += 1,
+                    }
+                    pending.records.push((txn, make_origin(headers)));
+                    Ok(None)
+                }
+                Ok(Decoded::Skip(skip)) => Ok(Some(skip)),
+                Err(rejected) => Err(rejected),
             }
-            pending.records.push((txn, origin()));
         }
-        Ok(Decoded::Skip(skip)) => {
+        Some(InboxKind::Table {
+            format,
+            target,
+            sources,
+        }) => {
+            let list: Vec<(&str, Option<&[u8]>)> = headers.iter().collect();
+            let view = RecordView {
+                topic,
+                partition: Some(partition),
+                offset: Some(offset),
+                timestamp_ms: message.timestamp().to_millis(),
+                key: message.key(),
+                value,
+                headers: &list,
+                lsn: source_lsn,
+            };
+            match inbox::extract(*format, sources, &view) {
+                Ok(Extracted::Event(values)) => {
+                    drop(list);
+                    stats.inbox_events += 1;
+                    pending.events.push(Event {
+                        target: *target,
+                        values,
+                        origin: make_origin(headers),
+                    });
+                    Ok(None)
+                }
+                Ok(Extracted::Skip(skip)) => Ok(Some(skip)),
+                Err(rejected) => Err(rejected),
+            }
+        }
+        None => Err(record::decode::Rejected {
+            kind: apply::DeadLetterKind::UnknownFormat,
+            error: format!("no inbox takes records of topic {topic}"),
+        }),
+    };
+    match decoded {
+        Ok(None) => {}
+        Ok(Some(skip)) => {
             stats.skipped += 1;
             tracing::debug!(topic, partition, offset, ?skip, "record skipped");
         }
@@ -781,10 +876,16 @@ fn consume(
                 error = %rejected.error,
                 "dead letter"
             );
+            let headers = message
+                .headers()
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|h| (h.key, h.value))
+                .collect();
             pending.dead_letters.push(DeadLetter {
                 kind: rejected.kind,
                 error: rejected.error,
-                origin: origin(),
+                origin: make_origin(headers),
             });
         }
     }

@@ -208,7 +208,7 @@ impl SinkContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(partition.clone());
-        first.then(|| replay.offset_of(partition.1))
+        first.then(|| replay.offset_of(&partition.0, partition.1))
     }
 
     /// The changes of assignment since the last call, oldest first.

@@ -83,17 +83,21 @@ impl ReplayArgs {
 pub enum ReplayStart {
     Beginning,
     Offset(i64),
-    /// Per partition (from a timestamp); a partition not listed starts at its end.
-    Offsets(HashMap<i32, Offset>),
+    /// Per (topic, partition) (from a timestamp or an LSN); a partition not listed
+    /// starts at its end.
+    Offsets(HashMap<(String, i32), Offset>),
 }
 
 impl ReplayStart {
-    /// The start offset of `partition`.
-    pub fn offset_of(&self, partition: i32) -> Offset {
+    /// The start offset of `partition` of `topic`.
+    pub fn offset_of(&self, topic: &str, partition: i32) -> Offset {
         match self {
             Self::Beginning => Offset::Beginning,
             Self::Offset(offset) => Offset::Offset(*offset),
-            Self::Offsets(offsets) => offsets.get(&partition).copied().unwrap_or(Offset::End),
+            Self::Offsets(offsets) => offsets
+                .get(&(topic.to_string(), partition))
+                .copied()
+                .unwrap_or(Offset::End),
         }
     }
 }
@@ -139,13 +143,16 @@ pub enum ReplayError {
     },
     #[error("the replay lookup task failed: {0}")]
     Task(String),
+    #[error("a replay from a timestamp or an LSN needs topic names, not the pattern {0:?}")]
+    Pattern(String),
 }
 
-/// Resolves `args` (blocking for a timestamp: one metadata and one offsets request).
+/// Resolves `args` for `topics` (blocking for a timestamp or an LSN: one lookup per
+/// topic). A topic pattern (`^…`) cannot be looked up: name the topics.
 pub async fn resolve(
     args: &ReplayArgs,
     brokers: &str,
-    topic: &str,
+    topics: &[String],
 ) -> Result<Option<ReplayStart>, ReplayError> {
     if args.from_beginning {
         return Ok(Some(ReplayStart::Beginning));
@@ -153,20 +160,29 @@ pub async fn resolve(
     if let Some(offset) = args.from_offset {
         return Ok(Some(ReplayStart::Offset(offset)));
     }
-    let (brokers, topic) = (brokers.to_string(), topic.to_string());
-    if let Some(lsn) = args.from_lsn {
-        return tokio::task::spawn_blocking(move || offsets_for_lsn(&brokers, &topic, lsn))
-            .await
-            .map_err(|e| ReplayError::Task(e.to_string()))?
-            .map(|offsets| Some(ReplayStart::Offsets(offsets)));
-    }
-    let Some(timestamp_ms) = args.from_timestamp else {
+    if args.from_lsn.is_none() && args.from_timestamp.is_none() {
         return Ok(None);
-    };
-    tokio::task::spawn_blocking(move || offsets_for_timestamp(&brokers, &topic, timestamp_ms))
+    }
+    let mut all = HashMap::new();
+    for topic in topics {
+        if topic.starts_with('^') {
+            return Err(ReplayError::Pattern(topic.clone()));
+        }
+        let (brokers, name) = (brokers.to_string(), topic.to_string());
+        let (lsn, timestamp_ms) = (args.from_lsn, args.from_timestamp);
+        let offsets = tokio::task::spawn_blocking(move || match lsn {
+            Some(lsn) => offsets_for_lsn(&brokers, &name, lsn),
+            None => offsets_for_timestamp(&brokers, &name, timestamp_ms.unwrap_or_default()),
+        })
         .await
-        .map_err(|e| ReplayError::Task(e.to_string()))?
-        .map(|offsets| Some(ReplayStart::Offsets(offsets)))
+        .map_err(|e| ReplayError::Task(e.to_string()))??;
+        all.extend(
+            offsets
+                .into_iter()
+                .map(|(partition, offset)| ((topic.clone(), partition), offset)),
+        );
+    }
+    Ok(Some(ReplayStart::Offsets(all)))
 }
 
 fn offsets_for_timestamp(
@@ -356,10 +372,11 @@ mod tests {
 
     #[test]
     fn start_offsets_per_partition() {
-        assert_eq!(ReplayStart::Beginning.offset_of(2), Offset::Beginning);
-        assert_eq!(ReplayStart::Offset(5).offset_of(0), Offset::Offset(5));
-        let by_time = ReplayStart::Offsets(HashMap::from([(0, Offset::Offset(9))]));
-        assert_eq!(by_time.offset_of(0), Offset::Offset(9));
-        assert_eq!(by_time.offset_of(1), Offset::End);
+        assert_eq!(ReplayStart::Beginning.offset_of("t", 2), Offset::Beginning);
+        assert_eq!(ReplayStart::Offset(5).offset_of("t", 0), Offset::Offset(5));
+        let by_time = ReplayStart::Offsets(HashMap::from([(("t".into(), 0), Offset::Offset(9))]));
+        assert_eq!(by_time.offset_of("t", 0), Offset::Offset(9));
+        assert_eq!(by_time.offset_of("t", 1), Offset::End);
+        assert_eq!(by_time.offset_of("u", 0), Offset::End, "per topic");
     }
 }
