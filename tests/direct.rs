@@ -299,3 +299,69 @@ async fn asynchronous_commits_lost_in_a_pg_end_crash_are_applied_again() {
     common::connector::assert_running(&mut relay, "after pg_end's crash");
     assert!(relay.terminate().success());
 }
+
+/// Outbox rows pg_end cannot take (an amount of `NaN`, a `-infinity` timestamp) are
+/// dead letters that keep the row's full content and its source position, and the
+/// stream goes on (issue #25, item 6: they used to be stored without any value).
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_mode_dead_letters_keep_the_rows_content() {
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let mut relay = spawn_direct(&dbs, &slot, &[]);
+    let source = dbs.source().await;
+    common::wait_until("the slot", Duration::from_secs(60), || async {
+        common::count(
+            &dbs.source_url,
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    source
+        .batch_execute(
+            "INSERT INTO outbox.transactions VALUES (900001, 7, 'NaN', '2025-07-23 20:06:21');
+             INSERT INTO outbox.transactions VALUES (900002, 7, '12.50', '-infinity');
+             INSERT INTO outbox.transactions VALUES (900003, 7, '1.25', '2025-07-23 20:06:21');",
+        )
+        .await
+        .unwrap();
+    common::wait_until("the good row applied", Duration::from_secs(60), || async {
+        common::count(
+            &dbs.target_url,
+            "SELECT count(*) FROM main.transactions WHERE id = 900003",
+        )
+        .await
+            == 1
+            && dead_letter_count(&dbs).await == 2
+    })
+    .await;
+    let letters = dbs
+        .target()
+        .await
+        .query(
+            "SELECT kind, convert_from(record_value, 'UTF8'), source_lsn IS NOT NULL
+             FROM outbox_relay.dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let letters: Vec<(String, String, bool)> = letters
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(letters.len(), 2);
+    for (kind, value, positioned) in &letters {
+        assert_eq!(kind, "invalid_value");
+        assert!(positioned, "the source position is kept");
+        let row: serde_json::Value = serde_json::from_str(value).unwrap();
+        assert_eq!(row["account_id"], 7, "{value}");
+    }
+    assert!(
+        letters[0].1.contains("NaN") && letters[0].1.contains("900001"),
+        "{:?}",
+        letters[0]
+    );
+    assert!(letters[1].1.contains("-infinity"), "{:?}", letters[1]);
+    assert!(relay.terminate().success());
+}

@@ -27,6 +27,8 @@
 
 use std::collections::HashSet;
 
+use futures_util::SinkExt;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{GenericClient, Transaction};
 
 use super::{ApplyError, ApplyOutcome, DeadLetter, DeadLetterKind, Origin};
@@ -60,6 +62,7 @@ pub struct TableTarget {
     /// The handler as the operator wrote it (for error messages).
     pub handler: Option<String>,
     insert_sql: String,
+    copy_sql: String,
     compare_sql: String,
     handler_sql: Option<String>,
 }
@@ -218,7 +221,7 @@ impl TableTarget {
             "INSERT INTO {table} AS t ({names})\n\
              SELECT {exprs}\n\
              FROM unnest({params}) AS x({aliases})\n\
-             ORDER BY {order}\n\
+             ORDER BY x.c{order} COLLATE \"C\"\n\
              ON CONFLICT ({id_name}) DO NOTHING\n\
              RETURNING t.{id_name}::text",
             table = table.quoted(),
@@ -227,6 +230,11 @@ impl TableTarget {
             params = params.join(", "),
             aliases = aliases.join(", "),
             order = id + 1,
+        );
+        let copy_sql = format!(
+            "COPY {table} ({names}) FROM STDIN",
+            table = table.quoted(),
+            names = names.join(", "),
         );
         // Per content column: is the stored value the one this event carries? A
         // column with a default matches when the event leaves it out.
@@ -276,6 +284,7 @@ impl TableTarget {
             id,
             handler,
             insert_sql,
+            copy_sql,
             compare_sql,
             handler_sql,
         }
@@ -293,7 +302,11 @@ impl TableTarget {
                 table: self.table.to_string(),
                 source,
             })?;
-        let mut statements = vec![("insert", &self.insert_sql), ("compare", &self.compare_sql)];
+        let mut statements = vec![
+            ("insert", &self.insert_sql),
+            ("copy", &self.copy_sql),
+            ("compare", &self.compare_sql),
+        ];
         if let Some(handler) = &self.handler_sql {
             statements.push(("handler", handler));
         }
@@ -410,6 +423,35 @@ struct Tally {
     handled: u64,
 }
 
+/// Applies `events` (all of `target`) inside `tx` in one go, no savepoint: the COPY
+/// when it can, else the insert. `Ok(false)` when a statement failed for a reason the
+/// careful path ([`apply_events`]) sorts out; `tx` is then aborted.
+pub(super) async fn apply_plain(
+    tx: &Transaction<'_>,
+    target: &TableTarget,
+    events: &[&Event],
+    dead_letters: &mut Vec<DeadLetter>,
+    outcome: &mut ApplyOutcome,
+) -> Result<bool, ApplyError> {
+    let prepared = prepare(target, events, dead_letters, outcome);
+    if prepared.events.is_empty() {
+        return Ok(true);
+    }
+    let part = &prepared.events[..];
+    let applied = if copyable(target, part) {
+        copy_part(tx, target, part, outcome).await
+    } else {
+        apply_part(tx, target, part, dead_letters, outcome).await
+    };
+    match applied {
+        Ok(_) => Ok(true),
+        Err((step, error)) if error::pg::classify(&error) == ErrorClass::Transient => {
+            Err(ApplyError::new(step, error))
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// Applies `events` (all of `target`) inside `tx`, under savepoints: see the module
 /// documentation. Dead letters and counts go to `dead_letters` and `outcome`.
 pub(super) async fn apply_events(
@@ -428,6 +470,8 @@ pub(super) async fn apply_events(
     let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
     pending.push(0..prepared.events.len());
     let all = prepared.events.len();
+    // Until an id turns out to be there already: the plain COPY (see `copy_part`).
+    let mut all_new = true;
     while let Some(range) = pending.pop() {
         let part = &prepared.events[range.clone()];
         let savepoint = tx
@@ -436,7 +480,13 @@ pub(super) async fn apply_events(
             .map_err(|e| ApplyError::new("setting a savepoint", e))?;
         let mut letters = Vec::new();
         let mut counts = ApplyOutcome::default();
-        match apply_part(&savepoint, target, part, &mut letters, &mut counts).await {
+        let copy = all_new && copyable(target, part);
+        let applied = if copy {
+            copy_part(&savepoint, target, part, &mut counts).await
+        } else {
+            apply_part(&savepoint, target, part, &mut letters, &mut counts).await
+        };
+        match applied {
             Ok(handled) => {
                 savepoint
                     .commit()
@@ -454,6 +504,13 @@ pub(super) async fn apply_events(
                     .rollback()
                     .await
                     .map_err(|e| ApplyError::new("rolling back to a savepoint", e))?;
+                if copy && error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                    // A replay, or a concurrent applier: this part, and what is left,
+                    // by ON CONFLICT.
+                    all_new = false;
+                    pending.push(range);
+                    continue;
+                }
                 if statement_broken(&error) {
                     return Err(ApplyError::Statement {
                         inbox: target.inbox.clone(),
@@ -589,6 +646,79 @@ fn arrays<'e>(columns: usize, part: impl Iterator<Item = &'e Event>) -> Vec<Vec<
     arrays
 }
 
+/// Whether `part` can take the COPY path: every value is given or its column has no
+/// default (COPY cannot fall back to a default row by row, as the insert's COALESCE
+/// does).
+fn copyable(target: &TableTarget, part: &[&Event]) -> bool {
+    part.iter().all(|e| {
+        e.values
+            .iter()
+            .zip(&target.columns)
+            .all(|(v, c)| v.is_some() || c.default.is_none())
+    })
+}
+
+/// The common case, cheaper: none of the ids is in the table yet. A `COPY` either
+/// inserts every event (then the handler runs over all of them) or fails as a whole,
+/// `unique_violation` when an id is there (the part is then applied again by
+/// [`apply_part`], `ON CONFLICT`). No speculative insertion, nothing returned. Rows in
+/// the order [`prepare`] sorted them (byte order of the id's text), the insert's order.
+async fn copy_part(
+    tx: &Transaction<'_>,
+    target: &TableTarget,
+    part: &[&Event],
+    outcome: &mut ApplyOutcome,
+) -> Result<u64, (&'static str, tokio_postgres::Error)> {
+    let mut data = Vec::with_capacity(part.len() * 64);
+    for event in part {
+        for (i, value) in event.values.iter().enumerate() {
+            if i > 0 {
+                data.push(b'\t');
+            }
+            match value {
+                None => data.extend_from_slice(b"\\N"),
+                Some(text) => copy_text(&mut data, text),
+            }
+        }
+        data.push(b'\n');
+    }
+    let sink = tx
+        .copy_in(target.copy_sql.as_str())
+        .await
+        .map_err(|e| ("copying the events", e))?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data))
+        .await
+        .map_err(|e| ("copying the events", e))?;
+    let inserted = sink.finish().await.map_err(|e| ("copying the events", e))?;
+    let mut handled = 0;
+    if let Some(handler) = &target.handler_sql {
+        let ids: Vec<Option<&str>> = part
+            .iter()
+            .map(|e| e.values[target.id].as_deref())
+            .collect();
+        tx.execute(handler.as_str(), &[&ids])
+            .await
+            .map_err(|e| ("running the handler", e))?;
+        handled = part.len() as u64;
+    }
+    outcome.inserted += inserted;
+    Ok(handled)
+}
+
+/// `text` in COPY's text format: backslash, tab, newline and carriage return escaped.
+fn copy_text(out: &mut Vec<u8>, text: &str) {
+    for &b in text.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
 /// Inserts one part, runs the handler over what it inserted, sorts the rest into
 /// duplicates and conflicts. Returns how many events the handler ran over; on error,
 /// the step that failed.
@@ -708,6 +838,13 @@ mod tests {
             required: false,
             content: true,
         }
+    }
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_as_special() {
+        let mut out = Vec::new();
+        copy_text(&mut out, "a\\b\tc\nd\re \\N");
+        assert_eq!(out, b"a\\\\b\\tc\\nd\\re \\\\N");
     }
 
     #[test]

@@ -250,6 +250,8 @@ pub struct Inboxes {
     pub inboxes: Vec<Inbox>,
     pub tables: Arc<[TableTarget]>,
     by_topic: HashMap<String, Option<usize>>,
+    /// The last topic looked up, and its inbox.
+    last: Option<(String, Option<usize>)>,
 }
 
 impl Inboxes {
@@ -266,6 +268,7 @@ impl Inboxes {
             }],
             tables: Arc::from(Vec::new()),
             by_topic: HashMap::new(),
+            last: None,
         }
     }
 
@@ -335,6 +338,7 @@ impl Inboxes {
             inboxes,
             tables: Arc::from(tables),
             by_topic: HashMap::new(),
+            last: None,
         })
     }
 
@@ -405,15 +409,23 @@ impl Inboxes {
 
     /// The inbox `topic`'s records go to: the first declared that matches.
     pub fn for_topic(&mut self, topic: &str) -> Option<&Inbox> {
-        if !self.by_topic.contains_key(topic) {
-            let found = self.inboxes.iter().position(|i| i.topics.matches(topic));
-            self.by_topic.insert(topic.to_string(), found);
-        }
-        self.by_topic
-            .get(topic)
-            .copied()
-            .flatten()
-            .map(|i| &self.inboxes[i])
+        // Records come in runs of one topic: the last answer first, no hashing.
+        let index = match &self.last {
+            Some((last, index)) if last == topic => *index,
+            _ => {
+                let index = match self.by_topic.get(topic) {
+                    Some(index) => *index,
+                    None => {
+                        let found = self.inboxes.iter().position(|i| i.topics.matches(topic));
+                        self.by_topic.insert(topic.to_string(), found);
+                        found
+                    }
+                };
+                self.last = Some((topic.to_string(), index));
+                index
+            }
+        };
+        index.map(|i| &self.inboxes[i])
     }
 }
 
