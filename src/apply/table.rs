@@ -20,6 +20,12 @@
 //!    every new event of a batch of two or more with the same SQLSTATE: nothing is
 //!    committed and the relay stops, naming the statement.
 //!
+//! The common case is cheaper: a batch whose ids are all new is written with a `COPY`
+//! ([`copy_part`]) that either inserts every event or fails as a whole with
+//! `unique_violation`, and the whole batch is first tried without a savepoint
+//! ([`apply_plain`]); anything that fails sends the batch down the careful path
+//! ([`apply_events`]) in a new transaction.
+//!
 //! Values travel as text arrays (`unnest($1::text[], …)`) and are cast to each
 //! column's type by PostgreSQL's own input functions, so every type the server knows
 //! is accepted as it would be in SQL. A missing or null field takes the column's
