@@ -464,7 +464,12 @@ const READ_SOURCE_LSN: &str =
 pub struct Target {
     client: Client,
     statements: Option<Statements>,
+    /// The generic inboxes' statements, for the batch's `tables` they were made for.
+    tables: Option<PreparedTables>,
 }
+
+/// Inbox tables and their statements prepared on one connection.
+type PreparedTables = (Arc<[table::TableTarget]>, Arc<[table::TableStatements]>);
 
 /// The prepared forms of the statements above (cheap to clone: reference counted).
 #[derive(Clone)]
@@ -483,6 +488,7 @@ impl Target {
         Self {
             client,
             statements: None,
+            tables: None,
         }
     }
 
@@ -520,6 +526,32 @@ impl Target {
             upsert_source_lsn,
         };
         Ok(self.statements.insert(statements).clone())
+    }
+}
+
+impl Target {
+    /// The statements of `tables` on this connection, prepared on first use.
+    async fn table_statements(
+        &mut self,
+        tables: &Arc<[table::TableTarget]>,
+    ) -> Result<Arc<[table::TableStatements]>, ApplyError> {
+        if let Some((known, statements)) = &self.tables {
+            if Arc::ptr_eq(known, tables) {
+                return Ok(statements.clone());
+            }
+        }
+        let mut prepared = Vec::with_capacity(tables.len());
+        for target in tables.iter() {
+            prepared.push(
+                target
+                    .statements(&self.client)
+                    .await
+                    .map_err(|e| ApplyError::new("preparing the inbox statements", e))?,
+            );
+        }
+        let prepared: Arc<[table::TableStatements]> = Arc::from(prepared);
+        self.tables = Some((tables.clone(), prepared.clone()));
+        Ok(prepared)
     }
 }
 
@@ -574,6 +606,11 @@ async fn apply_once(
     let records = prepare(&batch.records, &mut dead_letters, &mut outcome);
 
     let statements = target.statements().await?;
+    let table_statements = if batch.events.is_empty() {
+        None
+    } else {
+        Some(target.table_statements(&batch.tables).await?)
+    };
     let mut tx = begin(&mut target.client).await?;
     // The common case first, with nothing to undo but the transaction itself: a
     // savepoint around it cost pg_end 5-15% of the batch (a subtransaction).
@@ -603,10 +640,25 @@ async fn apply_once(
         )
         .await?;
     }
-    if !batch.events.is_empty() {
+    if let Some(table_statements) = &table_statements {
         if careful {
-            apply_inboxes(&mut tx, batch, &mut dead_letters, &mut outcome).await?;
-        } else if !apply_inboxes_plain(&tx, batch, &mut dead_letters, &mut outcome).await? {
+            apply_inboxes(
+                &mut tx,
+                batch,
+                table_statements,
+                &mut dead_letters,
+                &mut outcome,
+            )
+            .await?;
+        } else if !apply_inboxes_plain(
+            &tx,
+            batch,
+            table_statements,
+            &mut dead_letters,
+            &mut outcome,
+        )
+        .await?
+        {
             tx.rollback()
                 .await
                 .map_err(|e| ApplyError::new("rolling back", e))?;
@@ -644,14 +696,15 @@ async fn apply_once(
 async fn apply_inboxes_plain(
     tx: &Transaction<'_>,
     batch: &ApplyBatch,
+    statements: &[table::TableStatements],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
 ) -> Result<bool, ApplyError> {
-    for (index, target) in batch.tables.iter().enumerate() {
+    for ((index, target), statements) in batch.tables.iter().enumerate().zip(statements) {
         let events: Vec<&table::Event> =
             batch.events.iter().filter(|e| e.target == index).collect();
         if !events.is_empty()
-            && !table::apply_plain(tx, target, &events, dead_letters, outcome).await?
+            && !table::apply_plain(tx, target, statements, &events, dead_letters, outcome).await?
         {
             return Ok(false);
         }
@@ -663,14 +716,15 @@ async fn apply_inboxes_plain(
 async fn apply_inboxes(
     tx: &mut Transaction<'_>,
     batch: &ApplyBatch,
+    statements: &[table::TableStatements],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
 ) -> Result<(), ApplyError> {
-    for (index, target) in batch.tables.iter().enumerate() {
+    for ((index, target), statements) in batch.tables.iter().enumerate().zip(statements) {
         let events: Vec<&table::Event> =
             batch.events.iter().filter(|e| e.target == index).collect();
         if !events.is_empty() {
-            table::apply_events(tx, target, &events, dead_letters, outcome).await?;
+            table::apply_events(tx, target, statements, &events, dead_letters, outcome).await?;
         }
     }
     Ok(())

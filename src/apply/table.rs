@@ -21,10 +21,10 @@
 //!    committed and the relay stops, naming the statement.
 //!
 //! The common case is cheaper: a batch whose ids are all new is written with a `COPY`
-//! ([`copy_part`]) that either inserts every event or fails as a whole with
+//! (`copy_part`) that either inserts every event or fails as a whole with
 //! `unique_violation`, and the whole batch is first tried without a savepoint
-//! ([`apply_plain`]); anything that fails sends the batch down the careful path
-//! ([`apply_events`]) in a new transaction.
+//! (`apply_plain`); anything that fails sends the batch down the careful path
+//! (`apply_events`) in a new transaction.
 //!
 //! Values travel as text arrays (`unnest($1::text[], …)`) and are cast to each
 //! column's type by PostgreSQL's own input functions, so every type the server knows
@@ -80,6 +80,15 @@ pub struct Event {
     pub target: usize,
     pub values: Vec<Option<String>>,
     pub origin: Origin,
+}
+
+/// A target's statements prepared on one pg_end connection (parsed and planned once
+/// per connection, not once per batch).
+#[derive(Clone)]
+pub struct TableStatements {
+    insert: tokio_postgres::Statement,
+    copy: tokio_postgres::Statement,
+    handler: Option<tokio_postgres::Statement>,
 }
 
 /// One event as [`TableTarget::compare`] found it.
@@ -370,6 +379,29 @@ impl TableTarget {
         Ok(out)
     }
 
+    /// Its statements, prepared on `client` (pipelined: one round trip).
+    pub async fn statements(
+        &self,
+        client: &impl GenericClient,
+    ) -> Result<TableStatements, tokio_postgres::Error> {
+        let handler = async {
+            match &self.handler_sql {
+                Some(sql) => client.prepare(sql).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (insert, copy, handler) = tokio::try_join!(
+            client.prepare(&self.insert_sql),
+            client.prepare(&self.copy_sql),
+            handler
+        )?;
+        Ok(TableStatements {
+            insert,
+            copy,
+            handler,
+        })
+    }
+
     /// The handler statement as run (with `new_events` spliced in).
     pub fn handler_sql(&self) -> Option<&str> {
         self.handler_sql.as_deref()
@@ -415,7 +447,7 @@ fn statement_broken(error: &tokio_postgres::Error) -> bool {
 }
 
 /// Events of one target, checked and deduplicated, in id order.
-struct Prepared<'a> {
+struct Checked<'a> {
     events: Vec<&'a Event>,
 }
 
@@ -435,6 +467,7 @@ struct Tally {
 pub(super) async fn apply_plain(
     tx: &Transaction<'_>,
     target: &TableTarget,
+    statements: &TableStatements,
     events: &[&Event],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
@@ -445,9 +478,9 @@ pub(super) async fn apply_plain(
     }
     let part = &prepared.events[..];
     let applied = if copyable(target, part) {
-        copy_part(tx, target, part, outcome).await
+        copy_part(tx, target, statements, part, outcome).await
     } else {
-        apply_part(tx, target, part, dead_letters, outcome).await
+        apply_part(tx, target, statements, part, dead_letters, outcome).await
     };
     match applied {
         Ok(_) => Ok(true),
@@ -463,6 +496,7 @@ pub(super) async fn apply_plain(
 pub(super) async fn apply_events(
     tx: &mut Transaction<'_>,
     target: &TableTarget,
+    statements: &TableStatements,
     events: &[&Event],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
@@ -488,9 +522,17 @@ pub(super) async fn apply_events(
         let mut counts = ApplyOutcome::default();
         let copy = all_new && copyable(target, part);
         let applied = if copy {
-            copy_part(&savepoint, target, part, &mut counts).await
+            copy_part(&savepoint, target, statements, part, &mut counts).await
         } else {
-            apply_part(&savepoint, target, part, &mut letters, &mut counts).await
+            apply_part(
+                &savepoint,
+                target,
+                statements,
+                part,
+                &mut letters,
+                &mut counts,
+            )
+            .await
         };
         match applied {
             Ok(handled) => {
@@ -588,7 +630,7 @@ fn prepare<'a>(
     events: &[&'a Event],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
-) -> Prepared<'a> {
+) -> Checked<'a> {
     let mut kept: Vec<&'a Event> = Vec::with_capacity(events.len());
     for event in events {
         let missing = target
@@ -638,7 +680,7 @@ fn prepare<'a>(
         }
         true
     });
-    Prepared { events: kept }
+    Checked { events: kept }
 }
 
 /// The values of `part`, one text array per column.
@@ -672,6 +714,7 @@ fn copyable(target: &TableTarget, part: &[&Event]) -> bool {
 async fn copy_part(
     tx: &Transaction<'_>,
     target: &TableTarget,
+    statements: &TableStatements,
     part: &[&Event],
     outcome: &mut ApplyOutcome,
 ) -> Result<u64, (&'static str, tokio_postgres::Error)> {
@@ -689,7 +732,7 @@ async fn copy_part(
         data.push(b'\n');
     }
     let sink = tx
-        .copy_in(target.copy_sql.as_str())
+        .copy_in(&statements.copy)
         .await
         .map_err(|e| ("copying the events", e))?;
     futures_util::pin_mut!(sink);
@@ -698,12 +741,12 @@ async fn copy_part(
         .map_err(|e| ("copying the events", e))?;
     let inserted = sink.finish().await.map_err(|e| ("copying the events", e))?;
     let mut handled = 0;
-    if let Some(handler) = &target.handler_sql {
+    if let Some(handler) = &statements.handler {
         let ids: Vec<Option<&str>> = part
             .iter()
             .map(|e| e.values[target.id].as_deref())
             .collect();
-        tx.execute(handler.as_str(), &[&ids])
+        tx.execute(handler, &[&ids])
             .await
             .map_err(|e| ("running the handler", e))?;
         handled = part.len() as u64;
@@ -731,6 +774,7 @@ fn copy_text(out: &mut Vec<u8>, text: &str) {
 async fn apply_part(
     tx: &Transaction<'_>,
     target: &TableTarget,
+    statements: &TableStatements,
     part: &[&Event],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
@@ -741,7 +785,7 @@ async fn apply_part(
         .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect();
     let rows = tx
-        .query(target.insert_sql.as_str(), &params)
+        .query(&statements.insert, &params)
         .await
         .map_err(|e| ("inserting the events", e))?;
     let inserted: Vec<String> = rows
@@ -750,8 +794,8 @@ async fn apply_part(
         .collect::<Result<_, _>>()
         .map_err(|e| ("inserting the events", e))?;
     let mut handled = 0;
-    if let (Some(handler), false) = (&target.handler_sql, inserted.is_empty()) {
-        tx.execute(handler.as_str(), &[&inserted])
+    if let (Some(handler), false) = (&statements.handler, inserted.is_empty()) {
+        tx.execute(handler, &[&inserted])
             .await
             .map_err(|e| ("running the handler", e))?;
         handled = inserted.len() as u64;
