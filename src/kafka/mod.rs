@@ -371,6 +371,21 @@ pub async fn ensure_topic(brokers: &str, spec: &TopicSpec<'_>) -> Result<(), Kaf
     Ok(())
 }
 
+/// A `read_committed` consumer of group `group` that reads partitions to their end and
+/// commits nothing: a fetch that finds nothing new comes back at once (10 ms, not the
+/// broker's default 500 ms), since such a read waits for the end of the partition.
+pub fn read_to_end_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut config = client_config(brokers);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.error.backoff.ms", "10");
+    config
+}
+
 /// A consumer context for reading a partition to its end: reaching the end is the
 /// goal, not an error worth a log line.
 pub struct EndOfPartitionIsExpected;
@@ -462,17 +477,10 @@ pub fn read_progress(
         topic: topic.to_string(),
         source,
     };
-    let consumer: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
-        .set("group.id", "outbox-relay-progress-reader")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        // The read waits for the end of the partition: a fetch that finds nothing new
-        // must come back at once, not after the broker's default 500 ms.
-        .set("fetch.wait.max.ms", "10")
-        .set("fetch.error.backoff.ms", "10")
-        .create_with_context(EndOfPartitionIsExpected)
-        .map_err(KafkaSetupError::Config)?;
+    let consumer: BaseConsumer<EndOfPartitionIsExpected> =
+        read_to_end_config(brokers, "outbox-relay-progress-reader")
+            .create_with_context(EndOfPartitionIsExpected)
+            .map_err(KafkaSetupError::Config)?;
     // The high watermark: a read_committed client would be told the last stable offset.
     let ends: BaseConsumer<EndOfPartitionIsExpected> = client_config(brokers)
         .set("isolation.level", "read_uncommitted")

@@ -236,15 +236,10 @@ fn offsets_for_lsn(
     topic: &str,
     lsn: Lsn,
 ) -> Result<HashMap<i32, Offset>, ReplayError> {
-    let consumer: BaseConsumer<EndOfPartitionIsExpected> = kafka::client_config(brokers)
-        .set("group.id", "outbox-relay-replay-lookup")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("fetch.error.backoff.ms", "10")
-        .create_with_context(EndOfPartitionIsExpected)
-        .map_err(ReplayError::Client)?;
+    let consumer: BaseConsumer<EndOfPartitionIsExpected> =
+        kafka::read_to_end_config(brokers, "outbox-relay-replay-lookup")
+            .create_with_context(EndOfPartitionIsExpected)
+            .map_err(ReplayError::Client)?;
     let partitions = topic_partitions(&consumer, topic, LOOKUP_TIMEOUT).map_err(|source| {
         ReplayError::Topic {
             topic: topic.to_string(),
