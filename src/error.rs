@@ -80,7 +80,10 @@ pub mod kafka {
         };
         if matches!(
             code,
-            Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+            Some(RDKafkaErrorCode::ProducerFenced)
+                | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+                // librdkafka's own code for a producer that learned it was fenced.
+                | Some(RDKafkaErrorCode::Fenced)
         ) {
             ProducerFailure::Fenced
         } else if matches!(error, KafkaError::Transaction(e) if e.is_fatal()) {
@@ -112,6 +115,8 @@ mod tests {
         assert_eq!(kafka::classify(&fenced), kafka::ProducerFailure::Fenced);
         let epoch = KafkaError::Global(RDKafkaErrorCode::InvalidProducerEpoch);
         assert_eq!(kafka::classify(&epoch), kafka::ProducerFailure::Fenced);
+        let local = KafkaError::Global(RDKafkaErrorCode::Fenced);
+        assert_eq!(kafka::classify(&local), kafka::ProducerFailure::Fenced);
         let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         assert_eq!(kafka::classify(&timeout), kafka::ProducerFailure::Retriable);
     }

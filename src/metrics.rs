@@ -39,6 +39,8 @@ pub const APPLY_BATCH_SIZE: &str = "outbox_relay_apply_batch_size";
 pub const APPLY_DURATION: &str = "outbox_relay_apply_duration_seconds";
 /// Source commit → pg_end commit, per source transaction.
 pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+/// 1 while the process stands by for a slot another instance holds (label `stage`).
+pub const STANDBY: &str = "outbox_relay_standby";
 /// Records written to the dead-letter table.
 pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters_total";
 

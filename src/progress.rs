@@ -6,7 +6,9 @@
 //! # Invariant
 //! The LSN returned by [`ProgressTracker::confirmable`] never passes a source
 //! transaction whose records are not durable in the next stage (committed in a Kafka
-//! transaction, acknowledged by `acks=all`, or committed in pg_end in direct mode).
+//! transaction, acknowledged by `acks=all`, or, in direct mode, committed in pg_end
+//! and flushed to its WAL: an asynchronous commit counts only once pg_end reports its
+//! WAL flushed past it, see `crate::direct`).
 //! It only ever moves forward.
 //!
 //! # How
@@ -173,6 +175,11 @@ pub struct ProgressRecord {
     pub state: ProgressState,
     /// Commit end LSN of the last source transaction in Kafka, as `X/X`.
     pub lsn: String,
+    /// pg_start's system identifier (IDENTIFY_SYSTEM's `systemid`), written by the
+    /// relays that keep the slot's confirmed position at or below the stored `lsn`
+    /// (`crate::pipeline`, "Slot identity"). Absent from older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,7 +194,14 @@ impl ProgressRecord {
         Self {
             state: ProgressState::Streaming,
             lsn: lsn.to_string(),
+            system_identifier: None,
         }
+    }
+
+    /// The same record, stamped with pg_start's system identifier.
+    pub fn of_system(mut self, system_identifier: Option<&str>) -> Self {
+        self.system_identifier = system_identifier.map(str::to_string);
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

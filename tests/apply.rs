@@ -101,6 +101,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
             progress: Progress::SourceLsn {
                 slot: "s".into(),
                 commit_lsn: Lsn(lsn),
+                system_identifier: None,
             },
             ..ApplyBatch::default()
         };

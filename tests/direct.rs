@@ -365,3 +365,57 @@ async fn direct_mode_dead_letters_keep_the_rows_content() {
     assert!(letters[1].1.contains("-infinity"), "{:?}", letters[1]);
     assert!(relay.terminate().success());
 }
+
+/// A COMMIT whose outcome is lost with its connection is retried; the retry finds the
+/// progress row already at the batch and does not apply it again, so its dead letters
+/// (which, unlike rows, have no id to deduplicate by) are written once. The test hook
+/// makes every batch's first COMMIT look lost (issue #26, item 7).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_in_doubt_retried_writes_its_dead_letters_once() {
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let mut relay = common::spawn_direct(
+        &dbs,
+        &slot,
+        &["--synchronous-commit", "on"],
+        &[("OUTBOX_RELAY_TEST_DOUBT_COMMITS", "1000")],
+    );
+    common::wait_until("the slot", Duration::from_secs(60), || async {
+        common::count(
+            &dbs.source_url,
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    dbs.source()
+        .await
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO outbox.transactions VALUES (900001, 7, 'NaN', '2025-07-23 20:06:21');
+             INSERT INTO outbox.transactions VALUES (900002, 7, '12.50', '-infinity');
+             INSERT INTO outbox.transactions VALUES (900003, 7, '1.25', '2025-07-23 20:06:21');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    common::wait_until("the good row applied", Duration::from_secs(60), || async {
+        common::count(
+            &dbs.target_url,
+            "SELECT count(*) FROM main.transactions WHERE id = 900003",
+        )
+        .await
+            == 1
+    })
+    .await;
+    // Time for any further retry to write them again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::read_to_string(&relay.log).unwrap();
+    assert!(
+        log.contains("went through before its connection broke"),
+        "the hook never put a commit in doubt:\n{log}"
+    );
+    assert_eq!(dead_letter_count(&dbs).await, 2, "{log}");
+    assert!(relay.terminate().success());
+}

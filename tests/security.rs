@@ -336,6 +336,7 @@ fn replication_config(url: &str) -> pgwire_replication::ReplicationConfig {
         "unused_slot",
         "outbox_relay",
         outbox_relay::lsn::Lsn::ZERO,
+        None,
     )
     .unwrap()
 }

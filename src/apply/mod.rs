@@ -280,7 +280,12 @@ pub enum Progress {
     /// The last offset consumed (applied, skipped or dead-lettered) per partition.
     KafkaOffsets(Vec<KafkaOffset>),
     /// Direct mode: the commit LSN of the last source transaction in the batch.
-    SourceLsn { slot: String, commit_lsn: Lsn },
+    /// With pg_start's system identifier (see [`crate::progress::ProgressRecord`]).
+    SourceLsn {
+        slot: String,
+        commit_lsn: Lsn,
+        system_identifier: Option<String>,
+    },
     /// Nothing to record (tests, manual repairs).
     #[default]
     None,
@@ -443,10 +448,11 @@ ON CONFLICT (topic, partition) DO UPDATE
     WHERE EXCLUDED.last_offset > s.last_offset";
 
 const UPSERT_SOURCE_LSN: &str = "\
-INSERT INTO outbox_relay.direct_progress AS d (slot_name, commit_lsn, updated_at)
-VALUES ($1, $2::text::pg_lsn, now())
+INSERT INTO outbox_relay.direct_progress AS d (slot_name, commit_lsn, system_identifier, updated_at)
+VALUES ($1, $2::text::pg_lsn, $3, now())
 ON CONFLICT (slot_name) DO UPDATE
-    SET commit_lsn = EXCLUDED.commit_lsn, updated_at = EXCLUDED.updated_at
+    SET commit_lsn = EXCLUDED.commit_lsn, updated_at = EXCLUDED.updated_at,
+        system_identifier = coalesce(EXCLUDED.system_identifier, d.system_identifier)
     WHERE EXCLUDED.commit_lsn > d.commit_lsn";
 
 const READ_KAFKA_OFFSETS: &str = "\
@@ -457,6 +463,9 @@ JOIN unnest($1::text[], $2::int4[]) AS p(topic, partition)
 
 const READ_SOURCE_LSN: &str =
     "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = $1";
+
+const READ_SOURCE_SYSTEM: &str =
+    "SELECT system_identifier FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
 /// A pg_end connection with the apply statements prepared on it: parsed and planned
 /// once per connection instead of once per batch (planning the insert alone took
@@ -1116,10 +1125,14 @@ async fn store_progress(
             .map_err(|e| ApplyError::new("storing the Kafka offsets", e))?;
             Ok(())
         }
-        Progress::SourceLsn { slot, commit_lsn } => {
+        Progress::SourceLsn {
+            slot,
+            commit_lsn,
+            system_identifier,
+        } => {
             tx.execute(
                 &statements.upsert_source_lsn,
-                &[slot, &commit_lsn.to_string()],
+                &[slot, &commit_lsn.to_string(), system_identifier],
             )
             .await
             .map_err(|e| ApplyError::new("storing the source LSN", e))?;
@@ -1160,6 +1173,18 @@ pub async fn read_source_lsn(
         .map_err(|e| ApplyError::new("reading the stored source LSN", e))?;
     // PostgreSQL prints pg_lsn exactly as Lsn parses it.
     Ok(text.parse().ok())
+}
+
+/// The pg_start system identifier stored with `slot`'s direct-mode progress, if any.
+pub async fn read_source_system(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<String>, ApplyError> {
+    let row = client
+        .query_opt(READ_SOURCE_SYSTEM, &[&slot])
+        .await
+        .map_err(|e| ApplyError::new("reading the stored system identifier", e))?;
+    Ok(row.and_then(|r| r.get(0)))
 }
 
 #[cfg(test)]

@@ -131,6 +131,9 @@ pub struct SlotStatus {
     /// Bytes of WAL that can still be written before the slot is lost (with
     /// `max_slot_wal_keep_size`), or `None` when unlimited.
     pub safe_wal_size: Option<i64>,
+    /// The relay instances standing by for the slot: their pg_start sessions' pid and
+    /// client address (`pid@address`).
+    pub standbys: Vec<String>,
 }
 
 /// Kafka's part.
@@ -225,7 +228,10 @@ const SLOTS: &str = "\
 SELECT s.name, s.ord, r.database::text, r.plugin::text, coalesce(r.active, false), r.active_pid,
        r.confirmed_flush_lsn::text,
        pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn)::int8,
-       r.wal_status, r.safe_wal_size::int8, r.slot_name IS NOT NULL
+       r.wal_status, r.safe_wal_size::int8, r.slot_name IS NOT NULL,
+       ARRAY(SELECT a.pid::text || '@' || coalesce(host(a.client_addr), 'local')
+             FROM pg_stat_activity a
+             WHERE a.application_name = 'outbox-relay standby:' || s.name ORDER BY a.pid)
 FROM unnest($1::text[]) WITH ORDINALITY AS s(name, ord)
 LEFT JOIN pg_replication_slots r ON r.slot_name = s.name
 ORDER BY s.ord";
@@ -308,6 +314,7 @@ async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
             wal_status: r.try_get(8).map_err(query_error)?,
             safe_wal_size: r.try_get(9).map_err(query_error)?,
             exists: r.try_get(10).map_err(query_error)?,
+            standbys: r.try_get(11).map_err(query_error)?,
         });
     }
     Ok(SourceStatus {
@@ -640,7 +647,7 @@ fn slot_line(slot: &SlotStatus) -> String {
         return format!("  slot {:<24} ({}) absent", slot.name, slot.role);
     }
     format!(
-        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}",
+        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}{}",
         slot.name,
         slot.role,
         match slot.active_pid {
@@ -652,7 +659,12 @@ fn slot_line(slot: &SlotStatus) -> String {
         slot.wal_status.as_deref().unwrap_or("-"),
         slot.safe_wal_size
             .map(|s| format!("  safe_wal_size {}", bytes(s)))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if slot.standbys.is_empty() {
+            String::new()
+        } else {
+            format!("  standby {}", slot.standbys.join(", "))
+        }
     )
 }
 
@@ -832,6 +844,7 @@ mod tests {
             lag_bytes: exists.then_some(1536),
             wal_status: exists.then(|| "reserved".into()),
             safe_wal_size: active_pid.map(|_| 3 << 30),
+            standbys: Vec::new(),
         }
     }
 

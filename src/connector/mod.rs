@@ -150,11 +150,19 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
     let topics = Arc::new(Topics::new(&args));
     // Topics and producer: retried until the brokers answer.
     let producer = loop {
-        match setup_kafka(&args, &routes, &topics, stop.clone()).await {
+        let mut stopped = stop.clone();
+        let attempt = tokio::select! {
+            attempt = setup_kafka(&args, &routes, &topics, stop.clone()) => attempt,
+            _ = stopped.wait_for(|s| *s) => return Ok(()),
+        };
+        match attempt {
             Ok(producer) => break producer,
-            Err(error) if error.class() == ErrorClass::Transient && !*stop.borrow() => {
+            Err(error) if error.class() == ErrorClass::Transient => {
                 tracing::warn!(error = %crate::error::error_chain(&error), "kafka not ready, retrying");
-                backoff.wait().await;
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = stopped.wait_for(|s| *s) => return Ok(()),
+                }
             }
             Err(error) => return Err(error),
         }
@@ -210,7 +218,7 @@ async fn setup_kafka(
 ) -> Result<BatchProducer, PipelineError> {
     // The literal topics at once (a templated one when its first record comes), the
     // dead-letter topic, which must exist even with --no-create-topics, and the
-    // progress topic; and meanwhile the producers (their set-up needs no topic).
+    // progress topic.
     let literal: Vec<String> = routes
         .iter()
         .filter_map(|r| r.topic.literal().map(str::to_string))
@@ -226,7 +234,13 @@ async fn setup_kafka(
                         name: &args.progress_topic,
                         partitions: 1,
                         replication_factor: args.replication_factor,
-                        configs: &[("cleanup.policy", "compact")],
+                        // A committed progress record must survive the loss of a
+                        // broker, as the records it covers do.
+                        configs: if args.replication_factor >= 3 {
+                            &[("cleanup.policy", "compact"), ("min.insync.replicas", "2")]
+                        } else {
+                            &[("cleanup.policy", "compact")]
+                        },
                     },
                 )
                 .await
@@ -234,31 +248,26 @@ async fn setup_kafka(
             },
         )
     };
-    let (brokers, slot) = (args.kafka.brokers.clone(), args.slot.clone());
-    let mode = args.delivery;
     let partitioning = if routes.iter().any(|r| r.java_partitioning) {
         Partitioning::Java
     } else {
         Partitioning::Librdkafka
     };
-    let producer = async {
-        tokio::task::spawn_blocking(move || {
-            BatchProducer::new(&brokers, mode, partitioning, &slot, stop)
-        })
-        .await
-        .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))?
-        .map_err(producer::destination_error)
-    };
-    let ((ensured, (), ()), producer) = tokio::try_join!(topics_ready, producer)?;
-    // The progress topic takes a record in every batch, the literal topics most of them.
+    let (ensured, (), ()) = topics_ready.await?;
+    // The producers are made (and fence) only once the session holds the slot
+    // (`read_progress`); they learn these topics then. The progress topic takes a
+    // record in every batch, the literal topics most of them.
+    let mut producer = BatchProducer::new(
+        &args.kafka.brokers,
+        args.delivery,
+        partitioning,
+        &args.slot,
+        stop,
+    );
     let mut known = ensured.learned;
     known.push(args.progress_topic.clone());
-    tokio::task::spawn_blocking(move || {
-        producer.learn_topics(&known);
-        producer
-    })
-    .await
-    .map_err(|e| PipelineError::Definite(format!("producer setup panicked: {e}")))
+    producer.know_topics(known);
+    Ok(producer)
 }
 
 /// The transactional id of the slot's producer `turn` (invariant 2):
@@ -550,8 +559,15 @@ impl Destination for KafkaDestination {
             self.progress_topic.clone(),
             slot.to_string(),
         );
+        // Fence first (invariant 3): an open transaction of an earlier instance is
+        // aborted before the progress topic is read.
+        let producer = Arc::clone(&self.producer);
         let record = tokio::task::spawn_blocking(move || {
+            lock(&producer)?
+                .fence()
+                .map_err(producer::destination_error)?;
             kafka::read_progress(&brokers, &topic, &slot, Duration::from_secs(60))
+                .map_err(PipelineError::from)
         })
         .await
         .map_err(|e| PipelineError::Definite(format!("progress reader panicked: {e}")))??;
@@ -565,6 +581,16 @@ impl Destination for KafkaDestination {
             }
             (_, record) => record,
         })
+    }
+
+    async fn stand_by(&mut self) {
+        let producer = Arc::clone(&self.producer);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut producer) = producer.lock() {
+                producer.release();
+            }
+        })
+        .await;
     }
 
     fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError> {
@@ -731,6 +757,7 @@ impl Destination for KafkaDestination {
             let batch = tokio::task::spawn_blocking(move || {
                 let mut producer = lock(&producer)?;
                 producer.learn_topics(&ensured.learned);
+                producer.know_topics(ensured.learned);
                 producer
                     .commit(&batch, &progress_topic, &slot, &progress)
                     .map_err(producer::destination_error)?;
@@ -806,8 +833,7 @@ mod tests {
             Partitioning::Librdkafka,
             "unused",
             stop,
-        )
-        .unwrap();
+        );
         let routes = args.routes().unwrap();
         let topics = Arc::new(Topics::new(&args));
         let mut d =

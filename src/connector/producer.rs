@@ -57,8 +57,8 @@ pub enum DeliveryMode {
 #[derive(Debug, Error)]
 pub enum FlushError {
     #[error(
-        "another connector with transactional.id {0} took over (this instance was fenced); \
-         run one connector per slot"
+        "another connector with transactional.id {0} took over (this instance was fenced): \
+         it holds the slot now, and this one stops rather than fence it back"
     )]
     Fenced(String),
     #[error("the producer hit a fatal error")]
@@ -150,8 +150,12 @@ pub struct BatchProducer {
     partitioning: Partitioning,
     /// The slot, which names the transactional ids ([`transactional_id`]).
     slot: String,
-    /// One producer at-least-once, [`TRANSACTIONAL_PRODUCERS`] transactional.
+    /// One producer at-least-once, [`TRANSACTIONAL_PRODUCERS`] transactional; none
+    /// before [`BatchProducer::fence`], while standing by, and after a failed
+    /// replacement.
     producers: Vec<ThreadedProducer<DeliveryCounter>>,
+    /// Topics every new producer learns before its first batch.
+    known_topics: Vec<String>,
     /// The producer of the next batch.
     turn: usize,
     stop: watch::Receiver<bool>,
@@ -164,30 +168,59 @@ pub struct BatchProducer {
 /// Longest wait of [`BatchProducer::learn_topics`].
 const LEARN_TOPICS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bound of one Kafka call; a broker outage is retried in a loop around it.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound of one Kafka call; a broker outage is retried in a loop around it, which
+/// looks at the stop signal between calls: a SIGTERM is seen within this bound
+/// whatever is down.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl BatchProducer {
-    /// Creates the producers; in transactional mode, `init_transactions` fences any
-    /// earlier instance with the same transactional ids and resolves its open
-    /// transactions. Blocking.
+    /// A producer with no Kafka producers yet: nothing is fenced before
+    /// [`BatchProducer::fence`], which the session calls once it holds the slot.
     pub fn new(
         brokers: &str,
         mode: DeliveryMode,
         partitioning: Partitioning,
         slot: &str,
         stop: watch::Receiver<bool>,
-    ) -> Result<Self, FlushError> {
-        Ok(Self {
+    ) -> Self {
+        Self {
             brokers: brokers.to_string(),
             mode,
             partitioning,
             slot: slot.to_string(),
-            producers: Self::create_all(brokers, mode, partitioning, slot)?,
+            producers: Vec::new(),
+            known_topics: Vec::new(),
             turn: 0,
             stop,
             committed: None,
-        })
+        }
+    }
+
+    /// Creates a new set of producers; in transactional mode, `init_transactions`
+    /// fences any earlier instance (or this one's earlier set) with the same
+    /// transactional ids and resolves its open transactions. The new set replaces the
+    /// old one only once it is whole; if building it fails, the old one is dropped
+    /// anyway (part of the new set may have fenced it) and the next commit builds
+    /// again. Blocking.
+    pub fn fence(&mut self) -> Result<(), FlushError> {
+        let old = std::mem::take(&mut self.producers);
+        let new = Self::create_all(
+            &self.brokers,
+            self.mode,
+            self.partitioning,
+            &self.slot,
+            &self.stop,
+        )?;
+        self.producers = new;
+        self.turn = 0;
+        drop(old);
+        self.learn_topics(&self.known_topics);
+        Ok(())
+    }
+
+    /// Drops the producers (standing by: this instance must not fence the active one).
+    pub fn release(&mut self) {
+        self.producers.clear();
     }
 
     /// The mode's producers, created in parallel: each `init_transactions` is a round
@@ -197,6 +230,7 @@ impl BatchProducer {
         mode: DeliveryMode,
         partitioning: Partitioning,
         slot: &str,
+        stop: &watch::Receiver<bool>,
     ) -> Result<Vec<ThreadedProducer<DeliveryCounter>>, FlushError> {
         let count = match mode {
             DeliveryMode::Transactional => TRANSACTIONAL_PRODUCERS,
@@ -206,7 +240,13 @@ impl BatchProducer {
             let created: Vec<_> = (0..count)
                 .map(|turn| {
                     scope.spawn(move || {
-                        Self::create(brokers, mode, partitioning, &transactional_id(slot, turn))
+                        Self::create(
+                            brokers,
+                            mode,
+                            partitioning,
+                            &transactional_id(slot, turn),
+                            stop,
+                        )
                     })
                 })
                 .collect();
@@ -237,6 +277,7 @@ impl BatchProducer {
         mode: DeliveryMode,
         partitioning: Partitioning,
         transactional_id: &str,
+        stop: &watch::Receiver<bool>,
     ) -> Result<ThreadedProducer<DeliveryCounter>, FlushError> {
         let mut config = kafka::client_config(brokers);
         config
@@ -270,6 +311,9 @@ impl BatchProducer {
                 match producer.init_transactions(CALL_TIMEOUT) {
                     Ok(()) => break,
                     Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                        if *stop.borrow() {
+                            return Err(FlushError::Stopped);
+                        }
                         tracing::warn!(error = %e, "init_transactions: brokers not ready, retrying");
                         std::thread::sleep(backoff.next_delay());
                     }
@@ -278,6 +322,11 @@ impl BatchProducer {
             }
         }
         Ok(producer)
+    }
+
+    /// Adds `topics` to those every producer learns ([`BatchProducer::learn_topics`]).
+    pub fn know_topics(&mut self, topics: Vec<String>) {
+        self.known_topics.extend(topics);
     }
 
     /// Makes every producer learn `topics`' partitions and their leaders, waiting (a
@@ -318,6 +367,12 @@ impl BatchProducer {
     ) -> Result<(), FlushError> {
         let progress_value = progress.to_bytes();
         let mut backoff = Backoff::reconnect();
+        if self.producers.is_empty()
+            && self.recreate(progress_topic, slot, progress)? == Found::ThisBatch
+        {
+            self.committed = Some(progress.clone());
+            return Ok(());
+        }
         loop {
             if *self.stop.borrow() && backoff.attempts() > 0 {
                 // A stop during an outage: leave the batch to the next run (the slot
@@ -350,6 +405,10 @@ impl BatchProducer {
                         .increment(1);
                     tracing::warn!(%error, "kafka producer must be recreated");
                 }
+            }
+            if *self.stop.borrow() {
+                // The batch is left to the next run (the slot was not confirmed past it).
+                return Err(FlushError::Stopped);
             }
             if self.recreate(progress_topic, slot, progress)? == Found::ThisBatch {
                 break;
@@ -392,7 +451,7 @@ impl BatchProducer {
         slot: &str,
         pending: &ProgressRecord,
     ) -> Result<Found, FlushError> {
-        self.producers = Self::create_all(&self.brokers, self.mode, self.partitioning, &self.slot)?;
+        self.fence()?;
         if self.mode != DeliveryMode::Transactional {
             return Ok(Found::Ours);
         }
@@ -589,7 +648,11 @@ impl BatchProducer {
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // Backpressure: the background thread drains the queue.
+                    // Backpressure: the background thread drains the queue (unless the
+                    // brokers are down: a stop must still be seen).
+                    if *self.stop.borrow() {
+                        return Err(KafkaError::Canceled);
+                    }
                     record = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }

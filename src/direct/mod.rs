@@ -374,15 +374,55 @@ impl driver::Session for ReadingProgress<'_> {
 
 /// One attempt at a batch: the apply, then (commits being asynchronous) pg_end's WAL
 /// insert and flush positions, read on the connection that committed it.
+///
+/// A retry first reads the progress row: a failed attempt whose COMMIT went through
+/// (its outcome was lost with the connection) has moved it to the batch's LSN, and the
+/// batch is then not applied a second time. Rows would be deduplicated by their ids,
+/// but dead letters have none, and would be written twice.
 struct ApplyAndRead<'b> {
     batch: &'b ApplyBatch,
     asynchronous: bool,
+    /// An attempt has been made (whatever came of it).
+    tried: bool,
 }
 
 impl driver::Attempt for ApplyAndRead<'_> {
     type Output = (apply::ApplyOutcome, Option<(Lsn, Lsn)>);
     async fn run(&mut self, target: &mut apply::Target) -> Result<Self::Output, apply::ApplyError> {
-        let outcome = apply::apply(target, self.batch).await?;
+        let committed_before = match (&self.batch.progress, self.tried) {
+            (
+                apply::Progress::SourceLsn {
+                    slot, commit_lsn, ..
+                },
+                true,
+            ) => apply::read_source_lsn(&**target, slot)
+                .await?
+                .is_some_and(|stored| stored >= *commit_lsn),
+            _ => false,
+        };
+        self.tried = true;
+        let outcome = if committed_before {
+            tracing::info!("the batch's commit went through before its connection broke");
+            apply::ApplyOutcome::default()
+        } else {
+            #[cfg(feature = "fault-injection")]
+            let doubt = commit_in_doubt_hook();
+            let outcome = apply::apply(target, self.batch).await?;
+            #[cfg(feature = "fault-injection")]
+            if doubt {
+                // The connection ends right after the COMMIT: a transient error.
+                let ended = target
+                    .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+                    .await;
+                if let Err(e) = ended {
+                    return Err(apply::ApplyError::new(
+                        "test hook OUTBOX_RELAY_TEST_DOUBT_COMMITS",
+                        e,
+                    ));
+                }
+            }
+            outcome
+        };
         if !self.asynchronous {
             return Ok((outcome, None));
         }
@@ -393,25 +433,47 @@ impl driver::Attempt for ApplyAndRead<'_> {
     }
 }
 
-/// One attempt at reading the progress row: `(row, whether it was made durable)`.
+/// Test hook (the `fault-injection` feature only): `OUTBOX_RELAY_TEST_DOUBT_COMMITS=N`
+/// makes each of the first N batch commits report a lost connection after it went
+/// through, as a COMMIT whose outcome never reached the relay.
+#[cfg(feature = "fault-injection")]
+fn commit_in_doubt_hook() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LEFT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        AtomicU64::new(
+            std::env::var("OUTBOX_RELAY_TEST_DOUBT_COMMITS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// One attempt at reading the progress row: `(row, whether it was made durable, the
+/// system identifier stored with it)`.
 struct ReadProgress<'s> {
     slot: &'s str,
-    asynchronous: bool,
 }
 
 impl driver::Attempt for ReadProgress<'_> {
-    type Output = (Option<Lsn>, bool);
+    type Output = (Option<Lsn>, bool, Option<String>);
     async fn run(&mut self, target: &mut apply::Target) -> Result<Self::Output, apply::ApplyError> {
         let lsn = apply::read_source_lsn(&**target, self.slot).await?;
-        // The row may be an asynchronous commit not yet flushed: it is made durable
-        // before the pipeline skips what it covers.
-        let flush_it = lsn.is_some() && self.asynchronous;
+        let system = apply::read_source_system(&**target, self.slot).await?;
+        // The row may be an asynchronous commit not yet flushed, this run's or an
+        // earlier run's (which may have had another --synchronous-commit): it is made
+        // durable before the pipeline skips what it covers, and before an idle
+        // keepalive confirms the slot up to it.
+        let flush_it = lsn.is_some();
         if flush_it {
             flush(target, self.slot)
                 .await
                 .map_err(|e| apply::ApplyError::new("flushing pg_end's WAL", e))?;
         }
-        Ok((lsn, flush_it))
+        Ok((lsn, flush_it, system))
     }
 }
 
@@ -591,10 +653,7 @@ impl Destination for PgEndDestination {
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError> {
         let mut guard = self.pg_end.lock().await;
         let pg_end = &mut *guard;
-        let mut attempt = ReadProgress {
-            slot,
-            asynchronous: pg_end.asynchronous(),
-        };
+        let mut attempt = ReadProgress { slot };
         let mut session = ReadingProgress {
             stop: &pg_end.stop,
             released: false,
@@ -606,7 +665,7 @@ impl Destination for PgEndDestination {
             pg_end.unflushed = None;
         }
         match read {
-            Ok((lsn, flushed)) => {
+            Ok((lsn, flushed, system)) => {
                 if flushed {
                     pg_end.unflushed = None;
                 }
@@ -615,8 +674,9 @@ impl Destination for PgEndDestination {
                     Some(lsn) if lsn.is_zero() => Some(ProgressRecord {
                         state: ProgressState::Snapshot,
                         lsn: lsn.to_string(),
+                        system_identifier: None,
                     }),
-                    Some(lsn) => Some(ProgressRecord::streaming(lsn)),
+                    Some(lsn) => Some(ProgressRecord::streaming(lsn).of_system(system.as_deref())),
                     None => None,
                 })
             }
@@ -790,6 +850,7 @@ impl Destination for PgEndDestination {
         batch.progress = Progress::SourceLsn {
             slot: slot.to_string(),
             commit_lsn: progress.lsn().unwrap_or(Lsn::ZERO),
+            system_identifier: progress.system_identifier.clone(),
         };
         self.value_bytes = 0;
         let commit_times = std::mem::take(&mut self.commit_times);
@@ -841,6 +902,7 @@ impl PgEnd {
         let mut attempt = ApplyAndRead {
             batch,
             asynchronous: self.asynchronous(),
+            tried: false,
         };
         // `unflushed` stays as it was until an attempt succeeds: if a failed attempt's
         // commit happened and is lost, the retry (on whichever connection) applies the

@@ -39,6 +39,28 @@
 //!    are only meaningful within one session: the destination ends the session rather
 //!    than reconnect under commits it has not seen flushed.
 //!
+//! 9. The slot is never confirmed past the destination's durable progress record
+//!    (`Session::recorded`): an idle session (a keepalive's or a heartbeat's position
+//!    past the last transaction) first commits a progress record alone, at most every
+//!    [`IDLE_RECORD_INTERVAL`]. See "Slot identity".
+//! 10. One instance per slot is active (see "Standby").
+//!
+//! # Standby
+//! The slot is the lock: PostgreSQL lets one session stream from it. A session that
+//! finds it held stands by ([`Pipeline::stand_by`]): it does not read the destination's
+//! progress (a Kafka destination fences there) and tells the destination to let go of
+//! what would fence ([`Destination::stand_by`]); it polls the slot and takes it when it
+//! is free. A slot that does not exist is created under a pg_start advisory lock.
+//!
+//! # Slot identity
+//! Every progress record carries pg_start's system identifier. With invariant 9, a slot
+//! confirmed past the record's LSN was advanced, or dropped and created again, behind
+//! the relay's back; a different system identifier means another server (a restore, a
+//! failover to a server without the slot). Either way the slot starts after data the
+//! relay never delivered, and the session stops with a definite error that says to run
+//! `reconcile` ([`Pipeline::check_identity`]). Records without the identifier (written
+//! by older versions, which confirmed keepalive positions freely) are not checked.
+//!
 //! # Overlap
 //! A destination commit is a round trip to other servers (a Kafka transaction, a
 //! durable pg_end commit), and decoding the next batch costs about as much CPU time.
@@ -66,6 +88,7 @@ mod snapshot;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
@@ -202,8 +225,12 @@ pub struct TxnMeta {
 pub trait Destination {
     /// The `stage` label of this destination's metrics.
     const STAGE: &'static str;
-    /// Reads the progress stored with the destination's data for `slot`.
+    /// Reads the progress stored with the destination's data for `slot`. Called only
+    /// while this instance holds the slot (or its creation lock): a destination that
+    /// fences earlier writers (Kafka's transactional ids) does so here, first.
     async fn read_progress(&mut self, slot: &str) -> Result<Option<ProgressRecord>, PipelineError>;
+    /// Another instance holds the slot: let go of anything that would fence it.
+    async fn stand_by(&mut self) {}
     /// Outbox table `table`'s columns, in the order rows list them (after every
     /// Relation message, and before the snapshot's rows).
     fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError>;
@@ -276,6 +303,54 @@ impl Committed {
     };
 }
 
+/// How often a standby looks at the slot.
+const STANDBY_POLL: Duration = Duration::from_millis(500);
+
+/// The longest a connection to pg_start, or a query of its catalog, may take before
+/// the session is ended as broken.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a standby waits for.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    /// The slot, held by the session with this pid.
+    Slot(Option<i32>),
+    /// The creation lock of a slot that does not exist yet.
+    Creation,
+}
+
+/// A pg_start query within [`QUERY_TIMEOUT`].
+async fn bounded<T, E: Into<PipelineError>>(
+    query: impl Future<Output = Result<T, E>>,
+) -> Result<T, PipelineError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(SourceError::Transient {
+            context: format!("pg_start did not answer within {QUERY_TIMEOUT:?}"),
+            source: None,
+        }
+        .into()),
+    }
+}
+
+/// Takes the session-level advisory lock under which `slot` is created (and an
+/// unfinished one dropped): two instances starting together on a new slot do not both
+/// commit a snapshot marker. `false` if another session holds it.
+async fn lock_creation(client: &tokio_postgres::Client, slot: &str) -> Result<bool, PipelineError> {
+    let locked: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('outbox-relay slot creation'), hashtext($1))",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "taking the slot creation lock".into(),
+            source,
+        })?
+        .get(0);
+    Ok(locked)
+}
+
 /// The pipeline's state across replication sessions.
 pub struct Pipeline<D: Destination> {
     source_url: String,
@@ -285,6 +360,11 @@ pub struct Pipeline<D: Destination> {
     dest: D,
     /// Everything at or below this LSN is durable in the destination.
     durable_lsn: Lsn,
+    /// pg_start's `wal_sender_timeout`: a session that hears nothing for this long is
+    /// ended as broken (`None`: never).
+    silence: Option<Duration>,
+    /// pg_start's system identifier, stamped on every progress record.
+    system_identifier: Option<String>,
     stop: watch::Receiver<bool>,
 }
 
@@ -306,6 +386,8 @@ struct Reading {
     linger: Duration,
     /// The destination's least time between commits ([`Destination::commit_interval`]).
     interval: Duration,
+    /// When the last event came from the replication session.
+    heard: Instant,
 }
 
 /// What a wait with no event queued came to.
@@ -316,6 +398,8 @@ enum Waited {
     Handled,
     /// A stop was asked for.
     Stop,
+    /// Nothing came from pg_start for this long: the connection is taken for dead.
+    Silence(Duration),
 }
 
 impl<D: Destination> Pipeline<D> {
@@ -346,6 +430,8 @@ impl<D: Destination> Pipeline<D> {
             outbox,
             dest,
             durable_lsn: Lsn::ZERO,
+            silence: None,
+            system_identifier: None,
             stop,
         })
     }
@@ -381,95 +467,26 @@ impl<D: Destination> Pipeline<D> {
         }
     }
 
-    /// One replication session: checks, slot, stream until an error or a stop.
+    /// One replication session: checks, the slot (standing by while another instance
+    /// holds it), stream until an error or a stop.
+    ///
+    /// The slot is the lock that makes one instance active (see "Standby" in the
+    /// module doc): the destination's progress is read, and a Kafka destination fences
+    /// earlier instances, only once this session holds the slot, or, for a slot that
+    /// does not exist yet, holds the advisory lock under which it is created.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<SessionEnd, PipelineError> {
-        let url = self.source_url.clone();
-        // A refused password or a missing database is definite; a server that is
-        // down or starting is transient (SourceError::Query classifies by SQLSTATE).
-        let client = pg::connect(&url)
-            .await
-            .map_err(|source| SourceError::Query {
-                context: format!("connecting to pg_start ({})", pg::redact_url(&url)),
-                source,
-            })?;
-        let info = source::check_source(
-            &client,
-            &self.outbox.tables,
-            &self.args.outbox.publication,
-            !self.args.no_create_publication,
-        )
-        .await?;
-        let database = source::database_of(&url).unwrap_or_default();
-        let slot_state = source::slot_state(&client, &self.slot).await?;
-        let progress = self.dest.read_progress(&self.slot).await?;
-        let slot = self.slot.clone();
-
-        let mut replication = match (slot_state, &progress) {
-            (None, Some(record)) if record.state == ProgressState::Streaming => {
-                return Err(PipelineError::Definite(format!(
-                    "slot {slot} is missing, but this relay has streamed from it (its destination \
-                     holds up to LSN {}): recreating it would skip every transaction written since. \
-                     Recover: run `outbox-relay reconcile` so pg_end holds everything pg_start has, \
-                     then start with a new --slot (a new slot emits the outbox rows present when \
-                     it is created)",
-                    record.lsn
-                )));
-            }
-            (None, _) if self.args.no_create_slot => {
-                return Err(PipelineError::Definite(format!(
-                    "slot {slot} does not exist in pg_start; create it \
-                     (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) \
-                     or start without --no-create-slot"
-                )));
-            }
-            (Some(state), Some(record)) if record.state == ProgressState::Snapshot => {
-                // The relay created this slot and its snapshot never became durable (no
-                // streaming record was committed): nothing of it was delivered, so a
-                // fresh slot and snapshot lose and repeat nothing.
-                if let Some(pid) = state.active_pid {
-                    return Err(SourceError::Transient {
-                        context: format!("slot {slot} is still held by pid {pid}"),
-                        source: None,
-                    }
-                    .into());
-                }
-                tracing::warn!(%slot, "the slot's initial snapshot never completed; recreating it");
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                    .await
-                    .map_err(|source| SourceError::Query {
-                        context: format!("dropping the unfinished slot {slot}"),
-                        source,
-                    })?;
-                self.create_slot(&info).await?
-            }
-            (None, _) => self.create_slot(&info).await?,
-            (Some(state), _) => {
-                source::check_slot(&slot, &state, &database)?;
-                self.durable_lsn = progress
-                    .as_ref()
-                    .and_then(ProgressRecord::lsn)
-                    .unwrap_or(Lsn::ZERO);
-                let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-                let config =
-                    source::replication_config(&url, &slot, &self.args.outbox.publication, start)?;
-                let mut replication = ReplicationClient::connect_gated(config)
-                    .await
-                    .map_err(PipelineError::Replication)?;
-                replication
-                    .start()
-                    .await
-                    .map_err(PipelineError::Replication)?;
-                replication
-            }
+        // Until it streams, a session holds nothing a stop must wait for (like a kill,
+        // an abandoned set-up leaves nothing the next start does not handle), so a stop
+        // is not held back by a server that does not answer.
+        let mut stop = self.stop.clone();
+        let (mut replication, client) = tokio::select! {
+            opened = self.open() => opened?,
+            _ = stop.wait_for(|s| *s) => return Err(PipelineError::Stopped),
         };
-        replication
-            .wait_started()
-            .await
-            .map_err(PipelineError::Replication)?;
-        tracing::info!(%slot, durable_lsn = %self.durable_lsn, "streaming");
+        tracing::info!(slot = %self.slot, durable_lsn = %self.durable_lsn, "streaming");
         metrics::health().set_ready(true);
         backoff.reset();
+        // Releases the creation lock, if this session took it.
         drop(client);
         let heartbeat = self.spawn_heartbeat();
         let result = self.stream(&mut replication).await;
@@ -479,6 +496,276 @@ impl<D: Destination> Pipeline<D> {
         // Dropping the client ends the session (stop()+join() can hang on some paths).
         drop(replication);
         result
+    }
+
+    /// A session's set-up: checks, then the slot held and streaming started, with the
+    /// destination's progress read (returned with the pg_start connection, which holds
+    /// the creation lock if it was taken).
+    async fn open(&mut self) -> Result<(ReplicationClient, tokio_postgres::Client), PipelineError> {
+        let url = self.source_url.clone();
+        // A refused password or a missing database is definite; a server that is
+        // down or starting is transient (SourceError::Query classifies by SQLSTATE).
+        // Every call to pg_start here is bounded ([`bounded`]): a server (or a proxy)
+        // that accepts and never answers ends the attempt, which is retried.
+        let client = bounded(async {
+            pg::connect(&url)
+                .await
+                .map_err(|source| SourceError::Query {
+                    context: format!("connecting to pg_start ({})", pg::redact_url(&url)),
+                    source,
+                })
+        })
+        .await?;
+        let info = bounded(source::check_source(
+            &client,
+            &self.outbox.tables,
+            &self.args.outbox.publication,
+            !self.args.no_create_publication,
+        ))
+        .await?;
+        self.silence = bounded(source::wal_sender_timeout(&client)).await?;
+        let database = source::database_of(&url).unwrap_or_default();
+        let slot = self.slot.clone();
+
+        let mut replication = loop {
+            match bounded(source::slot_state(&client, &slot)).await? {
+                Some(state) if state.active_pid.is_some() => {
+                    self.stand_by(&client, Holder::Slot(state.active_pid))
+                        .await?;
+                }
+                Some(state) => {
+                    source::check_slot(&slot, &state, &database)?;
+                    let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                    let Some(replication) = self.acquire(start).await? else {
+                        // Another instance took it in between.
+                        self.stand_by(&client, Holder::Slot(None)).await?;
+                        continue;
+                    };
+                    break self.resume(replication, &client, &info, start).await?;
+                }
+                None => {
+                    if !bounded(lock_creation(&client, &slot)).await? {
+                        self.stand_by(&client, Holder::Creation).await?;
+                        continue;
+                    }
+                    let progress = self.dest.read_progress(&slot).await?;
+                    if let Some(record) = progress
+                        .as_ref()
+                        .filter(|r| r.state == ProgressState::Streaming)
+                    {
+                        return Err(PipelineError::Definite(format!(
+                            "slot {slot} is missing, but this relay has streamed from it (its destination \
+                             holds up to LSN {}): recreating it would skip every transaction written since. \
+                             Recover: run `outbox-relay reconcile` so pg_end holds everything pg_start has, \
+                             then start with a new --slot (a new slot emits the outbox rows present when \
+                             it is created)",
+                            record.lsn
+                        )));
+                    }
+                    if self.args.no_create_slot {
+                        return Err(PipelineError::Definite(format!(
+                            "slot {slot} does not exist in pg_start; create it \
+                             (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) \
+                             or start without --no-create-slot"
+                        )));
+                    }
+                    break self.create_slot(&info).await?;
+                }
+            }
+        };
+        replication
+            .wait_started()
+            .await
+            .map_err(PipelineError::Replication)?;
+        Ok((replication, client))
+    }
+
+    /// Starts streaming from the existing slot at `start`; `None` if another session
+    /// holds it.
+    async fn acquire(&mut self, start: Lsn) -> Result<Option<ReplicationClient>, PipelineError> {
+        let config = source::replication_config(
+            &self.source_url,
+            &self.slot,
+            &self.args.outbox.publication,
+            start,
+            self.silence,
+        )?;
+        let started = async {
+            let mut replication = ReplicationClient::connect_gated(config).await?;
+            let system = replication.identify_system().await?;
+            replication.start().await?;
+            replication.wait_started().await?;
+            Ok::<_, PgWireError>((replication, system.system_id))
+        };
+        match tokio::time::timeout(QUERY_TIMEOUT + pg::CONNECT_TIMEOUT, started).await {
+            Ok(Ok((replication, system_id))) => {
+                self.system_identifier = Some(system_id);
+                Ok(Some(replication))
+            }
+            Ok(Err(error)) if source::slot_in_use(&error) => Ok(None),
+            Ok(Err(error)) => Err(PipelineError::Replication(error)),
+            Err(_) => Err(SourceError::Transient {
+                context: "pg_start did not start the replication session in time".into(),
+                source: None,
+            }
+            .into()),
+        }
+    }
+
+    /// With the slot held: reads the destination's progress (a Kafka destination fences
+    /// earlier instances first) and resumes after it, or, when the slot's initial
+    /// snapshot never completed, drops the slot and creates it again.
+    async fn resume(
+        &mut self,
+        replication: ReplicationClient,
+        client: &tokio_postgres::Client,
+        info: &source::SourceInfo,
+        slot_confirmed: Lsn,
+    ) -> Result<ReplicationClient, PipelineError> {
+        let progress = self.dest.read_progress(&self.slot).await?;
+        if let Some(record) = &progress {
+            self.check_identity(record, slot_confirmed)?;
+        }
+        if progress.as_ref().map(|r| r.state) != Some(ProgressState::Snapshot) {
+            self.durable_lsn = progress
+                .as_ref()
+                .and_then(ProgressRecord::lsn)
+                .unwrap_or(Lsn::ZERO);
+            return Ok(replication);
+        }
+        // The relay created this slot and its snapshot never became durable (no
+        // streaming record was committed): nothing of it was delivered, so a fresh slot
+        // and snapshot lose and repeat nothing.
+        let slot = self.slot.clone();
+        tracing::warn!(%slot, "the slot's initial snapshot never completed; recreating it");
+        if !lock_creation(client, &slot).await? {
+            return Err(SourceError::Transient {
+                context: format!("another instance is creating slot {slot}"),
+                source: None,
+            }
+            .into());
+        }
+        drop(replication);
+        // The walsender releases the slot a moment after its connection closes.
+        let released = Instant::now() + Duration::from_secs(10);
+        while source::slot_holder(client, &slot).await?.is_some() && Instant::now() < released {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(|source| SourceError::Query {
+                context: format!("dropping the unfinished slot {slot}"),
+                source,
+            })?;
+        self.create_slot(info).await
+    }
+
+    /// Slot identity: the slot and the server must be the ones the destination's
+    /// progress came from. A record stamped with a system identifier was written by a
+    /// relay that never confirms the slot past the record's LSN (see "Slot identity" in
+    /// the module doc), so a slot confirmed further was advanced, or dropped and
+    /// created again, behind the relay's back: what lies between was never delivered.
+    fn check_identity(
+        &self,
+        record: &ProgressRecord,
+        slot_confirmed: Lsn,
+    ) -> Result<(), PipelineError> {
+        let (Some(stored), Some(lsn)) = (&record.system_identifier, record.lsn()) else {
+            return Ok(());
+        };
+        if record.state != ProgressState::Streaming || lsn.is_zero() {
+            return Ok(());
+        }
+        let slot = &self.slot;
+        let recover = format!(
+            "Recover: run `outbox-relay reconcile` so that pg_end holds everything pg_start \
+             has, then start with a new --slot (or drop slot {slot} and let the relay create \
+             it again: a new slot emits the outbox rows present when it is created)"
+        );
+        if self
+            .system_identifier
+            .as_deref()
+            .is_some_and(|now| now != stored)
+        {
+            return Err(PipelineError::Definite(format!(
+                "pg_start is not the server this relay's progress came from (system identifier \
+                 {}, the progress was written against {stored}): slot {slot} is not the one the \
+                 relay streamed from (a restore, or a failover to a server that did not have \
+                 the slot). {recover}",
+                self.system_identifier.as_deref().unwrap_or("?")
+            )));
+        }
+        if slot_confirmed > lsn {
+            return Err(PipelineError::Definite(format!(
+                "slot {slot} is confirmed up to {slot_confirmed}, past what the destination \
+                 holds ({lsn}): the slot was dropped and created again, or advanced, behind \
+                 the relay's back, and the transactions in between were never delivered. \
+                 {recover}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stands by while another instance holds the slot (or is creating it): this one
+    /// neither takes the slot nor touches the destination (a Kafka destination drops
+    /// its producers, so it fences no one), reports not ready, and shows in
+    /// pg_stat_activity under [`source::standby_application_name`]. Returns once the
+    /// slot (or the creation lock) is free, to try again.
+    async fn stand_by(
+        &mut self,
+        client: &tokio_postgres::Client,
+        holder: Holder,
+    ) -> Result<(), PipelineError> {
+        let slot = self.slot.clone();
+        self.dest.stand_by().await;
+        metrics::health().set_ready(false);
+        ::metrics::gauge!(metrics::STANDBY, "stage" => D::STAGE).set(1.0);
+        let query = |context: &'static str| {
+            move |source| SourceError::Query {
+                context: context.into(),
+                source,
+            }
+        };
+        client
+            .batch_execute(&format!(
+                "SELECT pg_advisory_unlock_all(); SET application_name = '{}'",
+                source::standby_application_name(&slot)
+            ))
+            .await
+            .map_err(query("marking this session as a standby"))?;
+        match holder {
+            Holder::Slot(pid) => tracing::info!(
+                %slot,
+                holder_pid = ?pid,
+                "standing by: another instance streams from the slot; taking over when it is released"
+            ),
+            Holder::Creation => tracing::info!(
+                %slot,
+                "standing by: another instance is creating the slot"
+            ),
+        }
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Err(PipelineError::Stopped),
+                _ = tokio::time::sleep(STANDBY_POLL) => {}
+            }
+            let free = match holder {
+                Holder::Slot(_) => bounded(source::slot_holder(client, &slot)).await?.is_none(),
+                Holder::Creation => bounded(lock_creation(client, &slot)).await?,
+            };
+            if free {
+                break;
+            }
+        }
+        client
+            .batch_execute("RESET application_name")
+            .await
+            .map_err(query("ending this session's standby"))?;
+        ::metrics::gauge!(metrics::STANDBY, "stage" => D::STAGE).set(0.0);
+        tracing::info!(%slot, "the slot is free: taking over");
+        Ok(())
     }
 
     async fn create_slot(
@@ -533,13 +820,17 @@ impl<D: Destination> Pipeline<D> {
             in_flight: None,
             unflushed: VecDeque::new(),
             confirmed: Lsn::ZERO,
+            recorded: self.durable_lsn,
             last_commit: None,
+            started: Instant::now(),
             gate: self.dest.confirm_gate(),
         };
         let result = self.stream_events(replication, &mut s).await;
         if !s.settled() {
             match self.settle_all(&mut s).await {
                 Ok(()) => s.confirm(replication),
+                // A definite error (a fence) stops the relay, whatever ended the session.
+                Err(error) if error.class() == ErrorClass::Definite => return Err(error),
                 Err(error) => tracing::warn!(
                     error = %error_chain(&error),
                     "what was being committed when the session ended is not known to be \
@@ -563,6 +854,7 @@ impl<D: Destination> Pipeline<D> {
             commit_lsn: Lsn::ZERO,
             linger: Duration::from_millis(self.args.linger_ms),
             interval: self.dest.commit_interval(),
+            heard: Instant::now(),
         };
         let mut stop = self.stop.clone();
         let mut events = events::Events::new();
@@ -576,6 +868,15 @@ impl<D: Destination> Pipeline<D> {
                             events.taken();
                             event
                         }
+                        Waited::Silence(silence) => Err(PgWireError::Io(Arc::new(
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "pg_start sent nothing for {silence:?} (its wal_sender_timeout; \
+                                     an idle walsender sends a keepalive every half of it)"
+                                ),
+                            ),
+                        ))),
                         Waited::Handled => continue,
                         Waited::Stop => {
                             self.stop_session(replication, s, &mut r).await?;
@@ -584,6 +885,7 @@ impl<D: Destination> Pipeline<D> {
                     }
                 }
             };
+            r.heard = Instant::now();
             match event {
                 Ok(Some(event)) => self.on_event(event, replication, s, &mut r).await?,
                 Ok(None) => {
@@ -598,7 +900,13 @@ impl<D: Destination> Pipeline<D> {
                         self.dest.discard_txn();
                     }
                     s.tracker.abandon_open();
-                    let _ = self.drain(s, replication).await;
+                    // A definite error while draining (a fence) is the one to report:
+                    // the stream's own error would be retried.
+                    if let Err(drained) = self.drain(s, replication).await {
+                        if drained.class() == ErrorClass::Definite {
+                            return Err(drained);
+                        }
+                    }
                     return Err(PipelineError::Replication(error));
                 }
             }
@@ -620,10 +928,13 @@ impl<D: Destination> Pipeline<D> {
         // batch waits for the commit in flight rather than for its own turn inside
         // flush().
         let deadline = if r.open.is_none() && s.in_flight.is_none() {
-            s.due(r.linger, r.interval).or_else(|| s.sync_due())
+            s.due(r.linger, r.interval)
+                .or_else(|| s.sync_due())
+                .or_else(|| s.record_due())
         } else {
             None
         };
+        let silent_until = self.silence.map(|silence| r.heard + silence);
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => Ok(Waited::Stop),
@@ -633,14 +944,17 @@ impl<D: Destination> Pipeline<D> {
                 Ok(Waited::Handled)
             }
             _ = retry::sleep_until(deadline) => {
-                if s.batch.is_empty() {
+                if !s.batch.is_empty() {
+                    self.flush(s).await?;
+                } else if !s.unflushed.is_empty() {
                     self.start_sync(s);
                 } else {
-                    self.flush(s).await?;
+                    self.start_record(s);
                 }
                 Ok(Waited::Handled)
             }
             event = replication.recv() => Ok(Waited::Event(event)),
+            _ = retry::sleep_until(silent_until) => Ok(Waited::Silence(self.silence.unwrap_or_default())),
         }
     }
 
@@ -855,9 +1169,9 @@ impl<D: Destination> Pipeline<D> {
         };
         self.settle(s).await?;
         let (rows, _) = self.dest.batch_size();
-        let commit = self
-            .dest
-            .commit(&self.slot, &ProgressRecord::streaming(last_lsn));
+        let record =
+            ProgressRecord::streaming(last_lsn).of_system(self.system_identifier.as_deref());
+        let commit = self.dest.commit(&self.slot, &record);
         s.last_commit = Some(Instant::now());
         s.in_flight = Some(InFlight {
             commit: tokio::spawn(commit),
@@ -874,6 +1188,24 @@ impl<D: Destination> Pipeline<D> {
         }
         let result = committing(&mut s.in_flight).await;
         self.committed(s, result)
+    }
+
+    /// Commits a progress record alone at the position the slot may be confirmed to
+    /// ([`Session::record_due`]); the destination's batch is empty.
+    fn start_record(&mut self, s: &mut Session) {
+        debug_assert!(s.in_flight.is_none() && s.batch.is_empty());
+        let lsn = s.tracker.confirmable();
+        let record = ProgressRecord::streaming(lsn).of_system(self.system_identifier.as_deref());
+        let commit = self.dest.commit(&self.slot, &record);
+        s.last_commit = Some(Instant::now());
+        s.in_flight = Some(InFlight {
+            commit: tokio::spawn(commit),
+            mark: BatchMark {
+                last_end_lsn: Some(lsn),
+                ..BatchMark::default()
+            },
+            rows: 0,
+        });
     }
 
     /// Starts making every commit so far durable, when nothing is being committed.
@@ -973,8 +1305,13 @@ struct Session {
     unflushed: VecDeque<(Lsn, BatchMark)>,
     /// The LSN last confirmed to the slot.
     confirmed: Lsn,
+    /// The highest progress record durable in the destination: the slot is never
+    /// confirmed past it (slot identity, see the module doc).
+    recorded: Lsn,
     /// When the last commit started.
     last_commit: Option<Instant>,
+    /// When the session started.
+    started: Instant,
     /// The destination's bound on confirmations, if it has one.
     gate: Option<ConfirmGate>,
 }
@@ -998,12 +1335,28 @@ impl Session {
             Some((needed, _)) if *needed <= flushed => self.unflushed.pop_front(),
             _ => None,
         } {
-            if let (Some(last_lsn), Some(ticket)) = (mark.last_end_lsn, mark.last_ticket) {
-                self.tracker.durable_through(ticket);
+            if let Some(last_lsn) = mark.last_end_lsn {
+                if let Some(ticket) = mark.last_ticket {
+                    self.tracker.durable_through(ticket);
+                }
+                self.recorded = self.recorded.max(last_lsn);
                 durable = Some(last_lsn);
             }
         }
         durable
+    }
+
+    /// When, with nothing to commit and nothing to make durable, a progress record
+    /// alone is committed at the position the slot could be confirmed to (a keepalive's
+    /// or a heartbeat's): [`IDLE_RECORD_INTERVAL`] after the last commit started.
+    fn record_due(&self) -> Option<Instant> {
+        if !self.batch.is_empty()
+            || !self.unflushed.is_empty()
+            || self.tracker.confirmable() <= self.recorded
+        {
+            return None;
+        }
+        Some(self.last_commit.unwrap_or(self.started) + IDLE_RECORD_INTERVAL)
     }
 
     /// When, with nothing to commit, the commits that are not yet durable are made so:
@@ -1036,7 +1389,7 @@ impl Session {
 
     /// Tells the slot what may be confirmed.
     fn confirm(&mut self, replication: &ReplicationClient) {
-        let mut lsn = self.tracker.confirmable();
+        let mut lsn = self.tracker.confirmable().min(self.recorded);
         if let Some(gate) = &self.gate {
             lsn = lsn.min(gate.get());
         }
@@ -1047,6 +1400,10 @@ impl Session {
         }
     }
 }
+
+/// How often, at most, an idle pipeline commits a progress record alone so that the
+/// slot may be confirmed past the last transaction (to a keepalive's WAL end).
+const IDLE_RECORD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long commits that are not yet durable wait, when no batch follows them, before
 /// the pipeline asks the destination to make them so. A later commit usually finds
@@ -1087,8 +1444,10 @@ struct BatchMark {
 }
 
 impl BatchMark {
+    /// Nothing to commit: no transaction (a sync's mark). A progress record alone has
+    /// a position and no transaction.
     fn is_empty(&self) -> bool {
-        self.last_ticket.is_none()
+        self.last_end_lsn.is_none()
     }
 }
 
@@ -1124,9 +1483,38 @@ mod tests {
             in_flight: None,
             unflushed: VecDeque::new(),
             confirmed: Lsn::ZERO,
+            recorded: Lsn::ZERO,
             last_commit: None,
+            started: Instant::now(),
             gate: None,
         }
+    }
+
+    #[test]
+    fn an_idle_position_waits_for_a_progress_record_before_it_is_confirmed() {
+        let mut s = session();
+        let t = s.tracker.commit(Lsn(100), 1);
+        s.batch.last_end_lsn = Some(Lsn(100));
+        s.batch.last_ticket = Some(t);
+        let mark = std::mem::take(&mut s.batch);
+        s.unflushed.push_back((Lsn::ZERO, mark));
+        assert_eq!(s.flushed(Lsn::ZERO), Some(Lsn(100)));
+        assert_eq!(s.recorded, Lsn(100));
+        // A keepalive past the last transaction: confirmable, but not recorded yet.
+        s.tracker.idle_position(Lsn(500));
+        assert_eq!(s.tracker.confirmable(), Lsn(500));
+        assert!(s.record_due().is_some(), "a progress record is due");
+        // The progress record alone, durable: now the slot may pass the last transaction.
+        s.unflushed.push_back((
+            Lsn::ZERO,
+            BatchMark {
+                last_end_lsn: Some(Lsn(500)),
+                ..BatchMark::default()
+            },
+        ));
+        assert_eq!(s.flushed(Lsn::ZERO), Some(Lsn(500)));
+        assert_eq!(s.recorded, Lsn(500));
+        assert!(s.record_due().is_none());
     }
 
     #[test]

@@ -27,11 +27,15 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     info: &SourceInfo,
 ) -> Result<(ReplicationClient, Lsn), PipelineError> {
     let slot = pipeline.slot.clone();
+    // Whatever an earlier session left in the batch must not ride along with the
+    // marker or the snapshot: it is read again from the slot (or the new snapshot).
+    pipeline.dest.clear();
 
     // 1. The marker.
     let marker = ProgressRecord {
         state: ProgressState::Snapshot,
         lsn: Lsn::ZERO.to_string(),
+        system_identifier: None,
     };
     commit_durably(&mut pipeline.dest, &slot, &marker).await?;
 
@@ -41,10 +45,16 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         &slot,
         &pipeline.args.outbox.publication,
         Lsn::ZERO,
+        pipeline.silence,
     )?;
     let mut replication = ReplicationClient::connect_gated(config)
         .await
         .map_err(PipelineError::Replication)?;
+    let system = replication
+        .identify_system()
+        .await
+        .map_err(PipelineError::Replication)?;
+    pipeline.system_identifier = Some(system.system_id);
     let command = if info.server_version_num >= 150000 {
         format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
@@ -157,7 +167,8 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     commit_durably(
         &mut pipeline.dest,
         &slot,
-        &ProgressRecord::streaming(consistent_point),
+        &ProgressRecord::streaming(consistent_point)
+            .of_system(pipeline.system_identifier.as_deref()),
     )
     .await?;
     tracing::info!(%slot, rows = total, "delivered the outbox rows present at slot creation");

@@ -331,6 +331,43 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     }))
 }
 
+/// The `application_name` of an instance standing by for `slot`: `status` lists the
+/// sessions that carry it.
+pub fn standby_application_name(slot: &str) -> String {
+    format!("outbox-relay standby:{slot}")
+}
+
+/// The pid of the session holding `slot` (`None`: free, or missing).
+pub async fn slot_holder(client: &Client, slot: &str) -> Result<Option<i32>, SourceError> {
+    Ok(client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(SourceError::query("reading pg_replication_slots"))?
+        .and_then(|r| r.get(0)))
+}
+
+/// pg_start's `wal_sender_timeout`; `None` when it is off (0).
+pub async fn wal_sender_timeout(client: &Client) -> Result<Option<Duration>, SourceError> {
+    let millis: i64 = client
+        .query_one(
+            "SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(SourceError::query("reading wal_sender_timeout"))?
+        .get(0);
+    Ok((millis > 0).then(|| Duration::from_millis(millis as u64)))
+}
+
+/// Whether a replication error is the server refusing a slot that another session
+/// holds (SQLSTATE 55006, object_in_use: "replication slot … is active for PID …").
+pub fn slot_in_use(error: &pgwire_replication::PgWireError) -> bool {
+    matches!(error, pgwire_replication::PgWireError::Server(m) if m.contains("SQLSTATE 55006"))
+}
+
 /// Checks that an existing slot can be streamed from.
 pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), SourceError> {
     if state.plugin.as_deref() != Some("pgoutput") {
@@ -357,11 +394,18 @@ pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), S
 }
 
 /// Replication session settings for `url`, `slot` and `publication`.
+///
+/// `wal_sender_timeout` is pg_start's: when it is on, an idle session sends its own
+/// status only that often, so that the walsender, hearing nothing for half of it,
+/// sends a keepalive that asks for a reply. An idle but healthy stream thus carries a
+/// message at least every half `wal_sender_timeout`, and the pipeline takes a silence
+/// of a whole one for a dead connection (see `Pipeline::wait`).
 pub fn replication_config(
     url: &str,
     slot: &str,
     publication: &str,
     start: Lsn,
+    wal_sender_timeout: Option<Duration>,
 ) -> Result<ReplicationConfig, SourceError> {
     // The one reading of the URL, shared with the regular connections: same host,
     // password (URL or password_file) and TLS settings.
@@ -384,7 +428,7 @@ pub fn replication_config(
     .with_port(target.port())
     .with_start_lsn(pgwire_replication::Lsn::from_u64(start.as_u64()))
     .with_status_interval(Duration::from_secs(1))
-    .with_wakeup_interval(Duration::from_secs(5))
+    .with_wakeup_interval(wal_sender_timeout.unwrap_or(Duration::from_secs(5)))
     .with_buffer_size(READ_AHEAD_EVENTS)
     .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres")
     .with_application_name(format!("outbox-relay:{slot}"));

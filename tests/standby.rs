@@ -1,0 +1,191 @@
+//! Hot standby on the real stack: two instances on one slot, one active. The standby
+//! neither takes the slot nor fences the active instance; when the active one dies it
+//! takes over, and nothing is lost or repeated.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::connector::KafkaPipeline as Pipeline;
+use common::{Relay, TestDbs};
+use outbox_relay::cmd::load::{self, LoadArgs};
+
+/// The pid of the walsender holding `slot`; `None` when it is free (or missing).
+async fn holder(dbs: &TestDbs, slot: &str) -> Option<i32> {
+    dbs.source()
+        .await
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0))
+}
+
+/// Waits until a walsender other than `previous` holds `slot`; returns its pid.
+async fn wait_held(dbs: &TestDbs, slot: &str, previous: Option<i32>, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(pid) = holder(dbs, slot).await.filter(|p| Some(*p) != previous) {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no instance took slot {slot} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_of(relay: &Relay) -> String {
+    std::fs::read_to_string(&relay.log).unwrap_or_default()
+}
+
+async fn wait_log(relay: &Relay, text: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !log_of(relay).contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {text:?}:\n{}",
+            relay.log.display(),
+            log_of(relay)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The active instance is killed three times under load; each time the standby takes
+/// over (and a new standby is started). Returns the takeover times, and the active
+/// and the standby instance (killed when dropped).
+async fn kill_the_active_one_three_times(
+    dbs: &TestDbs,
+    slot: &str,
+    spawn: &dyn Fn() -> Relay,
+) -> (Vec<Duration>, [Relay; 2]) {
+    let mut active = spawn();
+    let mut pid = wait_held(dbs, slot, None, Duration::from_secs(120)).await;
+    let mut standby = spawn();
+    wait_log(&standby, "standing by", Duration::from_secs(60)).await;
+    // Standing by fences no one: the active instance goes on undisturbed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    common::connector::assert_running(&mut active, "while another instance stands by");
+    let log = log_of(&active);
+    assert!(
+        !log.contains("fenced") && !log.contains("must be recreated"),
+        "the standby disturbed the active instance:\n{log}"
+    );
+    assert_eq!(
+        holder(dbs, slot).await,
+        Some(pid),
+        "the standby took the slot"
+    );
+
+    let mut takeovers = Vec::new();
+    for round in 0..3 {
+        active.kill9();
+        let killed = Instant::now();
+        pid = wait_held(dbs, slot, Some(pid), Duration::from_secs(30)).await;
+        let took = killed.elapsed();
+        eprintln!("round {round}: the standby held the slot {took:?} after the SIGKILL");
+        takeovers.push(took);
+        active = std::mem::replace(&mut standby, spawn());
+        wait_log(&standby, "standing by", Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    common::connector::assert_running(&mut active, "after the last takeover");
+    (takeovers, [active, standby])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_connectors_on_one_slot_the_standby_takes_over_each_time_the_active_one_is_killed() {
+    let p = Pipeline::new().await;
+    let mut args = LoadArgs::count(&p.dbs.source_url, 6000);
+    args.rate = 300.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    let (takeovers, _relays) =
+        kill_the_active_one_three_times(&p.dbs, &p.slot, &|| p.spawn_connector(&[], &[])).await;
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 6000);
+    p.assert_topic_exactly_once().await;
+    let _sink = common::sink::spawn_sink(&p.dbs, &p.topic, &common::random_name("g"), &[]);
+    p.dbs.wait_verified(Duration::from_secs(180)).await;
+    eprintln!("connector takeovers: {takeovers:?}");
+    for took in takeovers {
+        assert!(took < Duration::from_secs(10), "a takeover took {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_direct_instances_on_one_slot_the_standby_takes_over_each_time_the_active_one_is_killed(
+) {
+    let dbs = TestDbs::new().await;
+    let slot = common::random_name("slot");
+    let mut args = LoadArgs::count(&dbs.source_url, 6000);
+    args.rate = 300.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    let (takeovers, _relays) = kill_the_active_one_three_times(&dbs, &slot, &|| {
+        common::spawn_direct(&dbs, &slot, &["--batch-size", "500"], &[])
+    })
+    .await;
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 6000);
+    dbs.wait_verified(Duration::from_secs(180)).await;
+    eprintln!("direct takeovers: {takeovers:?}");
+    for took in takeovers {
+        assert!(took < Duration::from_secs(10), "a takeover took {took:?}");
+    }
+}
+
+/// An active connector frozen (SIGSTOP) while its walsender is ended loses the slot to
+/// the standby, which fences it in Kafka. Resumed, the old instance either finds the
+/// slot taken and stands by, or meets the fence and exits 2 naming it; it never fences
+/// its successor back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_active_connector_that_lost_its_slot_never_fences_its_successor() {
+    let p = Pipeline::new().await;
+    let mut args = LoadArgs::count(&p.dbs.source_url, 3000);
+    args.rate = 300.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    let mut old = p.spawn_connector(&[], &[]);
+    let pid = wait_held(&p.dbs, &p.slot, None, Duration::from_secs(120)).await;
+    let mut new = p.spawn_connector(&[], &[]);
+    wait_log(&new, "standing by", Duration::from_secs(60)).await;
+    old.pause();
+    p.dbs
+        .source()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    wait_held(&p.dbs, &p.slot, Some(pid), Duration::from_secs(30)).await;
+    wait_log(&new, "streaming", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    old.resume();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(status) = old.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if log_of(&old).contains("standing by") {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the old instance neither stood by nor exited");
+    if let Some(status) = outcome {
+        assert_eq!(status.code(), Some(2), "{}", log_of(&old));
+        assert!(log_of(&old).contains("fenced"), "{}", log_of(&old));
+    }
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 3000);
+    p.assert_topic_exactly_once().await;
+    common::connector::assert_running(&mut new, "after the old instance came back");
+    let log = log_of(&new);
+    assert!(
+        !log.contains("fenced") && !log.contains("must be recreated"),
+        "the old instance fenced its successor:\n{log}"
+    );
+}
