@@ -137,13 +137,22 @@ async fn two_direct_instances_on_one_slot_the_standby_takes_over_each_time_the_a
     }
 }
 
-/// An active connector frozen (SIGSTOP) while its walsender is ended loses the slot to
-/// the standby, which fences it in Kafka. Resumed, the old instance either finds the
-/// slot taken and stands by, or meets the fence and exits 2 naming it; it never fences
-/// its successor back.
+/// An active connector that goes silent (SIGSTOP: as a host cut off) loses the slot
+/// once pg_start's `wal_sender_timeout` (3 s for this database) ends its walsender; the
+/// standby takes over within that and 5 s, and fences it in Kafka. Resumed, the old
+/// instance either finds the slot taken and stands by, or meets the fence and exits 2
+/// naming it; it never fences its successor back.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_frozen_active_connector_that_lost_its_slot_never_fences_its_successor() {
+async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor() {
     let p = Pipeline::new().await;
+    let name = p.dbs.source_url.rsplit('/').next().unwrap().to_string();
+    common::connect(common::PG_START_ADMIN)
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" SET wal_sender_timeout = '3s'"
+        ))
+        .await
+        .unwrap();
     let mut args = LoadArgs::count(&p.dbs.source_url, 3000);
     args.rate = 300.0;
     let load = tokio::spawn(async move { load::run(&args).await });
@@ -152,13 +161,14 @@ async fn a_frozen_active_connector_that_lost_its_slot_never_fences_its_successor
     let mut new = p.spawn_connector(&[], &[]);
     wait_log(&new, "standing by", Duration::from_secs(60)).await;
     old.pause();
-    p.dbs
-        .source()
-        .await
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
+    let silent = Instant::now();
     wait_held(&p.dbs, &p.slot, Some(pid), Duration::from_secs(30)).await;
+    let took = silent.elapsed();
+    eprintln!("the standby held the slot {took:?} after the active one went silent");
+    assert!(
+        took < Duration::from_secs(3 + 5),
+        "takeover after {took:?}, wal_sender_timeout 3 s"
+    );
     wait_log(&new, "streaming", Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     old.resume();

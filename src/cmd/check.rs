@@ -179,6 +179,18 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
         };
         lines.push(line(&format!("pg_start: slot {slot}"), result));
     }
+    // Informational: most deployments have no standby of pg_start, and the relay runs
+    // the same either way (a lost slot is detected and stops it).
+    let failover =
+        source::failover_readiness(&client, &[&args.slots.slot, &args.slots.direct_slot]).await;
+    lines.push(CheckLine {
+        check: "pg_start: failover slots".into(),
+        ok: true,
+        detail: match failover {
+            Ok(ready) => ready,
+            Err(missing) => format!("a promotion would lose the slots: {missing}"),
+        },
+    });
 }
 
 /// One route: its table, whether the route fits the table's columns and types, and

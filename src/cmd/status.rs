@@ -1040,6 +1040,13 @@ PROBLEM: pg_end unreachable: refused"#;
             "  slot s                        (connector) inactive  confirmed 0/1A2B3C4  \
              lag 1.5 KiB  wal_status reserved"
         );
+        let mut held = slot("s", "connector", true, Some(42));
+        held.standbys = vec!["77@127.0.0.1".into()];
+        assert_eq!(
+            slot_line(&held),
+            "  slot s                        (connector) active pid 42  confirmed 0/1A2B3C4  \
+             lag 1.5 KiB  wal_status reserved  safe_wal_size 3.0 GiB  standby 77@127.0.0.1"
+        );
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub struct StreamArgs {
     /// that the slot advances on a database whose other tables are busy.
     #[arg(long, default_value_t = 0.0)]
     pub heartbeat_secs: f64,
+    /// On PostgreSQL 17 or newer, create the slot without `FAILOVER` (by default it is
+    /// created with it, so that a standby with `sync_replication_slots = on` keeps a
+    /// copy that survives a promotion; `outbox-relay check` says what else that needs).
+    #[arg(long)]
+    pub no_failover_slot: bool,
 }
 
 #[derive(Debug, Error)]
@@ -386,8 +391,10 @@ struct Reading {
     linger: Duration,
     /// The destination's least time between commits ([`Destination::commit_interval`]).
     interval: Duration,
-    /// When the last event came from the replication session.
+    /// When the last event came from the replication session (at the latest).
     heard: Instant,
+    /// An event was handled since `heard` was last set.
+    fresh: bool,
 }
 
 /// What a wait with no event queued came to.
@@ -855,6 +862,7 @@ impl<D: Destination> Pipeline<D> {
             linger: Duration::from_millis(self.args.linger_ms),
             interval: self.dest.commit_interval(),
             heard: Instant::now(),
+            fresh: false,
         };
         let mut stop = self.stop.clone();
         let mut events = events::Events::new();
@@ -862,6 +870,11 @@ impl<D: Destination> Pipeline<D> {
             let event = match events.queued(replication) {
                 Some(event) => event,
                 None => {
+                    if std::mem::take(&mut r.fresh) {
+                        // The events just handled came at the latest now: one clock
+                        // read per wait, not one per event.
+                        r.heard = Instant::now();
+                    }
                     events.before_wait(replication);
                     match self.wait(replication, s, &r, &mut stop).await? {
                         Waited::Event(event) => {
@@ -885,7 +898,7 @@ impl<D: Destination> Pipeline<D> {
                     }
                 }
             };
-            r.heard = Instant::now();
+            r.fresh = true;
             match event {
                 Ok(Some(event)) => self.on_event(event, replication, s, &mut r).await?,
                 Ok(None) => {

@@ -55,7 +55,13 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
         .await
         .map_err(PipelineError::Replication)?;
     pipeline.system_identifier = Some(system.system_id);
-    let command = if info.server_version_num >= 150000 {
+    let command = if info.server_version_num >= 170000 && !pipeline.args.no_failover_slot {
+        // Synchronised to standbys that ask for it (`sync_replication_slots`).
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+            quote_ident(&slot)
+        )
+    } else if info.server_version_num >= 150000 {
         format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
             quote_ident(&slot)

@@ -368,6 +368,90 @@ pub fn slot_in_use(error: &pgwire_replication::PgWireError) -> bool {
     matches!(error, pgwire_replication::PgWireError::Server(m) if m.contains("SQLSTATE 55006"))
 }
 
+/// Whether the relay's slots would survive a promotion of a pg_start standby
+/// (PostgreSQL 17's failover slots): `Ok` says what is set up, `Err` lists exactly what
+/// is missing. Only the primary's side can be read from here; the standby's settings
+/// are named in the message.
+pub async fn failover_readiness(client: &Client, slots: &[&str]) -> Result<String, String> {
+    let query = |e: tokio_postgres::Error| crate::error::error_chain(&e);
+    let version = check_version(client)
+        .await
+        .map_err(|e| crate::error::error_chain(&e))?;
+    if version < 170000 {
+        return Err(format!(
+            "PostgreSQL {version} has no failover slots: a promotion of a standby loses the \
+             slot, and the relay then stops and asks for `reconcile` (PostgreSQL 17 or newer \
+             keeps it)"
+        ));
+    }
+    let mut missing = Vec::new();
+    for slot in slots {
+        let failover: Option<bool> = client
+            .query_opt(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await
+            .map_err(query)?
+            .map(|r| r.get(0));
+        if failover == Some(false) {
+            missing.push(format!(
+                "slot {slot} was created without FAILOVER (ALTER_REPLICATION_SLOT {slot} \
+                 (FAILOVER true) on a replication connection while no relay streams from it)"
+            ));
+        }
+    }
+    let standby_slots: String = client
+        .query_one(
+            "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await
+        .map_err(query)?
+        .get(0);
+    let names: Vec<&str> = standby_slots
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if names.is_empty() {
+        missing.push(
+            "synchronized_standby_slots is empty on pg_start: set it to the standby's physical \
+             slot, so that the relay never receives a change the standby has not"
+                .into(),
+        );
+    }
+    for name in &names {
+        let active: Option<bool> = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical'",
+                &[name],
+            )
+            .await
+            .map_err(query)?
+            .map(|r| r.get(0));
+        match active {
+            None => missing.push(format!(
+                "the physical slot {name} named in synchronized_standby_slots does not exist \
+                 (SELECT pg_create_physical_replication_slot('{name}'))"
+            )),
+            Some(false) => {
+                missing.push(format!("no standby streams from the physical slot {name}"))
+            }
+            Some(true) => {}
+        }
+    }
+    if missing.is_empty() {
+        Ok(format!(
+            "ready on pg_start (failover slots, synchronized_standby_slots = {standby_slots}); \
+             the standby needs sync_replication_slots = on, hot_standby_feedback = on, \
+             primary_slot_name and a dbname in primary_conninfo"
+        ))
+    } else {
+        Err(missing.join("; "))
+    }
+}
+
 /// Checks that an existing slot can be streamed from.
 pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), SourceError> {
     if state.plugin.as_deref() != Some("pgoutput") {
