@@ -370,6 +370,8 @@ pub struct Pipeline<D: Destination> {
     silence: Option<Duration>,
     /// pg_start's system identifier, stamped on every progress record.
     system_identifier: Option<String>,
+    /// A slot is being created (see `Pipeline::session`).
+    creating: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: watch::Receiver<bool>,
 }
 
@@ -439,6 +441,7 @@ impl<D: Destination> Pipeline<D> {
             durable_lsn: Lsn::ZERO,
             silence: None,
             system_identifier: None,
+            creating: Default::default(),
             stop,
         })
     }
@@ -484,11 +487,26 @@ impl<D: Destination> Pipeline<D> {
     async fn session(&mut self, backoff: &mut Backoff) -> Result<SessionEnd, PipelineError> {
         // Until it streams, a session holds nothing a stop must wait for (like a kill,
         // an abandoned set-up leaves nothing the next start does not handle), so a stop
-        // is not held back by a server that does not answer.
+        // is not held back by a server that does not answer. Except while it creates
+        // the slot: the slot stays ephemeral until its snapshot is built, and a stop
+        // then would drop it; the creation is seen through, and the stream then stops.
         let mut stop = self.stop.clone();
-        let (mut replication, client) = tokio::select! {
-            opened = self.open() => opened?,
-            _ = stop.wait_for(|s| *s) => return Err(PipelineError::Stopped),
+        let creating = std::sync::Arc::clone(&self.creating);
+        let (mut replication, client) = {
+            let opened = self.open();
+            tokio::pin!(opened);
+            let mut stop_seen = false;
+            loop {
+                tokio::select! {
+                    opened = &mut opened => break opened?,
+                    _ = stop.wait_for(|s| *s), if !stop_seen => {
+                        if !creating.load(std::sync::atomic::Ordering::SeqCst) {
+                            return Err(PipelineError::Stopped);
+                        }
+                        stop_seen = true;
+                    }
+                }
+            }
         };
         tracing::info!(slot = %self.slot, durable_lsn = %self.durable_lsn, "streaming");
         metrics::health().set_ready(true);
@@ -779,7 +797,12 @@ impl<D: Destination> Pipeline<D> {
         &mut self,
         info: &source::SourceInfo,
     ) -> Result<ReplicationClient, PipelineError> {
-        let (replication, lsn) = snapshot::create_slot_and_emit(self, info).await?;
+        self.creating
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let created = snapshot::create_slot_and_emit(self, info).await;
+        self.creating
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let (replication, lsn) = created?;
         self.durable_lsn = lsn;
         Ok(replication)
     }
