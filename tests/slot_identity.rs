@@ -11,10 +11,6 @@ use common::connector::KafkaPipeline as Pipeline;
 use common::TestDbs;
 use outbox_relay::cmd::load::{self, LoadArgs};
 
-fn log_of(relay: &common::Relay) -> String {
-    std::fs::read_to_string(&relay.log).unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_created_again_behind_the_connector_stops_it_with_exit_2() {
     let p = Pipeline::new().await;
@@ -44,7 +40,7 @@ async fn a_slot_created_again_behind_the_connector_stops_it_with_exit_2() {
 
     let mut connector = p.spawn_connector(&[], &[]);
     let status = common::wait_for_exit(&mut connector, Duration::from_secs(90)).await;
-    let log = log_of(&connector);
+    let log = connector.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
         log.contains("behind the relay's back") && log.contains("reconcile"),
@@ -86,7 +82,7 @@ async fn progress_from_another_pg_start_stops_direct_mode_with_exit_2() {
 
     let mut relay = common::spawn_direct(&dbs, &slot, &[], &[]);
     let status = common::wait_for_exit(&mut relay, Duration::from_secs(90)).await;
-    let log = log_of(&relay);
+    let log = relay.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
         log.contains("is not the server") && log.contains("reconcile"),

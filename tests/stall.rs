@@ -114,24 +114,13 @@ fn stall_time() -> Duration {
     )
 }
 
-fn log_of(relay: &common::Relay) -> String {
-    std::fs::read_to_string(&relay.log).unwrap_or_default()
-}
-
 /// Direct mode reads pg_start through the proxy, whose `wal_sender_timeout` is 3 s for
 /// this database: the stalled replication session is given up within about that, the
 /// relay keeps trying, and after the heal it streams again and pg_end is exact.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pg_start_that_stops_answering_is_left_and_found_again() {
     let dbs = TestDbs::new().await;
-    let name = dbs.source_url.rsplit('/').next().unwrap().to_string();
-    common::connect(common::PG_START_ADMIN)
-        .await
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{name}\" SET wal_sender_timeout = '3s'"
-        ))
-        .await
-        .unwrap();
+    dbs.set_wal_sender_timeout("3s").await;
     let proxy = StallProxy::start(8000).await;
     let via_proxy = dbs
         .source_url
@@ -158,7 +147,7 @@ async fn a_pg_start_that_stops_answering_is_left_and_found_again() {
     let deadline = stalled + stall;
     let mut noticed = None;
     while Instant::now() < deadline {
-        if noticed.is_none() && log_of(&relay).contains("pg_start sent nothing") {
+        if noticed.is_none() && relay.log_text().contains("pg_start sent nothing") {
             noticed = Some(stalled.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -167,7 +156,7 @@ async fn a_pg_start_that_stops_answering_is_left_and_found_again() {
     let noticed = noticed.unwrap_or_else(|| {
         panic!(
             "the stalled session was never given up:\n{}",
-            log_of(&relay)
+            relay.log_text()
         )
     });
     proxy.heal();

@@ -38,18 +38,14 @@ async fn wait_held(dbs: &TestDbs, slot: &str, previous: Option<i32>, timeout: Du
     }
 }
 
-fn log_of(relay: &Relay) -> String {
-    std::fs::read_to_string(&relay.log).unwrap_or_default()
-}
-
 async fn wait_log(relay: &Relay, text: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while !log_of(relay).contains(text) {
+    while !relay.log_text().contains(text) {
         assert!(
             Instant::now() < deadline,
             "{} never logged {text:?}:\n{}",
             relay.log.display(),
-            log_of(relay)
+            relay.log_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -70,7 +66,7 @@ async fn kill_the_active_one_three_times(
     // Standing by fences no one: the active instance goes on undisturbed.
     tokio::time::sleep(Duration::from_secs(3)).await;
     common::connector::assert_running(&mut active, "while another instance stands by");
-    let log = log_of(&active);
+    let log = active.log_text();
     assert!(
         !log.contains("fenced") && !log.contains("must be recreated"),
         "the standby disturbed the active instance:\n{log}"
@@ -145,14 +141,7 @@ async fn two_direct_instances_on_one_slot_the_standby_takes_over_each_time_the_a
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor() {
     let p = Pipeline::new().await;
-    let name = p.dbs.source_url.rsplit('/').next().unwrap().to_string();
-    common::connect(common::PG_START_ADMIN)
-        .await
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{name}\" SET wal_sender_timeout = '3s'"
-        ))
-        .await
-        .unwrap();
+    p.dbs.set_wal_sender_timeout("3s").await;
     let mut args = LoadArgs::count(&p.dbs.source_url, 3000);
     args.rate = 300.0;
     let load = tokio::spawn(async move { load::run(&args).await });
@@ -177,7 +166,7 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
             if let Some(status) = old.child.try_wait().unwrap() {
                 return Some(status);
             }
-            if log_of(&old).contains("standing by") {
+            if old.log_text().contains("standing by") {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -186,14 +175,14 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     .await
     .expect("the old instance neither stood by nor exited");
     if let Some(status) = outcome {
-        assert_eq!(status.code(), Some(2), "{}", log_of(&old));
-        assert!(log_of(&old).contains("fenced"), "{}", log_of(&old));
+        assert_eq!(status.code(), Some(2), "{}", old.log_text());
+        assert!(old.log_text().contains("fenced"), "{}", old.log_text());
     }
     let summary = load.await.unwrap().unwrap();
     assert_eq!(summary.committed, 3000);
     p.assert_topic_exactly_once().await;
     common::connector::assert_running(&mut new, "after the old instance came back");
-    let log = log_of(&new);
+    let log = new.log_text();
     assert!(
         !log.contains("fenced") && !log.contains("must be recreated"),
         "the old instance fenced its successor:\n{log}"

@@ -420,6 +420,19 @@ impl TestDbs {
     }
 
     /// [`wait_verified`] on this pair.
+    /// Sets pg_start's `wal_sender_timeout` for this pair's source database (new
+    /// sessions, the relay's included, take it).
+    pub async fn set_wal_sender_timeout(&self, value: &str) {
+        let name = self.source_url.rsplit('/').next().unwrap();
+        connect(PG_START_ADMIN)
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{name}\" SET wal_sender_timeout = '{value}'"
+            ))
+            .await
+            .unwrap();
+    }
+
     pub async fn wait_verified(&self, timeout: Duration) {
         wait_verified(&self.source_url, &self.target_url, timeout).await
     }
@@ -604,6 +617,11 @@ impl Relay {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill {signal} {}", self.child.id());
+    }
+
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGKILL, and wait for the process to be gone.
