@@ -20,7 +20,8 @@ pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
 pub const DEFAULT_SLOT: &str = "outbox_relay";
 /// Direct mode's replication slot.
 pub const DEFAULT_DIRECT_SLOT: &str = "outbox_relay_direct";
-/// The compacted topic of the connector's progress records.
+/// The base name of the connector's compacted progress topics (one per slot:
+/// `kafka::progress_topic_of`).
 pub const DEFAULT_PROGRESS_TOPIC: &str = "outbox-relay-progress";
 /// The topic of the rows and messages the connector cannot route.
 pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "outbox-relay-dead-letters";
@@ -33,6 +34,8 @@ pub struct SourceArgs {
     /// pg_start connection URL (libpq URL or key=value form). Takes libpq's sslmode
     /// (disable, prefer, require, verify-ca, verify-full), sslrootcert, sslcert and sslkey,
     /// and password_file=PATH to read the password from a file (see docs/security.md).
+    /// Several hosts with target_session_attrs=read-write (`postgres://u@a:5432,b:5432/db?target_session_attrs=read-write`)
+    /// follow a promotion (see docs/operations.md).
     #[arg(long, env = "OUTBOX_RELAY_SOURCE_URL", default_value = DEFAULT_SOURCE_URL, hide_env_values = true, value_parser = PgUrlParser)]
     pub source_url: String,
 }

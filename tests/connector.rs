@@ -215,10 +215,11 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
     let suffix: u64 = rand::random();
-    let (topic, slot) = (
+    let (base, slot) = (
         format!("progress_pending_{suffix:x}"),
         format!("slot_{suffix:x}"),
     );
+    let topic = kafka::progress_topic_of(&base, &slot);
     kafka::ensure_topic(
         common::BROKERS,
         &TopicSpec {
@@ -253,8 +254,8 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
         }
     }
     let read = {
-        let (topic, slot) = (topic.clone(), slot.clone());
-        std::thread::spawn(move || kafka::read_progress(common::BROKERS, &topic, &slot, timeout))
+        let (base, slot) = (base.clone(), slot.clone());
+        std::thread::spawn(move || kafka::read_progress(common::BROKERS, &base, &slot, timeout))
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -264,6 +265,160 @@ async fn the_progress_read_waits_for_a_transaction_whose_markers_are_pending() {
     producer.commit_transaction(timeout).unwrap();
     let found = read.join().unwrap().unwrap();
     assert_eq!(found, Some(newer));
+}
+
+/// #26 item 6: slots do not stall each other. Two connectors on two slots share the
+/// progress topic's name (as with the default). One hangs (SIGSTOP) with a Kafka
+/// transaction open, its progress record in it; the other restarts and must read its
+/// progress and deliver new rows at once. On a shared progress partition its read waited
+/// for the hung transaction (up to the transaction timeout, 300 s). The hung one's
+/// successor fences it, and both slots stay exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_hung_mid_transaction_does_not_hold_back_another_slot_s_start() {
+    let a = Pipeline::new().await;
+    let mut b = Pipeline::new().await;
+    b.progress_topic = a.progress_topic.clone();
+    let mut connector_b = b.spawn_connector(&[], &[]);
+    load::run(&LoadArgs::count(&b.dbs.source_url, 200))
+        .await
+        .unwrap();
+    b.assert_topic_exactly_once().await;
+
+    // A's second transaction (the first after its snapshot's) stays open for good.
+    let mut connector_a = a.spawn_connector(&[], &[("OUTBOX_RELAY_TEST_HOLD_TRANSACTION", "2")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !connector_a
+        .log_text()
+        .contains("holding a Kafka transaction open")
+    {
+        load::run(&LoadArgs::count(&a.dbs.source_url, 20))
+            .await
+            .unwrap();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hook never held a transaction:\n{}",
+            connector_a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    connector_a.pause();
+
+    assert!(connector_b.terminate().success());
+    load::run(&LoadArgs::count(&b.dbs.source_url, 300))
+        .await
+        .unwrap();
+    let restarted = std::time::Instant::now();
+    let mut connector_b = b.spawn_connector(&[], &[]);
+    b.assert_topic_exactly_once_within(Duration::from_secs(45))
+        .await;
+    eprintln!(
+        "slot b delivered its new rows {:?} after its restart, slot a hung mid-transaction",
+        restarted.elapsed()
+    );
+    assert!(connector_b.terminate().success());
+
+    // A's successor fences the hung transaction and delivers everything once.
+    connector_a.kill9();
+    let mut connector_a = a.spawn_connector(&[], &[]);
+    load::run(&LoadArgs::count(&a.dbs.source_url, 100))
+        .await
+        .unwrap();
+    a.assert_topic_exactly_once().await;
+    assert!(connector_a.terminate().success());
+}
+
+/// A slot's progress is in its own topic (`progress_topic_of`); a slot that has none
+/// there yet resumes from the shared topic earlier versions wrote, and once its own
+/// topic holds a record, the shared one is neither read nor waited for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_s_progress_is_read_from_its_own_topic_then_from_the_shared_one_of_earlier_versions()
+{
+    use outbox_relay::kafka::{self, TopicSpec};
+    use outbox_relay::lsn::Lsn;
+    use outbox_relay::progress::ProgressRecord;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let suffix: u64 = rand::random();
+    let (base, slot) = (
+        format!("progress_legacy_{suffix:x}"),
+        format!("slot_{suffix:x}"),
+    );
+    let own = kafka::progress_topic_of(&base, &slot);
+    let timeout = Duration::from_secs(30);
+    let read = |base: &str, slot: &str| {
+        let (base, slot) = (base.to_string(), slot.to_string());
+        std::thread::spawn(move || kafka::read_progress(common::BROKERS, &base, &slot, timeout))
+    };
+    assert_eq!(
+        read(&base, &slot).join().unwrap().unwrap(),
+        None,
+        "no topic at all"
+    );
+
+    for name in [&base, &own] {
+        kafka::ensure_topic(
+            common::BROKERS,
+            &TopicSpec {
+                name,
+                partitions: 1,
+                replication_factor: 3,
+                configs: &[("cleanup.policy", "compact")],
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let producer = |id: &str| {
+        let p: ThreadedProducer<DefaultProducerContext> = kafka::client_config(common::BROKERS)
+            .set("transactional.id", format!("{id}-{suffix:x}"))
+            .create()
+            .unwrap();
+        p.init_transactions(timeout).unwrap();
+        p
+    };
+    let write = |p: &ThreadedProducer<DefaultProducerContext>,
+                 topic: &str,
+                 key: &str,
+                 record: &ProgressRecord,
+                 commit: bool| {
+        p.begin_transaction().unwrap();
+        let value = record.to_bytes();
+        p.send(BaseRecord::to(topic).key(key).payload(&value))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        p.flush(timeout).unwrap();
+        if commit {
+            p.commit_transaction(timeout).unwrap();
+        }
+    };
+    let (legacy, current) = (
+        ProgressRecord::streaming(Lsn(0x100)),
+        ProgressRecord::streaming(Lsn(0x200)),
+    );
+    let old_version = producer("legacy");
+    write(&old_version, &base, &slot, &legacy, true);
+    assert_eq!(
+        read(&base, &slot).join().unwrap().unwrap(),
+        Some(legacy.clone()),
+        "an empty own topic: the shared topic's record"
+    );
+    let this_version = producer("current");
+    write(&this_version, &own, &slot, &current, true);
+    // Another slot's transaction left open on the shared topic: not waited for.
+    let other = producer("other");
+    write(&other, &base, "another_slot", &legacy, false);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        read(&base, &slot).join().unwrap().unwrap(),
+        Some(current),
+        "the own topic's record"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the read waited {:?} for the shared topic",
+        started.elapsed()
+    );
+    other.abort_transaction(timeout).unwrap();
 }
 
 /// Invariant 3: a new instance's `init_transactions` fences every one of the slot's
@@ -311,7 +466,7 @@ async fn a_zombie_transaction_on_any_of_the_slots_transactional_ids_is_fenced() 
         .unwrap();
     zombie
         .send(
-            BaseRecord::to(&p.progress_topic)
+            BaseRecord::to(&kafka::progress_topic_of(&p.progress_topic, &p.slot))
                 .key(&p.slot)
                 .payload(&ahead),
         )

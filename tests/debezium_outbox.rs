@@ -219,7 +219,10 @@ async fn debezium_outbox_event_router_and_the_event_router_preset_write_the_same
     );
     eprintln!("relay: done in {:?}", started.elapsed());
     let mut cleanup: Vec<String> = topics.iter().cloned().collect();
-    cleanup.extend([progress_topic, dead_letter_topic]);
+    cleanup.extend([
+        outbox_relay::kafka::progress_topic_of(&progress_topic, &relay_slot),
+        dead_letter_topic,
+    ]);
 
     let report = compare(&written, &dbz, &relayed, last_commit_ms);
     eprintln!("{report}");

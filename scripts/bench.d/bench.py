@@ -703,12 +703,15 @@ class Bench:
                 # passes X: the marker (the last source transaction) is committed in Kafka.
                 reader = [None]
 
+                # The slot's own progress topic (kafka::progress_topic_of).
+                own = f"{progress}.{slot}"
+
                 def done():
                     if reader[0] is None:
                         client = admin(self.stack)
-                        if progress not in client.list_topics(timeout=10).topics:
+                        if own not in client.list_topics(timeout=10).topics:
                             return False
-                        reader[0] = ProgressReader(self.stack, progress, slot)
+                        reader[0] = ProgressReader(self.stack, own, slot)
                     lsn = reader[0].poll()
                     if lsn and first[0] is None:
                         first[0] = time.monotonic()

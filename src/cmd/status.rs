@@ -45,7 +45,7 @@ pub struct StatusArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub slots: SlotsArgs,
-    /// The connector's compacted progress topic.
+    /// The connector's progress topics' base name (slot S's records are in `<base>.S`).
     #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC", default_value = config::DEFAULT_PROGRESS_TOPIC)]
     pub progress_topic: String,
     /// The connector's dead-letter topic (its records are counted).
@@ -357,7 +357,7 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
         topic: topic.to_string(),
         partitions: Vec::new(),
         topic_error: None,
-        progress_topic: progress_topic.to_string(),
+        progress_topic: kafka::progress_topic_of(progress_topic, slot),
         progress: None,
         progress_error: None,
         dead_letter_topic: args.dead_letter_topic.clone(),
@@ -397,7 +397,8 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
     } else {
         status.topic_error = Some("does not exist".into());
     }
-    if exists(progress_topic) {
+    // The slot's own topic, or the shared one of earlier versions (`read_progress`).
+    if exists(&status.progress_topic) || exists(progress_topic) {
         match kafka::read_progress(brokers, progress_topic, slot, timeout) {
             Ok(record) => {
                 status.progress = record.map(|r| ProgressStatus {

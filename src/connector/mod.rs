@@ -84,7 +84,7 @@ pub struct ConnectorArgs {
     /// dead-letter topic instead.
     #[arg(long)]
     pub no_create_topics: bool,
-    /// The compacted topic holding the last source LSN in Kafka, per slot.
+    /// The progress topics' base name: slot S's last source LSN in Kafka is in the compacted topic `<base>.S`.
     #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC", default_value = config::DEFAULT_PROGRESS_TOPIC)]
     pub progress_topic: String,
     /// Partitions of the topics the connector creates.
@@ -223,6 +223,7 @@ async fn setup_kafka(
         .iter()
         .filter_map(|r| r.topic.literal().map(str::to_string))
         .collect();
+    let progress_topic = kafka::progress_topic_of(&args.progress_topic, &args.slot);
     let topics_ready = async {
         tokio::try_join!(
             topics.ensure(&literal),
@@ -231,7 +232,7 @@ async fn setup_kafka(
                 kafka::ensure_topic(
                     &args.kafka.brokers,
                     &TopicSpec {
-                        name: &args.progress_topic,
+                        name: &progress_topic,
                         partitions: 1,
                         replication_factor: args.replication_factor,
                         // A committed progress record must survive the loss of a
@@ -265,7 +266,7 @@ async fn setup_kafka(
         stop,
     );
     let mut known = ensured.learned;
-    known.push(args.progress_topic.clone());
+    known.push(progress_topic);
     producer.know_topics(known);
     Ok(producer)
 }

@@ -358,6 +358,8 @@ impl BatchProducer {
     }
 
     /// Makes the whole batch durable; blocks until it is, or until a definite error.
+    /// `progress_topic` is the configured base name: the record goes to the slot's own
+    /// topic ([`kafka::progress_topic_of`]).
     pub fn commit(
         &mut self,
         batch: &Batch,
@@ -366,6 +368,7 @@ impl BatchProducer {
         progress: &ProgressRecord,
     ) -> Result<(), FlushError> {
         let progress_value = progress.to_bytes();
+        let own_topic = kafka::progress_topic_of(progress_topic, slot);
         let mut backoff = Backoff::reconnect();
         if self.producers.is_empty()
             && self.recreate(progress_topic, slot, progress)? == Found::ThisBatch
@@ -382,12 +385,12 @@ impl BatchProducer {
             let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
             let result = match self.mode {
                 DeliveryMode::Transactional => {
-                    self.commit_transaction(batch, progress_topic, slot, &progress_value)
+                    self.commit_transaction(batch, &own_topic, slot, &progress_value)
                 }
                 DeliveryMode::AtLeastOnce => self.commit_acks(
                     batch,
                     failed_before,
-                    progress_topic,
+                    &own_topic,
                     slot,
                     &progress_value,
                     self.committed.as_ref().map(|c| c.state) == Some(progress.state),
@@ -510,6 +513,8 @@ impl BatchProducer {
         let sent = started.elapsed();
         self.wait_delivered(CALL_TIMEOUT);
         let acknowledged = started.elapsed();
+        #[cfg(feature = "fault-injection")]
+        hold_point_before_commit();
         loop {
             match self.producer().commit_transaction(CALL_TIMEOUT) {
                 Ok(()) => {
@@ -783,6 +788,32 @@ pub(super) fn destination_error(error: FlushError) -> PipelineError {
         context: "kafka".into(),
         class: error.class(),
         source: Box::new(error),
+    }
+}
+
+/// Test hook (the `fault-injection` feature only):
+/// `OUTBOX_RELAY_TEST_HOLD_TRANSACTION=N` stops the Nth Kafka transaction between its
+/// last acknowledged record and its commit, for good: its records, the progress record
+/// among them, stay in their partitions uncommitted, as with an instance hung (or
+/// SIGSTOPped) mid-transaction, until a successor fences it or the coordinator's
+/// timeout aborts it.
+#[cfg(feature = "fault-injection")]
+fn hold_point_before_commit() {
+    use std::sync::atomic::AtomicU64;
+    static TRANSACTIONS: AtomicU64 = AtomicU64::new(0);
+    static HOLD: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let hold = HOLD.get_or_init(|| {
+        std::env::var("OUTBOX_RELAY_TEST_HOLD_TRANSACTION")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(hold) = hold {
+        if TRANSACTIONS.fetch_add(1, Ordering::SeqCst) + 1 == *hold {
+            eprintln!("test hook: holding a Kafka transaction open before its commit");
+            loop {
+                std::thread::park();
+            }
+        }
     }
 }
 

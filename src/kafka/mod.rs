@@ -9,6 +9,15 @@
 //! streaming and skips source transactions at or below it. The slot's confirmed LSN
 //! may lag behind it (a crash between the Kafka commit and the slot confirmation)
 //! without ever causing a duplicate.
+//!
+//! Each slot has a progress topic of its own, `<progress-topic>.<slot>`
+//! ([`progress_topic_of`]): a `read_committed` read stops at its partition's last
+//! stable offset, which any open transaction on that partition holds back, so on a
+//! shared partition one slot's open transaction (or a hung instance's, until its
+//! timeout) stalled every other slot's start. On its own partition a slot waits only
+//! for its own transactions, which its new instance's `init_transactions` resolves
+//! before the read. The shared topic of earlier versions (`<progress-topic>` itself)
+//! is read once, when the slot's own topic holds nothing yet.
 
 use std::time::{Duration, Instant};
 
@@ -84,9 +93,6 @@ pub struct TopicSpec<'a> {
     pub configs: &'a [(&'a str, &'a str)],
 }
 
-/// A librdkafka property given with `--kafka-property KEY=VALUE`: how the relay
-/// reaches a secured cluster (TLS, SASL) without a flag per setting.
-///
 /// Why a topic's partitions could not be listed.
 #[derive(Debug, Error)]
 pub enum TopicLookupError {
@@ -208,6 +214,9 @@ pub fn read_committed_count(
     Ok((count, last))
 }
 
+/// A librdkafka property given with `--kafka-property KEY=VALUE`: how the relay
+/// reaches a secured cluster (TLS, SASL) without a flag per setting.
+///
 /// The value is a [`Secret`]: printed only for keys that cannot hold one.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KafkaProperty {
@@ -443,9 +452,67 @@ impl rdkafka::ClientContext for LastClientError {
 
 impl rdkafka::consumer::ConsumerContext for LastClientError {}
 
-/// Reads the last committed progress record of `slot` from the progress topic.
+/// The topic that holds `slot`'s progress records: `<base>.<slot>` (slot names are
+/// `[a-z0-9_]`, so the name is a valid topic name). Everything that reads or writes a
+/// slot's progress records by topic name goes through this function.
+pub fn progress_topic_of(base: &str, slot: &str) -> String {
+    format!("{base}.{slot}")
+}
+
+/// Reads the last committed progress record of `slot`: from its own topic
+/// ([`progress_topic_of`]`(base, slot)`), or, while that holds nothing yet, from the
+/// shared topic `base` that earlier versions wrote (a slot moving to this version
+/// resumes where it was; its first commit writes to its own topic). `None`: the slot
+/// has no progress (never used, or deleted on purpose with a tombstone).
 ///
-/// Blocking: call it from `spawn_blocking`. It reads the single partition with
+/// Blocking: call it from `spawn_blocking`. Both reads together take at most
+/// `timeout`.
+pub fn read_progress(
+    brokers: &str,
+    base: &str,
+    slot: &str,
+    timeout: Duration,
+) -> Result<Option<ProgressRecord>, KafkaSetupError> {
+    let deadline = Instant::now() + timeout;
+    let own = progress_topic_of(base, slot);
+    if let Some(found) = read_progress_in(brokers, &own, slot, timeout, deadline)? {
+        return Ok(found);
+    }
+    Ok(read_progress_in(brokers, base, slot, timeout, deadline)?.flatten())
+}
+
+/// Whether the progress topic `topic` exists, asked again until `deadline` while the
+/// cluster cannot say (no broker, no leader yet).
+fn progress_topic_exists(
+    client: &BaseConsumer<EndOfPartitionIsExpected>,
+    topic: &str,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<bool, KafkaSetupError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match topic_partitions(client, topic, left.min(Duration::from_secs(5))) {
+            Ok(_) => return Ok(true),
+            Err(TopicLookupError::Topic(
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+            )) => return Ok(false),
+            Err(error) => tracing::debug!(topic, %error, "progress topic metadata, retrying"),
+        }
+        if Instant::now() >= deadline {
+            return Err(KafkaSetupError::ReadProgressTimeout {
+                topic: topic.to_string(),
+                secs: timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Reads the last committed progress record of `slot` from one progress topic's
+/// partition: `None` when the topic does not exist or has never held a record,
+/// `Some(None)` when it holds no live record of the slot (none, or a tombstone).
+///
+/// It reads the single partition with
 /// `isolation.level=read_committed`, so only committed records count, up to the
 /// partition's high watermark: every transaction with records below it must be
 /// resolved first.
@@ -467,12 +534,13 @@ impl rdkafka::consumer::ConsumerContext for LastClientError {}
 /// `ListOffsets` refuses to answer until it has caught up (KIP-207). Trusting the fetch's end made a restart right after a leader change
 /// read the progress record *before* the last committed one, and send that batch's
 /// transactions again (chaos run 6, docs/reliability.md, finding 7).
-pub fn read_progress(
+fn read_progress_in(
     brokers: &str,
     topic: &str,
     slot: &str,
     timeout: Duration,
-) -> Result<Option<ProgressRecord>, KafkaSetupError> {
+    deadline: Instant,
+) -> Result<Option<Option<ProgressRecord>>, KafkaSetupError> {
     let read_error = |source| KafkaSetupError::ReadProgress {
         topic: topic.to_string(),
         source,
@@ -487,11 +555,13 @@ pub fn read_progress(
         .create_with_context(EndOfPartitionIsExpected)
         .map_err(KafkaSetupError::Config)?;
 
-    let deadline = Instant::now() + timeout;
     let timed_out = || KafkaSetupError::ReadProgressTimeout {
         topic: topic.to_string(),
         secs: timeout.as_secs(),
     };
+    if !progress_topic_exists(&ends, topic, timeout, deadline)? {
+        return Ok(None);
+    }
     let (low, end) = loop {
         match ends.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
             Ok(watermarks) => break watermarks,
@@ -511,9 +581,12 @@ pub fn read_progress(
                 .is_some_and(|p| matches!(p.offset(), Offset::Offset(o) if o >= end))
         })
     };
+    if end == 0 {
+        return Ok(None);
+    }
     let mut last = None;
     if low >= end {
-        return Ok(None);
+        return Ok(Some(None));
     }
     // From the log's start, known already: no offset lookup before the first fetch.
     let mut assignment = TopicPartitionList::new();
@@ -542,7 +615,7 @@ pub fn read_progress(
             _ => {}
         }
     }
-    Ok(last)
+    Ok(Some(last))
 }
 
 /// A progress record's value, checked.

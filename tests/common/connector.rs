@@ -51,6 +51,12 @@ impl KafkaPipeline {
             .await;
     }
 
+    /// [`KafkaPipeline::assert_topic_exactly_once`] with a bound of `timeout`.
+    pub async fn assert_topic_exactly_once_within(&self, timeout: Duration) {
+        let expected = expected_records(&self.dbs.source().await, "outbox.transactions").await;
+        self.assert_topic_holds_exactly(&expected, timeout).await;
+    }
+
     /// The same check against the ledger (`main.transactions`), for when the outbox
     /// has been cleaned up.
     pub async fn assert_topic_exactly_once_per_ledger(&self) {
@@ -139,7 +145,7 @@ impl KafkaPipeline {
     pub fn start_sampler(&self) -> LsnSampler {
         LsnSampler::start(
             self.dbs.source_url.clone(),
-            self.progress_topic.clone(),
+            outbox_relay::kafka::progress_topic_of(&self.progress_topic, &self.slot),
             self.slot.clone(),
         )
     }

@@ -998,7 +998,9 @@ async fn prepare(
         .await
         .map_err(|e| format!("witness slot: {}", error_chain(&e)))?;
     let topic = format!("{db}_txns");
-    let progress_topic = format!("{db}_progress");
+    // The connector's --progress-topic; its records are in the slot's own topic.
+    let progress_base = format!("{db}_progress");
+    let progress_topic = kafka::progress_topic_of(&progress_base, &slot);
     let relay_source = Stack::url(stack.pg_start_proxy_port(), &db);
     let relay_target = Stack::url(stack.pg_end_proxy_port(), &db);
     let relays = match scenario {
@@ -1018,7 +1020,7 @@ async fn prepare(
                         "--topic",
                         &topic,
                         "--progress-topic",
-                        &progress_topic,
+                        &progress_base,
                         "--slot",
                         &slot,
                     ],
