@@ -50,7 +50,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// certificate file gone since) is returned as a TLS-setup error whose source says
 /// what is wrong, because tokio-postgres's error type cannot carry another kind.
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (mut config, tls) = match PgTarget::from_url(url) {
+    let (config, tls) = match PgTarget::from_url(url) {
         Ok(target) => {
             let tls = RelayTls(target.tls.connector().map_err(Arc::new));
             (target.config, tls)
@@ -67,6 +67,20 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
             (config, RelayTls(Err(Arc::new(problem.to_string()))))
         }
     };
+    connect_with(config, tls).await
+}
+
+/// [`connect`] to a target already read (e.g. one host of a multi-host URL,
+/// [`PgTarget::only_host`]).
+pub async fn connect_target(target: &PgTarget) -> Result<Client, tokio_postgres::Error> {
+    let tls = RelayTls(target.tls.connector().map_err(Arc::new));
+    connect_with(target.config.clone(), tls).await
+}
+
+async fn connect_with(
+    mut config: tokio_postgres::Config,
+    tls: RelayTls,
+) -> Result<Client, tokio_postgres::Error> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -299,7 +313,83 @@ impl PgTarget {
     /// The first host's name (as the certificate must show it) and the address to
     /// connect to (`hostaddr` if given, else the name).
     pub fn host(&self) -> (String, String) {
-        let name = match self.config.get_hosts().first() {
+        self.host_at(0)
+    }
+
+    /// How many hosts the URL names (libpq's `host=a,b`, or `postgres://a:1,b:2/db`).
+    pub fn host_count(&self) -> usize {
+        self.config
+            .get_hosts()
+            .len()
+            .max(self.config.get_hostaddrs().len())
+            .max(1)
+    }
+
+    /// Whether the URL asks for a server that accepts writes
+    /// (`target_session_attrs=read-write`): of several hosts, the primary.
+    pub fn wants_read_write(&self) -> bool {
+        self.config.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadWrite
+    }
+
+    /// The same settings with host `i` only (its name, `hostaddr` and port): for a
+    /// connection that cannot try several hosts itself (the replication stream), or
+    /// must reach the very server another connection reached (the snapshot import).
+    pub fn only_host(&self, i: usize) -> PgTarget {
+        if self.host_count() <= 1 {
+            return self.clone();
+        }
+        let from = &self.config;
+        let mut one = tokio_postgres::Config::new();
+        if let Some(user) = from.get_user() {
+            one.user(user);
+        }
+        if let Some(password) = from.get_password() {
+            one.password(password);
+        }
+        if let Some(dbname) = from.get_dbname() {
+            one.dbname(dbname);
+        }
+        if let Some(options) = from.get_options() {
+            one.options(options);
+        }
+        if let Some(name) = from.get_application_name() {
+            one.application_name(name);
+        }
+        if let Some(timeout) = from.get_connect_timeout() {
+            one.connect_timeout(*timeout);
+        }
+        if let Some(timeout) = from.get_tcp_user_timeout() {
+            one.tcp_user_timeout(*timeout);
+        }
+        one.keepalives(from.get_keepalives())
+            .keepalives_idle(from.get_keepalives_idle())
+            .ssl_mode(from.get_ssl_mode())
+            .channel_binding(from.get_channel_binding());
+        match from.get_hosts().get(i) {
+            Some(tokio_postgres::config::Host::Tcp(host)) => {
+                one.host(host);
+            }
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(path)) => {
+                one.host_path(path);
+            }
+            None => {}
+        }
+        if let Some(address) = from.get_hostaddrs().get(i) {
+            one.hostaddr(*address);
+        }
+        one.port(self.port_at(i));
+        PgTarget {
+            config: one,
+            tls: self.tls.clone(),
+            password_file: self.password_file.clone(),
+        }
+    }
+
+    /// Host `i`'s name and address, as [`PgTarget::host`].
+    fn host_at(&self, i: usize) -> (String, String) {
+        let name = match self.config.get_hosts().get(i) {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             #[cfg(unix)]
             Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
@@ -308,7 +398,7 @@ impl PgTarget {
         let address = self
             .config
             .get_hostaddrs()
-            .first()
+            .get(i)
             .map(|a| a.to_string())
             .unwrap_or_else(|| name.clone());
         let name = if name.is_empty() {
@@ -320,7 +410,13 @@ impl PgTarget {
     }
 
     pub fn port(&self) -> u16 {
-        self.config.get_ports().first().copied().unwrap_or(5432)
+        self.port_at(0)
+    }
+
+    /// Host `i`'s port: one port for every host, or one each (as libpq).
+    fn port_at(&self, i: usize) -> u16 {
+        let ports = self.config.get_ports();
+        ports.get(i).or(ports.first()).copied().unwrap_or(5432)
     }
 
     /// The same settings for pgwire-replication.
@@ -347,16 +443,25 @@ impl PgTarget {
 
     /// `postgres://user@host:port/db`, plus a non-default sslmode: loggable.
     pub fn redacted(&self) -> String {
-        let (name, _) = self.host();
+        let hosts: Vec<String> = (0..self.host_count())
+            .map(|i| format!("{}:{}", self.host_at(i).0, self.port_at(i)))
+            .collect();
         let mut text = format!(
-            "postgres://{}@{}:{}/{}",
+            "postgres://{}@{}/{}",
             self.config.get_user().unwrap_or(""),
-            name,
-            self.port(),
+            hosts.join(","),
             self.config.get_dbname().unwrap_or("")
         );
+        let mut params = Vec::new();
         if self.tls.mode != SslMode::Prefer {
-            text.push_str(&format!("?sslmode={}", self.tls.mode));
+            params.push(format!("sslmode={}", self.tls.mode));
+        }
+        if self.wants_read_write() {
+            params.push("target_session_attrs=read-write".to_string());
+        }
+        if !params.is_empty() {
+            text.push('?');
+            text.push_str(&params.join("&"));
         }
         text
     }
@@ -474,6 +579,42 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_host_of_a_multi_host_url_keeps_every_other_setting() {
+        let target = PgTarget::parse(
+            "postgres://relay:pw@db-a:5433,db-b:5434/orders?target_session_attrs=read-write&sslmode=require&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(target.host_count(), 2);
+        assert!(target.wants_read_write());
+        let b = target.only_host(1);
+        assert_eq!(b.host_count(), 1);
+        assert_eq!(b.host(), ("db-b".to_string(), "db-b".to_string()));
+        assert_eq!(b.port(), 5434);
+        assert_eq!(b.config.get_user(), Some("relay"));
+        assert_eq!(b.config.get_password(), Some(&b"pw"[..]));
+        assert_eq!(b.config.get_dbname(), Some("orders"));
+        assert_eq!(b.config.get_application_name(), Some("x"));
+        assert_eq!(b.tls.mode, SslMode::Require);
+        assert_eq!(
+            b.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        // One port for every host, as libpq.
+        let shared = PgTarget::parse("host=a,b port=6000 user=u dbname=d").unwrap();
+        assert!(!shared.wants_read_write());
+        assert_eq!(shared.only_host(1).port(), 6000);
+        assert_eq!(shared.only_host(1).host().0, "b");
+        assert_eq!(
+            target.redacted(),
+            "postgres://relay@db-a:5433,db-b:5434/orders?sslmode=require&target_session_attrs=read-write"
+        );
+        // A single host is kept as it is.
+        let single = PgTarget::parse("postgres://u@h:1/d").unwrap();
+        assert_eq!(single.host_count(), 1);
+        assert_eq!(single.only_host(0).port(), 1);
+    }
 
     #[test]
     fn redact_url_drops_the_password() {

@@ -332,13 +332,12 @@ async fn apply_cert_role(admin_url: &str, relay_role: &str, attributes: &str) {
 /// A replication session's settings for `url`; the tests stop before its slot is used.
 fn replication_config(url: &str) -> pgwire_replication::ReplicationConfig {
     outbox_relay::source::replication_config(
-        url,
+        &outbox_relay::pg::PgTarget::from_url(url).unwrap(),
         "unused_slot",
         "outbox_relay",
         outbox_relay::lsn::Lsn::ZERO,
         None,
     )
-    .unwrap()
 }
 
 /// Opens a replication session and asks IDENTIFY_SYSTEM (pgwire-replication connects

@@ -608,13 +608,14 @@ impl<D: Destination> Pipeline<D> {
     /// Starts streaming from the existing slot at `start`; `None` if another session
     /// holds it.
     async fn acquire(&mut self, start: Lsn) -> Result<Option<ReplicationClient>, PipelineError> {
+        let target = source::replication_target(&self.source_url).await?;
         let config = source::replication_config(
-            &self.source_url,
+            &target,
             &self.slot,
             &self.args.outbox.publication,
             start,
             self.silence,
-        )?;
+        );
         let started = async {
             let mut replication = ReplicationClient::connect_gated(config).await?;
             let system = replication.identify_system().await?;

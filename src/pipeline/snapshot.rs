@@ -40,13 +40,14 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     commit_durably(&mut pipeline.dest, &slot, &marker).await?;
 
     // 2. The slot, on a session that stays idle until the snapshot is imported.
+    let target = source::replication_target(&pipeline.source_url).await?;
     let config = source::replication_config(
-        &pipeline.source_url,
+        &target,
         &slot,
         &pipeline.args.outbox.publication,
         Lsn::ZERO,
         pipeline.silence,
-    )?;
+    );
     let mut replication = ReplicationClient::connect_gated(config)
         .await
         .map_err(PipelineError::Replication)?;
@@ -90,9 +91,9 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     })?;
     tracing::info!(%slot, %consistent_point, "created replication slot");
 
-    // 3. The rows under the snapshot.
+    // 3. The rows under the snapshot, on the server that exported it.
     let mut client =
-        pg::connect(&pipeline.source_url)
+        pg::connect_target(&target)
             .await
             .map_err(|source| SourceError::Transient {
                 context: "connecting to read the initial snapshot".into(),

@@ -485,16 +485,12 @@ pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), S
 /// message at least every half `wal_sender_timeout`, and the pipeline takes a silence
 /// of a whole one for a dead connection (see `Pipeline::wait`).
 pub fn replication_config(
-    url: &str,
+    target: &pg::PgTarget,
     slot: &str,
     publication: &str,
     start: Lsn,
     wal_sender_timeout: Option<Duration>,
-) -> Result<ReplicationConfig, SourceError> {
-    // The one reading of the URL, shared with the regular connections: same host,
-    // password (URL or password_file) and TLS settings.
-    let target = pg::PgTarget::from_url(url)
-        .map_err(|e| SourceError::Definite(format!("the source URL cannot be used: {e}")))?;
+) -> ReplicationConfig {
     let config = &target.config;
     let host = target.host().1;
     let password = target
@@ -517,7 +513,59 @@ pub fn replication_config(
     .with_options("-c datestyle=ISO,MDY -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres")
     .with_application_name(format!("outbox-relay:{slot}"));
     replication.tls = target.replication_tls();
-    Ok(replication)
+    replication
+}
+
+/// The one server of the source URL the replication stream is to use, read from the
+/// URL as the regular connections read it (same password, URL or password_file, and
+/// TLS settings). The replication client takes one host; of a multi-host URL
+/// (`postgres://a:5432,b:5432/db?target_session_attrs=read-write`) this picks the
+/// host as libpq would, in order: the first that accepts a connection, or, with
+/// `target_session_attrs=read-write`, the first that accepts writes. So after a
+/// failover the next session finds the promoted standby (and, on PostgreSQL 17+, the
+/// failover slot synchronised to it). No host qualifying is transient: a promotion
+/// may be under way.
+pub async fn replication_target(url: &str) -> Result<pg::PgTarget, SourceError> {
+    let target = pg::PgTarget::from_url(url)
+        .map_err(|e| SourceError::Definite(format!("the source URL cannot be used: {e}")))?;
+    if target.host_count() <= 1 {
+        return Ok(target);
+    }
+    let mut refused = Vec::new();
+    for i in 0..target.host_count() {
+        let one = target.only_host(i);
+        let (name, _) = one.host();
+        let at = format!("{name}:{}", one.port());
+        let answer = async {
+            let client = pg::connect_target(&one).await?;
+            if !target.wants_read_write() {
+                return Ok(true);
+            }
+            let row = client.query_one("SHOW transaction_read_only", &[]).await?;
+            Ok::<_, tokio_postgres::Error>(row.get::<_, String>(0) == "off")
+        };
+        match tokio::time::timeout(pg::CONNECT_TIMEOUT + Duration::from_secs(5), answer).await {
+            Ok(Ok(true)) => {
+                tracing::debug!(host = %at, "replication host of the source URL");
+                return Ok(one);
+            }
+            Ok(Ok(false)) => refused.push(format!("{at} is read-only (a standby)")),
+            Ok(Err(error)) => refused.push(format!("{at}: {}", crate::error::error_chain(&error))),
+            Err(_) => refused.push(format!("{at} did not answer in time")),
+        }
+    }
+    Err(SourceError::Transient {
+        context: format!(
+            "no host of the source URL {}: {}",
+            if target.wants_read_write() {
+                "accepts writes"
+            } else {
+                "accepts a connection"
+            },
+            refused.join("; ")
+        ),
+        source: None,
+    })
 }
 
 /// The database name in a connection URL.
