@@ -20,20 +20,16 @@ use outbox_relay::cmd::load::{self, LoadArgs};
 const PORT_OFFSET: u16 = 2400;
 const STATE_DIR: &str = "/var/tmp/outbox-relay-promotion";
 
+/// `scripts/stack ARGS…` on this test's instance.
 fn stack(args: &[&str]) -> String {
-    let output = Command::new(common::repo().join("scripts/stack"))
-        .args(args)
-        .env("OUTBOX_RELAY_STACK_DIR", STATE_DIR)
-        .env("OUTBOX_RELAY_STACK_PORT_OFFSET", PORT_OFFSET.to_string())
-        .output()
-        .expect("scripts/stack runs");
-    assert!(
-        output.status.success(),
-        "scripts/stack {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    let offset = PORT_OFFSET.to_string();
+    common::stack_with(
+        &[
+            ("OUTBOX_RELAY_STACK_DIR", STATE_DIR),
+            ("OUTBOX_RELAY_STACK_PORT_OFFSET", &offset),
+        ],
+        args,
+    )
 }
 
 fn url(port: u16, db: &str) -> String {
