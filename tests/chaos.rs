@@ -86,6 +86,9 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         "net-pg-end-blackhole",
         "direct-kill",
         "direct-term",
+        "direct-takeover",
+        "direct-upgrade",
+        "long-stall",
         "broker-kill",
         "broker-hang",
         "brokers-two-down",
@@ -95,6 +98,8 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         "net-kafka-blackhole",
         "connector-kill",
         "connector-term",
+        "connector-takeover",
+        "connector-upgrade",
         "sink-kill",
         "sink-term",
     ] {

@@ -41,7 +41,7 @@ use crate::error::error_chain;
 use crate::kafka::{self, TopicSpec};
 use crate::pg;
 use check::{LsnCheck, NextStage, TopicCheck};
-use relay::{RelayProc, UnexpectedExit};
+use relay::{Leave, RelayProc, UnexpectedExit};
 use schedule::{Fault, FaultKind, Lane, Schedule};
 use stack::{Stack, Toxiproxy};
 
@@ -493,7 +493,30 @@ async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
             stack.broker_proxied_port(1)
         ));
     }
+    set_wal_sender_timeout(&stack).await?;
     Ok(stack)
+}
+
+/// pg_start's `wal_sender_timeout` on the runner's instance: a `long-stall` (35-60 s,
+/// see the schedule) outlasts it twice or more, so the relay's silence timeout ends its
+/// stalled sessions while the stall lasts, and so does the walsender's.
+const LONG_STALL_WAL_SENDER_TIMEOUT: &str = "15s";
+
+/// Sets [`LONG_STALL_WAL_SENDER_TIMEOUT`] on pg_start (ALTER SYSTEM, kept in the
+/// instance's data dir, and a reload).
+async fn set_wal_sender_timeout(stack: &Stack) -> Result<(), String> {
+    let client = admin(stack.pg_start_port()).await?;
+    // Two statements: ALTER SYSTEM cannot run inside the implicit transaction of a batch.
+    for sql in [
+        format!("ALTER SYSTEM SET wal_sender_timeout = '{LONG_STALL_WAL_SENDER_TIMEOUT}'"),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| format!("setting pg_start's wal_sender_timeout: {}", error_chain(&e)))?;
+    }
+    Ok(())
 }
 
 /// Creates this run's own directory for the logs and the report.
@@ -961,16 +984,14 @@ struct RelaySpawner<'a> {
 
 impl RelaySpawner<'_> {
     /// The relay process `name` (not started), running `outbox-relay <args>`, number `n`
-    /// of the run for its metrics port.
+    /// of the run for its metrics ports (base + n, and base + 10 + n for a successor in
+    /// a hand-over).
     fn relay(&self, name: &str, args: &[&str], n: u16) -> RelayProc {
         RelayProc::new(
             name,
             self.binary,
             args.iter().map(|a| a.to_string()).collect(),
-            vec![(
-                "OUTBOX_RELAY_METRICS_ADDR".to_string(),
-                format!("127.0.0.1:{}", self.metrics_port_base + n),
-            )],
+            [self.metrics_port_base + n, self.metrics_port_base + 10 + n],
             self.run_dir,
             self.unexpected.clone(),
             self.t0,
@@ -1423,7 +1444,46 @@ async fn inject_and_heal(
         DirectKill | ConnectorKill | SinkKill | DirectTerm | ConnectorTerm | SinkTerm => {
             relay_down(ctx, fault.kind, hold, note).await
         }
+        DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => {
+            hand_over(ctx, fault.kind, hold, note).await
+        }
+        LongStall => {
+            let name = schedule::long_stall_target(&fault.targets);
+            *note = format!("on {name}");
+            net_fault(ctx, &[name], false, hold).await
+        }
     }
+}
+
+/// A second instance of the direct relay or the connector started beside the active
+/// one (it stands by), both kept for `side_by_side`, then the active one SIGKILLed
+/// (`*-takeover`) or SIGTERMed (`*-upgrade`, a rolling upgrade): the new instance takes
+/// over ([`RelayProc::hand_over`]).
+async fn hand_over(
+    ctx: &Ctx,
+    kind: FaultKind,
+    side_by_side: Duration,
+    note: &mut String,
+) -> Result<(), String> {
+    use FaultKind::*;
+    let name = match kind {
+        DirectTakeover | DirectUpgrade => "direct",
+        _ => "connector",
+    };
+    let leave = match kind {
+        DirectTakeover | ConnectorTakeover => Leave::Kill,
+        _ => Leave::Term(Duration::from_secs(60)),
+    };
+    let relay = ctx.relay(name).ok_or(format!("no {name} in this run"))?;
+    let done = relay.hand_over(leave, side_by_side).await?;
+    *note = done.note;
+    if let Some(status) = done.unclean {
+        locked(&ctx.unclean_terms).push(format!(
+            "{name} (hand-over) at t+{:.1}s: {status}",
+            ctx.t0.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(())
 }
 
 /// Stops every process of component `name` with SIGSTOP for `hold`, then SIGCONT.

@@ -80,6 +80,16 @@ pub enum FaultKind {
     DirectKill,
     /// The direct relay: SIGTERM, wait for its exit, restart after the hold.
     DirectTerm,
+    /// A second direct relay started on the same slot (it stands by), kept beside the
+    /// active one for the hold, then the active one SIGKILLed: the standby takes over.
+    DirectTakeover,
+    /// A rolling upgrade of the direct relay: a second one started (it stands by), the
+    /// active one SIGTERMed after the hold: the new one takes over.
+    DirectUpgrade,
+    /// A long stall: every byte between the relay and pg_start (target 0) or pg_end
+    /// (target 1) held for longer than twice pg_start's `wal_sender_timeout`, so that
+    /// the relay's own silence and apply timeouts end its sessions while it lasts.
+    LongStall,
     /// One broker SIGKILLed, restarted after the hold.
     BrokerKill,
     /// One broker SIGSTOPped longer than the broker session timeout (fenced), then SIGCONT.
@@ -96,6 +106,10 @@ pub enum FaultKind {
     NetKafkaBlackhole,
     ConnectorKill,
     ConnectorTerm,
+    /// [`FaultKind::DirectTakeover`] for the connector.
+    ConnectorTakeover,
+    /// [`FaultKind::DirectUpgrade`] for the connector.
+    ConnectorUpgrade,
     SinkKill,
     SinkTerm,
 }
@@ -103,7 +117,7 @@ pub enum FaultKind {
 use FaultKind::*;
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 23] = [
+    pub const ALL: [FaultKind; 28] = [
         PgStartKill,
         PgStartCrash,
         WalsenderKill,
@@ -116,6 +130,9 @@ impl FaultKind {
         NetPgEndBlackhole,
         DirectKill,
         DirectTerm,
+        DirectTakeover,
+        DirectUpgrade,
+        LongStall,
         BrokerKill,
         BrokerHang,
         BrokersTwoDown,
@@ -125,6 +142,8 @@ impl FaultKind {
         NetKafkaBlackhole,
         ConnectorKill,
         ConnectorTerm,
+        ConnectorTakeover,
+        ConnectorUpgrade,
         SinkKill,
         SinkTerm,
     ];
@@ -143,6 +162,9 @@ impl FaultKind {
             NetPgEndBlackhole => "net-pg-end-blackhole",
             DirectKill => "direct-kill",
             DirectTerm => "direct-term",
+            DirectTakeover => "direct-takeover",
+            DirectUpgrade => "direct-upgrade",
+            LongStall => "long-stall",
             BrokerKill => "broker-kill",
             BrokerHang => "broker-hang",
             BrokersTwoDown => "brokers-two-down",
@@ -152,6 +174,8 @@ impl FaultKind {
             NetKafkaBlackhole => "net-kafka-blackhole",
             ConnectorKill => "connector-kill",
             ConnectorTerm => "connector-term",
+            ConnectorTakeover => "connector-takeover",
+            ConnectorUpgrade => "connector-upgrade",
             SinkKill => "sink-kill",
             SinkTerm => "sink-term",
         }
@@ -161,14 +185,17 @@ impl FaultKind {
         match self {
             PgStartKill | PgStartCrash | WalsenderKill | PgEndKill | PgEndCrash | PgEndHang
             | NetPgStartCut | NetPgStartBlackhole | NetPgEndCut | NetPgEndBlackhole
-            | DirectKill | DirectTerm => Lane::Db,
+            | DirectKill | DirectTerm | DirectTakeover | DirectUpgrade | LongStall => Lane::Db,
             _ => Lane::Kafka,
         }
     }
 
     /// Whether the fault touches the Kafka scenario (connector + sink).
     pub fn affects_kafka_path(self) -> bool {
-        !matches!(self, DirectKill | DirectTerm)
+        !matches!(
+            self,
+            DirectKill | DirectTerm | DirectTakeover | DirectUpgrade
+        )
     }
 
     /// Whether the fault touches the direct scenario.
@@ -187,6 +214,10 @@ impl FaultKind {
             DirectKill | DirectTerm | ConnectorKill | ConnectorTerm | SinkKill | SinkTerm => {
                 (0, 4_000)
             }
+            // How long the two instances run side by side before the active one goes.
+            DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => (0, 5_000),
+            // The runner sets pg_start's wal_sender_timeout to 15 s (`LONG_STALL_WAL_SENDER_TIMEOUT`).
+            LongStall => (35_000, 60_000),
             BrokerKill | LeaderKill | BrokersTwoDown | BrokersAllDown => (1_000, 10_000),
             // The KRaft broker session timeout is 9 s: a longer stop gets the broker fenced.
             BrokerHang => (10_000, 16_000),
@@ -200,6 +231,8 @@ impl FaultKind {
             BrokersTwoDown => 12_000,
             BrokersAllDown => 15_000,
             PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => 1_500,
+            // The new instance starting and standing by, then taking over.
+            DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => 3_000,
             _ => 300,
         }
     }
@@ -238,7 +271,8 @@ pub struct Fault {
     /// How long the fault lasts before it is healed.
     pub hold_ms: u64,
     /// Which brokers (node ids 1..=3) a broker fault takes down; empty otherwise. For
-    /// `leader-kill` this is the partition whose leader is killed, as `[partition]`.
+    /// `leader-kill` this is the partition whose leader is killed, as `[partition]`; for
+    /// `long-stall`, 0 for pg_start and 1 for pg_end ([`long_stall_target`]).
     pub targets: Vec<u8>,
 }
 
@@ -257,7 +291,9 @@ impl fmt::Display for Fault {
             self.kind.name(),
             self.hold_ms as f64 / 1000.0
         )?;
-        if !self.targets.is_empty() {
+        if self.kind == LongStall {
+            write!(f, " on {}", long_stall_target(&self.targets))?;
+        } else if !self.targets.is_empty() {
             let what = if self.kind == LeaderKill {
                 "partition"
             } else {
@@ -266,6 +302,14 @@ impl fmt::Display for Fault {
             write!(f, " {what} {:?}", self.targets)?;
         }
         Ok(())
+    }
+}
+
+/// The component a `long-stall` fault with `targets` cuts off: pg_start or pg_end.
+pub fn long_stall_target(targets: &[u8]) -> &'static str {
+    match targets.first() {
+        Some(1) => "pg_end",
+        _ => "pg_start",
     }
 }
 
@@ -370,6 +414,7 @@ fn plan_lane(
             }
             BrokersAllDown => vec![1, 2, 3],
             LeaderKill => vec![rng.below(3) as u8],
+            LongStall => vec![rng.below(2) as u8],
             _ => Vec::new(),
         };
         faults.push(Fault {
