@@ -139,6 +139,8 @@ fn a_toxiproxy_that_stops_answering_is_restarted_with_clean_proxies() {
         script: common::repo().join("scripts/stack"),
         dir: dir.clone(),
         offset: 2050,
+        standby: false,
+        pg: 15,
     };
     let binary = toxiproxy_binary(&dir).expect("toxiproxy-server");
     let mut toxi = Toxiproxy::start(&binary, &stack, &dir.join("toxiproxy-restart-test.log"))

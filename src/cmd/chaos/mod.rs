@@ -98,6 +98,11 @@ pub struct ChaosArgs {
     /// Source transactions per second written by the load, per scenario.
     #[arg(long, default_value_t = 40.0)]
     pub rate: f64,
+    /// The PostgreSQL major version of the stack instance (`scripts/stack up --pg`).
+    /// `pg-start-failover` needs 17 or newer (failover slots): with an older one `all`
+    /// leaves it out.
+    #[arg(long, default_value_t = 15)]
+    pub pg: u16,
     /// The stack instance's state dir (not the default stack's).
     #[arg(
         long,
@@ -145,6 +150,20 @@ impl ChaosArgs {
             }
         }
         kinds.retain(|k| self.scenarios.iter().any(|s| s.affected_by(*k)));
+        if self.pg < 17 && kinds.contains(&FaultKind::PgStartFailover) {
+            if self
+                .faults
+                .iter()
+                .any(|f| f == FaultKind::PgStartFailover.name())
+            {
+                return Err(format!(
+                    "pg-start-failover needs PostgreSQL 17 or newer (failover slots): add --pg 17 \
+                     (this run asks for --pg {})",
+                    self.pg
+                ));
+            }
+            kinds.retain(|k| *k != FaultKind::PgStartFailover);
+        }
         kinds.sort();
         kinds.dedup();
         Ok(kinds)
@@ -342,6 +361,8 @@ struct ScenarioRun {
     target_url: String,
     slot: String,
     witness: String,
+    /// What the witness gave so far ([`check::witness_reader`]).
+    witness_commits: check::WitnessCommits,
     topic: String,
     progress_topic: String,
     relays: Vec<RelayProc>,
@@ -470,10 +491,14 @@ fn plan(args: &ChaosArgs, seed: u64) -> Result<Schedule, String> {
 /// Brings up the stack instance of `args`; fails unless its brokers also listen on
 /// the ports the relay reaches them through toxiproxy.
 async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
+    let failover = args.kinds()?.contains(&FaultKind::PgStartFailover);
     let stack = Stack {
         script: args.stack_script.clone(),
         dir: args.stack_dir.clone(),
         offset: args.port_offset,
+        // scripts/stack keeps the profile until `reset`, whatever a later `up` asks.
+        standby: failover || args.stack_dir.join("standby-profile").exists(),
+        pg: args.pg,
     };
     eprintln!(
         "chaos: stack {} offset {} (pg {} {}, brokers {})",
@@ -483,7 +508,12 @@ async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
         stack.pg_end_port(),
         stack.brokers()
     );
-    stack.run_async(&["up"]).await?;
+    let pg = args.pg.to_string();
+    let mut up = vec!["up", "--pg", &pg];
+    if stack.standby {
+        up.push("--standby");
+    }
+    stack.run_async(&up).await?;
     if !stack.proxied_listener_up() {
         return Err(format!(
             "the brokers of {} do not listen on their proxied ports ({}..): they were started \
@@ -502,10 +532,21 @@ async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
 /// stalled sessions while the stall lasts, and so does the walsender's.
 const LONG_STALL_WAL_SENDER_TIMEOUT: &str = "15s";
 
-/// Sets [`LONG_STALL_WAL_SENDER_TIMEOUT`] on pg_start (ALTER SYSTEM, kept in the
-/// instance's data dir, and a reload).
+/// Sets [`LONG_STALL_WAL_SENDER_TIMEOUT`] on the source (ALTER SYSTEM, kept in the
+/// data dir, and a reload), on both servers under the standby profile.
 async fn set_wal_sender_timeout(stack: &Stack) -> Result<(), String> {
-    let client = admin(stack.pg_start_port()).await?;
+    let mut ports = vec![stack.pg_start_port()];
+    if stack.standby {
+        ports.push(stack.pg_standby_port());
+    }
+    for port in ports {
+        set_wal_sender_timeout_on(port).await?;
+    }
+    Ok(())
+}
+
+async fn set_wal_sender_timeout_on(port: u16) -> Result<(), String> {
+    let client = admin(Stack::url(port, "postgres")).await?;
     // Two statements: ALTER SYSTEM cannot run inside the implicit transaction of a batch.
     for sql in [
         format!("ALTER SYSTEM SET wal_sender_timeout = '{LONG_STALL_WAL_SENDER_TIMEOUT}'"),
@@ -658,6 +699,13 @@ impl Observers {
                 }),
                 stop_sampling.clone(),
             )));
+            // Ends with the samplers; the judge consumes what is left.
+            tokio::spawn(check::witness_reader(
+                run.source_url.clone(),
+                run.witness.clone(),
+                run.witness_commits.clone(),
+                stop_sampling.clone(),
+            ));
             loads.push(tokio::spawn(steady_load(
                 run.source_url.clone(),
                 args.rate,
@@ -932,8 +980,8 @@ fn unix_secs() -> u64 {
         .as_secs()
 }
 
-async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
-    let url = Stack::url(port, "postgres");
+/// A connection to `url` (a `postgres` database), waiting up to 120 s for it.
+async fn admin(url: String) -> Result<tokio_postgres::Client, String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match pg::connect(&url).await {
@@ -942,7 +990,7 @@ async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
                 tracing::debug!(%e, "waiting for the database");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(format!("cannot connect to port {port}: {e}")),
+            Err(e) => return Err(format!("cannot connect to {}: {e}", pg::redact_url(&url))),
         }
     }
 }
@@ -952,7 +1000,7 @@ async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
 /// `max_replication_slots`, so that this run could not create its own. Their databases
 /// are kept for inspection.
 async fn drop_stale_slots(stack: &Stack) -> Result<(), String> {
-    let source = admin(stack.pg_start_port()).await?;
+    let source = source_admin(stack).await?;
     let dropped = source
         .query(
             "SELECT slot_name, pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -1015,14 +1063,14 @@ async fn prepare(
     let source = pg::connect(&source_url)
         .await
         .map_err(|e| format!("connect {db}: {e}"))?;
-    check::create_witness(&source, &witness)
+    check::create_witness(&source, &witness, stack.failover_slots())
         .await
         .map_err(|e| format!("witness slot: {}", error_chain(&e)))?;
     let topic = format!("{db}_txns");
     // The connector's --progress-topic; its records are in the slot's own topic.
     let progress_base = format!("{db}_progress");
     let progress_topic = kafka::progress_topic_of(&progress_base, &slot);
-    let relay_source = Stack::url(stack.pg_start_proxy_port(), &db);
+    let relay_source = stack.relay_source_url(&db);
     let relay_target = Stack::url(stack.pg_end_proxy_port(), &db);
     let relays = match scenario {
         Scenario::Kafka => {
@@ -1086,22 +1134,32 @@ async fn prepare(
         target_url,
         slot,
         witness,
+        witness_commits: Default::default(),
         topic,
         progress_topic,
         relays,
     })
 }
 
-/// Creates database `db` on pg_start and on pg_end and migrates both; their URLs.
+/// The source's primary, database `postgres`.
+async fn source_admin(stack: &Stack) -> Result<tokio_postgres::Client, String> {
+    admin(stack.source_url("postgres")).await
+}
+
+async fn pg_end_admin(stack: &Stack) -> Result<tokio_postgres::Client, String> {
+    admin(Stack::url(stack.pg_end_port(), "postgres")).await
+}
+
+/// Creates database `db` on the source and on pg_end and migrates both; their URLs
+/// (the runner's, not through toxiproxy).
 async fn create_databases(stack: &Stack, db: &str) -> Result<(String, String), String> {
-    for port in [stack.pg_start_port(), stack.pg_end_port()] {
-        admin(port)
-            .await?
+    for admin in [source_admin(stack).await?, pg_end_admin(stack).await?] {
+        admin
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .map_err(|e| format!("create database {db}: {e}"))?;
     }
-    let source_url = Stack::url(stack.pg_start_port(), db);
+    let source_url = stack.source_url(db);
     let target_url = Stack::url(stack.pg_end_port(), db);
     migrate::source(&source_url)
         .await
@@ -1138,7 +1196,7 @@ async fn create_topics(stack: &Stack, topic: &str, progress_topic: &str) -> Resu
 }
 
 async fn wait_for_slot(stack: &Stack, run: &ScenarioRun, timeout: Duration) -> Result<(), String> {
-    let client = admin(stack.pg_start_port()).await?;
+    let client = source_admin(stack).await?;
     let deadline = Instant::now() + timeout;
     loop {
         let found = client
@@ -1232,9 +1290,10 @@ async fn judge(
     let ids = check::source_ids(&source)
         .await
         .map_err(|e| format!("outbox ids: {e}"))?;
-    let commits = check::witness_commits(&source, &run.witness)
+    check::consume_witness(&source, &run.witness, &run.witness_commits)
         .await
         .map_err(|e| format!("witness: {e}"))?;
+    let commits: Vec<_> = locked(&run.witness_commits).iter().copied().collect();
     let history = match run.scenario {
         Scenario::Kafka => read_progress_history(stack, run).await?,
         Scenario::Direct => Vec::new(),
@@ -1326,7 +1385,7 @@ async fn read_topic(
 /// Drops the witness slots (they hold WAL) and, when `everything`, the relay slots and
 /// the databases.
 async fn cleanup(stack: &Stack, runs: &[ScenarioRun], everything: bool) {
-    let Ok(source) = admin(stack.pg_start_port()).await else {
+    let Ok(source) = source_admin(stack).await else {
         return;
     };
     for run in runs {
@@ -1353,12 +1412,13 @@ async fn cleanup(stack: &Stack, runs: &[ScenarioRun], everything: bool) {
             }
         }
         if everything {
-            for port in [stack.pg_start_port(), stack.pg_end_port()] {
-                if let Ok(client) = admin(port).await {
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", run.db))
-                        .await;
-                }
+            for client in [source_admin(stack).await, pg_end_admin(stack).await]
+                .into_iter()
+                .flatten()
+            {
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", run.db))
+                    .await;
             }
         }
     }
@@ -1395,9 +1455,13 @@ async fn inject_and_heal(
     match fault.kind {
         PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => {
             let name = match fault.kind {
-                PgEndKill | PgEndCrash => "pg_end",
-                _ => "pg_start",
+                PgEndKill | PgEndCrash => "pg_end".to_string(),
+                _ => ctx.stack.primary().await?,
             };
+            let name = name.as_str();
+            if name != "pg_start" {
+                *note = format!("the primary is {name}");
+            }
             let how = match fault.kind {
                 PgStartCrash | PgEndCrash => "crash",
                 _ => "kill",
@@ -1411,15 +1475,25 @@ async fn inject_and_heal(
             *note = kill_walsenders(ctx).await?;
             Ok(())
         }
+        PgStartFailover => {
+            let started = Instant::now();
+            ctx.stack.run_async(&["failover"]).await?;
+            *note = format!(
+                "{} is the primary now, after {:.1}s",
+                ctx.stack.primary().await?,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         NetPgStartCut | NetPgEndCut | NetPgStartBlackhole | NetPgEndBlackhole => {
-            let name = if matches!(fault.kind, NetPgStartCut | NetPgStartBlackhole) {
-                "pg_start"
+            let names = if matches!(fault.kind, NetPgStartCut | NetPgStartBlackhole) {
+                ctx.stack.source_proxies()
             } else {
-                "pg_end"
+                vec!["pg_end"]
             };
             net_fault(
                 ctx,
-                &[name],
+                &names,
                 matches!(fault.kind, NetPgStartCut | NetPgEndCut),
                 hold,
             )
@@ -1450,7 +1524,13 @@ async fn inject_and_heal(
         LongStall => {
             let name = schedule::long_stall_target(&fault.targets);
             *note = format!("on {name}");
-            net_fault(ctx, &[name], false, hold).await
+            let names = match name {
+                "pg_start" => ctx.stack.source_proxies(),
+                _ => vec![name],
+            };
+            ctx.toxi(|t| names.iter().try_for_each(|n| t.stall(n)))?;
+            tokio::time::sleep(hold).await;
+            ctx.toxi(|t| names.iter().try_for_each(|n| t.unstall(n)))
         }
     }
 }
@@ -1495,7 +1575,7 @@ async fn hang(stack: &Stack, name: &str, hold: Duration) -> Result<(), String> {
 
 /// Terminates the walsenders serving the run's relay slots; the note says whose.
 async fn kill_walsenders(ctx: &Ctx) -> Result<String, String> {
-    let client = admin(ctx.stack.pg_start_port()).await?;
+    let client = source_admin(&ctx.stack).await?;
     let slots: Vec<String> = ctx.runs.iter().map(|r| r.slot.clone()).collect();
     let rows = client
         .query(
@@ -1798,6 +1878,7 @@ chaos: FAIL"#;
             scenarios,
             faults: faults.iter().map(|f| f.to_string()).collect(),
             rate: 1.0,
+            pg: 15,
             stack_dir: PathBuf::new(),
             port_offset: 0,
             stack_script: PathBuf::new(),
@@ -1817,5 +1898,14 @@ chaos: FAIL"#;
         );
         assert_eq!(kafka.kinds().unwrap(), [FaultKind::SinkKill]);
         assert!(args(vec![Scenario::Kafka], &["nope"]).kinds().is_err());
+        // pg-start-failover needs PostgreSQL 17: left out of `all` before, refused when named.
+        assert!(!direct.contains(&FaultKind::PgStartFailover));
+        assert!(args(vec![Scenario::Direct], &["pg-start-failover"])
+            .kinds()
+            .unwrap_err()
+            .contains("--pg 17"));
+        let mut on_17 = args(vec![Scenario::Direct], &["all"]);
+        on_17.pg = 17;
+        assert!(on_17.kinds().unwrap().contains(&FaultKind::PgStartFailover));
     }
 }

@@ -61,6 +61,11 @@ pub enum FaultKind {
     PgStartKill,
     /// `pg_ctl stop -m immediate` of pg_start, restart after the hold.
     PgStartCrash,
+    /// A failover of the source (`scripts/stack failover`, standby profile, PostgreSQL
+    /// 17+): once the relay's failover slots are synced to pg_standby, the primary is
+    /// stopped hard (fenced), the standby promoted, and the old primary rebuilt as the
+    /// new primary's standby. The next one fails back.
+    PgStartFailover,
     /// `pg_terminate_backend` of the walsenders serving the relay's slots.
     WalsenderKill,
     /// SIGKILL of pg_end's postmaster, restart after the hold.
@@ -117,9 +122,10 @@ pub enum FaultKind {
 use FaultKind::*;
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 28] = [
+    pub const ALL: [FaultKind; 29] = [
         PgStartKill,
         PgStartCrash,
+        PgStartFailover,
         WalsenderKill,
         PgEndKill,
         PgEndCrash,
@@ -152,6 +158,7 @@ impl FaultKind {
         match self {
             PgStartKill => "pg-start-kill",
             PgStartCrash => "pg-start-crash",
+            PgStartFailover => "pg-start-failover",
             WalsenderKill => "walsender-kill",
             PgEndKill => "pg-end-kill",
             PgEndCrash => "pg-end-crash",
@@ -183,9 +190,10 @@ impl FaultKind {
 
     pub fn lane(self) -> Lane {
         match self {
-            PgStartKill | PgStartCrash | WalsenderKill | PgEndKill | PgEndCrash | PgEndHang
-            | NetPgStartCut | NetPgStartBlackhole | NetPgEndCut | NetPgEndBlackhole
-            | DirectKill | DirectTerm | DirectTakeover | DirectUpgrade | LongStall => Lane::Db,
+            PgStartKill | PgStartCrash | PgStartFailover | WalsenderKill | PgEndKill
+            | PgEndCrash | PgEndHang | NetPgStartCut | NetPgStartBlackhole | NetPgEndCut
+            | NetPgEndBlackhole | DirectKill | DirectTerm | DirectTakeover | DirectUpgrade
+            | LongStall => Lane::Db,
             _ => Lane::Kafka,
         }
     }
@@ -206,7 +214,7 @@ impl FaultKind {
     /// How long the fault lasts before it is healed, in milliseconds (inclusive).
     fn hold_range(self) -> (u64, u64) {
         match self {
-            WalsenderKill => (0, 0),
+            WalsenderKill | PgStartFailover => (0, 0),
             PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => (500, 6_000),
             PgEndHang => (1_000, 15_000),
             NetPgStartCut | NetPgEndCut | NetKafkaCut => (1_000, 12_000),
@@ -231,6 +239,8 @@ impl FaultKind {
             BrokersTwoDown => 12_000,
             BrokersAllDown => 15_000,
             PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => 1_500,
+            // Waiting for the slots to be synced, the promotion, the rebuilt standby.
+            PgStartFailover => 15_000,
             // The new instance starting and standing by, then taking over.
             DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => 3_000,
             _ => 300,
