@@ -50,7 +50,10 @@
 //! finds it held stands by ([`Pipeline::stand_by`]): it does not read the destination's
 //! progress (a Kafka destination fences there) and tells the destination to let go of
 //! what would fence ([`Destination::stand_by`]); it polls the slot and takes it when it
-//! is free. A slot that does not exist is created under a pg_start advisory lock.
+//! is free. A slot that does not exist is created under a pg_start advisory lock, held
+//! until its stream starts: between its creation and that start (the initial snapshot)
+//! the slot is free, so a session takes a free slot only under the same lock, and
+//! stands by while another holds it.
 //!
 //! # Slot identity
 //! Every progress record carries pg_start's system identifier. With invariant 9, a slot
@@ -320,7 +323,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 enum Holder {
     /// The slot, held by the session with this pid.
     Slot(Option<i32>),
-    /// The creation lock of a slot that does not exist yet.
+    /// The creation lock: another instance is creating the slot or delivering its
+    /// initial snapshot.
     Creation,
 }
 
@@ -339,8 +343,9 @@ async fn bounded<T, E: Into<PipelineError>>(
 }
 
 /// Takes the session-level advisory lock under which `slot` is created (and an
-/// unfinished one dropped): two instances starting together on a new slot do not both
-/// commit a snapshot marker. `false` if another session holds it.
+/// unfinished one dropped) and taken: two instances starting together on a new slot do
+/// not both commit a snapshot marker, and none takes the slot while its creator
+/// delivers the snapshot. `false` if another session holds it.
 async fn lock_creation(client: &tokio_postgres::Client, slot: &str) -> Result<bool, PipelineError> {
     let locked: bool = client
         .query_one(
@@ -560,6 +565,13 @@ impl<D: Destination> Pipeline<D> {
                 }
                 Some(state) => {
                     source::check_slot(&slot, &state, &database)?;
+                    // A slot is free between its creation and the start of its stream,
+                    // while its creator delivers the initial snapshot: taking it then
+                    // would fence the creator and start the snapshot over.
+                    if !bounded(lock_creation(&client, &slot)).await? {
+                        self.stand_by(&client, Holder::Creation).await?;
+                        continue;
+                    }
                     let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
                     let Some(replication) = self.acquire(start).await? else {
                         // Another instance took it in between.
@@ -768,7 +780,7 @@ impl<D: Destination> Pipeline<D> {
             ),
             Holder::Creation => tracing::info!(
                 %slot,
-                "standing by: another instance is creating the slot"
+                "standing by: another instance is creating the slot or delivering its initial snapshot"
             ),
         }
         let mut stop = self.stop.clone();
