@@ -342,6 +342,29 @@ async fn bounded<T, E: Into<PipelineError>>(
     }
 }
 
+/// What a session that ended with `ended` reports once the commits it had started were
+/// settled with `settled`: a definite error while settling (a fence) stops the relay,
+/// whatever ended the session, which would otherwise be retried (and, for a fence, fence
+/// the successor back). A transient one leaves `ended`: what was being committed is read
+/// again from the slot.
+fn session_outcome<T>(
+    ended: Result<T, PipelineError>,
+    settled: Result<(), PipelineError>,
+) -> Result<T, PipelineError> {
+    match settled {
+        Err(error) if error.class() == ErrorClass::Definite => Err(error),
+        Err(error) => {
+            tracing::warn!(
+                error = %error_chain(&error),
+                "what was being committed when the session ended is not known to be \
+                 durable; it is read again from the slot"
+            );
+            ended
+        }
+        Ok(()) => ended,
+    }
+}
+
 /// Takes the session-level advisory lock under which `slot` is created (and an
 /// unfinished one dropped) and taken: two instances starting together on a new slot do
 /// not both commit a snapshot marker, and none takes the slot while its creator
@@ -381,6 +404,7 @@ pub struct Pipeline<D: Destination> {
 }
 
 /// How a session ended without an error.
+#[derive(Debug)]
 enum SessionEnd {
     Stopped,
 }
@@ -869,19 +893,14 @@ impl<D: Destination> Pipeline<D> {
             gate: self.dest.confirm_gate(),
         };
         let result = self.stream_events(replication, &mut s).await;
-        if !s.settled() {
-            match self.settle_all(&mut s).await {
-                Ok(()) => s.confirm(replication),
-                // A definite error (a fence) stops the relay, whatever ended the session.
-                Err(error) if error.class() == ErrorClass::Definite => return Err(error),
-                Err(error) => tracing::warn!(
-                    error = %error_chain(&error),
-                    "what was being committed when the session ended is not known to be \
-                     durable; it is read again from the slot"
-                ),
-            }
+        if s.settled() {
+            return result;
         }
-        result
+        let settled = self.settle_all(&mut s).await;
+        if settled.is_ok() {
+            s.confirm(replication);
+        }
+        session_outcome(result, settled)
     }
 
     /// The session's read loop: takes the next event (or, with none queued, waits for
@@ -949,14 +968,8 @@ impl<D: Destination> Pipeline<D> {
                         self.dest.discard_txn();
                     }
                     s.tracker.abandon_open();
-                    // A definite error while draining (a fence) is the one to report:
-                    // the stream's own error would be retried.
-                    if let Err(drained) = self.drain(s, replication).await {
-                        if drained.class() == ErrorClass::Definite {
-                            return Err(drained);
-                        }
-                    }
-                    return Err(PipelineError::Replication(error));
+                    let drained = self.drain(s, replication).await;
+                    return session_outcome(Err(PipelineError::Replication(error)), drained);
                 }
             }
         }
@@ -1665,6 +1678,42 @@ mod tests {
         assert_eq!(s.flushed(Lsn(u64::MAX)), None);
         assert_eq!(s.tracker.confirmable(), Lsn::ZERO);
         assert!(s.settled(), "nothing is left for the session's end to sync");
+    }
+
+    #[test]
+    fn a_definite_error_while_settling_is_reported_whatever_ended_the_session() {
+        let fenced = || PipelineError::Definite("this instance was fenced".into());
+        let broken =
+            || PipelineError::Replication(PgWireError::Protocol("replication stream ended".into()));
+        let lost = || SourceError::Transient {
+            context: "the commit's connection was lost".into(),
+            source: None,
+        };
+        // A broken stream (retried) whose drain meets a fence: the fence.
+        let outcome = session_outcome::<()>(Err(broken()), Err(fenced()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Definite(_))),
+            "{outcome:?}"
+        );
+        // A stop whose drain meets a fence: the fence, not a clean stop.
+        let outcome = session_outcome(Ok(SessionEnd::Stopped), Err(fenced()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Definite(_))),
+            "{outcome:?}"
+        );
+        // A transient settling error leaves what ended the session.
+        let outcome = session_outcome::<()>(Err(broken()), Err(lost().into()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Replication(_))),
+            "{outcome:?}"
+        );
+        let outcome = session_outcome(Ok(SessionEnd::Stopped), Err(lost().into()));
+        assert!(matches!(outcome, Ok(SessionEnd::Stopped)), "{outcome:?}");
+        let outcome = session_outcome::<()>(Err(broken()), Ok(()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Replication(_))),
+            "{outcome:?}"
+        );
     }
 
     #[test]
