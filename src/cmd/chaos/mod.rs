@@ -476,8 +476,9 @@ fn plan(args: &ChaosArgs, seed: u64) -> Result<Schedule, String> {
     let schedule = Schedule::plan(seed, duration_ms, &kinds);
     eprintln!("{}", schedule.render());
     eprintln!(
-        "chaos: reproduce with: outbox-relay chaos --seed {seed} --duration {} --scenarios {} --faults {}",
+        "chaos: reproduce with: outbox-relay chaos --seed {seed} --duration {} --pg {} --scenarios {} --faults {}",
         args.duration,
+        args.pg,
         args.scenarios
             .iter()
             .map(|s| format!("{s:?}").to_lowercase())
