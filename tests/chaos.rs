@@ -86,6 +86,9 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         "net-pg-end-blackhole",
         "direct-kill",
         "direct-term",
+        "direct-takeover",
+        "direct-upgrade",
+        "long-stall",
         "broker-kill",
         "broker-hang",
         "brokers-two-down",
@@ -95,6 +98,8 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         "net-kafka-blackhole",
         "connector-kill",
         "connector-term",
+        "connector-takeover",
+        "connector-upgrade",
         "sink-kill",
         "sink-term",
     ] {
@@ -134,6 +139,8 @@ fn a_toxiproxy_that_stops_answering_is_restarted_with_clean_proxies() {
         script: common::repo().join("scripts/stack"),
         dir: dir.clone(),
         offset: 2050,
+        standby: false,
+        pg: 15,
     };
     let binary = toxiproxy_binary(&dir).expect("toxiproxy-server");
     let mut toxi = Toxiproxy::start(&binary, &stack, &dir.join("toxiproxy-restart-test.log"))

@@ -422,3 +422,77 @@ async fn a_commit_in_doubt_retried_writes_its_dead_letters_once() {
     assert_eq!(dead_letter_count(&dbs).await, 2, "{log}");
     assert!(relay.terminate().success());
 }
+
+/// #26 item 7: the progress row a relay reads at start is made durable whatever its
+/// own `--synchronous-commit`. A relay with `off` (the default) commits a batch and
+/// dies before anything flushes it (pg_end's WAL writer held, the fault hook's abort
+/// right after the commit): the progress row is visible but not durable. The next relay
+/// runs with `on`; it reads that row, skips what it covers and confirms the slot up to
+/// it. Were the row not flushed by that read, a crash of pg_end would take the rows back
+/// while the slot stays confirmed past them: lost for good (the next session then stops
+/// at the slot-identity check). With the read's flush, the crash takes nothing back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_progress_read_flushes_the_row_even_with_synchronous_commit_on() {
+    let _lock = common::fault_lock().await;
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let rows = "SELECT count(*) FROM main.transactions";
+
+    let mut relay = spawn_direct(&dbs, &slot, &[]);
+    load(&dbs, 100).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    assert!(relay.terminate().success());
+
+    // 50 more, applied in one asynchronous commit by a relay that aborts right after it.
+    stack(&["hold-wal", "pg_end"]);
+    let held = WalHeld;
+    load(&dbs, 50).await;
+    let mut crashing = spawn_direct(&dbs, &slot, &[common::crash_after_commits("1")]);
+    let status = common::wait_for_exit(&mut crashing, Duration::from_secs(60)).await;
+    assert!(!status.success(), "the fault hook did not abort the relay");
+    // One batch, usually all 50 (the batch may close earlier).
+    let applied = common::count(&dbs.target_url, rows).await;
+    assert!(applied > 100, "the aborted relay applied nothing");
+    let unflushed: i64 = dbs
+        .target()
+        .await
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn())::int8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!("{applied} rows visible, pg_end holds {unflushed} bytes of WAL not flushed");
+
+    let mut relay = common::spawn_direct(
+        &dbs,
+        &slot,
+        &["--batch-size", "500", "--synchronous-commit", "on"],
+        &[],
+    );
+    common::wait_until(
+        "the slot confirmed up to the progress row",
+        Duration::from_secs(60),
+        || async {
+            confirmed_and_recorded(&dbs.source_url, &dbs.target_url, &slot)
+                .await
+                .is_some_and(|(confirmed, recorded)| confirmed >= recorded)
+        },
+    )
+    .await;
+    relay.pause();
+    stack(&["kill-all", "pg_end"]);
+    stack(&["start", "pg_end"]);
+    drop(held);
+    let recovered = common::count(&dbs.target_url, rows).await;
+    relay.resume();
+    assert_eq!(
+        recovered, applied,
+        "pg_end's crash took back rows the slot was confirmed past: the progress read did \
+         not flush the row it read"
+    );
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    common::connector::assert_running(&mut relay, "after pg_end's crash");
+    assert!(relay.terminate().success());
+}

@@ -146,6 +146,9 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     args.rate = 300.0;
     let load = tokio::spawn(async move { load::run(&args).await });
     let mut old = p.spawn_connector(&[], &[]);
+    // Past the initial snapshot: a creator paused during it would hold the creation
+    // lock (and the standby) for as long as its pg_start sessions live.
+    wait_log(&old, "streaming", Duration::from_secs(120)).await;
     let pid = wait_held(&p.dbs, &p.slot, None, Duration::from_secs(120)).await;
     let mut new = p.spawn_connector(&[], &[]);
     wait_log(&new, "standing by", Duration::from_secs(60)).await;
@@ -186,5 +189,65 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     assert!(
         !log.contains("fenced") && !log.contains("must be recreated"),
         "the old instance fenced its successor:\n{log}"
+    );
+}
+
+/// Between its creation and the start of its stream a slot is free while its creator
+/// delivers the initial snapshot. A second instance started then stands by: it neither
+/// takes the slot (which would fence the creator and start the snapshot over) nor
+/// touches the destination; the creator streams on, and every row is in the topic once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_instance_waits_for_the_initial_snapshot_and_never_starts_it_over() {
+    let p = Pipeline::new().await;
+    p.dbs
+        .source()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+             SELECT g, g % 100 + 1, g % 1000, now() FROM generate_series(1, 300000) g",
+        )
+        .await
+        .unwrap();
+    let mut creator = p.spawn_connector(&[], &[]);
+    wait_log(
+        &creator,
+        "created replication slot",
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut second = p.spawn_connector(&[], &[]);
+    wait_log(&second, "standing by", Duration::from_secs(60)).await;
+    let snapshot_done = creator
+        .log_text()
+        .contains("delivered the outbox rows present at slot creation");
+    assert!(
+        second
+            .log_text()
+            .contains("creating the slot or delivering its initial snapshot")
+            || snapshot_done,
+        "{}",
+        second.log_text()
+    );
+    wait_log(&creator, "streaming", Duration::from_secs(300)).await;
+    let mut args = LoadArgs::count(&p.dbs.source_url, 500);
+    args.rate = 500.0;
+    load::run(&args).await.unwrap();
+    p.assert_topic_exactly_once().await;
+    common::connector::assert_running(&mut creator, "after the snapshot");
+    common::connector::assert_running(&mut second, "standing by");
+    let (creator_log, second_log) = (creator.log_text(), second.log_text());
+    assert_eq!(
+        creator_log.matches("created replication slot").count(),
+        1,
+        "{creator_log}"
+    );
+    assert!(!creator_log.contains("fenced"), "{creator_log}");
+    assert!(
+        !second_log.contains("never completed") && !second_log.contains("created replication slot"),
+        "the second instance took the slot during the snapshot:\n{second_log}"
+    );
+    eprintln!(
+        "the second instance stood by during the snapshot: {}",
+        !snapshot_done
     );
 }

@@ -50,7 +50,10 @@
 //! finds it held stands by ([`Pipeline::stand_by`]): it does not read the destination's
 //! progress (a Kafka destination fences there) and tells the destination to let go of
 //! what would fence ([`Destination::stand_by`]); it polls the slot and takes it when it
-//! is free. A slot that does not exist is created under a pg_start advisory lock.
+//! is free. A slot that does not exist is created under a pg_start advisory lock, held
+//! until its stream starts: between its creation and that start (the initial snapshot)
+//! the slot is free, so a session takes a free slot only under the same lock, and
+//! stands by while another holds it.
 //!
 //! # Slot identity
 //! Every progress record carries pg_start's system identifier. With invariant 9, a slot
@@ -320,7 +323,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 enum Holder {
     /// The slot, held by the session with this pid.
     Slot(Option<i32>),
-    /// The creation lock of a slot that does not exist yet.
+    /// The creation lock: another instance is creating the slot or delivering its
+    /// initial snapshot.
     Creation,
 }
 
@@ -338,9 +342,33 @@ async fn bounded<T, E: Into<PipelineError>>(
     }
 }
 
+/// What a session that ended with `ended` reports once the commits it had started were
+/// settled with `settled`: a definite error while settling (a fence) stops the relay,
+/// whatever ended the session, which would otherwise be retried (and, for a fence, fence
+/// the successor back). A transient one leaves `ended`: what was being committed is read
+/// again from the slot.
+fn session_outcome<T>(
+    ended: Result<T, PipelineError>,
+    settled: Result<(), PipelineError>,
+) -> Result<T, PipelineError> {
+    match settled {
+        Err(error) if error.class() == ErrorClass::Definite => Err(error),
+        Err(error) => {
+            tracing::warn!(
+                error = %error_chain(&error),
+                "what was being committed when the session ended is not known to be \
+                 durable; it is read again from the slot"
+            );
+            ended
+        }
+        Ok(()) => ended,
+    }
+}
+
 /// Takes the session-level advisory lock under which `slot` is created (and an
-/// unfinished one dropped): two instances starting together on a new slot do not both
-/// commit a snapshot marker. `false` if another session holds it.
+/// unfinished one dropped) and taken: two instances starting together on a new slot do
+/// not both commit a snapshot marker, and none takes the slot while its creator
+/// delivers the snapshot. `false` if another session holds it.
 async fn lock_creation(client: &tokio_postgres::Client, slot: &str) -> Result<bool, PipelineError> {
     let locked: bool = client
         .query_one(
@@ -376,6 +404,7 @@ pub struct Pipeline<D: Destination> {
 }
 
 /// How a session ended without an error.
+#[derive(Debug)]
 enum SessionEnd {
     Stopped,
 }
@@ -560,6 +589,13 @@ impl<D: Destination> Pipeline<D> {
                 }
                 Some(state) => {
                     source::check_slot(&slot, &state, &database)?;
+                    // A slot is free between its creation and the start of its stream,
+                    // while its creator delivers the initial snapshot: taking it then
+                    // would fence the creator and start the snapshot over.
+                    if !bounded(lock_creation(&client, &slot)).await? {
+                        self.stand_by(&client, Holder::Creation).await?;
+                        continue;
+                    }
                     let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
                     let Some(replication) = self.acquire(start).await? else {
                         // Another instance took it in between.
@@ -768,7 +804,7 @@ impl<D: Destination> Pipeline<D> {
             ),
             Holder::Creation => tracing::info!(
                 %slot,
-                "standing by: another instance is creating the slot"
+                "standing by: another instance is creating the slot or delivering its initial snapshot"
             ),
         }
         let mut stop = self.stop.clone();
@@ -857,19 +893,14 @@ impl<D: Destination> Pipeline<D> {
             gate: self.dest.confirm_gate(),
         };
         let result = self.stream_events(replication, &mut s).await;
-        if !s.settled() {
-            match self.settle_all(&mut s).await {
-                Ok(()) => s.confirm(replication),
-                // A definite error (a fence) stops the relay, whatever ended the session.
-                Err(error) if error.class() == ErrorClass::Definite => return Err(error),
-                Err(error) => tracing::warn!(
-                    error = %error_chain(&error),
-                    "what was being committed when the session ended is not known to be \
-                     durable; it is read again from the slot"
-                ),
-            }
+        if s.settled() {
+            return result;
         }
-        result
+        let settled = self.settle_all(&mut s).await;
+        if settled.is_ok() {
+            s.confirm(replication);
+        }
+        session_outcome(result, settled)
     }
 
     /// The session's read loop: takes the next event (or, with none queued, waits for
@@ -937,14 +968,8 @@ impl<D: Destination> Pipeline<D> {
                         self.dest.discard_txn();
                     }
                     s.tracker.abandon_open();
-                    // A definite error while draining (a fence) is the one to report:
-                    // the stream's own error would be retried.
-                    if let Err(drained) = self.drain(s, replication).await {
-                        if drained.class() == ErrorClass::Definite {
-                            return Err(drained);
-                        }
-                    }
-                    return Err(PipelineError::Replication(error));
+                    let drained = self.drain(s, replication).await;
+                    return session_outcome(Err(PipelineError::Replication(error)), drained);
                 }
             }
         }
@@ -1653,6 +1678,42 @@ mod tests {
         assert_eq!(s.flushed(Lsn(u64::MAX)), None);
         assert_eq!(s.tracker.confirmable(), Lsn::ZERO);
         assert!(s.settled(), "nothing is left for the session's end to sync");
+    }
+
+    #[test]
+    fn a_definite_error_while_settling_is_reported_whatever_ended_the_session() {
+        let fenced = || PipelineError::Definite("this instance was fenced".into());
+        let broken =
+            || PipelineError::Replication(PgWireError::Protocol("replication stream ended".into()));
+        let lost = || SourceError::Transient {
+            context: "the commit's connection was lost".into(),
+            source: None,
+        };
+        // A broken stream (retried) whose drain meets a fence: the fence.
+        let outcome = session_outcome::<()>(Err(broken()), Err(fenced()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Definite(_))),
+            "{outcome:?}"
+        );
+        // A stop whose drain meets a fence: the fence, not a clean stop.
+        let outcome = session_outcome(Ok(SessionEnd::Stopped), Err(fenced()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Definite(_))),
+            "{outcome:?}"
+        );
+        // A transient settling error leaves what ended the session.
+        let outcome = session_outcome::<()>(Err(broken()), Err(lost().into()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Replication(_))),
+            "{outcome:?}"
+        );
+        let outcome = session_outcome(Ok(SessionEnd::Stopped), Err(lost().into()));
+        assert!(matches!(outcome, Ok(SessionEnd::Stopped)), "{outcome:?}");
+        let outcome = session_outcome::<()>(Err(broken()), Ok(()));
+        assert!(
+            matches!(outcome, Err(PipelineError::Replication(_))),
+            "{outcome:?}"
+        );
     }
 
     #[test]

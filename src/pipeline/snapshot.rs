@@ -27,17 +27,8 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     info: &SourceInfo,
 ) -> Result<(ReplicationClient, Lsn), PipelineError> {
     let slot = pipeline.slot.clone();
-    // Whatever an earlier session left in the batch must not ride along with the
-    // marker or the snapshot: it is read again from the slot (or the new snapshot).
-    pipeline.dest.clear();
-
     // 1. The marker.
-    let marker = ProgressRecord {
-        state: ProgressState::Snapshot,
-        lsn: Lsn::ZERO.to_string(),
-        system_identifier: None,
-    };
-    commit_durably(&mut pipeline.dest, &slot, &marker).await?;
+    commit_marker(&mut pipeline.dest, &slot).await?;
 
     // 2. The slot, on a session that stays idle until the snapshot is imported.
     let target = source::replication_target(&pipeline.source_url).await?;
@@ -187,6 +178,19 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     Ok((replication, consistent_point))
 }
 
+/// Commits the snapshot marker, alone: whatever an earlier session left in the batch
+/// must not ride along with it (nor with the snapshot after it); that is read again
+/// from the slot, or the new snapshot.
+async fn commit_marker<D: Destination>(dest: &mut D, slot: &str) -> Result<(), PipelineError> {
+    dest.clear();
+    let marker = ProgressRecord {
+        state: ProgressState::Snapshot,
+        lsn: Lsn::ZERO.to_string(),
+        system_identifier: None,
+    };
+    commit_durably(dest, slot, &marker).await
+}
+
 /// Commits the destination's batch with `progress` and returns once both are durable:
 /// each step above relies on the one before having survived any crash.
 async fn commit_durably<D: Destination>(
@@ -206,4 +210,69 @@ async fn commit_durably<D: Destination>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use super::*;
+    use crate::pipeline::{ColumnDef, Committed};
+
+    /// Counts the rows in its batch, and what each commit carried.
+    #[derive(Default)]
+    struct Counting {
+        pending: usize,
+        committed: Vec<(usize, ProgressState)>,
+    }
+
+    impl Destination for Counting {
+        const STAGE: &'static str = "test";
+        async fn read_progress(
+            &mut self,
+            _: &str,
+        ) -> Result<Option<ProgressRecord>, PipelineError> {
+            Ok(None)
+        }
+        fn set_columns(&mut self, _: usize, _: &[ColumnDef]) -> Result<(), PipelineError> {
+            Ok(())
+        }
+        fn begin_txn(&mut self, _: TxnMeta) {}
+        fn row(&mut self, _: usize, _: &[Option<&[u8]>]) {
+            self.pending += 1;
+        }
+        fn end_txn(&mut self) {}
+        fn discard_txn(&mut self) {}
+        fn batch_size(&self) -> (usize, usize) {
+            (self.pending, 0)
+        }
+        fn clear(&mut self) {
+            self.pending = 0;
+        }
+        fn commit(
+            &mut self,
+            _: &str,
+            progress: &ProgressRecord,
+        ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
+            self.committed
+                .push((std::mem::take(&mut self.pending), progress.state));
+            std::future::ready(Ok(Committed::DURABLE))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_marker_carries_nothing_an_earlier_session_left_in_the_batch() {
+        let mut dest = Counting::default();
+        // An earlier session's batch: a complete transaction, never committed.
+        dest.begin_txn(TxnMeta {
+            commit_lsn: Lsn(100),
+            xid: Some(7),
+            commit_time_micros: None,
+        });
+        dest.row(0, &[Some(b"1".as_slice())]);
+        dest.row(0, &[Some(b"2".as_slice())]);
+        dest.end_txn();
+        commit_marker(&mut dest, "slot").await.unwrap();
+        assert_eq!(dest.committed, vec![(0, ProgressState::Snapshot)]);
+    }
 }

@@ -29,8 +29,15 @@ pub fn repo() -> PathBuf {
 
 /// Runs `scripts/stack ARGS…`, panics with its output if it fails, returns its stdout.
 pub fn stack(args: &[&str]) -> String {
+    stack_with(&[], args)
+}
+
+/// [`stack`] with `envs` set, e.g. another instance's `OUTBOX_RELAY_STACK_DIR` and
+/// `OUTBOX_RELAY_STACK_PORT_OFFSET`.
+pub fn stack_with(envs: &[(&str, &str)], args: &[&str]) -> String {
     let output = Command::new(repo().join("scripts/stack"))
         .args(args)
+        .envs(envs.iter().copied())
         .output()
         .expect("scripts/stack runs");
     assert!(

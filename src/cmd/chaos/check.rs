@@ -4,9 +4,9 @@
 //! - the topic, read with `read_committed`, holds every outbox id exactly once;
 //! - the dead-letter table is empty.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
@@ -284,30 +284,47 @@ pub fn resolve_samples(samples: &[Sample], history: &[(i64, Lsn)]) -> Vec<LsnSam
         .collect()
 }
 
-/// Creates a `test_decoding` slot that records every transaction from now on.
-pub async fn create_witness(source: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
-    source
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
-            &[&name],
-        )
-        .await
-        .map(|_| ())
+/// Creates a `test_decoding` slot that records every transaction from now on; with
+/// `failover` (PostgreSQL 17+), a failover slot, synced to the standby, so that the
+/// witness survives a `pg-start-failover`.
+pub async fn create_witness(
+    source: &Client,
+    name: &str,
+    failover: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = if failover {
+        "SELECT pg_create_logical_replication_slot($1, 'test_decoding', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'test_decoding')"
+    };
+    source.execute(sql, &[&name]).await.map(|_| ())
 }
 
-/// The commit end LSN of every transaction that inserted into the outbox since the
-/// witness was created, ascending.
-pub async fn witness_commits(
+/// The commit end LSNs of the transactions that inserted into the outbox, as the
+/// witness gave them so far.
+pub type WitnessCommits = Arc<Mutex<BTreeSet<Lsn>>>;
+
+/// Consumes what the witness holds (`pg_logical_slot_get_changes`: logical decoding
+/// hands out whole transactions) and adds the commit end LSN of every transaction that
+/// inserted into the outbox to `commits`.
+///
+/// Consumed, not peeked at the end: a failover slot is synchronised to the standby
+/// only once it moves past what the standby can reserve, and a slot that never moves
+/// never is (`pg-start-failover` waits for it). After a failover the promoted
+/// standby's copy may stand a little behind what was consumed here and hand some
+/// transactions out again: a set keeps each once.
+pub async fn consume_witness(
     source: &Client,
     witness: &str,
-) -> Result<Vec<Lsn>, tokio_postgres::Error> {
+    commits: &WitnessCommits,
+) -> Result<(), tokio_postgres::Error> {
     let rows = source
         .query(
-            "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, NULL)",
+            "SELECT lsn::text, data FROM pg_logical_slot_get_changes($1, NULL, NULL)",
             &[&witness],
         )
         .await?;
-    let mut commits = Vec::new();
+    let mut found: Vec<Lsn> = Vec::new();
     let mut touches_outbox = false;
     for row in rows {
         let data: &str = row.get(1);
@@ -317,12 +334,43 @@ pub async fn witness_commits(
             touches_outbox = true;
         } else if data.starts_with("COMMIT") && touches_outbox {
             if let Ok(lsn) = row.get::<_, &str>(0).parse() {
-                commits.push(lsn);
+                found.push(lsn);
             }
         }
     }
-    commits.sort();
-    Ok(commits)
+    commits
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(found);
+    Ok(())
+}
+
+/// Consumes the witness every 2 s until `stop` is set ([`consume_witness`]), through
+/// outages: a failed or slow call (10 s) drops the connection and the next one makes
+/// a new one.
+pub async fn witness_reader(
+    source_url: String,
+    witness: String,
+    commits: WitnessCommits,
+    stop: Arc<AtomicBool>,
+) {
+    let mut source: Option<Client> = None;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if source.is_none() {
+            source = timed(5, async { pg::connect(&source_url).await.ok() }).await;
+        }
+        let Some(client) = source.as_ref() else {
+            continue;
+        };
+        let consumed = timed(10, async {
+            consume_witness(client, &witness, &commits).await.ok()
+        })
+        .await;
+        if consumed.is_none() {
+            source = None;
+        }
+    }
 }
 
 /// The outcome of the LSN check.

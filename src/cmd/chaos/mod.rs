@@ -41,7 +41,7 @@ use crate::error::error_chain;
 use crate::kafka::{self, TopicSpec};
 use crate::pg;
 use check::{LsnCheck, NextStage, TopicCheck};
-use relay::{RelayProc, UnexpectedExit};
+use relay::{Leave, RelayProc, UnexpectedExit};
 use schedule::{Fault, FaultKind, Lane, Schedule};
 use stack::{Stack, Toxiproxy};
 
@@ -98,6 +98,11 @@ pub struct ChaosArgs {
     /// Source transactions per second written by the load, per scenario.
     #[arg(long, default_value_t = 40.0)]
     pub rate: f64,
+    /// The PostgreSQL major version of the stack instance (`scripts/stack up --pg`).
+    /// `pg-start-failover` needs 17 or newer (failover slots): with an older one `all`
+    /// leaves it out.
+    #[arg(long, default_value_t = 15)]
+    pub pg: u16,
     /// The stack instance's state dir (not the default stack's).
     #[arg(
         long,
@@ -145,6 +150,20 @@ impl ChaosArgs {
             }
         }
         kinds.retain(|k| self.scenarios.iter().any(|s| s.affected_by(*k)));
+        if self.pg < 17 && kinds.contains(&FaultKind::PgStartFailover) {
+            if self
+                .faults
+                .iter()
+                .any(|f| f == FaultKind::PgStartFailover.name())
+            {
+                return Err(format!(
+                    "pg-start-failover needs PostgreSQL 17 or newer (failover slots): add --pg 17 \
+                     (this run asks for --pg {})",
+                    self.pg
+                ));
+            }
+            kinds.retain(|k| *k != FaultKind::PgStartFailover);
+        }
         kinds.sort();
         kinds.dedup();
         Ok(kinds)
@@ -342,6 +361,8 @@ struct ScenarioRun {
     target_url: String,
     slot: String,
     witness: String,
+    /// What the witness gave so far ([`check::witness_reader`]).
+    witness_commits: check::WitnessCommits,
     topic: String,
     progress_topic: String,
     relays: Vec<RelayProc>,
@@ -455,8 +476,9 @@ fn plan(args: &ChaosArgs, seed: u64) -> Result<Schedule, String> {
     let schedule = Schedule::plan(seed, duration_ms, &kinds);
     eprintln!("{}", schedule.render());
     eprintln!(
-        "chaos: reproduce with: outbox-relay chaos --seed {seed} --duration {} --scenarios {} --faults {}",
+        "chaos: reproduce with: outbox-relay chaos --seed {seed} --duration {} --pg {} --scenarios {} --faults {}",
         args.duration,
+        args.pg,
         args.scenarios
             .iter()
             .map(|s| format!("{s:?}").to_lowercase())
@@ -470,10 +492,14 @@ fn plan(args: &ChaosArgs, seed: u64) -> Result<Schedule, String> {
 /// Brings up the stack instance of `args`; fails unless its brokers also listen on
 /// the ports the relay reaches them through toxiproxy.
 async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
+    let failover = args.kinds()?.contains(&FaultKind::PgStartFailover);
     let stack = Stack {
         script: args.stack_script.clone(),
         dir: args.stack_dir.clone(),
         offset: args.port_offset,
+        // scripts/stack keeps the profile until `reset`, whatever a later `up` asks.
+        standby: failover || args.stack_dir.join("standby-profile").exists(),
+        pg: args.pg,
     };
     eprintln!(
         "chaos: stack {} offset {} (pg {} {}, brokers {})",
@@ -483,7 +509,12 @@ async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
         stack.pg_end_port(),
         stack.brokers()
     );
-    stack.run_async(&["up"]).await?;
+    let pg = args.pg.to_string();
+    let mut up = vec!["up", "--pg", &pg];
+    if stack.standby {
+        up.push("--standby");
+    }
+    stack.run_async(&up).await?;
     if !stack.proxied_listener_up() {
         return Err(format!(
             "the brokers of {} do not listen on their proxied ports ({}..): they were started \
@@ -493,7 +524,41 @@ async fn bring_up_stack(args: &ChaosArgs) -> Result<Stack, String> {
             stack.broker_proxied_port(1)
         ));
     }
+    set_wal_sender_timeout(&stack).await?;
     Ok(stack)
+}
+
+/// pg_start's `wal_sender_timeout` on the runner's instance: a `long-stall` (35-60 s,
+/// see the schedule) outlasts it twice or more, so the relay's silence timeout ends its
+/// stalled sessions while the stall lasts, and so does the walsender's.
+const LONG_STALL_WAL_SENDER_TIMEOUT: &str = "15s";
+
+/// Sets [`LONG_STALL_WAL_SENDER_TIMEOUT`] on the source (ALTER SYSTEM, kept in the
+/// data dir, and a reload), on both servers under the standby profile.
+async fn set_wal_sender_timeout(stack: &Stack) -> Result<(), String> {
+    let mut ports = vec![stack.pg_start_port()];
+    if stack.standby {
+        ports.push(stack.pg_standby_port());
+    }
+    for port in ports {
+        set_wal_sender_timeout_on(port).await?;
+    }
+    Ok(())
+}
+
+async fn set_wal_sender_timeout_on(port: u16) -> Result<(), String> {
+    let client = admin(Stack::url(port, "postgres")).await?;
+    // Two statements: ALTER SYSTEM cannot run inside the implicit transaction of a batch.
+    for sql in [
+        format!("ALTER SYSTEM SET wal_sender_timeout = '{LONG_STALL_WAL_SENDER_TIMEOUT}'"),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| format!("setting pg_start's wal_sender_timeout: {}", error_chain(&e)))?;
+    }
+    Ok(())
 }
 
 /// Creates this run's own directory for the logs and the report.
@@ -635,6 +700,13 @@ impl Observers {
                 }),
                 stop_sampling.clone(),
             )));
+            // Ends with the samplers; the judge consumes what is left.
+            tokio::spawn(check::witness_reader(
+                run.source_url.clone(),
+                run.witness.clone(),
+                run.witness_commits.clone(),
+                stop_sampling.clone(),
+            ));
             loads.push(tokio::spawn(steady_load(
                 run.source_url.clone(),
                 args.rate,
@@ -909,8 +981,8 @@ fn unix_secs() -> u64 {
         .as_secs()
 }
 
-async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
-    let url = Stack::url(port, "postgres");
+/// A connection to `url` (a `postgres` database), waiting up to 120 s for it.
+async fn admin(url: String) -> Result<tokio_postgres::Client, String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match pg::connect(&url).await {
@@ -919,7 +991,7 @@ async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
                 tracing::debug!(%e, "waiting for the database");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(format!("cannot connect to port {port}: {e}")),
+            Err(e) => return Err(format!("cannot connect to {}: {e}", pg::redact_url(&url))),
         }
     }
 }
@@ -929,7 +1001,7 @@ async fn admin(port: u16) -> Result<tokio_postgres::Client, String> {
 /// `max_replication_slots`, so that this run could not create its own. Their databases
 /// are kept for inspection.
 async fn drop_stale_slots(stack: &Stack) -> Result<(), String> {
-    let source = admin(stack.pg_start_port()).await?;
+    let source = source_admin(stack).await?;
     let dropped = source
         .query(
             "SELECT slot_name, pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -961,16 +1033,14 @@ struct RelaySpawner<'a> {
 
 impl RelaySpawner<'_> {
     /// The relay process `name` (not started), running `outbox-relay <args>`, number `n`
-    /// of the run for its metrics port.
+    /// of the run for its metrics ports (base + n, and base + 10 + n for a successor in
+    /// a hand-over).
     fn relay(&self, name: &str, args: &[&str], n: u16) -> RelayProc {
         RelayProc::new(
             name,
             self.binary,
             args.iter().map(|a| a.to_string()).collect(),
-            vec![(
-                "OUTBOX_RELAY_METRICS_ADDR".to_string(),
-                format!("127.0.0.1:{}", self.metrics_port_base + n),
-            )],
+            [self.metrics_port_base + n, self.metrics_port_base + 10 + n],
             self.run_dir,
             self.unexpected.clone(),
             self.t0,
@@ -994,14 +1064,14 @@ async fn prepare(
     let source = pg::connect(&source_url)
         .await
         .map_err(|e| format!("connect {db}: {e}"))?;
-    check::create_witness(&source, &witness)
+    check::create_witness(&source, &witness, stack.failover_slots())
         .await
         .map_err(|e| format!("witness slot: {}", error_chain(&e)))?;
     let topic = format!("{db}_txns");
     // The connector's --progress-topic; its records are in the slot's own topic.
     let progress_base = format!("{db}_progress");
     let progress_topic = kafka::progress_topic_of(&progress_base, &slot);
-    let relay_source = Stack::url(stack.pg_start_proxy_port(), &db);
+    let relay_source = stack.relay_source_url(&db);
     let relay_target = Stack::url(stack.pg_end_proxy_port(), &db);
     let relays = match scenario {
         Scenario::Kafka => {
@@ -1065,22 +1135,32 @@ async fn prepare(
         target_url,
         slot,
         witness,
+        witness_commits: Default::default(),
         topic,
         progress_topic,
         relays,
     })
 }
 
-/// Creates database `db` on pg_start and on pg_end and migrates both; their URLs.
+/// The source's primary, database `postgres`.
+async fn source_admin(stack: &Stack) -> Result<tokio_postgres::Client, String> {
+    admin(stack.source_url("postgres")).await
+}
+
+async fn pg_end_admin(stack: &Stack) -> Result<tokio_postgres::Client, String> {
+    admin(Stack::url(stack.pg_end_port(), "postgres")).await
+}
+
+/// Creates database `db` on the source and on pg_end and migrates both; their URLs
+/// (the runner's, not through toxiproxy).
 async fn create_databases(stack: &Stack, db: &str) -> Result<(String, String), String> {
-    for port in [stack.pg_start_port(), stack.pg_end_port()] {
-        admin(port)
-            .await?
+    for admin in [source_admin(stack).await?, pg_end_admin(stack).await?] {
+        admin
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .map_err(|e| format!("create database {db}: {e}"))?;
     }
-    let source_url = Stack::url(stack.pg_start_port(), db);
+    let source_url = stack.source_url(db);
     let target_url = Stack::url(stack.pg_end_port(), db);
     migrate::source(&source_url)
         .await
@@ -1117,7 +1197,7 @@ async fn create_topics(stack: &Stack, topic: &str, progress_topic: &str) -> Resu
 }
 
 async fn wait_for_slot(stack: &Stack, run: &ScenarioRun, timeout: Duration) -> Result<(), String> {
-    let client = admin(stack.pg_start_port()).await?;
+    let client = source_admin(stack).await?;
     let deadline = Instant::now() + timeout;
     loop {
         let found = client
@@ -1211,9 +1291,10 @@ async fn judge(
     let ids = check::source_ids(&source)
         .await
         .map_err(|e| format!("outbox ids: {e}"))?;
-    let commits = check::witness_commits(&source, &run.witness)
+    check::consume_witness(&source, &run.witness, &run.witness_commits)
         .await
         .map_err(|e| format!("witness: {e}"))?;
+    let commits: Vec<_> = locked(&run.witness_commits).iter().copied().collect();
     let history = match run.scenario {
         Scenario::Kafka => read_progress_history(stack, run).await?,
         Scenario::Direct => Vec::new(),
@@ -1305,7 +1386,7 @@ async fn read_topic(
 /// Drops the witness slots (they hold WAL) and, when `everything`, the relay slots and
 /// the databases.
 async fn cleanup(stack: &Stack, runs: &[ScenarioRun], everything: bool) {
-    let Ok(source) = admin(stack.pg_start_port()).await else {
+    let Ok(source) = source_admin(stack).await else {
         return;
     };
     for run in runs {
@@ -1332,12 +1413,13 @@ async fn cleanup(stack: &Stack, runs: &[ScenarioRun], everything: bool) {
             }
         }
         if everything {
-            for port in [stack.pg_start_port(), stack.pg_end_port()] {
-                if let Ok(client) = admin(port).await {
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", run.db))
-                        .await;
-                }
+            for client in [source_admin(stack).await, pg_end_admin(stack).await]
+                .into_iter()
+                .flatten()
+            {
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", run.db))
+                    .await;
             }
         }
     }
@@ -1374,9 +1456,13 @@ async fn inject_and_heal(
     match fault.kind {
         PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => {
             let name = match fault.kind {
-                PgEndKill | PgEndCrash => "pg_end",
-                _ => "pg_start",
+                PgEndKill | PgEndCrash => "pg_end".to_string(),
+                _ => ctx.stack.primary().await?,
             };
+            let name = name.as_str();
+            if name != "pg_start" {
+                *note = format!("the primary is {name}");
+            }
             let how = match fault.kind {
                 PgStartCrash | PgEndCrash => "crash",
                 _ => "kill",
@@ -1390,15 +1476,25 @@ async fn inject_and_heal(
             *note = kill_walsenders(ctx).await?;
             Ok(())
         }
+        PgStartFailover => {
+            let started = Instant::now();
+            ctx.stack.run_async(&["failover"]).await?;
+            *note = format!(
+                "{} is the primary now, after {:.1}s",
+                ctx.stack.primary().await?,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         NetPgStartCut | NetPgEndCut | NetPgStartBlackhole | NetPgEndBlackhole => {
-            let name = if matches!(fault.kind, NetPgStartCut | NetPgStartBlackhole) {
-                "pg_start"
+            let names = if matches!(fault.kind, NetPgStartCut | NetPgStartBlackhole) {
+                ctx.stack.source_proxies()
             } else {
-                "pg_end"
+                vec!["pg_end"]
             };
             net_fault(
                 ctx,
-                &[name],
+                &names,
                 matches!(fault.kind, NetPgStartCut | NetPgEndCut),
                 hold,
             )
@@ -1423,7 +1519,52 @@ async fn inject_and_heal(
         DirectKill | ConnectorKill | SinkKill | DirectTerm | ConnectorTerm | SinkTerm => {
             relay_down(ctx, fault.kind, hold, note).await
         }
+        DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => {
+            hand_over(ctx, fault.kind, hold, note).await
+        }
+        LongStall => {
+            let name = schedule::long_stall_target(&fault.targets);
+            *note = format!("on {name}");
+            let names = match name {
+                "pg_start" => ctx.stack.source_proxies(),
+                _ => vec![name],
+            };
+            ctx.toxi(|t| names.iter().try_for_each(|n| t.stall(n)))?;
+            tokio::time::sleep(hold).await;
+            ctx.toxi(|t| names.iter().try_for_each(|n| t.unstall(n)))
+        }
     }
+}
+
+/// A second instance of the direct relay or the connector started beside the active
+/// one (it stands by), both kept for `side_by_side`, then the active one SIGKILLed
+/// (`*-takeover`) or SIGTERMed (`*-upgrade`, a rolling upgrade): the new instance takes
+/// over ([`RelayProc::hand_over`]).
+async fn hand_over(
+    ctx: &Ctx,
+    kind: FaultKind,
+    side_by_side: Duration,
+    note: &mut String,
+) -> Result<(), String> {
+    use FaultKind::*;
+    let name = match kind {
+        DirectTakeover | DirectUpgrade => "direct",
+        _ => "connector",
+    };
+    let leave = match kind {
+        DirectTakeover | ConnectorTakeover => Leave::Kill,
+        _ => Leave::Term(Duration::from_secs(60)),
+    };
+    let relay = ctx.relay(name).ok_or(format!("no {name} in this run"))?;
+    let done = relay.hand_over(leave, side_by_side).await?;
+    *note = done.note;
+    if let Some(status) = done.unclean {
+        locked(&ctx.unclean_terms).push(format!(
+            "{name} (hand-over) at t+{:.1}s: {status}",
+            ctx.t0.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(())
 }
 
 /// Stops every process of component `name` with SIGSTOP for `hold`, then SIGCONT.
@@ -1435,7 +1576,7 @@ async fn hang(stack: &Stack, name: &str, hold: Duration) -> Result<(), String> {
 
 /// Terminates the walsenders serving the run's relay slots; the note says whose.
 async fn kill_walsenders(ctx: &Ctx) -> Result<String, String> {
-    let client = admin(ctx.stack.pg_start_port()).await?;
+    let client = source_admin(&ctx.stack).await?;
     let slots: Vec<String> = ctx.runs.iter().map(|r| r.slot.clone()).collect();
     let rows = client
         .query(
@@ -1738,6 +1879,7 @@ chaos: FAIL"#;
             scenarios,
             faults: faults.iter().map(|f| f.to_string()).collect(),
             rate: 1.0,
+            pg: 15,
             stack_dir: PathBuf::new(),
             port_offset: 0,
             stack_script: PathBuf::new(),
@@ -1757,5 +1899,14 @@ chaos: FAIL"#;
         );
         assert_eq!(kafka.kinds().unwrap(), [FaultKind::SinkKill]);
         assert!(args(vec![Scenario::Kafka], &["nope"]).kinds().is_err());
+        // pg-start-failover needs PostgreSQL 17: left out of `all` before, refused when named.
+        assert!(!direct.contains(&FaultKind::PgStartFailover));
+        assert!(args(vec![Scenario::Direct], &["pg-start-failover"])
+            .kinds()
+            .unwrap_err()
+            .contains("--pg 17"));
+        let mut on_17 = args(vec![Scenario::Direct], &["all"]);
+        on_17.pg = 17;
+        assert!(on_17.kinds().unwrap().contains(&FaultKind::PgStartFailover));
     }
 }

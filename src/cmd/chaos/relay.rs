@@ -5,7 +5,16 @@
 //! any other exit is *unexpected*: the relay is meant to wait and retry through every
 //! outage, never to exit. The supervisor records each unexpected exit (it fails the
 //! run) and restarts the process, so that one finding does not end the run.
+//!
+//! A hand-over ([`RelayProc::hand_over`]) starts a second instance of the process, a
+//! successor, beside the running one: the relay's hot standby. Once the successor
+//! stands by (its `outbox_relay_standby` gauge is 1), the active instance leaves
+//! (SIGKILL, or SIGTERM as in a rolling upgrade) and the successor becomes the
+//! process. The two instances serve their metrics on two ports, so the successor's own
+//! gauge and `/readyz` say what it is doing; after the hand-over the ports swap roles.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -26,6 +35,25 @@ struct State {
     /// True while a fault holds the process down: the supervisor leaves it alone.
     held_down: bool,
     starts: u64,
+    /// Which of [`RelayProc::metrics_ports`] the running instance serves on.
+    port: usize,
+}
+
+/// How the active instance leaves in a hand-over.
+#[derive(Debug, Clone, Copy)]
+pub enum Leave {
+    /// SIGKILL: the standby must notice the slot released.
+    Kill,
+    /// SIGTERM and a wait for the exit (a rolling upgrade), up to this long.
+    Term(Duration),
+}
+
+/// What a hand-over did, for the fault's note.
+#[derive(Debug)]
+pub struct HandOver {
+    pub note: String,
+    /// The SIGTERM of [`Leave::Term`] did not end in a clean exit in time.
+    pub unclean: Option<String>,
 }
 
 /// One supervised relay process.
@@ -34,8 +62,9 @@ pub struct RelayProc {
     pub name: String,
     binary: PathBuf,
     args: Vec<String>,
-    /// Extra environment, e.g. a metrics address of its own.
-    envs: Vec<(String, String)>,
+    /// The two ports an instance serves its metrics on (127.0.0.1): the running one's,
+    /// and a successor's during a hand-over.
+    metrics_ports: [u16; 2],
     log: PathBuf,
     state: Arc<Mutex<State>>,
     unexpected: Arc<Mutex<Vec<UnexpectedExit>>>,
@@ -47,7 +76,7 @@ impl RelayProc {
         name: &str,
         binary: &Path,
         args: Vec<String>,
-        envs: Vec<(String, String)>,
+        metrics_ports: [u16; 2],
         log_dir: &Path,
         unexpected: Arc<Mutex<Vec<UnexpectedExit>>>,
         t0: Instant,
@@ -56,12 +85,13 @@ impl RelayProc {
             name: name.to_string(),
             binary: binary.to_path_buf(),
             args,
-            envs,
+            metrics_ports,
             log: log_dir.join(format!("{name}.log")),
             state: Arc::new(Mutex::new(State {
                 child: None,
                 held_down: false,
                 starts: 0,
+                port: 0,
             })),
             unexpected,
             t0,
@@ -73,26 +103,35 @@ impl RelayProc {
     }
 
     fn spawn(&self, state: &mut State) -> Result<(), String> {
+        let child = self.launch(self.metrics_ports[state.port])?;
+        state.child = Some(child);
+        state.starts += 1;
+        Ok(())
+    }
+
+    /// Starts one instance serving its metrics on `metrics_port`; its output goes to
+    /// the process's log (a successor's lines are interleaved with the active one's).
+    fn launch(&self, metrics_port: u16) -> Result<Child, String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let child = Command::new(&self.binary)
+        Command::new(&self.binary)
             .args(&self.args)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "OUTBOX_RELAY_LOG",
                 "info,librdkafka=warn,rdkafka=warn,outbox_relay::sink=info",
+            )
+            .env(
+                "OUTBOX_RELAY_METRICS_ADDR",
+                format!("127.0.0.1:{metrics_port}"),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("cannot start {} {}: {e}", self.binary.display(), self.name))?;
-        state.child = Some(child);
-        state.starts += 1;
-        Ok(())
+            .map_err(|e| format!("cannot start {} {}: {e}", self.binary.display(), self.name))
     }
 
     /// Starts the process (if it is not running) and lets the supervisor keep it up.
@@ -124,27 +163,115 @@ impl RelayProc {
             state.held_down = true;
             state.child.take()
         };
-        let Some(mut child) = child else {
-            return ("not running".into(), true);
+        match child {
+            Some(child) => terminate(child, timeout).await,
+            None => ("not running".into(), true),
+        }
+    }
+
+    /// Hands the process over to a successor: starts a second instance beside the
+    /// running one, waits until it stands by (up to 60 s), keeps both for
+    /// `side_by_side`, makes the active one leave as `leave` says, and waits until the
+    /// successor is ready (up to 120 s). The successor is the process from the moment
+    /// the old one is gone.
+    ///
+    /// Only an exit of the successor is an error (it is recorded as unexpected, too):
+    /// a successor that does not stand by, or is not ready in time, is noted, because
+    /// a fault of the other lane (pg_start down, say) explains both. Whether anything
+    /// was lost or repeated is the run's verdict, not this step's.
+    pub async fn hand_over(
+        &self,
+        leave: Leave,
+        side_by_side: Duration,
+    ) -> Result<HandOver, String> {
+        let port = {
+            let mut state = self.lock();
+            let port = 1 - state.port;
+            state.starts += 1;
+            port
         };
-        // SAFETY-free: kill(2) through the `kill` command, no libc binding needed.
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => return (status.to_string(), status.success()),
-                Ok(None) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return (format!("no exit within {timeout:?} of SIGTERM"), false);
+        let metrics_port = self.metrics_ports[port];
+        let mut successor = Some(self.launch(metrics_port)?);
+        let mut note = String::new();
+        let started = Instant::now();
+        let standing_by = wait_for(Duration::from_secs(60), &mut successor, || {
+            scrape(metrics_port, "/metrics")
+                .is_some_and(|(_, body)| standby_gauge(&body) == Some(true))
+        })
+        .await;
+        match standing_by {
+            Err(status) => return Err(self.successor_exited(status, "before standing by")),
+            Ok(true) => note.push_str(&format!(
+                "stood by after {:.1}s",
+                started.elapsed().as_secs_f64()
+            )),
+            Ok(false) => note.push_str("not standing by after 60 s"),
+        }
+        tokio::time::sleep(side_by_side).await;
+        let active = {
+            let mut state = self.lock();
+            state.held_down = true;
+            state.child.take()
+        };
+        let left = Instant::now();
+        let mut unclean = None;
+        match (leave, active) {
+            (_, None) => note.push_str("; no active instance"),
+            (Leave::Kill, Some(mut child)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                note.push_str("; active SIGKILLed");
+            }
+            (Leave::Term(timeout), Some(child)) => {
+                let (status, clean) = terminate(child, timeout).await;
+                note.push_str(&format!("; active exit {status}"));
+                if !clean {
+                    unclean = Some(status);
                 }
             }
         }
+        // The successor is the process from here on; the supervisor watches it.
+        {
+            let mut state = self.lock();
+            state.child = successor.take();
+            state.port = port;
+            state.held_down = false;
+        }
+        let left_after = left.elapsed();
+        let mut watched = None;
+        let ready = wait_for(Duration::from_secs(120), &mut watched, || {
+            scrape(metrics_port, "/readyz").is_some_and(|(status, _)| status == 200)
+        })
+        .await
+        .unwrap_or(false);
+        if ready {
+            note.push_str(&format!(
+                "; ready {:.1}s after the active one was gone",
+                (left.elapsed() - left_after).as_secs_f64()
+            ));
+        } else {
+            note.push_str("; not ready within 120 s");
+        }
+        Ok(HandOver { note, unclean })
+    }
+
+    /// Records the exit of a successor that was not yet the process; the error text.
+    fn successor_exited(&self, status: String, when: &str) -> String {
+        let at_secs = self.t0.elapsed().as_secs_f64();
+        eprintln!(
+            "chaos: UNEXPECTED EXIT of {}'s successor ({status}) at t+{at_secs:.1}s, {when}; see {}",
+            self.name,
+            self.log.display()
+        );
+        self.unexpected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(UnexpectedExit {
+                process: format!("{} (successor)", self.name),
+                status: status.clone(),
+                at_secs,
+            });
+        format!("the successor exited ({status}) {when}")
     }
 
     /// Stops for good (end of the run): SIGTERM, then SIGKILL.
@@ -188,5 +315,106 @@ impl RelayProc {
                 eprintln!("chaos: {error}");
             }
         }
+    }
+}
+
+/// SIGTERM to `child` and a wait up to `timeout` for its exit; a process that does not
+/// exit in time is killed. The exit status text, and whether it was clean (a zero exit
+/// within the timeout).
+async fn terminate(mut child: Child, timeout: Duration) -> (String, bool) {
+    // kill(2) through the `kill` command, no libc binding needed.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return (status.to_string(), status.success()),
+            Ok(None) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (format!("no exit within {timeout:?} of SIGTERM"), false);
+            }
+        }
+    }
+}
+
+/// Polls `ready` every 200 ms for up to `timeout`: `Ok(true)` once it holds, `Ok(false)`
+/// when the time is up, `Err(status)` when `child` (if any) exits first.
+async fn wait_for(
+    timeout: Duration,
+    child: &mut Option<Child>,
+    ready: impl Fn() -> bool,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(c) = child.as_mut() {
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    child.take();
+                    return Err(status.to_string());
+                }
+                Err(e) => return Err(format!("wait failed: {e}")),
+                Ok(None) => {}
+            }
+        }
+        if tokio::task::block_in_place(&ready) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port` (HTTP/1.0, 2 s timeouts): the status and the body.
+fn scrape(port: u16, path: &str) -> Option<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let mut stream =
+        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of the `outbox_relay_standby` gauge in a Prometheus text body, if present.
+fn standby_gauge(body: &str) -> Option<bool> {
+    body.lines()
+        .find(|l| {
+            l.strip_prefix(crate::metrics::STANDBY)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v == 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_standby_gauge_is_read_from_the_metrics_text() {
+        let body = "# HELP outbox_relay_standby x\n# TYPE outbox_relay_standby gauge\n\
+                    outbox_relay_standby{stage=\"connector\"} 1\nother 3\n";
+        assert_eq!(standby_gauge(body), Some(true));
+        assert_eq!(
+            standby_gauge("outbox_relay_standby{stage=\"direct\"} 0\n"),
+            Some(false)
+        );
+        assert_eq!(standby_gauge("outbox_relay_standby_x 1\nfoo 1\n"), None);
+        assert_eq!(standby_gauge("foo 1\n"), None);
     }
 }

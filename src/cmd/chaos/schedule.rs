@@ -61,6 +61,11 @@ pub enum FaultKind {
     PgStartKill,
     /// `pg_ctl stop -m immediate` of pg_start, restart after the hold.
     PgStartCrash,
+    /// A failover of the source (`scripts/stack failover`, standby profile, PostgreSQL
+    /// 17+): once the relay's failover slots are synced to pg_standby, the primary is
+    /// stopped hard (fenced), the standby promoted, and the old primary rebuilt as the
+    /// new primary's standby. The next one fails back.
+    PgStartFailover,
     /// `pg_terminate_backend` of the walsenders serving the relay's slots.
     WalsenderKill,
     /// SIGKILL of pg_end's postmaster, restart after the hold.
@@ -80,6 +85,16 @@ pub enum FaultKind {
     DirectKill,
     /// The direct relay: SIGTERM, wait for its exit, restart after the hold.
     DirectTerm,
+    /// A second direct relay started on the same slot (it stands by), kept beside the
+    /// active one for the hold, then the active one SIGKILLed: the standby takes over.
+    DirectTakeover,
+    /// A rolling upgrade of the direct relay: a second one started (it stands by), the
+    /// active one SIGTERMed after the hold: the new one takes over.
+    DirectUpgrade,
+    /// A long stall: every byte between the relay and pg_start (target 0) or pg_end
+    /// (target 1) held for longer than twice pg_start's `wal_sender_timeout`, so that
+    /// the relay's own silence and apply timeouts end its sessions while it lasts.
+    LongStall,
     /// One broker SIGKILLed, restarted after the hold.
     BrokerKill,
     /// One broker SIGSTOPped longer than the broker session timeout (fenced), then SIGCONT.
@@ -96,6 +111,10 @@ pub enum FaultKind {
     NetKafkaBlackhole,
     ConnectorKill,
     ConnectorTerm,
+    /// [`FaultKind::DirectTakeover`] for the connector.
+    ConnectorTakeover,
+    /// [`FaultKind::DirectUpgrade`] for the connector.
+    ConnectorUpgrade,
     SinkKill,
     SinkTerm,
 }
@@ -103,9 +122,10 @@ pub enum FaultKind {
 use FaultKind::*;
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 23] = [
+    pub const ALL: [FaultKind; 29] = [
         PgStartKill,
         PgStartCrash,
+        PgStartFailover,
         WalsenderKill,
         PgEndKill,
         PgEndCrash,
@@ -116,6 +136,9 @@ impl FaultKind {
         NetPgEndBlackhole,
         DirectKill,
         DirectTerm,
+        DirectTakeover,
+        DirectUpgrade,
+        LongStall,
         BrokerKill,
         BrokerHang,
         BrokersTwoDown,
@@ -125,6 +148,8 @@ impl FaultKind {
         NetKafkaBlackhole,
         ConnectorKill,
         ConnectorTerm,
+        ConnectorTakeover,
+        ConnectorUpgrade,
         SinkKill,
         SinkTerm,
     ];
@@ -133,6 +158,7 @@ impl FaultKind {
         match self {
             PgStartKill => "pg-start-kill",
             PgStartCrash => "pg-start-crash",
+            PgStartFailover => "pg-start-failover",
             WalsenderKill => "walsender-kill",
             PgEndKill => "pg-end-kill",
             PgEndCrash => "pg-end-crash",
@@ -143,6 +169,9 @@ impl FaultKind {
             NetPgEndBlackhole => "net-pg-end-blackhole",
             DirectKill => "direct-kill",
             DirectTerm => "direct-term",
+            DirectTakeover => "direct-takeover",
+            DirectUpgrade => "direct-upgrade",
+            LongStall => "long-stall",
             BrokerKill => "broker-kill",
             BrokerHang => "broker-hang",
             BrokersTwoDown => "brokers-two-down",
@@ -152,6 +181,8 @@ impl FaultKind {
             NetKafkaBlackhole => "net-kafka-blackhole",
             ConnectorKill => "connector-kill",
             ConnectorTerm => "connector-term",
+            ConnectorTakeover => "connector-takeover",
+            ConnectorUpgrade => "connector-upgrade",
             SinkKill => "sink-kill",
             SinkTerm => "sink-term",
         }
@@ -159,16 +190,20 @@ impl FaultKind {
 
     pub fn lane(self) -> Lane {
         match self {
-            PgStartKill | PgStartCrash | WalsenderKill | PgEndKill | PgEndCrash | PgEndHang
-            | NetPgStartCut | NetPgStartBlackhole | NetPgEndCut | NetPgEndBlackhole
-            | DirectKill | DirectTerm => Lane::Db,
+            PgStartKill | PgStartCrash | PgStartFailover | WalsenderKill | PgEndKill
+            | PgEndCrash | PgEndHang | NetPgStartCut | NetPgStartBlackhole | NetPgEndCut
+            | NetPgEndBlackhole | DirectKill | DirectTerm | DirectTakeover | DirectUpgrade
+            | LongStall => Lane::Db,
             _ => Lane::Kafka,
         }
     }
 
     /// Whether the fault touches the Kafka scenario (connector + sink).
     pub fn affects_kafka_path(self) -> bool {
-        !matches!(self, DirectKill | DirectTerm)
+        !matches!(
+            self,
+            DirectKill | DirectTerm | DirectTakeover | DirectUpgrade
+        )
     }
 
     /// Whether the fault touches the direct scenario.
@@ -179,7 +214,7 @@ impl FaultKind {
     /// How long the fault lasts before it is healed, in milliseconds (inclusive).
     fn hold_range(self) -> (u64, u64) {
         match self {
-            WalsenderKill => (0, 0),
+            WalsenderKill | PgStartFailover => (0, 0),
             PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => (500, 6_000),
             PgEndHang => (1_000, 15_000),
             NetPgStartCut | NetPgEndCut | NetKafkaCut => (1_000, 12_000),
@@ -187,6 +222,10 @@ impl FaultKind {
             DirectKill | DirectTerm | ConnectorKill | ConnectorTerm | SinkKill | SinkTerm => {
                 (0, 4_000)
             }
+            // How long the two instances run side by side before the active one goes.
+            DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => (0, 5_000),
+            // The runner sets pg_start's wal_sender_timeout to 15 s (`LONG_STALL_WAL_SENDER_TIMEOUT`).
+            LongStall => (35_000, 60_000),
             BrokerKill | LeaderKill | BrokersTwoDown | BrokersAllDown => (1_000, 10_000),
             // The KRaft broker session timeout is 9 s: a longer stop gets the broker fenced.
             BrokerHang => (10_000, 16_000),
@@ -200,6 +239,10 @@ impl FaultKind {
             BrokersTwoDown => 12_000,
             BrokersAllDown => 15_000,
             PgStartKill | PgStartCrash | PgEndKill | PgEndCrash => 1_500,
+            // Waiting for the slots to be synced, the promotion, the rebuilt standby.
+            PgStartFailover => 15_000,
+            // The new instance starting and standing by, then taking over.
+            DirectTakeover | DirectUpgrade | ConnectorTakeover | ConnectorUpgrade => 3_000,
             _ => 300,
         }
     }
@@ -238,7 +281,8 @@ pub struct Fault {
     /// How long the fault lasts before it is healed.
     pub hold_ms: u64,
     /// Which brokers (node ids 1..=3) a broker fault takes down; empty otherwise. For
-    /// `leader-kill` this is the partition whose leader is killed, as `[partition]`.
+    /// `leader-kill` this is the partition whose leader is killed, as `[partition]`; for
+    /// `long-stall`, 0 for pg_start and 1 for pg_end ([`long_stall_target`]).
     pub targets: Vec<u8>,
 }
 
@@ -257,7 +301,9 @@ impl fmt::Display for Fault {
             self.kind.name(),
             self.hold_ms as f64 / 1000.0
         )?;
-        if !self.targets.is_empty() {
+        if self.kind == LongStall {
+            write!(f, " on {}", long_stall_target(&self.targets))?;
+        } else if !self.targets.is_empty() {
             let what = if self.kind == LeaderKill {
                 "partition"
             } else {
@@ -266,6 +312,14 @@ impl fmt::Display for Fault {
             write!(f, " {what} {:?}", self.targets)?;
         }
         Ok(())
+    }
+}
+
+/// The component a `long-stall` fault with `targets` cuts off: pg_start or pg_end.
+pub fn long_stall_target(targets: &[u8]) -> &'static str {
+    match targets.first() {
+        Some(1) => "pg_end",
+        _ => "pg_start",
     }
 }
 
@@ -370,6 +424,7 @@ fn plan_lane(
             }
             BrokersAllDown => vec![1, 2, 3],
             LeaderKill => vec![rng.below(3) as u8],
+            LongStall => vec![rng.below(2) as u8],
             _ => Vec::new(),
         };
         faults.push(Fault {

@@ -18,9 +18,21 @@ pub struct Stack {
     pub script: PathBuf,
     pub dir: PathBuf,
     pub offset: u16,
+    /// Runs the standby profile (pg_standby, a physical standby of the source, for the
+    /// `pg-start-failover` fault): the source is then whichever of pg_start and
+    /// pg_standby is the primary, reached with a two-host URL.
+    pub standby: bool,
+    /// The PostgreSQL major version (`scripts/stack up --pg`).
+    pub pg: u16,
 }
 
 impl Stack {
+    /// Whether slots are made failover slots (synced to the standby): the standby
+    /// profile on PostgreSQL 17 or newer.
+    pub fn failover_slots(&self) -> bool {
+        self.standby && self.pg >= 17
+    }
+
     pub fn pg_start_port(&self) -> u16 {
         8000 + self.offset
     }
@@ -33,6 +45,46 @@ impl Stack {
     }
     pub fn pg_end_proxy_port(&self) -> u16 {
         8003 + self.offset
+    }
+    /// The standby profile's pg_standby, and where toxiproxy listens for it.
+    pub fn pg_standby_port(&self) -> u16 {
+        8004 + self.offset
+    }
+    pub fn pg_standby_proxy_port(&self) -> u16 {
+        8005 + self.offset
+    }
+
+    /// The toxiproxy proxies between the relay and the source: pg_start's, and under
+    /// the standby profile also pg_standby's (a source network fault cuts both).
+    pub fn source_proxies(&self) -> Vec<&'static str> {
+        if self.standby {
+            vec!["pg_start", "pg_standby"]
+        } else {
+            vec!["pg_start"]
+        }
+    }
+
+    /// The source database `db` as the runner reaches it (directly): pg_start, or under
+    /// the standby profile whichever server is the primary (libpq's
+    /// `target_session_attrs=read-write` over both).
+    pub fn source_url(&self, db: &str) -> String {
+        self.two_hosts(self.pg_start_port(), self.pg_standby_port(), db)
+    }
+
+    /// The source database `db` as the relay reaches it: through toxiproxy.
+    pub fn relay_source_url(&self, db: &str) -> String {
+        self.two_hosts(self.pg_start_proxy_port(), self.pg_standby_proxy_port(), db)
+    }
+
+    fn two_hosts(&self, first: u16, second: u16, db: &str) -> String {
+        if self.standby {
+            format!(
+                "postgres://postgres:{PG_PASSWORD}@127.0.0.1:{first},127.0.0.1:{second}/{db}\
+                 ?target_session_attrs=read-write"
+            )
+        } else {
+            Self::url(first, db)
+        }
     }
     /// The toxiproxy API.
     pub fn toxiproxy_api_port(&self) -> u16 {
@@ -93,6 +145,36 @@ impl Stack {
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             ))
         }
+    }
+
+    /// The name of the source's primary now (`scripts/stack primary`): pg_start, or
+    /// pg_standby after an odd number of failovers.
+    pub async fn primary(&self) -> Result<String, String> {
+        if !self.standby {
+            return Ok("pg_start".into());
+        }
+        let stack = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let output = Command::new(&stack.script)
+                .arg("primary")
+                .env("OUTBOX_RELAY_STACK_DIR", &stack.dir)
+                .env("OUTBOX_RELAY_STACK_PORT_OFFSET", stack.offset.to_string())
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", stack.script.display()))?;
+            let name = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            if output.status.success() && !name.is_empty() {
+                Ok(name)
+            } else {
+                Err(format!(
+                    "scripts/stack primary failed ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        })
+        .await
+        .map_err(|e| format!("stack task: {e}"))?
     }
 
     /// [`Self::run`] off the async runtime.
@@ -158,6 +240,36 @@ pub fn toxiproxy_binary(dir: &Path) -> Result<PathBuf, String> {
     Ok(installed)
 }
 
+/// The toxics the runner adds, both ways.
+#[derive(Debug, Clone, Copy)]
+enum Toxic {
+    /// A one-hour latency: bytes held, then let through.
+    Blackhole,
+    /// Bytes dropped, nothing closed.
+    Stall,
+}
+
+impl Toxic {
+    fn name(self) -> &'static str {
+        match self {
+            Toxic::Blackhole => "blackhole",
+            Toxic::Stall => "stall",
+        }
+    }
+    fn kind(self) -> &'static str {
+        match self {
+            Toxic::Blackhole => "latency",
+            Toxic::Stall => "timeout",
+        }
+    }
+    fn attributes(self) -> &'static str {
+        match self {
+            Toxic::Blackhole => r#"{"latency":3600000,"jitter":0}"#,
+            Toxic::Stall => r#"{"timeout":0}"#,
+        }
+    }
+}
+
 /// A toxiproxy server run by the runner, with one proxy per component.
 pub struct Toxiproxy {
     child: Child,
@@ -184,6 +296,13 @@ pub fn proxies(stack: &Stack) -> Vec<(String, u16, u16)> {
             stack.pg_end_port(),
         ),
     ];
+    if stack.standby {
+        list.push((
+            "pg_standby".to_string(),
+            stack.pg_standby_proxy_port(),
+            stack.pg_standby_port(),
+        ));
+    }
     for n in 1..=3 {
         list.push((
             format!("kafka{n}"),
@@ -314,25 +433,56 @@ impl Toxiproxy {
     /// latency far beyond the hold, removed at the heal (toxiproxy then lets the held
     /// bytes through, so the streams stay intact, as TCP's would).
     pub fn blackhole(&self, name: &str) -> Result<(), String> {
+        self.add_toxics(name, Toxic::Blackhole)
+    }
+
+    /// Drops every byte through `name`, both ways, and closes nothing (toxiproxy's
+    /// `timeout` toxic with timeout 0), until [`Self::unstall`]: connections a
+    /// middlebox lost silently. A stream that carried bytes meanwhile is broken for
+    /// good; its ends must notice by their own timeouts or by the garbage that follows.
+    /// For `long-stall`: removing a latency toxic that held bytes for tens of seconds
+    /// was seen to hang toxiproxy 2.5 (503 after 10 s, then nothing passed until it was
+    /// restarted); a dropping toxic holds nothing.
+    pub fn stall(&self, name: &str) -> Result<(), String> {
+        self.add_toxics(name, Toxic::Stall)
+    }
+
+    pub fn unblackhole(&self, name: &str) -> Result<(), String> {
+        self.remove_toxics(name, Toxic::Blackhole)
+    }
+
+    pub fn unstall(&self, name: &str) -> Result<(), String> {
+        self.remove_toxics(name, Toxic::Stall)
+    }
+
+    fn add_toxics(&self, name: &str, toxic: Toxic) -> Result<(), String> {
         for stream in ["upstream", "downstream"] {
             self.curl(
                 "POST",
                 &format!("/proxies/{name}/toxics"),
                 Some(&format!(
-                    r#"{{"name":"blackhole_{stream}","type":"latency","stream":"{stream}","toxicity":1.0,"attributes":{{"latency":3600000,"jitter":0}}}}"#
+                    r#"{{"name":"{}_{stream}","type":"{}","stream":"{stream}","toxicity":1.0,"attributes":{}}}"#,
+                    toxic.name(),
+                    toxic.kind(),
+                    toxic.attributes()
                 )),
             )?;
         }
         Ok(())
     }
 
-    pub fn unblackhole(&self, name: &str) -> Result<(), String> {
+    /// Removes the toxics. One that is not there (404) is fine; any other failure is
+    /// returned, so that [`Self::call`] restarts the server.
+    fn remove_toxics(&self, name: &str, toxic: Toxic) -> Result<(), String> {
         for stream in ["upstream", "downstream"] {
-            let _ = self.curl(
+            match self.curl(
                 "DELETE",
-                &format!("/proxies/{name}/toxics/blackhole_{stream}"),
+                &format!("/proxies/{name}/toxics/{}_{stream}", toxic.name()),
                 None,
-            );
+            ) {
+                Err(e) if !e.contains("error: 404") => return Err(e),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -341,6 +491,7 @@ impl Toxiproxy {
     pub fn heal_all(&self) -> Result<(), String> {
         for (name, _, _) in &self.proxies {
             self.unblackhole(name)?;
+            self.unstall(name)?;
             self.set_enabled(name, true)?;
         }
         Ok(())
