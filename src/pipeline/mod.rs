@@ -638,6 +638,19 @@ impl<D: Destination> Pipeline<D> {
             .wait_started()
             .await
             .map_err(PipelineError::Replication)?;
+        // `wait_started` says only that the session started. One that ended since (pg_start
+        // crashed while the destination's progress was read) is not streaming: the next
+        // attempt finds the slot free, or held by a successor, and stands by, rather than
+        // commit as the active instance and meet the successor's fence.
+        if !replication.is_running() {
+            return Err(SourceError::Transient {
+                context: "the replication session ended while the destination's progress \
+                          was read"
+                    .into(),
+                source: None,
+            }
+            .into());
+        }
         Ok((replication, client))
     }
 
