@@ -88,6 +88,8 @@
 
 mod events;
 mod snapshot;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -1549,6 +1551,7 @@ fn crash_point_after_commit() {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::Counting;
     use super::*;
 
     fn session() -> Session {
@@ -1634,37 +1637,6 @@ mod tests {
         }
     }
 
-    /// A destination that holds nothing: only the pipeline's bookkeeping is under test.
-    struct Nowhere;
-
-    impl Destination for Nowhere {
-        const STAGE: &'static str = "test";
-        async fn read_progress(
-            &mut self,
-            _: &str,
-        ) -> Result<Option<ProgressRecord>, PipelineError> {
-            Ok(None)
-        }
-        fn set_columns(&mut self, _: usize, _: &[ColumnDef]) -> Result<(), PipelineError> {
-            Ok(())
-        }
-        fn begin_txn(&mut self, _: TxnMeta) {}
-        fn row(&mut self, _: usize, _: &[Option<&[u8]>]) {}
-        fn end_txn(&mut self) {}
-        fn discard_txn(&mut self) {}
-        fn batch_size(&self) -> (usize, usize) {
-            (0, 0)
-        }
-        fn clear(&mut self) {}
-        fn commit(
-            &mut self,
-            _: &str,
-            _: &ProgressRecord,
-        ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
-            std::future::ready(Ok(Committed::DURABLE))
-        }
-    }
-
     #[tokio::test]
     async fn a_failed_commit_leaves_the_batches_not_yet_durable_unconfirmed() {
         #[derive(clap::Parser)]
@@ -1675,8 +1647,15 @@ mod tests {
         let args = <Args as clap::Parser>::parse_from(["test"]).stream;
         let outbox = Outbox::table(TableName::parse(&args.outbox.table).unwrap());
         let (_, stop) = watch::channel(false);
-        let mut pipeline =
-            Pipeline::new(String::new(), "slot".into(), args, outbox, Nowhere, stop).unwrap();
+        let mut pipeline = Pipeline::new(
+            String::new(),
+            "slot".into(),
+            args,
+            outbox,
+            Counting::default(),
+            stop,
+        )
+        .unwrap();
         let mut s = session();
         committed_batches(&mut s, [Some(100), Some(200), Some(300)]);
         // The commit of a fourth batch fails: its connection was lost.

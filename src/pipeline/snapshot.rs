@@ -214,51 +214,8 @@ async fn commit_durably<D: Destination>(
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-
     use super::*;
-    use crate::pipeline::{ColumnDef, Committed};
-
-    /// Counts the rows in its batch, and what each commit carried.
-    #[derive(Default)]
-    struct Counting {
-        pending: usize,
-        committed: Vec<(usize, ProgressState)>,
-    }
-
-    impl Destination for Counting {
-        const STAGE: &'static str = "test";
-        async fn read_progress(
-            &mut self,
-            _: &str,
-        ) -> Result<Option<ProgressRecord>, PipelineError> {
-            Ok(None)
-        }
-        fn set_columns(&mut self, _: usize, _: &[ColumnDef]) -> Result<(), PipelineError> {
-            Ok(())
-        }
-        fn begin_txn(&mut self, _: TxnMeta) {}
-        fn row(&mut self, _: usize, _: &[Option<&[u8]>]) {
-            self.pending += 1;
-        }
-        fn end_txn(&mut self) {}
-        fn discard_txn(&mut self) {}
-        fn batch_size(&self) -> (usize, usize) {
-            (self.pending, 0)
-        }
-        fn clear(&mut self) {
-            self.pending = 0;
-        }
-        fn commit(
-            &mut self,
-            _: &str,
-            progress: &ProgressRecord,
-        ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
-            self.committed
-                .push((std::mem::take(&mut self.pending), progress.state));
-            std::future::ready(Ok(Committed::DURABLE))
-        }
-    }
+    use crate::pipeline::testing::Counting;
 
     #[tokio::test]
     async fn the_snapshot_marker_carries_nothing_an_earlier_session_left_in_the_batch() {
