@@ -10,6 +10,7 @@
 //!   PostgreSQL and Kafka classifiers.
 //! - [`retry`]: the one backoff helper and the optional-deadline sleep.
 //! - [`metrics`]: the Prometheus recorder and the health endpoints.
+//! - [`telemetry`]: trace context (`traceparent`) and the OTLP span export.
 //! - [`pgoutput`]: the pure decoder of the pgoutput logical replication protocol.
 //! - [`pg`]: PostgreSQL connections from one URL form (TLS, password files, timeouts).
 //! - [`progress`]: `ProgressTracker` (what may be confirmed to the slot) and the
@@ -55,3 +56,4 @@ pub mod route;
 pub mod secret;
 pub mod sink;
 pub mod source;
+pub mod telemetry;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use outbox_relay::cmd::{chaos, check, load, migrate, reconcile, status, verify};
 use outbox_relay::config::{SourceArgs, TargetArgs};
-use outbox_relay::{connector, direct, sink};
+use outbox_relay::{connector, direct, sink, telemetry};
 
 #[derive(Parser)]
 #[command(name = "outbox-relay", version, about)]
@@ -215,8 +215,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             connector::run(args, shutdown_signal()).await?;
         }
         Command::Sink(args) => {
-            let stats = sink::run(args, shutdown_signal()).await?;
-            eprintln!("sink: {}", serde_json::to_string(&stats)?);
+            // Spans only when an OTLP endpoint is configured (docs/operations.md, "Tracing").
+            let telemetry = match telemetry::Settings::from_env()? {
+                Some(settings) => Some(telemetry::init(&settings, "outbox-relay-sink")?),
+                None => None,
+            };
+            let result = sink::run(args, shutdown_signal()).await;
+            if let Some(telemetry) = telemetry {
+                // Flushes the queued spans while the runtime still carries the requests.
+                let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            }
+            eprintln!("sink: {}", serde_json::to_string(&result?)?);
         }
         Command::Direct(args) => {
             direct::run(args, shutdown_signal()).await?;

@@ -11,6 +11,11 @@
 //!
 //! A logical message's top-level JSON fields stand in for columns ([`message_row`]).
 //!
+//! `--trace-column` names the column (or message field) that holds the writer's W3C
+//! trace context: where a source has it, its value travels as the header
+//! `traceparent` (see [`crate::telemetry`]); a source without it, or a NULL, gives a
+//! record without that header, never a dead letter.
+//!
 //! # Invariants
 //! 1. Every row (or message) of a routed source becomes exactly one record: either
 //!    the routed one, or a dead letter ([`Rendered::Dead`]) that keeps the row's full
@@ -139,6 +144,9 @@ pub struct Route {
     pub columns: Option<Vec<String>>,
     /// See [`RouteSpec::source_query`].
     pub source_query: Option<String>,
+    /// `--trace-column`: the column sent as header `traceparent` where the source has
+    /// it (a route that declares a `traceparent` header itself keeps its own).
+    pub trace_column: Option<String>,
     /// Keys are placed on partitions as Kafka's Java client places them (murmur2), as
     /// Debezium does: the `event-router` preset's default, so that a key stays on the
     /// partition it had under Debezium (consumers that keep per-partition state, Kafka
@@ -270,6 +278,7 @@ impl RouteSpec {
             headers,
             columns: self.columns.clone(),
             source_query: self.source_query.clone(),
+            trace_column: None,
             java_partitioning: router,
         })
     }
@@ -298,6 +307,12 @@ pub struct RouteArgs {
     /// --id-column are not used.
     #[arg(long = "route", env = "OUTBOX_RELAY_ROUTES", value_delimiter = '\n', value_parser = RouteSpec::parse)]
     pub routes: Vec<RouteSpec>,
+    /// The outbox column (or logical-message field) holding the writer's W3C trace
+    /// context; its value travels as the Kafka header `traceparent`, which the sink
+    /// continues (docs/operations.md, "Tracing"). Applies to every route; a source
+    /// without that column sends its records without the header.
+    #[arg(long, env = "OUTBOX_RELAY_TRACE_COLUMN")]
+    pub trace_column: Option<String>,
 }
 
 impl RouteArgs {
@@ -317,7 +332,19 @@ impl RouteArgs {
         } else {
             self.routes.clone()
         };
-        resolve_all(&specs, topic)
+        let mut routes = resolve_all(&specs, topic)?;
+        if let Some(column) = &self.trace_column {
+            for route in &mut routes {
+                let declared = route
+                    .headers
+                    .iter()
+                    .any(|(name, _)| name.eq_ignore_ascii_case(crate::telemetry::TRACEPARENT));
+                if !declared {
+                    route.trace_column = Some(column.clone());
+                }
+            }
+        }
+        Ok(routes)
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Bound {
     topic: Vec<BoundPart>,
     value: BoundValue,
     headers: Vec<(String, usize)>,
+    /// The trace column's position, where the source has it.
+    trace: Option<usize>,
     /// Every column, for a dead letter's copy of the row.
     all: Vec<ColumnSpec>,
     /// Why every row of this source is a dead letter (a column the route names is
@@ -143,6 +145,11 @@ impl Bound {
             .iter()
             .filter_map(|(name, column)| find("header", column).map(|i| (name.clone(), i)))
             .collect();
+        // Lenient, unlike the columns above: a source without it is traced no further.
+        let trace = route
+            .trace_column
+            .as_ref()
+            .and_then(|name| columns.iter().position(|c| &c.name == name));
         let missing = missing.into_inner();
         let unusable = (!missing.is_empty()).then(|| {
             format!(
@@ -158,6 +165,7 @@ impl Bound {
             topic,
             value,
             headers,
+            trace,
             all: columns
                 .iter()
                 .map(|c| ColumnSpec::new(&c.name, c.type_oid))
@@ -247,15 +255,19 @@ impl Bound {
                 },
             },
         };
+        let mut headers: Vec<(&str, Option<&[u8]>)> = self
+            .headers
+            .iter()
+            .map(|(name, i)| (name.as_str(), get(*i)))
+            .collect();
+        if let Some(context) = self.trace.and_then(get) {
+            headers.push((crate::telemetry::TRACEPARENT, Some(context)));
+        }
         Rendered::Record {
             topic,
             key,
             value,
-            headers: self
-                .headers
-                .iter()
-                .map(|(name, i)| (name.as_str(), get(*i)))
-                .collect(),
+            headers,
             id,
         }
     }
@@ -480,6 +492,59 @@ mod tests {
             .unwrap()
             .contains("the topic column \"region\""));
         assert!(matches!(bound.render(&ok, None), Rendered::Dead { .. }));
+    }
+
+    #[test]
+    fn the_trace_column_travels_as_traceparent_where_the_source_has_it() {
+        let args = |routes: Vec<RouteSpec>| super::super::RouteArgs {
+            key_column: "account_id".into(),
+            id_column: "id".into(),
+            preset: super::super::Preset::Row,
+            routes,
+            trace_column: Some("trace".into()),
+        };
+        let context = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut columns = outbox_columns();
+        columns.push(column("trace", TEXT_OID, false));
+        let spec = RouteSpec::event_router("public.outbox");
+        let routes = args(vec![spec.clone()])
+            .resolve("unused", "unused")
+            .unwrap();
+        let traced = routes[0].bind(&columns);
+        let mut values: Vec<Option<&[u8]>> = vec![
+            Some(b"1"),
+            Some(b"Order"),
+            Some(b"o1"),
+            None,
+            None,
+            Some(context),
+        ];
+        let Rendered::Record { headers, .. } = traced.render(&values, None) else {
+            panic!("dead letter")
+        };
+        assert_eq!(
+            headers,
+            vec![("id", Some(&b"1"[..])), ("traceparent", Some(&context[..]))]
+        );
+        // NULL: no header. A source without the column: no header, not a dead letter.
+        values[5] = None;
+        let Rendered::Record { headers, .. } = traced.render(&values, None) else {
+            panic!("dead letter")
+        };
+        assert_eq!(headers, vec![("id", Some(&b"1"[..]))]);
+        let untraced = routes[0].bind(&outbox_columns());
+        assert!(untraced.unusable().is_none());
+        let Rendered::Record { headers, .. } = untraced.render(&values[..5], None) else {
+            panic!("dead letter")
+        };
+        assert_eq!(headers, vec![("id", Some(&b"1"[..]))]);
+        // A route that maps `traceparent` itself keeps its own mapping.
+        let own = RouteSpec {
+            headers: Some([("traceparent".to_string(), "type".to_string())].into()),
+            ..spec
+        };
+        let routes = args(vec![own]).resolve("unused", "unused").unwrap();
+        assert_eq!(routes[0].trace_column, None);
     }
 
     #[test]

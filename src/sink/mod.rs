@@ -80,6 +80,7 @@ use crate::pg;
 use crate::record::decode::{Decoded, Detected, Format};
 use crate::record::{self, HEADER_COMMIT_TS, HEADER_LSN};
 use crate::retry;
+use crate::telemetry;
 use rebalance::{OffsetReader, RebalanceEvent, SinkContext};
 
 /// How often a summary line is logged while records flow.
@@ -225,6 +226,8 @@ struct Pending {
     /// Source commit times (the connector's header) of the batch's records, for the
     /// end-to-end latency.
     commit_times: Vec<i64>,
+    /// The records that carried a trace context, when tracing is on.
+    traced: Vec<telemetry::Traced>,
     /// The topic name the batch's origins share.
     topic: Option<Arc<str>>,
 }
@@ -246,6 +249,11 @@ impl Pending {
         self.records.retain(|(_, origin)| !of(origin));
         self.events.retain(|event| !of(&event.origin));
         self.dead_letters.retain(|letter| !of(&letter.origin));
+        self.traced.retain(|traced| {
+            !partitions.iter().any(|(topic, partition)| {
+                *traced.topic == **topic && traced.partition == *partition
+            })
+        });
         let dropped = before - self.records.len() - self.events.len() - self.dead_letters.len();
         for partition in partitions {
             self.last_offsets.remove(partition);
@@ -633,6 +641,7 @@ struct Applied {
     writer: Driver,
     progress: Progress,
     commit_times: Vec<i64>,
+    traced: Vec<telemetry::Traced>,
     stats: SinkStats,
     result: Result<bool, SinkError>,
 }
@@ -645,6 +654,7 @@ impl InFlight {
         stop: Arc<AtomicBool>,
     ) -> Self {
         let commit_times = std::mem::take(&mut pending.commit_times);
+        let traced = std::mem::take(&mut pending.traced);
         let batch = pending.take_batch(tables);
         let task = tokio::spawn(async move {
             let mut stats = SinkStats::default();
@@ -653,6 +663,7 @@ impl InFlight {
                 writer,
                 progress: batch.progress,
                 commit_times,
+                traced,
                 stats,
                 result,
             }
@@ -684,6 +695,7 @@ fn finish_batch(
     let committed = applied.result?;
     if committed {
         record_latency(&applied.commit_times);
+        telemetry::applied(&applied.traced);
         group_offsets.committed(consumer, &applied.progress);
     }
     Ok(committed)
@@ -781,6 +793,7 @@ fn consume(
     // Room for the connector's three headers (~125 bytes) in one allocation.
     let mut headers = apply::Headers::with_capacity(kafka_headers.map_or(0, |h| h.count() * 64));
     let mut lsn_header = None;
+    let mut trace_parent = None;
     for header in kafka_headers.iter().flat_map(|h| h.iter()) {
         headers.push(header.key, header.value);
         if header.key == HEADER_LSN {
@@ -789,6 +802,8 @@ fn consume(
             if let Some(committed) = header.value.and_then(record::header_commit_time) {
                 pending.commit_times.push(committed);
             }
+        } else if header.key == telemetry::TRACEPARENT && telemetry::enabled() {
+            trace_parent = header.value.and_then(telemetry::TraceParent::parse);
         }
     }
     let source_lsn = lsn_header.flatten().and_then(record::header_lsn);
@@ -860,6 +875,20 @@ fn consume(
             error: format!("no inbox takes records of topic {topic}"),
         }),
     };
+    if let Some(parent) = trace_parent {
+        pending.traced.push(telemetry::Traced {
+            parent,
+            topic: topic_shared.clone(),
+            partition,
+            offset,
+            received: std::time::SystemTime::now(),
+            outcome: match &decoded {
+                Ok(None) => telemetry::Outcome::Applied,
+                Ok(Some(_)) => telemetry::Outcome::Skipped,
+                Err(_) => telemetry::Outcome::DeadLetter,
+            },
+        });
+    }
     match decoded {
         Ok(None) => {}
         Ok(Some(skip)) => {
