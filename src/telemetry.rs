@@ -3,7 +3,7 @@
 //!
 //! The connector carries an outbox column (`--trace-column`) as the record header
 //! [`TRACEPARENT`], unchanged. The sink parses that header as a W3C Trace Context
-//! `traceparent` ([`TraceParent::parse`]) and, once pg_end has committed the batch that
+//! `traceparent` ([`producer_span`]) and, once pg_end has committed the batch that
 //! holds the record, ends one span ([`APPLY_SPAN`], kind consumer) per such record whose
 //! parent is the producer's span: same trace id, parent span id = the header's.
 //! Spans are exported with OpenTelemetry over OTLP/HTTP (protobuf) by a batch
@@ -30,12 +30,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
-    TraceState, Tracer as _, TracerProvider as _,
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
@@ -45,68 +46,22 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The name of the sink's span for one applied record.
 pub const APPLY_SPAN: &str = "outbox-relay apply";
 
-/// A W3C Trace Context `traceparent`: `version-traceid-parentid-flags` in lowercase hex.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceParent {
-    pub trace_id: [u8; 16],
-    pub parent_id: [u8; 8],
-    pub flags: u8,
-}
-
-impl TraceParent {
-    /// Parses a header value by the W3C rules: version `00` is exactly 55 characters; a
-    /// later version may be longer, with a `-` after the flags; version `ff`, upper-case
-    /// hex and all-zero ids are invalid. `None` for anything invalid.
-    pub fn parse(value: &[u8]) -> Option<Self> {
-        if value.len() < 55 || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
-            return None;
+/// The producer's span, from a `traceparent` header value, by the W3C rules (the
+/// OpenTelemetry SDK's propagator: lowercase hex, version `ff` and all-zero ids refused,
+/// a later version may carry more fields). `None` for anything invalid.
+pub fn producer_span(value: &[u8]) -> Option<Context> {
+    struct Header<'a>(&'a str);
+    impl Extractor for Header<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            (key == TRACEPARENT).then_some(self.0)
         }
-        let version = hex_byte(&value[0..2])?;
-        match version {
-            0xff => return None,
-            0 if value.len() != 55 => return None,
-            _ if value.len() > 55 && value[55] != b'-' => return None,
-            _ => {}
+        fn keys(&self) -> Vec<&str> {
+            vec![TRACEPARENT]
         }
-        let mut trace_id = [0u8; 16];
-        for (i, byte) in trace_id.iter_mut().enumerate() {
-            *byte = hex_byte(&value[3 + 2 * i..5 + 2 * i])?;
-        }
-        let mut parent_id = [0u8; 8];
-        for (i, byte) in parent_id.iter_mut().enumerate() {
-            *byte = hex_byte(&value[36 + 2 * i..38 + 2 * i])?;
-        }
-        let flags = hex_byte(&value[53..55])?;
-        if trace_id == [0; 16] || parent_id == [0; 8] {
-            return None;
-        }
-        Some(Self {
-            trace_id,
-            parent_id,
-            flags,
-        })
     }
-
-    /// The remote parent context of a span continuing this trace.
-    fn context(&self) -> Context {
-        Context::new().with_remote_span_context(SpanContext::new(
-            TraceId::from_bytes(self.trace_id),
-            SpanId::from_bytes(self.parent_id),
-            TraceFlags::new(self.flags),
-            true,
-            TraceState::NONE,
-        ))
-    }
-}
-
-/// Two lowercase hex digits.
-fn hex_byte(two: &[u8]) -> Option<u8> {
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    Some(digit(two[0])? << 4 | digit(two[1])?)
+    let value = std::str::from_utf8(value).ok()?;
+    let context = TraceContextPropagator::new().extract(&Header(value));
+    context.has_active_span().then_some(context)
 }
 
 /// Where spans go, from the standard OpenTelemetry variables.
@@ -286,7 +241,8 @@ impl opentelemetry_http::HttpClient for OnRuntime {
 /// A record that carried a trace context, as the sink consumed it.
 #[derive(Debug, Clone)]
 pub struct Traced {
-    pub parent: TraceParent,
+    /// The producer's span ([`producer_span`]).
+    pub parent: Context,
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
@@ -339,7 +295,7 @@ pub fn applied(records: &[Traced]) {
                 KeyValue::new("db.system.name", "postgresql"),
                 KeyValue::new("outbox_relay.outcome", record.outcome.as_str()),
             ])
-            .start_with_context(tracer, &record.parent.context());
+            .start_with_context(tracer, &record.parent);
         if record.outcome == Outcome::DeadLetter {
             span.set_status(Status::error("the record went to the dead letters"));
         }
@@ -355,16 +311,15 @@ mod tests {
 
     #[test]
     fn a_version_00_traceparent_is_parsed() {
-        let parsed = TraceParent::parse(SAMPLE.as_bytes()).unwrap();
+        let parsed = producer_span(SAMPLE.as_bytes()).unwrap();
+        let span = parsed.span();
+        let span = span.span_context();
         assert_eq!(
-            TraceId::from_bytes(parsed.trace_id).to_string(),
+            span.trace_id().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
-        assert_eq!(
-            SpanId::from_bytes(parsed.parent_id).to_string(),
-            "00f067aa0ba902b7"
-        );
-        assert_eq!(parsed.flags, 1);
+        assert_eq!(span.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(span.is_sampled() && span.is_remote());
     }
 
     #[test]
@@ -382,11 +337,11 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
         ];
         for case in cases {
-            assert_eq!(TraceParent::parse(case.as_bytes()), None, "{case:?}");
+            assert!(producer_span(case.as_bytes()).is_none(), "{case:?}");
         }
         // A later version may carry more fields after the flags.
         let future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-anything";
-        assert!(TraceParent::parse(future.as_bytes()).is_some());
+        assert!(producer_span(future.as_bytes()).is_some());
     }
 
     fn from(pairs: &[(&str, &str)]) -> Result<Option<Settings>, TelemetryError> {

@@ -239,21 +239,24 @@ impl Pending {
 
     /// Forgets everything of `partitions`.
     fn drop_partitions(&mut self, partitions: &[(String, i32)]) -> u64 {
+        let revoked = |topic: &str, partition: i32| {
+            partitions
+                .iter()
+                .any(|(t, p)| t == topic && *p == partition)
+        };
         let of = |origin: &Origin| {
-            partitions.iter().any(|(topic, partition)| {
-                origin.topic.as_deref() == Some(topic.as_str())
-                    && origin.partition == Some(*partition)
-            })
+            origin
+                .topic
+                .as_deref()
+                .zip(origin.partition)
+                .is_some_and(|(topic, partition)| revoked(topic, partition))
         };
         let before = self.records.len() + self.events.len() + self.dead_letters.len();
         self.records.retain(|(_, origin)| !of(origin));
         self.events.retain(|event| !of(&event.origin));
         self.dead_letters.retain(|letter| !of(&letter.origin));
-        self.traced.retain(|traced| {
-            !partitions.iter().any(|(topic, partition)| {
-                *traced.topic == **topic && traced.partition == *partition
-            })
-        });
+        self.traced
+            .retain(|traced| !revoked(&traced.topic, traced.partition));
         let dropped = before - self.records.len() - self.events.len() - self.dead_letters.len();
         for partition in partitions {
             self.last_offsets.remove(partition);
@@ -803,7 +806,7 @@ fn consume(
                 pending.commit_times.push(committed);
             }
         } else if header.key == telemetry::TRACEPARENT && telemetry::enabled() {
-            trace_parent = header.value.and_then(telemetry::TraceParent::parse);
+            trace_parent = header.value.and_then(telemetry::producer_span);
         }
     }
     let source_lsn = lsn_header.flatten().and_then(record::header_lsn);
