@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS outbox_relay.direct_progress (
 -- pg_start's system identifier, written by the relays that never confirm the slot past
 -- commit_lsn (so that a slot ahead of it, or another server, is detected at start).
 ALTER TABLE outbox_relay.direct_progress ADD COLUMN IF NOT EXISTS system_identifier text;
+-- While the slot's initial snapshot is delivered (commit_lsn 0/0): how far it got (JSON,
+-- kept as the relay wrote it).
+ALTER TABLE outbox_relay.direct_progress ADD COLUMN IF NOT EXISTS snapshot text;
 
 -- Records that could not be applied: kept whole (raw bytes, origin, error) and written
 -- in the same transaction as the batch they came with, so nothing is lost and nothing

@@ -21,7 +21,9 @@
 --   * nothing else: the source role creates its replication slot itself (REPLICATION).
 --
 -- The source role (pg_start):
---   LOGIN, REPLICATION      the replication connection, creating/dropping its slot
+--   LOGIN, REPLICATION      the replication connection, creating/dropping its slot,
+--                           and peeking it (pg_logical_slot_peek_binary_changes) when an
+--                           interrupted initial snapshot resumes
 --   USAGE on schema outbox  to name the outbox table
 --   SELECT on the outbox    the connector's snapshot of the rows already there when
 --                           the slot is created, and the column check

@@ -180,6 +180,37 @@ pub struct ProgressRecord {
     /// (`crate::pipeline`, "Slot identity"). Absent from older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
+    /// How far the slot's initial snapshot got (`snapshot` records after its first
+    /// chunk). See `crate::pipeline::snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotProgress>,
+}
+
+/// How far a slot's initial snapshot got. Its rows are delivered table by table, each
+/// table in primary-key order, in chunks, each committed with a record of this.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotProgress {
+    /// The slot's consistent point, as `X/X`: its stream starts there.
+    pub consistent_point: String,
+    /// What has been delivered: every row of `done`, and of `table` those with a key at
+    /// or below `after`.
+    #[serde(default)]
+    pub delivered: Delivered,
+}
+
+/// The part of the snapshot's rows delivered so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// Tables delivered whole (as `schema.name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<String>,
+    /// The table being delivered, and the position of the last row delivered: its
+    /// key's columns, as their output functions print them (`None`: NULL), then its
+    /// `ctid` where the key is not the primary key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +226,17 @@ impl ProgressRecord {
             state: ProgressState::Streaming,
             lsn: lsn.to_string(),
             system_identifier: None,
+            snapshot: None,
+        }
+    }
+
+    /// A `snapshot` record: the snapshot got as far as `progress` says.
+    pub fn snapshot(progress: SnapshotProgress) -> Self {
+        Self {
+            state: ProgressState::Snapshot,
+            lsn: Lsn::ZERO.to_string(),
+            system_identifier: None,
+            snapshot: Some(progress),
         }
     }
 

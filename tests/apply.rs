@@ -102,6 +102,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
                 slot: "s".into(),
                 commit_lsn: Lsn(lsn),
                 system_identifier: None,
+                snapshot: None,
             },
             ..ApplyBatch::default()
         };

@@ -24,6 +24,43 @@ async fn snapshot_rows_and_streamed_rows_arrive_exactly_once_with_exact_values()
     assert!(p.confirmed_flush_lsn().await.is_some());
 }
 
+/// The rows already in the outbox when the slot is created are delivered in chunks,
+/// each committed with how far the snapshot got. A crash after a chunk resumes after
+/// it, under a fresh snapshot that also sees rows written since the slot was created:
+/// those are left to the stream. Every row arrives exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_initial_snapshot_resumes_after_its_last_chunk_exactly_once() {
+    let p = Pipeline::new().await;
+    load::run(&LoadArgs::count(&p.dbs.source_url, 20_000))
+        .await
+        .unwrap();
+    let mut args = LoadArgs::count(&p.dbs.source_url, 2000);
+    args.rate = 200.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    for (round, chunks) in ["6", "5"].into_iter().enumerate() {
+        let mut connector = p.spawn_connector(&[], &[common::crash_after_snapshot_chunks(chunks)]);
+        let status = common::wait_for_exit(&mut connector, Duration::from_secs(120)).await;
+        assert!(!status.success(), "the test hook aborts the process");
+        let log = connector.log_text();
+        assert!(log.contains("after a snapshot chunk"), "{log}");
+        assert_eq!(
+            log.contains("resuming the slot's initial snapshot"),
+            round > 0,
+            "{log}"
+        );
+    }
+    let mut connector = p.spawn_connector(&[], &[]);
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 2000);
+    p.assert_topic_exactly_once().await;
+    let log = connector.log_text();
+    assert!(
+        log.contains("resuming the slot's initial snapshot"),
+        "{log}"
+    );
+    assert!(connector.terminate().success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_and_between_kafka_commit_and_slot_ack_loses_and_duplicates_nothing(
 ) {

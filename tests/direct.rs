@@ -56,6 +56,41 @@ async fn direct_mode_applies_snapshot_and_stream_exactly_once() {
     assert_eq!(dead_letter_count(&dbs).await, 0);
 }
 
+/// The initial snapshot in chunks, into pg_end: crashes after a chunk's commit resume
+/// after it (see tests/connector.rs's twin), and pg_end ends equal to pg_start.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_initial_snapshot_resumes_after_its_last_chunk_exactly_once() {
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    load(&dbs, 20_000).await;
+    let mut args = LoadArgs::count(&dbs.source_url, 2000);
+    args.rate = 200.0;
+    let load = tokio::spawn(async move { outbox_relay::cmd::load::run(&args).await });
+    for (round, chunks) in ["6", "5"].into_iter().enumerate() {
+        let mut relay = spawn_direct(&dbs, &slot, &[common::crash_after_snapshot_chunks(chunks)]);
+        let status = common::wait_for_exit(&mut relay, Duration::from_secs(120)).await;
+        assert!(!status.success(), "the test hook aborts the process");
+        let log = relay.log_text();
+        assert!(log.contains("after a snapshot chunk"), "{log}");
+        assert_eq!(
+            log.contains("resuming the slot's initial snapshot"),
+            round > 0,
+            "{log}"
+        );
+    }
+    let mut relay = spawn_direct(&dbs, &slot, &[]);
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 2000);
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("resuming the slot's initial snapshot"),
+        "{log}"
+    );
+    assert!(relay.terminate().success());
+    assert_eq!(dead_letter_count(&dbs).await, 0);
+}
+
 /// A co-located relay can reach both databases over their Unix sockets (a URL whose host
 /// is the socket directory, percent-encoded): the replication session, the regular
 /// connections and pg_end's apply all run over them, and nothing over TCP.

@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -511,6 +511,28 @@ class ProgressReader:
 
     def close(self):
         self.consumer.close()
+
+
+def topic_ids(stack, topic):
+    """(distinct ids, duplicated records) of a topic of seed-shaped JSON rows, read_committed."""
+    consumer = Consumer({"bootstrap.servers": stack.brokers, "group.id": f"bench-ids-{topic}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "enable.partition.eof": True})
+    md = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, 0) for p in md.partitions])
+    left, seen, duplicated = set(md.partitions), set(), 0
+    while left:
+        for msg in consumer.consume(10_000, timeout=1.0):
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    left.discard(msg.partition())
+                continue
+            i = json.loads(msg.value())["id"]
+            if i in seen:
+                duplicated += 1
+            seen.add(i)
+    consumer.close()
+    return len(seen), duplicated
 
 
 def last_data_offsets(stack, topic):
@@ -1029,6 +1051,122 @@ publication.autocreate.mode=disabled
         return result("COPY into an unindexed table (write ceiling)", self.args.n, elapsed,
                       note="client: psql \\copy")
 
+    # --- initial snapshot (issue #27) ------------------------------------------------
+
+    def copy_out(self, r):
+        """`COPY (SELECT ...) TO STDOUT` of the outbox, into /dev/null: the read ceiling
+        the chunked snapshot is measured against."""
+        p = Proc(f"r{r}-copy-out", ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                                    "-p", str(self.stack.start_port), "-U", "postgres", "-d",
+                                    "db_start", "-o", "/dev/null", "-c",
+                                    "COPY (SELECT id, account_id, amount, created_at "
+                                    "FROM outbox.transactions) TO STDOUT"],
+                 self.logs / f"r{r}-copy-out.log", env={"PGPASSWORD": PASSWORD})
+        if not p.wait_exit(1800) or p.exit_status != 0:
+            raise RuntimeError(f"COPY TO STDOUT failed:\n{p.tail()}")
+        return result("COPY (SELECT …) TO STDOUT of the outbox (read ceiling)", self.args.n,
+                      time.monotonic() - p.started, note="client: psql")
+
+    def snapshot_runs(self, name, argv, kills, progressed, done):
+        """Runs the relay `argv` on a new slot until `done()`; with `kills`, SIGKILLs it
+        each time `progressed(fraction)` says it delivered that fraction of the outbox
+        (1/(kills+1), 2/(kills+1), ...) and starts it again. During the second run a broker
+        is SIGKILLed and started again. Returns (seconds, peak RSS of any run, CPU s)."""
+        started = time.monotonic()
+        peak, cpu = 0, 0.0
+        for i in range(kills + 1):
+            p = self.relay(f"{name}-{i}", *argv)
+            try:
+                if i < kills:
+                    fraction = (i + 1) / (kills + 1)
+                    if i == 1:
+                        self.stack.script("kill", "kafka2")
+                    wait_for(f"{name} run {i} to deliver {fraction:.0%}",
+                             lambda: progressed(fraction), 3600, every=0.2, procs=[p])
+                    if i == 1:
+                        self.stack.script("start", "kafka2")
+                    p.sample()
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.popen.wait(10)
+                    p.exit_status = p.popen.returncode
+                    p.log_file.close()
+                    log(f"{name}: SIGKILL {i + 1} of {kills} at {fraction:.0%}, "
+                        f"{time.monotonic() - started:.1f} s")
+                else:
+                    wait_for(name, done, 3600, every=0.1, procs=[p])
+                    p.sample()
+            finally:
+                p.stop()
+            peak = max(peak, p.peak_rss or 0)
+            cpu += p.cpu or 0.0
+        return time.monotonic() - started, peak, cpu
+
+    def snapshot_connector(self, r, kills):
+        """The connector's initial snapshot of the whole outbox (a new slot), into a topic;
+        then every id is checked to be there exactly once (read_committed)."""
+        n = self.args.n
+        slot, topic = f"bench_r{r}_snap_tx", f"bench-r{r}-snapshot"
+        progress = f"bench-r{r}-progress-snapshot"
+        argv = ["connector", "--source-url", self.stack.start_url, "--brokers", self.stack.brokers,
+                "--topic", topic, "--progress-topic", progress, "--slot", slot,
+                "--no-create-publication", *self.args.connector_extra.split()]
+        marks = Watermarks(self.stack, topic)
+        reader = [None]
+
+        def done():
+            if reader[0] is None:
+                own = f"{progress}.{slot}"
+                if own not in admin(self.stack).list_topics(timeout=10).topics:
+                    return False
+                reader[0] = ProgressReader(self.stack, own, slot)
+            return reader[0].poll() > 0
+        try:
+            seconds, peak, cpu = self.snapshot_runs(
+                f"r{r}-snapshot-connector", argv, kills,
+                lambda fraction: marks.total() >= fraction * n, done)
+        finally:
+            marks.close()
+            if reader[0] is not None:
+                reader[0].close()
+        ids, duplicated = topic_ids(self.stack, topic)
+        if ids != n or duplicated:
+            raise RuntimeError(f"snapshot connector: {ids} distinct ids of {n}, {duplicated} duplicates")
+        label = "outbox-relay connector, initial snapshot" + (f", {kills} SIGKILLs + a broker" if kills else "")
+        res = result(label, n, seconds, note=f"{ids:,} ids once in the topic")
+        res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
+        return res
+
+    def snapshot_direct(self, r, kills):
+        """Direct mode's initial snapshot of the whole outbox (a new slot) into pg_end;
+        then pg_end's rows and balances are compared with pg_start's."""
+        n = self.args.n
+        empty_target(self.stack)
+        slot = f"bench_r{r}_snap_direct"
+        argv = ["direct", "--source-url", self.stack.start_url, "--target-url", self.stack.end_url,
+                "--slot", slot, "--no-create-publication"]
+        with self.stack.pg("end") as conn:
+            def progressed(fraction):
+                return conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0] >= fraction * n
+
+            def done():
+                row = conn.execute(
+                    "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = %s",
+                    (slot,)).fetchone()
+                return bool(row) and lsn_int(row[0]) > 0
+            seconds, peak, cpu = self.snapshot_runs(f"r{r}-snapshot-direct", argv, kills, progressed, done)
+            target = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
+            balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
+        with self.stack.pg("start") as conn:
+            source = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
+            source_balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
+        if tuple(target) != tuple(source) or balances != source_balances:
+            raise RuntimeError(f"snapshot direct: pg_end {tuple(target)} / {balances}, "
+                               f"pg_start {tuple(source)} / {source_balances}")
+        label = "outbox-relay direct, initial snapshot" + (f", {kills} SIGKILLs + a broker" if kills else "")
+        res = result(label, n, seconds, note=f"pg_end = pg_start ({target[0]:,} rows, balances)")
+        res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
+        return res
+
     # --- steady state ---------------------------------------------------------------
 
     def steady(self, r):
@@ -1229,6 +1367,25 @@ def one_run(bench, r, legs):
             delete_topics(stack, "outbox.event.", wait=True)
             record("outbox", bench.debezium, r, oslots["dbz"], True, suffix)
         drop_bench_slots(stack)
+    if "snapshot" in legs:
+        # The outbox already holds N rows when the relay first starts: its initial snapshot.
+        drop_bench_slots(stack)
+        empty_source(stack)
+        empty_target(stack)
+        _, secs = write_backlog(stack, n)
+        log(f"run {r}: outbox of {n:,} rows written in {secs:.1f} s")
+        kills = bench.args.snapshot_kills
+        record("snapshot", bench.copy_out, r)
+        record("snapshot", bench.snapshot_connector, r, 0)
+        drop_bench_slots(stack)
+        record("snapshot", bench.snapshot_direct, r, 0)
+        drop_bench_slots(stack)
+        if kills:
+            delete_topics(stack, f"bench-r{r}-", wait=True)
+            record("snapshot", bench.snapshot_connector, r, kills)
+            drop_bench_slots(stack)
+            record("snapshot", bench.snapshot_direct, r, kills)
+            drop_bench_slots(stack)
     if "steady" in legs:
         try:
             out["steady"] = bench.steady(r)
@@ -1317,6 +1474,8 @@ def main():
     ap.add_argument("--connector-extra", default="", help="extra connector flags (experiments)")
     ap.add_argument("--sink-extra", default="", help="extra sink flags (experiments)")
     ap.add_argument("--debezium-snapshot-mode", default="no_data")
+    ap.add_argument("--snapshot-kills", type=int, default=0,
+                    help="snapshot leg: also run each relay's snapshot with this many SIGKILLs")
     ap.add_argument("--stack-dir", required=True)
     ap.add_argument("--port-offset", type=int, required=True)
     ap.add_argument("--bin", required=True)
@@ -1335,9 +1494,10 @@ def main():
     args.rates = [int(x) for x in (args.rates or "250,500,1000,2000").split(",")]
     args.steady_seconds = args.steady_seconds or 15
     legs = set(args.legs.split(","))
-    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady"}
+    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady", "snapshot"}
     if unknown:
-        sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; use kafka, direct, sink, outbox, steady")
+        sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; "
+                 "use kafka, direct, sink, outbox, steady, snapshot")
     if "sink" in legs and "kafka" not in legs:
         sys.exit("bench: the sink leg drains the topic the kafka leg writes; use --legs kafka,sink")
     args.steady_paths = args.steady_paths.split(",")

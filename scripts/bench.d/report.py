@@ -13,12 +13,14 @@ CEILING = {
     "kafka": "pg_recvlogical (decode ceiling)",
     "outbox": "pg_recvlogical (decode ceiling)",
     "sink": "COPY into an unindexed table (write ceiling)",
+    "snapshot": "COPY (SELECT …) TO STDOUT of the outbox (read ceiling)",
 }
 BASELINE = {
     "kafka": ("Debezium", DBZ),
     "outbox": ("Debezium tuned", DBZ_OUTBOX_TUNED),
     "sink": ("seed-style", "seed-style consumer (1 record per pg_end transaction, Python)"),
     "direct": ("native", "PostgreSQL native logical replication (subscription)"),
+    "snapshot": ("COPY TO STDOUT", "COPY (SELECT …) TO STDOUT of the outbox (read ceiling)"),
 }
 # A second baseline column: Debezium tuned for throughput beside its defaults.
 SECOND_BASELINE = {"kafka": ("Debezium tuned", DBZ_TUNED)}
@@ -30,7 +32,9 @@ TITLES = {
     "outbox": "Backlog drain, Debezium-shaped outbox → Kafka (event router)",
     "direct": "Backlog drain, pg_start → pg_end without Kafka",
     "sink": "Drain, Kafka → pg_end",
+    "snapshot": "Initial snapshot of an outbox already holding N rows (rows/s)",
 }
+SNAPSHOT_TOOLS = ("outbox-relay connector, initial snapshot", "outbox-relay direct, initial snapshot")
 
 
 # The sink leg's generic-inbox run (bench.py, Bench.sink_generic).
@@ -161,6 +165,14 @@ def targets(data):
     if busy is not None:
         line("event-router preset: share of the machine's cores busy during its drain "
              "(no target; near 1, the drain is bound by the machine's CPU)", f"{busy:.2f}", None)
+    for tool in SNAPSHOT_TOOLS:
+        r = ratio("snapshot", tool, CEILING["snapshot"])
+        line(f"{tool.split(',')[0][len('outbox-relay '):]}: chunked initial snapshot ≥ 0.7× COPY TO STDOUT",
+             fmt(r, 2) + "×" if r else "not measured", None if r is None else r >= 0.7)
+        rss = [x["peak_rss"] for x in s.get("snapshot", []) if x["tool"].startswith(tool) and x.get("peak_rss")]
+        if rss:
+            line(f"{tool.split(',')[0][len('outbox-relay '):]}: peak RSS during the snapshot < 128 MiB",
+                 f"{max(rss) / 2**20:.0f} MiB", max(rss) < 128 * 2**20)
     r = ratio("sink", "outbox-relay sink", BASELINE["sink"][1])
     line("sink ≥ 10× the seed-style consumer", fmt(r, 1) + "×" if r else "not measured",
          None if r is None else r >= 10)
@@ -302,7 +314,7 @@ def write(data, md_path):
         *targets(data),
         "",
     ]
-    for leg in ("kafka", "outbox", "direct", "sink"):
+    for leg in ("kafka", "outbox", "direct", "sink", "snapshot"):
         table = leg_table(data, leg)
         if table:
             lines += [f"## {TITLES[leg]}", "", *table, ""]

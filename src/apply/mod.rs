@@ -285,6 +285,8 @@ pub enum Progress {
         slot: String,
         commit_lsn: Lsn,
         system_identifier: Option<String>,
+        /// The initial snapshot's progress, as JSON (`crate::progress::SnapshotProgress`).
+        snapshot: Option<String>,
     },
     /// Nothing to record (tests, manual repairs).
     #[default]
@@ -448,12 +450,15 @@ ON CONFLICT (topic, partition) DO UPDATE
     WHERE EXCLUDED.last_offset > s.last_offset";
 
 const UPSERT_SOURCE_LSN: &str = "\
-INSERT INTO outbox_relay.direct_progress AS d (slot_name, commit_lsn, system_identifier, updated_at)
-VALUES ($1, $2::text::pg_lsn, $3, now())
+INSERT INTO outbox_relay.direct_progress AS d
+    (slot_name, commit_lsn, system_identifier, snapshot, updated_at)
+VALUES ($1, $2::text::pg_lsn, $3, $4, now())
 ON CONFLICT (slot_name) DO UPDATE
     SET commit_lsn = EXCLUDED.commit_lsn, updated_at = EXCLUDED.updated_at,
-        system_identifier = coalesce(EXCLUDED.system_identifier, d.system_identifier)
-    WHERE EXCLUDED.commit_lsn > d.commit_lsn";
+        system_identifier = coalesce(EXCLUDED.system_identifier, d.system_identifier),
+        snapshot = EXCLUDED.snapshot
+    WHERE EXCLUDED.commit_lsn > d.commit_lsn
+       OR (EXCLUDED.commit_lsn = '0/0' AND d.commit_lsn = '0/0')";
 
 const READ_KAFKA_OFFSETS: &str = "\
 SELECT s.topic, s.partition, s.last_offset
@@ -465,7 +470,7 @@ const READ_SOURCE_LSN: &str =
     "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
 const READ_SOURCE_SYSTEM: &str =
-    "SELECT system_identifier FROM outbox_relay.direct_progress WHERE slot_name = $1";
+    "SELECT system_identifier, snapshot FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
 /// A pg_end connection with the apply statements prepared on it: parsed and planned
 /// once per connection instead of once per batch (planning the insert alone took
@@ -1129,10 +1134,11 @@ async fn store_progress(
             slot,
             commit_lsn,
             system_identifier,
+            snapshot,
         } => {
             tx.execute(
                 &statements.upsert_source_lsn,
-                &[slot, &commit_lsn.to_string(), system_identifier],
+                &[slot, &commit_lsn.to_string(), system_identifier, snapshot],
             )
             .await
             .map_err(|e| ApplyError::new("storing the source LSN", e))?;
@@ -1175,16 +1181,17 @@ pub async fn read_source_lsn(
     Ok(text.parse().ok())
 }
 
-/// The pg_start system identifier stored with `slot`'s direct-mode progress, if any.
+/// The pg_start system identifier and the initial snapshot's progress (JSON) stored
+/// with `slot`'s direct-mode progress, if any.
 pub async fn read_source_system(
     client: &impl GenericClient,
     slot: &str,
-) -> Result<Option<String>, ApplyError> {
+) -> Result<(Option<String>, Option<String>), ApplyError> {
     let row = client
         .query_opt(READ_SOURCE_SYSTEM, &[&slot])
         .await
         .map_err(|e| ApplyError::new("reading the stored system identifier", e))?;
-    Ok(row.and_then(|r| r.get(0)))
+    Ok(row.map_or((None, None), |r| (r.get(0), r.get(1))))
 }
 
 #[cfg(test)]

@@ -393,7 +393,10 @@ impl BatchProducer {
                     &own_topic,
                     slot,
                     &progress_value,
-                    self.committed.as_ref().map(|c| c.state) == Some(progress.state),
+                    // A snapshot chunk's record says which rows are delivered: it
+                    // may be durable only after they are.
+                    self.committed.as_ref().map(|c| c.state) == Some(progress.state)
+                        && progress.snapshot.is_none(),
                 ),
             };
             match result {
@@ -555,8 +558,9 @@ impl BatchProducer {
     ///
     /// The progress record only marks the slot as used and the snapshot as done (its
     /// LSN is never used to skip: `KafkaDestination::read_progress`). When it changes
-    /// that mark (`unchanged` is false: a new slot's first records, the end of a
-    /// snapshot, a progress topic read back empty), it is sent only once the rows are
+    /// that mark, or says how far the initial snapshot got (`unchanged` is false: a new
+    /// slot's first records, a snapshot's chunks and its end, a progress topic read
+    /// back empty), it is sent only once the rows are
     /// all acknowledged, so that a `streaming` record never precedes a snapshot's rows. Otherwise it travels with
     /// the rows: one round of acknowledgements per batch instead of two.
     #[allow(clippy::too_many_arguments)]

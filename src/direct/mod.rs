@@ -392,12 +392,21 @@ impl driver::Attempt for ApplyAndRead<'_> {
         let committed_before = match (&self.batch.progress, self.tried) {
             (
                 apply::Progress::SourceLsn {
-                    slot, commit_lsn, ..
+                    slot,
+                    commit_lsn,
+                    snapshot,
+                    ..
                 },
                 true,
-            ) => apply::read_source_lsn(&**target, slot)
-                .await?
-                .is_some_and(|stored| stored >= *commit_lsn),
+            ) => {
+                // The initial snapshot's chunks all stand at 0/0: one is committed
+                // when its progress is stored.
+                let stored = apply::read_source_lsn(&**target, slot).await?;
+                let stored_snapshot = apply::read_source_system(&**target, slot).await?.1;
+                stored.is_some_and(|stored| {
+                    stored > *commit_lsn || (stored == *commit_lsn && stored_snapshot == *snapshot)
+                })
+            }
             _ => false,
         };
         self.tried = true;
@@ -459,7 +468,7 @@ struct ReadProgress<'s> {
 }
 
 impl driver::Attempt for ReadProgress<'_> {
-    type Output = (Option<Lsn>, bool, Option<String>);
+    type Output = (Option<Lsn>, bool, (Option<String>, Option<String>));
     async fn run(&mut self, target: &mut apply::Target) -> Result<Self::Output, apply::ApplyError> {
         let lsn = apply::read_source_lsn(&**target, self.slot).await?;
         let system = apply::read_source_system(&**target, self.slot).await?;
@@ -665,20 +674,31 @@ impl Destination for PgEndDestination {
             pg_end.unflushed = None;
         }
         match read {
-            Ok((lsn, flushed, system)) => {
+            Ok((lsn, flushed, (system, snapshot))) => {
                 if flushed {
                     pg_end.unflushed = None;
                 }
-                Ok(match lsn {
-                    // The snapshot marker is the progress row at 0/0.
-                    Some(lsn) if lsn.is_zero() => Some(ProgressRecord {
-                        state: ProgressState::Snapshot,
-                        lsn: lsn.to_string(),
-                        system_identifier: None,
-                    }),
-                    Some(lsn) => Some(ProgressRecord::streaming(lsn).of_system(system.as_deref())),
+                let snapshot = match snapshot.map(|s| serde_json::from_str(&s)) {
+                    Some(Ok(progress)) => Some(progress),
+                    Some(Err(error)) => {
+                        return Err(PipelineError::Definite(format!(
+                            "outbox_relay.direct_progress.snapshot of slot {slot} is not \
+                             readable ({error}): it was not written by this relay"
+                        )))
+                    }
                     None => None,
-                })
+                };
+                Ok(lsn.map(|lsn| ProgressRecord {
+                    // The snapshot marker, and the snapshot's chunks, stand at 0/0.
+                    state: if lsn.is_zero() {
+                        ProgressState::Snapshot
+                    } else {
+                        ProgressState::Streaming
+                    },
+                    lsn: lsn.to_string(),
+                    system_identifier: system,
+                    snapshot,
+                }))
             }
             Err(Ended::Stopped) => Err(PipelineError::Stopped),
             Err(ended) => Err(destination_error(
@@ -851,6 +871,10 @@ impl Destination for PgEndDestination {
             slot: slot.to_string(),
             commit_lsn: progress.lsn().unwrap_or(Lsn::ZERO),
             system_identifier: progress.system_identifier.clone(),
+            snapshot: progress
+                .snapshot
+                .as_ref()
+                .map(|s| serde_json::to_string(s).unwrap_or_default()),
         };
         self.value_bytes = 0;
         let commit_times = std::mem::take(&mut self.commit_times);

@@ -193,6 +193,9 @@ impl PipelineError {
 pub struct Outbox {
     pub tables: Vec<TableName>,
     pub prefixes: Vec<String>,
+    /// Each table's event id column, where its route names one: the initial snapshot's
+    /// order for a table without a primary key (see [`snapshot`]).
+    pub ids: Vec<Option<String>>,
 }
 
 impl Outbox {
@@ -201,6 +204,7 @@ impl Outbox {
         Self {
             tables: vec![table],
             prefixes: Vec::new(),
+            ids: vec![None],
         }
     }
 
@@ -211,7 +215,10 @@ impl Outbox {
         let mut outbox = Self::default();
         for route in routes {
             match &route.source {
-                crate::route::RouteSource::Table(t) => outbox.tables.push(t.clone()),
+                crate::route::RouteSource::Table(t) => {
+                    outbox.tables.push(t.clone());
+                    outbox.ids.push(route.id.clone());
+                }
                 crate::route::RouteSource::Message(p) => outbox.prefixes.push(p.clone()),
             }
         }
@@ -710,11 +717,8 @@ impl<D: Destination> Pipeline<D> {
                 .unwrap_or(Lsn::ZERO);
             return Ok(replication);
         }
-        // The relay created this slot and its snapshot never became durable (no
-        // streaming record was committed): nothing of it was delivered, so a fresh slot
-        // and snapshot lose and repeat nothing.
+        // The relay created this slot and its initial snapshot did not complete.
         let slot = self.slot.clone();
-        tracing::warn!(%slot, "the slot's initial snapshot never completed; recreating it");
         if !lock_creation(client, &slot).await? {
             return Err(SourceError::Transient {
                 context: format!("another instance is creating slot {slot}"),
@@ -728,6 +732,23 @@ impl<D: Destination> Pipeline<D> {
         while source::slot_holder(client, &slot).await?.is_some() && Instant::now() < released {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        if let Some(progress) = progress.and_then(|r| r.snapshot) {
+            // Some of it was delivered: the rest is, and the stream starts at the
+            // slot's consistent point (see snapshot, "Resuming").
+            let start = snapshot::resume(self, info, progress).await?;
+            self.durable_lsn = start;
+            return match self.acquire(start).await? {
+                Some(replication) => Ok(replication),
+                None => Err(SourceError::Transient {
+                    context: format!("slot {slot} was taken while its snapshot was resumed"),
+                    source: None,
+                }
+                .into()),
+            };
+        }
+        // Nothing of it was delivered (no chunk was committed), so a fresh slot and
+        // snapshot lose and repeat nothing.
+        tracing::warn!(%slot, "the slot's initial snapshot never delivered a row; recreating it");
         client
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await
@@ -849,12 +870,7 @@ impl<D: Destination> Pipeline<D> {
         &mut self,
         info: &source::SourceInfo,
     ) -> Result<ReplicationClient, PipelineError> {
-        self.creating
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let created = snapshot::create_slot_and_emit(self, info).await;
-        self.creating
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        let (replication, lsn) = created?;
+        let (replication, lsn) = snapshot::create_slot_and_emit(self, info).await?;
         self.durable_lsn = lsn;
         Ok(replication)
     }

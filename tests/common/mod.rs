@@ -204,6 +204,18 @@ pub fn crash_after_commits(n: &'static str) -> (&'static str, &'static str) {
     ("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", n)
 }
 
+/// The environment that makes the relay abort right after its `n`th initial-snapshot
+/// chunk is committed (the `fault-injection` feature's hook, as [`crash_after_commits`]).
+pub fn crash_after_snapshot_chunks(n: &'static str) -> (&'static str, &'static str) {
+    if !cfg!(feature = "fault-injection") {
+        panic!(
+            "this test needs the relay's fault hooks: cargo test --features fault-injection \
+             (scripts/test does)"
+        );
+    }
+    ("OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS", n)
+}
+
 /// Runs the binary to completion; returns its exit code, stdout and stderr.
 pub fn run_binary(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
