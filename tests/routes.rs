@@ -316,6 +316,119 @@ async fn routed_events_reach_their_topics_once_in_whole_source_transactions_thro
     assert_eq!(bad["event"]["id"], 7);
 }
 
+/// The initial snapshot of two outboxes with primary keys (uuid, bigint), interrupted
+/// twice right after a chunk (once in each table), while rows keep being written to
+/// both: every event is in its topic once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_snapshot_of_two_outboxes_resumes_in_key_order_exactly_once() {
+    let dbs = TestDbs::new().await;
+    let source = dbs.source().await;
+    source.batch_execute(SCHEMA).await.unwrap();
+    let nonce = random_name("t").replace('_', "");
+    let insert_nonce = nonce.clone();
+    let audit_topic = random_name("audit");
+    let (progress, slot, publication) = (
+        random_name("progress"),
+        random_name("slot"),
+        random_name("pub"),
+    );
+    let insert = move |from: u32, to: u32| {
+        format!(
+            "INSERT INTO app.outbox SELECT gen_random_uuid(), 'Snap{nonce}', 'agg-' || g, 'Created', \
+                 jsonb_build_object('n', g) FROM generate_series({from}, {to}) g;
+             INSERT INTO app.audit SELECT g, 'k', jsonb_build_object('a', g)::text \
+                 FROM generate_series({from}, {to}) g;"
+        )
+    };
+    source.batch_execute(&insert(1, 3000)).await.unwrap();
+    let writer = {
+        let (url, insert) = (dbs.source_url.clone(), insert.clone());
+        tokio::spawn(async move {
+            let client = common::connect(&url).await;
+            for t in 0..60u32 {
+                let from = 10_000 + t * 10;
+                client.batch_execute(&insert(from, from + 9)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let routes = [
+        r#"{table = "app.outbox", preset = "event-router"}"#.to_string(),
+        format!(
+            r#"{{table = "app.audit", topic = "{audit_topic}", value = "payload", payload = "body", payload_format = "json"}}"#
+        ),
+    ];
+    let mut args: Vec<&str> = vec!["--publication", &publication, "--batch-size", "200"];
+    for route in &routes {
+        args.extend(["--route", route.as_str()]);
+    }
+    // 15 chunks of the first table's 3,000 rows, then the second's: a crash in each.
+    for chunks in ["4", "14"] {
+        let mut connector = spawn_connector(
+            &dbs.source_url,
+            "unused",
+            &progress,
+            &slot,
+            &args,
+            &[common::crash_after_snapshot_chunks(chunks)],
+        );
+        let status = common::wait_for_exit(&mut connector, Duration::from_secs(120)).await;
+        assert!(!status.success(), "the test hook aborts the process");
+    }
+    let mut connector = spawn_connector(&dbs.source_url, "unused", &progress, &slot, &args, &[]);
+    writer.await.unwrap();
+    for (topic, table, key) in [
+        (
+            format!("outbox.event.Snap{}", insert_nonce),
+            "app.outbox",
+            "id::text",
+        ),
+        (audit_topic.clone(), "app.audit", "id::text"),
+    ] {
+        let expected: std::collections::BTreeSet<String> = source
+            .query(&format!("SELECT {key} FROM {table}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        common::wait_until(
+            &format!("{topic} holds every row"),
+            Duration::from_secs(120),
+            || {
+                let topic = topic.clone();
+                let n = expected.len();
+                async move { read_topic(&topic).len() >= n }
+            },
+        )
+        .await;
+        let log = connector.log_text();
+        for record in read_topic(&topic) {
+            let id = match header(&record, "id") {
+                Some(id) => String::from_utf8_lossy(id).into_owned(),
+                None => {
+                    String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned()
+                }
+            };
+            *seen.entry(id).or_default() += 1;
+        }
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(
+            twice.is_empty(),
+            "{topic}: events twice, e.g. {twice:?}\n{log}"
+        );
+        let got: std::collections::BTreeSet<String> = seen.into_keys().collect();
+        assert_eq!(got, expected, "{topic}: the events vs the table's rows");
+    }
+    let log = connector.log_text();
+    assert!(
+        log.contains("resuming the slot's initial snapshot"),
+        "{log}"
+    );
+    assert!(connector.terminate().success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_topic_creation_off_a_missing_topic_sends_its_rows_to_dead_letters() {
     let dbs = TestDbs::new().await;

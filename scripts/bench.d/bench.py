@@ -607,6 +607,9 @@ class Bench:
         self.bin = binary
         self.logs = Path(args.stack_dir) / "bench-logs"
         self.native_started = float("-inf")
+        # The initial snapshot's time without kills, per relay: the runs with kills are
+        # killed at fractions of it.
+        self.snapshot_clean = {}
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def relay(self, name, *argv, env=None):
@@ -1067,38 +1070,46 @@ publication.autocreate.mode=disabled
         return result("COPY (SELECT …) TO STDOUT of the outbox (read ceiling)", self.args.n,
                       time.monotonic() - p.started, note="client: psql")
 
-    def snapshot_runs(self, name, argv, kills, progressed, done):
+    def snapshot_runs(self, name, argv, kills, kill_after, done, broker=False):
         """Runs the relay `argv` on a new slot until `done()`; with `kills`, SIGKILLs it
-        each time `progressed(fraction)` says it delivered that fraction of the outbox
-        (1/(kills+1), 2/(kills+1), ...) and starts it again. During the second run a broker
-        is SIGKILLed and started again. Returns (seconds, peak RSS of any run, CPU s)."""
+        `kill_after` seconds after each start (unless done by then) and starts it again.
+        With `broker`, a broker is SIGKILLed before the second run and started again after
+        it. Returns (seconds, peak RSS of any run, CPU s of all runs)."""
         started = time.monotonic()
         peak, cpu = 0, 0.0
         for i in range(kills + 1):
-            p = self.relay(f"{name}-{i}", *argv)
+            outage = broker and i == 1 and kills > 1
+            if outage:
+                self.stack.script("kill", "kafka2")
+            # At info, each run's log says where it resumed.
+            p = self.relay(f"{name}-{i}", *argv, env={"OUTBOX_RELAY_LOG": "info"})
             try:
                 if i < kills:
-                    fraction = (i + 1) / (kills + 1)
-                    if i == 1:
-                        self.stack.script("kill", "kafka2")
-                    wait_for(f"{name} run {i} to deliver {fraction:.0%}",
-                             lambda: progressed(fraction), 3600, every=0.2, procs=[p])
-                    if i == 1:
-                        self.stack.script("start", "kafka2")
+                    deadline = p.started + kill_after
+                    wait_for(f"{name} run {i}", lambda: done() or time.monotonic() >= deadline,
+                             3600, every=0.1, procs=[p])
                     p.sample()
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.popen.wait(10)
-                    p.exit_status = p.popen.returncode
-                    p.log_file.close()
-                    log(f"{name}: SIGKILL {i + 1} of {kills} at {fraction:.0%}, "
-                        f"{time.monotonic() - started:.1f} s")
+                    if not done():
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.popen.wait(10)
+                        p.exit_status = p.popen.returncode
+                        p.log_file.close()
+                        log(f"{name}: SIGKILL {i + 1} of {kills} after {kill_after:.1f} s"
+                            f"{' (a broker down)' if outage else ''}, "
+                            f"{time.monotonic() - started:.1f} s in")
+                    if outage:
+                        self.stack.script("start", "kafka2")
+                    if done():
+                        break
                 else:
                     wait_for(name, done, 3600, every=0.1, procs=[p])
                     p.sample()
             finally:
                 p.stop()
-            peak = max(peak, p.peak_rss or 0)
-            cpu += p.cpu or 0.0
+                peak = max(peak, p.peak_rss or 0)
+                cpu += p.cpu or 0.0
+        if not done():
+            wait_for(name, done, 3600, every=0.1)
         return time.monotonic() - started, peak, cpu
 
     def snapshot_connector(self, r, kills):
@@ -1110,7 +1121,6 @@ publication.autocreate.mode=disabled
         argv = ["connector", "--source-url", self.stack.start_url, "--brokers", self.stack.brokers,
                 "--topic", topic, "--progress-topic", progress, "--slot", slot,
                 "--no-create-publication", *self.args.connector_extra.split()]
-        marks = Watermarks(self.stack, topic)
         reader = [None]
 
         def done():
@@ -1123,15 +1133,17 @@ publication.autocreate.mode=disabled
         try:
             seconds, peak, cpu = self.snapshot_runs(
                 f"r{r}-snapshot-connector", argv, kills,
-                lambda fraction: marks.total() >= fraction * n, done)
+                self.snapshot_clean.get("connector", 10.0) / (kills + 1), done, broker=True)
         finally:
-            marks.close()
             if reader[0] is not None:
                 reader[0].close()
+        if not kills:
+            self.snapshot_clean["connector"] = seconds
         ids, duplicated = topic_ids(self.stack, topic)
         if ids != n or duplicated:
             raise RuntimeError(f"snapshot connector: {ids} distinct ids of {n}, {duplicated} duplicates")
-        label = "outbox-relay connector, initial snapshot" + (f", {kills} SIGKILLs + a broker" if kills else "")
+        label = "outbox-relay connector, initial snapshot" + (
+            f", {kills} SIGKILLs + a broker" if kills > 1 else f", {kills} SIGKILLs" if kills else "")
         res = result(label, n, seconds, note=f"{ids:,} ids once in the topic")
         res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
         return res
@@ -1145,15 +1157,16 @@ publication.autocreate.mode=disabled
         argv = ["direct", "--source-url", self.stack.start_url, "--target-url", self.stack.end_url,
                 "--slot", slot, "--no-create-publication"]
         with self.stack.pg("end") as conn:
-            def progressed(fraction):
-                return conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0] >= fraction * n
-
             def done():
                 row = conn.execute(
                     "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = %s",
                     (slot,)).fetchone()
                 return bool(row) and lsn_int(row[0]) > 0
-            seconds, peak, cpu = self.snapshot_runs(f"r{r}-snapshot-direct", argv, kills, progressed, done)
+            seconds, peak, cpu = self.snapshot_runs(
+                f"r{r}-snapshot-direct", argv, kills,
+                self.snapshot_clean.get("direct", 10.0) / (kills + 1), done)
+            if not kills:
+                self.snapshot_clean["direct"] = seconds
             target = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
             balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
         with self.stack.pg("start") as conn:
@@ -1162,7 +1175,7 @@ publication.autocreate.mode=disabled
         if tuple(target) != tuple(source) or balances != source_balances:
             raise RuntimeError(f"snapshot direct: pg_end {tuple(target)} / {balances}, "
                                f"pg_start {tuple(source)} / {source_balances}")
-        label = "outbox-relay direct, initial snapshot" + (f", {kills} SIGKILLs + a broker" if kills else "")
+        label = "outbox-relay direct, initial snapshot" + (f", {kills} SIGKILLs" if kills else "")
         res = result(label, n, seconds, note=f"pg_end = pg_start ({target[0]:,} rows, balances)")
         res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
         return res

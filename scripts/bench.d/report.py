@@ -220,7 +220,7 @@ def chart(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    legs = [leg for leg in ("kafka", "outbox", "direct", "sink") if data["summary"].get(leg)]
+    legs = [leg for leg in ("kafka", "outbox", "direct", "sink", "snapshot") if data["summary"].get(leg)]
     steady = data["summary"].get("steady", [])
     panels = len(legs) + (1 if steady else 0)
     cols = 2 if panels > 1 else 1

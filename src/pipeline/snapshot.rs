@@ -5,7 +5,7 @@
 //! 1. The rows present when the slot is created (those of source transactions that
 //!    committed before its consistent point) are delivered exactly once, and before
 //!    anything of the slot's stream; the stream starts at the consistent point.
-//! 2. Memory is bounded: rows are read through a cursor, a few thousand at a time, and
+//! 2. Memory is bounded: rows are read through a cursor, at most one chunk at a time, and
 //!    committed in chunks of at most `--batch-size` rows (and `--batch-bytes`), each
 //!    with a `snapshot` progress record that says how far the snapshot got
 //!    ([`SnapshotProgress`]). A table without a primary key is the exception: it has no
@@ -51,8 +51,8 @@ use crate::pgoutput::{self, LogicalMessage};
 use crate::progress::{ProgressRecord, ProgressState, SnapshotProgress};
 use crate::source::{self, quote_ident, SourceError, SourceInfo};
 
-/// Rows per `FETCH` from the snapshot's cursor.
-const FETCH_ROWS: usize = 1000;
+/// Rows per `FETCH` from the snapshot's cursor, at most (and at most `--batch-size`).
+const FETCH_ROWS: usize = 10_000;
 
 /// The formats of the replication session (see [`source::replication_config`]), so
 /// that snapshot rows and streamed rows are byte for byte alike.
@@ -512,12 +512,17 @@ async fn deliver_chunks<D: Destination>(
         .map_err(failed(format!(
             "reading the outbox {table} under the slot's snapshot"
         )))?;
-        let fetch = format!("FETCH FORWARD {FETCH_ROWS} FROM outbox_relay_snapshot");
+        // Rows per FETCH: at most a chunk, and about `--batch-bytes` at the size of the
+        // rows fetched so far (the first FETCH takes few).
+        let most = FETCH_ROWS.min(pipeline.args.batch_size).max(1);
+        let mut fetch_rows = most.min(100);
         loop {
+            let fetch = format!("FETCH FORWARD {fetch_rows} FROM outbox_relay_snapshot");
             let messages = txn.simple_query(&fetch).await.map_err(failed(format!(
                 "reading the outbox {table} under the slot's snapshot"
             )))?;
             let mut fetched = 0;
+            let mut fetched_bytes = 0;
             let mut open = false;
             let mut last = None;
             for message in &messages {
@@ -550,13 +555,17 @@ async fn deliver_chunks<D: Destination>(
                 let values: Vec<Option<&[u8]>> = (0..columns.len())
                     .map(|c| row.get(c).map(str::as_bytes))
                     .collect();
+                fetched_bytes += values.iter().flatten().map(|v| v.len()).sum::<usize>();
                 pipeline.dest.row(i, &values);
                 total += 1;
             }
             if open {
                 pipeline.dest.end_txn();
             }
-            let finished = fetched < FETCH_ROWS;
+            let finished = fetched < fetch_rows;
+            if let Some(row_bytes) = fetched_bytes.checked_div(fetched) {
+                fetch_rows = (pipeline.args.batch_bytes / row_bytes.max(1)).clamp(1, most);
+            }
             if finished {
                 progress.delivered.done.push(name.clone());
                 progress.delivered.table = None;
