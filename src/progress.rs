@@ -196,6 +196,23 @@ pub struct SnapshotProgress {
     /// or below `after`.
     #[serde(default)]
     pub delivered: Delivered,
+    /// Rows delivered so far (what `status` shows).
+    #[serde(default)]
+    pub rows: u64,
+}
+
+impl SnapshotProgress {
+    /// One phrase for `status`: the rows delivered and where the snapshot is.
+    pub fn describe(&self) -> String {
+        let mut text = format!("initial snapshot, {} rows delivered", self.rows);
+        if let Some(table) = &self.delivered.table {
+            text.push_str(&format!(", in {table}"));
+        }
+        if !self.delivered.done.is_empty() {
+            text.push_str(&format!(", done: {}", self.delivered.done.join(", ")));
+        }
+        text
+    }
 }
 
 /// The part of the snapshot's rows delivered so far.

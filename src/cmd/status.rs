@@ -32,7 +32,7 @@ use crate::config::{self, KafkaArgs, SlotsArgs, SourceArgs, TargetArgs};
 use crate::error::error_chain;
 use crate::kafka;
 use crate::pg;
-use crate::progress::ProgressState;
+use crate::progress::{ProgressState, SnapshotProgress};
 
 /// Options of `outbox-relay status`.
 #[derive(clap::Args, Debug, Clone)]
@@ -174,6 +174,9 @@ pub struct ProgressStatus {
     pub state: ProgressState,
     /// Commit end LSN of the last source transaction in Kafka.
     pub lsn: String,
+    /// How far the initial snapshot got, while it is delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotProgress>,
 }
 
 /// pg_end's part.
@@ -208,6 +211,9 @@ pub struct DirectStatus {
     pub slot: String,
     pub commit_lsn: String,
     pub updated_at: String,
+    /// How far the initial snapshot got, while it is delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotProgress>,
 }
 
 /// The whole report.
@@ -241,7 +247,7 @@ SELECT partition, last_offset, updated_at::text FROM outbox_relay.sink_offsets
 WHERE topic = $1 ORDER BY partition";
 
 const DIRECT_PROGRESS: &str = "\
-SELECT commit_lsn::text, updated_at::text FROM outbox_relay.direct_progress WHERE slot_name = $1";
+SELECT commit_lsn::text, updated_at::text, snapshot FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
 const DEAD_LETTERS: &str = "\
 SELECT kind, count(*)::int8, max(received_at)::text FROM outbox_relay.dead_letters GROUP BY kind";
@@ -404,6 +410,7 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
                 status.progress = record.map(|r| ProgressStatus {
                     state: r.state,
                     lsn: r.lsn,
+                    snapshot: r.snapshot,
                 })
             }
             Err(error) => status.progress_error = Some(error_chain(&error)),
@@ -440,6 +447,10 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
             slot: args.slots.direct_slot.clone(),
             commit_lsn: r.try_get(0).map_err(query_error)?,
             updated_at: r.try_get(1).map_err(query_error)?,
+            snapshot: r
+                .try_get::<_, Option<String>>(2)
+                .map_err(query_error)?
+                .and_then(|s| serde_json::from_str(&s).ok()),
         }),
         None => None,
     };
@@ -724,9 +735,10 @@ fn progress_text(k: &KafkaStatus) -> String {
         (Some(p), _) => format!(
             "{} ({})",
             p.lsn,
-            match p.state {
-                ProgressState::Snapshot => "snapshot",
-                ProgressState::Streaming => "streaming",
+            match (p.state, &p.snapshot) {
+                (ProgressState::Snapshot, Some(s)) => s.describe(),
+                (ProgressState::Snapshot, None) => "snapshot".into(),
+                (ProgressState::Streaming, _) => "streaming".into(),
             }
         ),
         (None, Some(error)) => format!("unreadable: {error}"),
@@ -742,11 +754,20 @@ fn render_target(out: &mut String, part: &Part<TargetStatus>) {
             let _ = writeln!(out, "pg_end    {}", t.url);
             render_sink_table(out, &t.sink);
             let _ = match &t.direct {
-                Some(d) => writeln!(
-                    out,
-                    "  direct: slot {} applied through {} (at {})",
-                    d.slot, d.commit_lsn, d.updated_at
-                ),
+                Some(d) => match &d.snapshot {
+                    Some(snapshot) if d.commit_lsn == "0/0" => writeln!(
+                        out,
+                        "  direct: slot {} in its {} (at {})",
+                        d.slot,
+                        snapshot.describe(),
+                        d.updated_at
+                    ),
+                    _ => writeln!(
+                        out,
+                        "  direct: slot {} applied through {} (at {})",
+                        d.slot, d.commit_lsn, d.updated_at
+                    ),
+                },
                 None => writeln!(out, "  direct: no progress stored"),
             };
             let _ = writeln!(out, "{}", dead_letters_line(t));
@@ -874,6 +895,7 @@ mod tests {
             progress: progress.map(|state| ProgressStatus {
                 state,
                 lsn: "0/1A2B000".into(),
+                snapshot: None,
             }),
             progress_error: topic_error.map(|_| "timed out".into()),
             dead_letter_topic: "outbox-relay-dead-letters".into(),
@@ -905,6 +927,7 @@ mod tests {
                 slot: "outbox_relay_direct".into(),
                 commit_lsn: "0/1A2B3C4".into(),
                 updated_at: "2026-12-01 10:00:00+00".into(),
+                snapshot: None,
             }),
             dead_letters: if rich { 3 } else { 0 },
             dead_letters_by_kind: if rich {
@@ -1054,6 +1077,22 @@ PROBLEM: pg_end unreachable: refused"#;
     fn progress_text_prefers_the_record_then_the_error() {
         let mut k = kafka_part(Some("gone"), Some(ProgressState::Snapshot));
         assert_eq!(progress_text(&k), "0/1A2B000 (snapshot)");
+        // While the initial snapshot's chunks are delivered: how far it got.
+        if let Some(p) = &mut k.progress {
+            p.snapshot = Some(crate::progress::SnapshotProgress {
+                consistent_point: "0/1A2B000".into(),
+                delivered: crate::progress::Delivered {
+                    done: vec!["app.audit".into()],
+                    table: Some("app.outbox".into()),
+                    after: vec![Some("41".into())],
+                },
+                rows: 1041,
+            });
+        }
+        assert_eq!(
+            progress_text(&k),
+            "0/1A2B000 (initial snapshot, 1041 rows delivered, in app.outbox, done: app.audit)"
+        );
         k.progress = None;
         assert_eq!(progress_text(&k), "unreadable: timed out");
         k.progress_error = None;

@@ -558,6 +558,7 @@ async fn deliver_chunks<D: Destination>(
                 fetched_bytes += values.iter().flatten().map(|v| v.len()).sum::<usize>();
                 pipeline.dest.row(i, &values);
                 total += 1;
+                progress.rows += 1;
             }
             if open {
                 pipeline.dest.end_txn();
