@@ -151,6 +151,31 @@ async fn a_missing_slot_after_use_is_a_definite_error() {
     );
     // Nothing was recreated behind the user's back.
     assert!(p.confirmed_flush_lsn().await.is_none());
+
+    // The same for a slot lost while its initial snapshot was half delivered.
+    let p = Pipeline::new().await;
+    load::run(&LoadArgs::count(&p.dbs.source_url, 3000))
+        .await
+        .unwrap();
+    let mut connector = p.spawn_connector(&[], &[common::crash_after_snapshot_chunks("2")]);
+    common::wait_for_exit(&mut connector, Duration::from_secs(60)).await;
+    p.dbs
+        .source()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&p.slot])
+        .await
+        .unwrap();
+    let mut connector = p.spawn_connector(&[], &[]);
+    let status = common::wait_for_exit(&mut connector, Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(2), "{}", connector.log_text());
+    assert!(
+        connector
+            .log_text()
+            .contains("its initial snapshot had delivered"),
+        "{}",
+        connector.log_text()
+    );
+    assert!(p.confirmed_flush_lsn().await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -632,6 +632,16 @@ impl<D: Destination> Pipeline<D> {
                             record.lsn
                         )));
                     }
+                    if let Some(snapshot) = progress.as_ref().and_then(|r| r.snapshot.as_ref()) {
+                        return Err(PipelineError::Definite(format!(
+                            "slot {slot} is missing, but its initial snapshot had delivered {} rows \
+                             (its stream, which was to bring the rows written since, is gone with \
+                             it): a new slot here would deliver those rows again. Recover: start \
+                             with a new --slot (its snapshot delivers every row present then, and \
+                             inboxes count an event id once), then run `outbox-relay reconcile`",
+                            snapshot.rows
+                        )));
+                    }
                     if self.args.no_create_slot {
                         return Err(PipelineError::Definite(format!(
                             "slot {slot} does not exist in pg_start; create it \
