@@ -61,6 +61,44 @@ async fn an_interrupted_initial_snapshot_resumes_after_its_last_chunk_exactly_on
     assert!(connector.terminate().success());
 }
 
+/// SIGTERM during the initial snapshot: the connector stops once the chunk being
+/// committed is durable and exits 0; the next start resumes after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_the_initial_snapshot_stops_at_a_chunk_and_the_next_start_resumes() {
+    let p = Pipeline::new().await;
+    p.dbs
+        .source()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox.transactions \
+             SELECT g, g % 100, g * 0.01, timestamp '2026-12-04 10:00' + g * interval '1 ms' \
+             FROM generate_series(1, 100000) g",
+        )
+        .await
+        .unwrap();
+    let mut connector = p.spawn_connector(&[], &[]);
+    common::wait_until("the slot", Duration::from_secs(60), || {
+        let log = connector.log_text();
+        async move { log.contains("created replication slot") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(connector.terminate().success(), "{}", connector.log_text());
+    assert!(
+        !connector.log_text().contains("delivered the outbox rows"),
+        "the snapshot was over before the stop: {}",
+        connector.log_text()
+    );
+    let mut connector = p.spawn_connector(&[], &[]);
+    p.assert_topic_exactly_once().await;
+    let log = connector.log_text();
+    assert!(
+        log.contains("resuming the slot's initial snapshot"),
+        "{log}"
+    );
+    assert!(connector.terminate().success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_and_between_kafka_commit_and_slot_ack_loses_and_duplicates_nothing(
 ) {

@@ -526,8 +526,10 @@ impl<D: Destination> Pipeline<D> {
         // Until it streams, a session holds nothing a stop must wait for (like a kill,
         // an abandoned set-up leaves nothing the next start does not handle), so a stop
         // is not held back by a server that does not answer. Except while it creates
-        // the slot: the slot stays ephemeral until its snapshot is built, and a stop
-        // then would drop it; the creation is seen through, and the stream then stops.
+        // the slot and delivers its initial snapshot: the slot stays ephemeral until its
+        // snapshot is built, and a stop then would drop it; the creation is seen through,
+        // and the snapshot stops once a chunk is durable (it resumes there), or, done,
+        // the stream then stops.
         let mut stop = self.stop.clone();
         let creating = std::sync::Arc::clone(&self.creating);
         let (mut replication, client) = {
@@ -745,7 +747,12 @@ impl<D: Destination> Pipeline<D> {
         if let Some(progress) = progress.and_then(|r| r.snapshot) {
             // Some of it was delivered: the rest is, and the stream starts at the
             // slot's consistent point (see snapshot, "Resuming").
-            let start = snapshot::resume(self, info, progress).await?;
+            self.creating
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let resumed = snapshot::resume(self, info, progress).await;
+            self.creating
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            let start = resumed?;
             self.durable_lsn = start;
             return match self.acquire(start).await? {
                 Some(replication) => Ok(replication),
@@ -880,7 +887,15 @@ impl<D: Destination> Pipeline<D> {
         &mut self,
         info: &source::SourceInfo,
     ) -> Result<ReplicationClient, PipelineError> {
-        let (replication, lsn) = snapshot::create_slot_and_emit(self, info).await?;
+        // A stop waits for the slot's creation (it stays ephemeral until its snapshot is
+        // built, and a stop then would drop it), and then for the chunk of its snapshot
+        // being delivered (see `session`).
+        self.creating
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let created = snapshot::create_slot_and_emit(self, info).await;
+        self.creating
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let (replication, lsn) = created?;
         self.durable_lsn = lsn;
         Ok(replication)
     }

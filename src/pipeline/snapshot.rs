@@ -72,17 +72,8 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
     // 1. The marker.
     commit_marker(&mut pipeline.dest, &slot).await?;
 
-    // 2. The slot, on a session that stays idle until the snapshot is imported. A stop
-    // waits for the slot's creation: it stays ephemeral until its snapshot is built,
-    // and a stop then would drop it.
-    pipeline
-        .creating
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let created = create(pipeline, info).await;
-    pipeline
-        .creating
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    let (mut replication, target, consistent_point, snapshot) = created?;
+    // 2. The slot, on a session that stays idle until the snapshot is imported.
+    let (mut replication, target, consistent_point, snapshot) = create(pipeline, info).await?;
     tracing::info!(%slot, %consistent_point, "created replication slot");
 
     // 3. The rows under the snapshot, on the server that exported it.
@@ -579,8 +570,13 @@ async fn deliver_chunks<D: Destination>(
             let full = rows >= pipeline.args.batch_size || bytes >= pipeline.args.batch_bytes;
             if finished || (full && !keys.is_empty()) {
                 // The chunk before is durable before this one's commit starts; this one
-                // commits while the next is read.
+                // commits while the next is read. A stop is taken here, once a chunk is
+                // durable (the snapshot resumes after it).
+                let settled = committing.is_some();
                 settle(&mut pipeline.dest, committing.take()).await?;
+                if settled && pipeline.stopping() {
+                    return Err(PipelineError::Stopped);
+                }
                 *committing = Some(tokio::spawn(pipeline.dest.commit(&slot, &record(progress))));
             }
             if finished {
