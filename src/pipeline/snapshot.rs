@@ -521,14 +521,7 @@ async fn deliver_chunks<D: Destination>(
                     continue;
                 };
                 fetched += 1;
-                let mut key: Vec<Option<String>> = keys
-                    .iter()
-                    .map(|&k| row.get(k).map(str::to_string))
-                    .collect();
-                if !tie.is_empty() {
-                    key.push(row.get(columns.len()).map(str::to_string));
-                }
-                last = Some(key);
+                last = Some(row);
                 if !streamed.is_empty() {
                     // A row the stream delivers too (see "Resuming").
                     let values = (0..columns.len())
@@ -562,7 +555,15 @@ async fn deliver_chunks<D: Destination>(
                 progress.delivered.done.push(name.clone());
                 progress.delivered.table = None;
                 progress.delivered.after.clear();
-            } else if let Some(key) = last.filter(|_| !keys.is_empty()) {
+            } else if let Some(row) = last.filter(|_| !keys.is_empty()) {
+                // The position of the last row fetched (only its key is kept).
+                let mut key: Vec<Option<String>> = keys
+                    .iter()
+                    .map(|&k| row.get(k).map(str::to_string))
+                    .collect();
+                if !tie.is_empty() {
+                    key.push(row.get(columns.len()).map(str::to_string));
+                }
                 progress.delivered.table = Some(name.clone());
                 progress.delivered.after = key;
             }
