@@ -27,6 +27,9 @@ pub const TRANSACTIONS: &str = "outbox_relay_transactions_total";
 /// Rows and bytes in the batch not yet durable.
 pub const IN_FLIGHT_RECORDS: &str = "outbox_relay_in_flight_records";
 pub const IN_FLIGHT_BYTES: &str = "outbox_relay_in_flight_bytes";
+/// Batches spilled into a destination transaction left open, because one source
+/// transaction outgrew a batch (label `stage`).
+pub const SPILLS: &str = "outbox_relay_spills_total";
 /// Kafka transactions by `outcome` (committed, aborted).
 pub const KAFKA_TRANSACTIONS: &str = "outbox_relay_kafka_transactions_total";
 /// Retries by `cause`.
@@ -37,8 +40,25 @@ pub const CONSUMER_LAG: &str = "outbox_relay_consumer_lag";
 pub const APPLY_BATCH_SIZE: &str = "outbox_relay_apply_batch_size";
 /// Duration of one pg_end apply transaction.
 pub const APPLY_DURATION: &str = "outbox_relay_apply_duration_seconds";
-/// Source commit → pg_end commit, per source transaction.
+/// Source commit → the destination's commit, per source transaction: pg_end's for the
+/// sink and direct mode, Kafka's for the connector (label `stage`).
 pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+
+/// Records, now that their destination commit has returned, the end-to-end latency of
+/// the source transactions committed at `commit_times` (µs since 2000-01-01).
+pub fn record_latencies(stage: &'static str, commit_times: &[i64]) {
+    if commit_times.is_empty() {
+        return;
+    }
+    let now = chrono::Utc::now();
+    let histogram = ::metrics::histogram!(END_TO_END_LATENCY, "stage" => stage);
+    for &micros in commit_times {
+        if let Some(committed) = crate::record::pg_micros_to_utc(micros) {
+            let latency = (now - committed).num_microseconds().unwrap_or(0).max(0);
+            histogram.record(latency as f64 / 1e6);
+        }
+    }
+}
 /// 1 while the process stands by for a slot another instance holds (label `stage`).
 pub const STANDBY: &str = "outbox_relay_standby";
 /// Records written to the dead-letter table.

@@ -61,6 +61,47 @@ async fn an_interrupted_initial_snapshot_resumes_after_its_last_chunk_exactly_on
     assert!(connector.terminate().success());
 }
 
+/// A source transaction larger than a batch (20,000 rows, batches of 500) streams into
+/// one open Kafka transaction: a kill after some of it was sent leaves nothing of it
+/// visible (the restart sends it whole, and no id appears twice), and the restart
+/// commits it as one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_transaction_larger_than_a_batch_streams_into_one_kafka_transaction() {
+    let p = Pipeline::new().await;
+    let mut connector = p.spawn_connector(&[], &[common::crash_after_spills("5")]);
+    common::wait_until("streaming", Duration::from_secs(60), || {
+        let log = connector.log_text();
+        async move { log.contains("streaming") }
+    })
+    .await;
+    load::run(&LoadArgs::count(&p.dbs.source_url, 300))
+        .await
+        .unwrap();
+    common::write_large_transaction(&p.dbs.source_url, 900_000_000_000, 20_000).await;
+    load::run(&LoadArgs::count(&p.dbs.source_url, 300))
+        .await
+        .unwrap();
+    let status = common::wait_for_exit(&mut connector, Duration::from_secs(120)).await;
+    assert!(!status.success(), "the test hook aborts the process");
+    let log = connector.log_text();
+    assert!(
+        log.contains("a source transaction larger than a batch"),
+        "{log}"
+    );
+    assert!(log.contains("after a spill"), "{log}");
+
+    let mut connector = p.spawn_connector(&[], &[]);
+    p.assert_topic_exactly_once().await;
+    let log = connector.log_text();
+    assert!(
+        log.contains(
+            "the Kafka transaction of a source transaction larger than a batch is committed"
+        ),
+        "{log}"
+    );
+    assert!(connector.terminate().success());
+}
+
 /// SIGTERM during the initial snapshot: the connector stops once the chunk being
 /// committed is durable and exits 0; the next start resumes after it.
 #[tokio::test(flavor = "multi_thread")]

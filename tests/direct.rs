@@ -91,6 +91,46 @@ async fn an_interrupted_initial_snapshot_resumes_after_its_last_chunk_exactly_on
     assert_eq!(dead_letter_count(&dbs).await, 0);
 }
 
+/// A source transaction larger than a batch (20,000 rows, batches of 500) is applied
+/// part by part into one open pg_end transaction: a kill after some parts leaves
+/// nothing of it in pg_end, and the restart applies it whole, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_transaction_larger_than_a_batch_applies_in_one_pg_end_transaction() {
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let mut relay = spawn_direct(&dbs, &slot, &[common::crash_after_spills("5")]);
+    common::wait_until("streaming", Duration::from_secs(60), || {
+        let log = relay.log_text();
+        async move { log.contains("streaming") }
+    })
+    .await;
+    load(&dbs, 300).await;
+    common::write_large_transaction(&dbs.source_url, 900_000_000_000, 20_000).await;
+    load(&dbs, 300).await;
+    let status = common::wait_for_exit(&mut relay, Duration::from_secs(120)).await;
+    assert!(!status.success(), "the test hook aborts the process");
+    let log = relay.log_text();
+    assert!(log.contains("after a spill"), "{log}");
+    let large =
+        "SELECT count(*) FROM main.transactions WHERE id BETWEEN 900000000000 AND 900000019999";
+    assert_eq!(
+        common::count(&dbs.target_url, large).await,
+        0,
+        "nothing of an unfinished spilled transaction is visible in pg_end"
+    );
+
+    let mut relay = spawn_direct(&dbs, &slot, &[]);
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    assert_eq!(common::count(&dbs.target_url, large).await, 20_000);
+    let log = relay.log_text();
+    assert!(
+        log.contains("a source transaction larger than a batch is committed in pg_end"),
+        "{log}"
+    );
+    assert!(relay.terminate().success());
+    assert_eq!(dead_letter_count(&dbs).await, 0);
+}
+
 /// A co-located relay can reach both databases over their Unix sockets (a URL whose host
 /// is the socket directory, percent-encoded): the replication session, the regular
 /// connections and pg_end's apply all run over them, and nothing over TCP.

@@ -368,3 +368,52 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported_by_a_running_
     }
     drop((active, standby, sink));
 }
+
+/// The count of the connector's latency histogram at or below `le` seconds.
+fn latency_bucket(body: &str, le: f64) -> Option<u64> {
+    let prefix = "outbox_relay_end_to_end_latency_seconds_bucket{";
+    body.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains("stage=\"connector\""))
+        .find(|l| {
+            l.split("le=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v == le)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The connector's latency histogram (source commit → Kafka commit) against a known
+/// delay: a transaction written while the connector is stopped (SIGSTOP) for 3 s is
+/// counted in the bucket that holds 3 s, (2.5, 5], and in none below it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connector_s_latency_histogram_counts_a_known_delay_in_its_bucket() {
+    let pipeline = KafkaPipeline::new().await;
+    let mut connector = pipeline.spawn_connector(&[], &[]);
+    let addr = metrics_addr(&connector).await;
+    common::wait_until("streaming", Duration::from_secs(120), || {
+        let log = connector.log_text();
+        async move { log.contains("streaming") }
+    })
+    .await;
+    connector.pause();
+    load(&pipeline.dbs, 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    connector.resume();
+    pipeline.assert_topic_exactly_once().await;
+    common::wait_until(
+        "the latency to be recorded",
+        Duration::from_secs(30),
+        || {
+            let addr = addr.clone();
+            async move { latency_bucket(&scrape(&addr).await, f64::INFINITY) == Some(1) }
+        },
+    )
+    .await;
+    let body = scrape(&addr).await;
+    assert_eq!(latency_bucket(&body, 2.5), Some(0), "{body}");
+    assert_eq!(latency_bucket(&body, 5.0), Some(1), "{body}");
+    assert!(connector.terminate().success());
+}

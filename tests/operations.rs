@@ -120,6 +120,22 @@ async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.lines().all(|l| l.starts_with("ok")), "{stdout}");
+    assert!(
+        stdout
+            .contains("kafka: transaction timeout: 300000 ms (the brokers allow up to 900000 ms)"),
+        "{stdout}"
+    );
+    // A timeout the brokers would refuse: named, with what to change.
+    let output = check(&["--brokers", BROKERS, "--transaction-timeout-ms", "1000000"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "--transaction-timeout-ms (1000000 ms) is above the brokers' \
+             transaction.max.timeout.ms (900000 ms)"
+        ),
+        "{stdout}"
+    );
 
     dbs.source()
         .await

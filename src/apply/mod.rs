@@ -597,6 +597,61 @@ pub async fn apply(target: &mut Target, batch: &ApplyBatch) -> Result<ApplyOutco
     }
 }
 
+/// A pg_end transaction left open across batches, so that one source transaction too
+/// large to hold in memory is applied part by part and still committed atomically
+/// (direct mode's spilled batches, [`crate::pipeline`] "Large source transactions").
+/// Each part is applied as [`apply`] applies a batch, under a savepoint instead of a
+/// transaction of its own; only [`OpenApply::commit`] makes any of it visible. Dropped
+/// without it, everything is rolled back.
+pub struct OpenApply<'t> {
+    tx: Transaction<'t>,
+    statements: Statements,
+    tables: Option<Arc<[table::TableStatements]>>,
+}
+
+impl Target {
+    /// Begins a transaction whose batches may hold events of `tables`.
+    pub async fn open(
+        &mut self,
+        tables: &Arc<[table::TableTarget]>,
+    ) -> Result<OpenApply<'_>, ApplyError> {
+        let statements = self.statements().await?;
+        let tables = if tables.is_empty() {
+            None
+        } else {
+            Some(self.table_statements(tables).await?)
+        };
+        let tx = begin(&mut self.client).await?;
+        Ok(OpenApply {
+            tx,
+            statements,
+            tables,
+        })
+    }
+}
+
+impl OpenApply<'_> {
+    /// Applies one part (its progress too, if it has one). An error leaves the
+    /// transaction unusable: drop it.
+    pub async fn apply(&mut self, batch: &ApplyBatch) -> Result<ApplyOutcome, ApplyError> {
+        let tables = self.tables.as_deref();
+        match apply_in(&mut self.tx, &self.statements, tables, batch, false).await? {
+            Some(outcome) => Ok(outcome),
+            None => apply_in(&mut self.tx, &self.statements, tables, batch, true)
+                .await?
+                .ok_or_else(unreachable_plain),
+        }
+    }
+
+    /// Commits every part.
+    pub async fn commit(self) -> Result<(), ApplyError> {
+        self.tx
+            .commit()
+            .await
+            .map_err(|e| ApplyError::new("committing", e))
+    }
+}
+
 /// `careful` is never answered with "again" (it bisects); this is its type's other arm.
 fn unreachable_plain() -> ApplyError {
     ApplyError::Statement {
@@ -606,11 +661,57 @@ fn unreachable_plain() -> ApplyError {
     }
 }
 
-/// One transaction: the ledger's records (with their own fall-back), then the generic
-/// inboxes' events, plainly (`careful` false: no savepoint; `None` when they fail, to
-/// be applied again carefully) or part by part under savepoints.
+/// One transaction on `target`: see [`apply_in`].
 async fn apply_once(
     target: &mut Target,
+    batch: &ApplyBatch,
+    careful: bool,
+) -> Result<Option<ApplyOutcome>, ApplyError> {
+    let statements = target.statements().await?;
+    let table_statements = if batch.events.is_empty() {
+        None
+    } else {
+        Some(target.table_statements(&batch.tables).await?)
+    };
+    apply_in(
+        &mut target.client,
+        &statements,
+        table_statements.as_deref(),
+        batch,
+        careful,
+    )
+    .await
+}
+
+/// Where [`apply_in`] opens its transaction: a connection's own, or a savepoint of a
+/// transaction left open ([`OpenApply`]).
+#[allow(async_fn_in_trait)]
+trait Scope {
+    async fn begin(&mut self) -> Result<Transaction<'_>, ApplyError>;
+}
+
+impl Scope for Client {
+    async fn begin(&mut self) -> Result<Transaction<'_>, ApplyError> {
+        begin(self).await
+    }
+}
+
+impl Scope for Transaction<'_> {
+    async fn begin(&mut self) -> Result<Transaction<'_>, ApplyError> {
+        self.savepoint("apply_batch")
+            .await
+            .map_err(|e| ApplyError::new("setting a savepoint", e))
+    }
+}
+
+/// One transaction begun in `scope` (committed, or released, at the end): the ledger's
+/// records (with their own fall-back), then the generic inboxes' events, plainly
+/// (`careful` false: no savepoint; `None` when they fail, to be applied again
+/// carefully) or part by part under savepoints, then the dead letters and the progress.
+async fn apply_in(
+    scope: &mut impl Scope,
+    statements: &Statements,
+    table_statements: Option<&[table::TableStatements]>,
     batch: &ApplyBatch,
     careful: bool,
 ) -> Result<Option<ApplyOutcome>, ApplyError> {
@@ -618,20 +719,23 @@ async fn apply_once(
     let mut outcome = ApplyOutcome::default();
     let mut dead_letters: Vec<DeadLetter> = batch.dead_letters.clone();
     let records = prepare(&batch.records, &mut dead_letters, &mut outcome);
-
-    let statements = target.statements().await?;
-    let table_statements = if batch.events.is_empty() {
-        None
-    } else {
-        Some(target.table_statements(&batch.tables).await?)
+    let table_statements = match table_statements {
+        None if !batch.events.is_empty() => {
+            return Err(ApplyError::Statement {
+                inbox: "(any)".into(),
+                statement: "applying the events",
+                message: "the inboxes' statements were not prepared".into(),
+            })
+        }
+        prepared => prepared.filter(|_| !batch.events.is_empty()),
     };
-    let mut tx = begin(&mut target.client).await?;
+    let mut tx = scope.begin().await?;
     // The common case first, with nothing to undo but the transaction itself: a
     // savepoint around it cost pg_end 5-15% of the batch (a subtransaction).
     let first = if records.is_empty() {
         Ok(())
     } else {
-        insert_new(&tx, &statements, &records, &mut outcome).await
+        insert_new(&tx, statements, &records, &mut outcome).await
     };
     if let Err(error) = first {
         if error::pg::classify(&error) == ErrorClass::Transient {
@@ -642,11 +746,11 @@ async fn apply_once(
         tx.rollback()
             .await
             .map_err(|e| ApplyError::new("rolling back", e))?;
-        tx = begin(&mut target.client).await?;
+        tx = scope.begin().await?;
         let all_new = error.code() != Some(&SqlState::UNIQUE_VIOLATION);
         apply_records(
             &mut tx,
-            &statements,
+            statements,
             &records,
             all_new,
             &mut dead_letters,
@@ -654,7 +758,7 @@ async fn apply_once(
         )
         .await?;
     }
-    if let Some(table_statements) = &table_statements {
+    if let Some(table_statements) = table_statements {
         if careful {
             apply_inboxes(
                 &mut tx,
@@ -680,8 +784,8 @@ async fn apply_once(
         }
     }
     outcome.dead_letters = dead_letters.len() as u64;
-    outcome.dead_letters_written = insert_dead_letters(&tx, &statements, &dead_letters).await?;
-    store_progress(&tx, &statements, &batch.progress).await?;
+    outcome.dead_letters_written = insert_dead_letters(&tx, statements, &dead_letters).await?;
+    store_progress(&tx, statements, &batch.progress).await?;
     tx.commit()
         .await
         .map_err(|e| ApplyError::new("committing", e))?;

@@ -30,6 +30,8 @@ pub struct CheckArgs {
     pub outbox: OutboxArgs,
     #[command(flatten)]
     pub route: RouteArgs,
+    #[command(flatten)]
+    pub transaction_timeout: crate::connector::TransactionTimeout,
     /// Skip the Kafka checks (a direct-mode deployment).
     #[arg(long)]
     pub no_kafka: bool,
@@ -374,7 +376,7 @@ async fn kafka_checks(args: &CheckArgs, topics: &[String], lines: &mut Vec<Check
                         None => e.to_string(),
                     }
                 })?;
-            let brokers = all.brokers().len();
+            let brokers: Vec<i32> = all.brokers().iter().map(|b| b.id()).collect();
             let partitions: Vec<Option<Vec<usize>>> = topics
                 .iter()
                 .map(|topic| {
@@ -391,7 +393,7 @@ async fn kafka_checks(args: &CheckArgs, topics: &[String], lines: &mut Vec<Check
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
-    let (broker_count, partitions) = match metadata {
+    let (broker_ids, partitions) = match metadata {
         Ok(m) => m,
         Err(e) => {
             lines.push(line("kafka: brokers", Err(format!("{brokers}: {e}"))));
@@ -400,11 +402,43 @@ async fn kafka_checks(args: &CheckArgs, topics: &[String], lines: &mut Vec<Check
     };
     lines.push(line(
         "kafka: brokers",
-        Ok(format!("{broker_count} brokers answer at {brokers}")),
+        Ok(format!("{} brokers answer at {brokers}", broker_ids.len())),
     ));
     for (topic, replicas) in topics.iter().zip(partitions) {
         topic_checks(&brokers, topic, replicas, lines).await;
     }
+    if let Some(&broker) = broker_ids.first() {
+        lines.push(line(
+            "kafka: transaction timeout",
+            transaction_timeout(&brokers, broker, args.transaction_timeout.get()).await,
+        ));
+    }
+}
+
+/// The producers' `transaction.timeout.ms` against the brokers'
+/// `transaction.max.timeout.ms`: the longest a source transaction larger than a batch
+/// may take to stream into its one Kafka transaction (it is never split).
+async fn transaction_timeout(brokers: &str, broker: i32, ours: Duration) -> Result<String, String> {
+    let ours = ours.as_millis() as i64;
+    let max: i64 = config_value(
+        brokers,
+        &ResourceSpecifier::Broker(broker),
+        "transaction.max.timeout.ms",
+    )
+    .await?;
+    if ours > max {
+        return Err(format!(
+            "the connector's --transaction-timeout-ms ({ours} ms) is above the brokers' \
+             transaction.max.timeout.ms ({max} ms): its transactional producers cannot start. \
+             Lower it, or raise the brokers' setting"
+        ));
+    }
+    Ok(format!(
+        "{ours} ms (the brokers allow up to {max} ms): a source transaction larger than a \
+         batch must stream into its one Kafka transaction within it, or the brokers abort it \
+         and the connector stops saying so; it is never split. Raise \
+         --transaction-timeout-ms (up to {max}) for larger ones"
+    ))
 }
 
 /// One topic's replication and `min.insync.replicas`.
@@ -448,12 +482,26 @@ async fn topic_checks(
 }
 
 async fn min_insync_replicas(brokers: &str, topic: &str) -> Result<i64, String> {
+    config_value(
+        brokers,
+        &ResourceSpecifier::Topic(topic),
+        "min.insync.replicas",
+    )
+    .await
+}
+
+/// A numeric setting of a topic or a broker, as the brokers report it.
+async fn config_value(
+    brokers: &str,
+    resource: &ResourceSpecifier<'_>,
+    key: &str,
+) -> Result<i64, String> {
     let admin: AdminClient<DefaultClientContext> = kafka::client_config(brokers)
         .create()
         .map_err(|e| e.to_string())?;
     let results = admin
         .describe_configs(
-            [&ResourceSpecifier::Topic(topic)],
+            [resource],
             &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
         )
         .await
@@ -464,10 +512,10 @@ async fn min_insync_replicas(brokers: &str, topic: &str) -> Result<i64, String> 
         .ok_or("no answer")?
         .map_err(|e| e.to_string())?;
     resource
-        .get("min.insync.replicas")
+        .get(key)
         .and_then(|e| e.value.as_deref())
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| "min.insync.replicas not reported".to_string())
+        .ok_or_else(|| format!("{key} not reported"))
 }
 
 /// Renders the report, one line per check.

@@ -109,6 +109,8 @@ pub struct ConnectorArgs {
     #[arg(long, env = "OUTBOX_RELAY_COMMIT_INTERVAL_MS")]
     pub commit_interval_ms: Option<u64>,
     #[command(flatten)]
+    pub transaction_timeout: TransactionTimeout,
+    #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
     #[command(flatten)]
     pub cleanup: CleanupArgs,
@@ -131,6 +133,24 @@ impl ConnectorArgs {
         self.route
             .resolve(&self.stream.outbox.table, &self.kafka.topic)
             .map_err(|e| PipelineError::Definite(e.to_string()))
+    }
+}
+
+/// The producers' `transaction.timeout.ms`: shared by the connector and `check`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct TransactionTimeout {
+    /// The longest a Kafka transaction may stay open, in milliseconds (the producers'
+    /// transaction.timeout.ms; at least 300000, at most the brokers'
+    /// transaction.max.timeout.ms): a source transaction larger than a batch must stream
+    /// into its one Kafka transaction within it (it is never split)
+    #[arg(long = "transaction-timeout-ms", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(300_000..))]
+    pub transaction_timeout_ms: u64,
+}
+
+impl TransactionTimeout {
+    pub fn get(self) -> Duration {
+        Duration::from_millis(self.transaction_timeout_ms)
     }
 }
 
@@ -263,6 +283,7 @@ async fn setup_kafka(
         args.delivery,
         partitioning,
         &args.slot,
+        args.transaction_timeout.get(),
         stop,
     );
     let mut known = ensured.learned;
@@ -313,6 +334,9 @@ pub struct Batch {
     pub dead_letters: u64,
     /// The event id of each delivered table row, with `--cleanup` only: (table, id).
     pub ids: Vec<(usize, String)>,
+    /// The source commit time of each source transaction (µs since 2000-01-01), for
+    /// the latency histogram once the batch is committed.
+    pub commit_times: Vec<i64>,
 }
 
 impl Batch {
@@ -413,6 +437,7 @@ struct OpenTxn {
     headers: OwnedHeaders,
     lsn: Lsn,
     xid: Option<u32>,
+    commit_time_micros: Option<i64>,
 }
 
 /// The Kafka destination of the pipeline.
@@ -615,6 +640,7 @@ impl Destination for KafkaDestination {
             headers: txn_headers(meta.commit_lsn, meta.xid, meta.commit_time_micros),
             lsn: meta.commit_lsn,
             xid: meta.xid,
+            commit_time_micros: meta.commit_time_micros,
         });
     }
 
@@ -720,6 +746,7 @@ impl Destination for KafkaDestination {
         if let Some(txn) = self.txn.take() {
             self.batch.headers.push(txn.headers);
             self.batch.txns.push((txn.lsn, txn.xid));
+            self.batch.commit_times.extend(txn.commit_time_micros);
         }
     }
 
@@ -730,6 +757,55 @@ impl Destination for KafkaDestination {
 
     fn batch_size(&self) -> (usize, usize) {
         (self.batch.records.len(), self.batch.value_bytes)
+    }
+
+    fn spill(&mut self) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+        let mut batch = std::mem::take(&mut self.batch);
+        // The open transaction's records point at the header set it gets when it ends.
+        if let Some(txn) = &self.txn {
+            batch.headers.push(txn.headers.clone());
+            batch.txns.push((txn.lsn, txn.xid));
+        }
+        // The ids are deleted, and the latencies recorded, only once the commit has
+        // made the batch durable.
+        self.batch.ids = std::mem::take(&mut batch.ids);
+        self.batch.commit_times = std::mem::take(&mut batch.commit_times);
+        self.txn_start = BatchExtent::of(&self.batch);
+        let dead_letter_topic = self.dead_letter_topic.clone();
+        let producer = Arc::clone(&self.producer);
+        let topics = Arc::clone(&self.topics);
+        async move {
+            let ensured = topics.ensure(&batch.topics).await?;
+            if !ensured.missing.is_empty() {
+                batch.reroute(&ensured.missing, &dead_letter_topic);
+            }
+            let dead_letters = tokio::task::spawn_blocking(move || {
+                let mut producer = lock(&producer)?;
+                producer.learn_topics(&ensured.learned);
+                producer.know_topics(ensured.learned);
+                producer
+                    .spill(&batch)
+                    .map_err(producer::destination_error)?;
+                Ok::<_, PipelineError>(batch.dead_letters)
+            })
+            .await
+            .map_err(|e| PipelineError::Definite(format!("kafka spill panicked: {e}")))??;
+            if dead_letters > 0 {
+                ::metrics::counter!(crate::metrics::DEAD_LETTERS, "stage" => "connector")
+                    .increment(dead_letters);
+            }
+            Ok(())
+        }
+    }
+
+    async fn abandon(&mut self) {
+        let producer = Arc::clone(&self.producer);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut producer) = producer.lock() {
+                producer.abandon();
+            }
+        })
+        .await;
     }
 
     fn clear(&mut self) {
@@ -767,6 +843,7 @@ impl Destination for KafkaDestination {
             .await
             .map_err(|e| PipelineError::Definite(format!("kafka commit panicked: {e}")))??;
             let (batch, progress) = batch;
+            crate::metrics::record_latencies(Self::STAGE, &batch.commit_times);
             if batch.dead_letters > 0 {
                 ::metrics::counter!(crate::metrics::DEAD_LETTERS, "stage" => "connector")
                     .increment(batch.dead_letters);
@@ -833,6 +910,7 @@ mod tests {
             args.delivery,
             Partitioning::Librdkafka,
             "unused",
+            args.transaction_timeout.get(),
             stop,
         );
         let routes = args.routes().unwrap();
@@ -904,6 +982,45 @@ mod tests {
             .and_then(|h| h.value);
         assert_eq!(lsn, Some(Lsn(300).to_string().as_bytes()));
         assert_eq!(d.batch.ids, [(0, "3".to_string())]);
+    }
+
+    #[test]
+    fn a_spill_leaves_an_empty_batch_whose_later_records_carry_the_open_transaction_s_headers() {
+        let mut d = destination();
+        txn(&mut d, 100, "1");
+        d.end_txn();
+        txn(&mut d, 200, "2");
+        d.row(0, &[Some(b"3"), Some(b"7")]);
+        // What the spill takes: both transactions' records, each pointing at its own
+        // header set (the open one's pushed for it by the spill).
+        assert_eq!(
+            d.batch.records.iter().map(|r| r.txn).collect::<Vec<_>>(),
+            [0, 1, 1]
+        );
+        drop(d.spill());
+        assert_eq!(d.batch_size(), (0, 0));
+        assert!(d.batch.headers.is_empty() && d.batch.records.is_empty());
+        // The ids wait for the commit that makes them durable.
+        assert_eq!(d.batch.ids.len(), 3);
+
+        // The rest of the open transaction: its records point at the header set it
+        // gets when it ends, the first of the emptied batch.
+        d.row(0, &[Some(b"4"), Some(b"7")]);
+        d.end_txn();
+        assert_eq!(d.batch.records.len(), 1);
+        assert_eq!(d.batch.records[0].txn, 0);
+        let lsn = d.batch.headers[0]
+            .iter()
+            .find(|h| h.key == crate::record::HEADER_LSN)
+            .and_then(|h| h.value);
+        assert_eq!(lsn, Some(Lsn(200).to_string().as_bytes()));
+        assert_eq!(d.batch.ids.len(), 4);
+        // A transaction abandoned after a spill drops only what came after it.
+        txn(&mut d, 300, "5");
+        drop(d.spill());
+        d.row(0, &[Some(b"6"), Some(b"7")]);
+        d.discard_txn();
+        assert_eq!(d.batch_size(), (0, 0));
     }
 
     #[test]

@@ -25,6 +25,14 @@
 //! 4. Every transactional id is initialised (fenced) before the progress record is
 //!    read back, at start and at each retry: no other instance can commit on any of
 //!    them in between (see [`BatchProducer::recreate`]).
+//! 5. A batch spilled by a source transaction larger than a batch
+//!    ([`BatchProducer::spill`]) is sent into a transaction left open; the next
+//!    `commit` completes it with the rest and the progress record, in one attempt: its
+//!    spilled records are no longer held, so a failure is never retried in place. It
+//!    aborts, and the session ends: the next one fences (aborting anything left open)
+//!    and reads the progress back, and the slot sends the source transaction again.
+//!    A transaction that outlived `transaction.timeout.ms` is a definite error that
+//!    names the setting to raise; a source transaction is never split to fit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -65,6 +73,22 @@ pub enum FlushError {
     Fatal(#[source] KafkaError),
     #[error("kafka producer setup failed")]
     Setup(#[source] KafkaError),
+    #[error(
+        "the Kafka transaction a source transaction larger than a batch was streamed into \
+         failed ({0}); it is aborted, and the slot sends the source transaction again"
+    )]
+    Spilled(#[source] KafkaError),
+    #[error(
+        "a source transaction took {elapsed:?} to stream into one Kafka transaction, past the \
+         producers' transaction timeout ({timeout:?}), and the brokers aborted it. It is \
+         never split: raise --transaction-timeout-ms (at most the brokers' \
+         transaction.max.timeout.ms, 900000 by default; `outbox-relay check` shows both) so \
+         that it covers the largest source transaction"
+    )]
+    TransactionTooLong {
+        elapsed: Duration,
+        timeout: Duration,
+    },
     #[error("stopping")]
     Stopped,
 }
@@ -72,8 +96,12 @@ pub enum FlushError {
 impl FlushError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            FlushError::Fenced(_) | FlushError::Setup(_) => ErrorClass::Definite,
-            FlushError::Fatal(_) | FlushError::Stopped => ErrorClass::Transient,
+            FlushError::Fenced(_)
+            | FlushError::Setup(_)
+            | FlushError::TransactionTooLong { .. } => ErrorClass::Definite,
+            FlushError::Fatal(_) | FlushError::Spilled(_) | FlushError::Stopped => {
+                ErrorClass::Transient
+            }
         }
     }
 }
@@ -163,6 +191,12 @@ pub struct BatchProducer {
     /// session began (see [`BatchProducer::recreate`] and
     /// [`BatchProducer::commit_acks`]).
     committed: Option<ProgressRecord>,
+    /// Since when a spilled batch's transaction is open (invariant 5).
+    spilled: Option<std::time::Instant>,
+    /// The open spilled transaction has been warned about (half its timeout gone).
+    spill_warned: bool,
+    /// The producers' `transaction.timeout.ms`.
+    transaction_timeout: Duration,
 }
 
 /// Longest wait of [`BatchProducer::learn_topics`].
@@ -181,6 +215,7 @@ impl BatchProducer {
         mode: DeliveryMode,
         partitioning: Partitioning,
         slot: &str,
+        transaction_timeout: Duration,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -193,6 +228,9 @@ impl BatchProducer {
             turn: 0,
             stop,
             committed: None,
+            spilled: None,
+            spill_warned: false,
+            transaction_timeout,
         }
     }
 
@@ -204,11 +242,14 @@ impl BatchProducer {
     /// again. Blocking.
     pub fn fence(&mut self) -> Result<(), FlushError> {
         let old = std::mem::take(&mut self.producers);
+        // New epochs abort whatever was left open, a spilled transaction too.
+        self.spilled = None;
         let new = Self::create_all(
             &self.brokers,
             self.mode,
             self.partitioning,
             &self.slot,
+            self.transaction_timeout,
             &self.stop,
         )?;
         self.producers = new;
@@ -221,6 +262,7 @@ impl BatchProducer {
     /// Drops the producers (standing by: this instance must not fence the active one).
     pub fn release(&mut self) {
         self.producers.clear();
+        self.spilled = None;
     }
 
     /// The mode's producers, created in parallel: each `init_transactions` is a round
@@ -230,6 +272,7 @@ impl BatchProducer {
         mode: DeliveryMode,
         partitioning: Partitioning,
         slot: &str,
+        transaction_timeout: Duration,
         stop: &watch::Receiver<bool>,
     ) -> Result<Vec<ThreadedProducer<DeliveryCounter>>, FlushError> {
         let count = match mode {
@@ -245,6 +288,7 @@ impl BatchProducer {
                             mode,
                             partitioning,
                             &transactional_id(slot, turn),
+                            transaction_timeout,
                             stop,
                         )
                     })
@@ -277,6 +321,7 @@ impl BatchProducer {
         mode: DeliveryMode,
         partitioning: Partitioning,
         transactional_id: &str,
+        transaction_timeout: Duration,
         stop: &watch::Receiver<bool>,
     ) -> Result<ThreadedProducer<DeliveryCounter>, FlushError> {
         let mut config = kafka::client_config(brokers);
@@ -295,9 +340,10 @@ impl BatchProducer {
             config.set("partitioner", "murmur2_random");
         }
         if mode == DeliveryMode::Transactional {
-            config
-                .set("transactional.id", transactional_id)
-                .set("transaction.timeout.ms", "300000");
+            config.set("transactional.id", transactional_id).set(
+                "transaction.timeout.ms",
+                transaction_timeout.as_millis().to_string(),
+            );
         }
         let producer: ThreadedProducer<DeliveryCounter> = config
             .create_with_context(DeliveryCounter::default())
@@ -369,6 +415,22 @@ impl BatchProducer {
     ) -> Result<(), FlushError> {
         let progress_value = progress.to_bytes();
         let own_topic = kafka::progress_topic_of(progress_topic, slot);
+        if let Some(since) = self.spilled.take() {
+            // Invariant 5: one attempt.
+            let result = self.commit_transaction(batch, &own_topic, slot, &progress_value, true);
+            return match result {
+                Ok(()) => {
+                    tracing::info!(
+                        seconds = since.elapsed().as_secs_f64(),
+                        "the Kafka transaction of a source transaction larger than a batch is committed"
+                    );
+                    self.committed = Some(progress.clone());
+                    self.turn = (self.turn + 1) % self.producers.len();
+                    Ok(())
+                }
+                Err(attempt) => Err(self.spill_failed(since, attempt)),
+            };
+        }
         let mut backoff = Backoff::reconnect();
         if self.producers.is_empty()
             && self.recreate(progress_topic, slot, progress)? == Found::ThisBatch
@@ -385,7 +447,7 @@ impl BatchProducer {
             let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
             let result = match self.mode {
                 DeliveryMode::Transactional => {
-                    self.commit_transaction(batch, &own_topic, slot, &progress_value)
+                    self.commit_transaction(batch, &own_topic, slot, &progress_value, false)
                 }
                 DeliveryMode::AtLeastOnce => self.commit_acks(
                     batch,
@@ -486,16 +548,101 @@ impl BatchProducer {
         }
     }
 
-    /// One attempt in one Kafka transaction.
+    /// Sends a spilled batch (invariant 5): in transactional mode into the current
+    /// producer's transaction, begun by the first spill and left open for the next
+    /// [`BatchProducer::commit`]; at-least-once, until every record is acknowledged.
+    /// Blocks while librdkafka's queue is full (the backpressure that bounds memory).
+    /// A failure ends the session (a transient error): nothing spilled is kept to
+    /// send again.
+    pub fn spill(&mut self, batch: &Batch) -> Result<(), FlushError> {
+        if self.producers.is_empty() {
+            return Err(FlushError::Spilled(KafkaError::Canceled));
+        }
+        if self.mode == DeliveryMode::AtLeastOnce {
+            let failed_before = self.producer().context().failed.load(Ordering::SeqCst);
+            return match self.send_and_wait(failed_before, || self.send_records(batch)) {
+                Ok(()) => Ok(()),
+                Err(Attempt::Definite(error)) => Err(error),
+                Err(Attempt::Retry(error) | Attempt::Recreate(error)) => {
+                    Err(FlushError::Spilled(error))
+                }
+            };
+        }
+        let since = match self.spilled {
+            Some(since) => since,
+            None => {
+                if let Err(error) = self.producer().begin_transaction() {
+                    let attempt = self.txn_error(error);
+                    return Err(self.spill_failed(std::time::Instant::now(), attempt));
+                }
+                self.spill_warned = false;
+                *self.spilled.insert(std::time::Instant::now())
+            }
+        };
+        if let Err(error) = self.send_records(batch) {
+            self.spilled = None;
+            let attempt = self.txn_error(error);
+            return Err(self.spill_failed(since, attempt));
+        }
+        let open = since.elapsed();
+        if open > self.transaction_timeout / 2 && !std::mem::replace(&mut self.spill_warned, true) {
+            tracing::warn!(
+                open_seconds = open.as_secs(),
+                timeout_seconds = self.transaction_timeout.as_secs(),
+                "a source transaction larger than a batch has held its Kafka transaction open \
+                 for half of the transaction timeout; if it does not commit in time the brokers \
+                 abort it (raise --transaction-timeout-ms)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The error a failed spilled transaction ends the session with (invariant 5): its
+    /// transaction is aborted (best effort: the next session's producers fence it
+    /// anyway) and the producers dropped.
+    fn spill_failed(&mut self, since: std::time::Instant, attempt: Attempt) -> FlushError {
+        self.spilled = None;
+        let elapsed = since.elapsed();
+        let error = match attempt {
+            Attempt::Definite(FlushError::Stopped) => FlushError::Stopped,
+            _ if elapsed >= self.transaction_timeout => FlushError::TransactionTooLong {
+                elapsed,
+                timeout: self.transaction_timeout,
+            },
+            Attempt::Definite(error) => error,
+            Attempt::Retry(error) | Attempt::Recreate(error) => FlushError::Spilled(error),
+        };
+        if !self.producers.is_empty() {
+            let _ = self.producer().abort_transaction(CALL_TIMEOUT);
+        }
+        self.producers.clear();
+        error
+    }
+
+    /// Leaves a spilled transaction (the session ended before its source transaction
+    /// did): aborted, as in [`BatchProducer::spill_failed`].
+    pub fn abandon(&mut self) {
+        if let Some(since) = self.spilled {
+            let _ = self.spill_failed(since, Attempt::Definite(FlushError::Stopped));
+        }
+    }
+
+    /// One attempt in one Kafka transaction; `begun`: by a spill (invariant 5).
     fn commit_transaction(
         &self,
         batch: &Batch,
         progress_topic: &str,
         slot: &str,
         progress: &[u8],
+        begun: bool,
     ) -> Result<(), Attempt> {
         let started = std::time::Instant::now();
-        if let Err(error) = self.producer().begin_transaction() {
+        let begin = if begun {
+            Ok(())
+        } else {
+            self.producer().begin_transaction()
+        };
+        if let Err(error) = begin {
             let attempt = self.txn_error(error);
             if matches!(attempt, Attempt::Retry(_)) {
                 // E.g. an earlier abort that is not complete yet: finish it first.

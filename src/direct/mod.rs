@@ -44,6 +44,8 @@
 //!    next is read (the pipeline's overlap); when that one is full, nothing more is
 //!    read from the slot until the first is committed (bounded memory).
 
+mod spill;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -263,6 +265,8 @@ struct PgEndDestination {
     txn: Option<OpenTxn>,
     /// Source commit times of the batch's transactions.
     commit_times: Vec<i64>,
+    /// The open pg_end transaction of a spilled batch (see [`spill`]).
+    spill: Option<spill::Spill>,
 }
 
 /// The connection to pg_end.
@@ -512,6 +516,7 @@ impl PgEndDestination {
             value_bytes: 0,
             txn: None,
             commit_times: Vec::new(),
+            spill: None,
         }
     }
 
@@ -851,11 +856,39 @@ impl Destination for PgEndDestination {
         )
     }
 
+    fn spill(&mut self) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+        let mut batch = std::mem::take(&mut self.batch);
+        if let Some(routed) = &self.routed {
+            batch.tables = routed.inboxes.tables.clone();
+        }
+        self.value_bytes = 0;
+        // What the open source transaction held is the open pg_end transaction's now.
+        if let Some(txn) = &mut self.txn {
+            txn.records = 0;
+            txn.events = 0;
+            txn.dead_letters = 0;
+            txn.value_bytes = 0;
+        }
+        let tables = batch.tables.clone();
+        let pg_end = &self.pg_end;
+        self.spill
+            .get_or_insert_with(|| spill::Spill::start(Arc::clone(pg_end), tables))
+            .part(batch)
+    }
+
+    async fn abandon(&mut self) {
+        if let Some(spill) = self.spill.take() {
+            spill.abandon().await;
+        }
+    }
+
     fn clear(&mut self) {
         self.batch = ApplyBatch::default();
         self.value_bytes = 0;
         self.txn = None;
         self.commit_times.clear();
+        // Dropped, an open spilled transaction is rolled back.
+        self.spill = None;
     }
 
     fn commit(
@@ -879,17 +912,13 @@ impl Destination for PgEndDestination {
         self.value_bytes = 0;
         let commit_times = std::mem::take(&mut self.commit_times);
         let pg_end = Arc::clone(&self.pg_end);
+        let spilled = self.spill.take();
         async move {
-            let mut pg_end = pg_end.lock().await;
-            let committed = pg_end.apply(&batch).await?;
-            let now = chrono::Utc::now();
-            for micros in commit_times {
-                if let Some(committed) = crate::record::pg_micros_to_utc(micros) {
-                    let latency = (now - committed).num_microseconds().unwrap_or(0).max(0);
-                    ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => Self::STAGE)
-                        .record(latency as f64 / 1e6);
-                }
-            }
+            let committed = match spilled {
+                Some(spill) => spill.commit(batch).await?,
+                None => pg_end.lock().await.apply(&batch).await?,
+            };
+            crate::metrics::record_latencies(Self::STAGE, &commit_times);
             Ok(committed)
         }
     }

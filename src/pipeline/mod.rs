@@ -19,11 +19,12 @@
 //!    and skips source transactions at or below it, so a kill between the destination
 //!    commit and the slot confirmation re-reads those transactions and drops them.
 //! 3. One source transaction is never split across two destination commits.
-//! 4. Memory is bounded: a batch holds at most `--batch-size` rows (plus the rest of
-//!    one source transaction) and `--batch-bytes`. At most one batch is being
-//!    committed while the next one is read; when the next one is full, nothing more is
-//!    read until the first is durable, and pgwire-replication's bounded channel makes
-//!    the walsender wait.
+//! 4. Memory is bounded: a batch holds at most `--batch-size` rows and `--batch-bytes`
+//!    of complete source transactions, and at most as much again of the open one. At
+//!    most one batch is being committed while the next one is read; when the next one
+//!    is full, nothing more is read until the first is durable, and
+//!    pgwire-replication's bounded channel makes the walsender wait. A source
+//!    transaction larger than a batch is streamed (see "Large source transactions").
 //! 5. Transient failures are retried with capped backoff; only a definite error (a lost
 //!    slot, a fenced producer, a bad configuration) stops the pipeline.
 //! 6. A slot is created only when the destination has no streaming progress for it. A
@@ -80,6 +81,19 @@
 //! [`Destination::commit_interval`] has passed since the last commit started
 //! (`Session::due`). The interval bounds the commit rate where a commit costs more
 //! than its rows (a Kafka transaction); it is zero for the others.
+//!
+//! # Large source transactions
+//! When the open source transaction alone grows past `--batch-size` rows or
+//! `--batch-bytes`, the batch is *spilled* ([`Destination::spill`]): once the commit in
+//! flight is settled, what the batch holds (complete transactions and the open one's
+//! rows so far) goes into one destination transaction that stays open, and the batch
+//! is empty again. The rest of the source transaction follows the same way, and the
+//! batch's commit completes that one destination transaction with the progress
+//! record, so the source transaction stays atomic (invariant 3) with memory bounded by
+//! a batch. Nothing spilled is durable before that commit: a session that ends first
+//! rolls the open destination transaction back ([`Destination::abandon`]), and its
+//! source transactions are read again from the slot (the slot was not confirmed past
+//! them). While spilled, no other commit runs (invariant 7 holds).
 //!
 //! # Reading
 //! Events the replication worker has queued are taken without a `select!` each, and
@@ -274,6 +288,18 @@ pub trait Destination {
     fn discard_txn(&mut self);
     /// Rows and bytes in the batch.
     fn batch_size(&self) -> (usize, usize);
+    /// The open source transaction has grown past a batch (see "Large source
+    /// transactions"): hands everything in the batch to a destination transaction
+    /// that stays open (begun by the first spill), leaving an empty batch, and returns
+    /// the work that does so. The pipeline awaits it before it reads on, and calls
+    /// `spill` only with no commit in flight; the next `commit` completes that
+    /// transaction. The rows of the open source transaction spilled so far are no
+    /// longer the batch's: `discard_txn` does not take them back, `abandon` does.
+    fn spill(&mut self) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static;
+    /// The session ends with a spilled destination transaction open: it is rolled back
+    /// (or left for the next session to fence), never committed. Its source
+    /// transactions are read again from the slot.
+    async fn abandon(&mut self) {}
     /// The least time between the starts of two commits of batches that are not full:
     /// a bound on the commit rate where each commit costs more than its rows.
     fn commit_interval(&self) -> Duration {
@@ -427,6 +453,9 @@ struct Reading {
     open: Option<bool>,
     /// The open transaction's commit LSN.
     commit_lsn: Lsn,
+    /// The destination's batch size (rows, bytes) when the open transaction began, or
+    /// when it was last spilled: what it holds beyond that is the open transaction's.
+    txn_base: (usize, usize),
     /// `--linger-ms`.
     linger: Duration,
     /// The destination's least time between commits ([`Destination::commit_interval`]).
@@ -947,8 +976,10 @@ impl<D: Destination> Pipeline<D> {
             last_commit: None,
             started: Instant::now(),
             gate: self.dest.confirm_gate(),
+            spilled: false,
         };
         let result = self.stream_events(replication, &mut s).await;
+        self.abandon_spilled(&mut s).await;
         if s.settled() {
             return result;
         }
@@ -970,6 +1001,7 @@ impl<D: Destination> Pipeline<D> {
             relations: Vec::with_capacity(self.outbox.tables.len()),
             open: None,
             commit_lsn: Lsn::ZERO,
+            txn_base: (0, 0),
             linger: Duration::from_millis(self.args.linger_ms),
             interval: self.dest.commit_interval(),
             heard: Instant::now(),
@@ -1117,13 +1149,17 @@ impl<D: Destination> Pipeline<D> {
                         xid: Some(xid),
                         commit_time_micros: Some(commit_time_micros),
                     });
+                    r.txn_base = self.dest.batch_size();
                 }
                 r.open = Some(skip);
                 r.commit_lsn = commit_lsn;
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
-            } => self.on_message(&data, Lsn(wal_start.as_u64()), r)?,
+            } => {
+                self.on_message(&data, Lsn(wal_start.as_u64()), r)?;
+                self.spill_if_large(s, r).await?;
+            }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.on_commit(Lsn(end_lsn.as_u64()), s, r).await?;
                 s.confirm(replication);
@@ -1144,7 +1180,8 @@ impl<D: Destination> Pipeline<D> {
                 let outbox = self.outbox.prefixes.iter().position(|p| *p == prefix);
                 match (outbox, transactional) {
                     (Some(i), true) if r.open == Some(false) => {
-                        self.dest.message(i, &content, true)
+                        self.dest.message(i, &content, true);
+                        self.spill_if_large(s, r).await?;
                     }
                     (Some(i), false) => self.on_lone_message(i, lsn, &content, s, r).await?,
                     (None, false) => s.idle_position(lsn, replication),
@@ -1254,6 +1291,19 @@ impl<D: Destination> Pipeline<D> {
                 s.tracker.commit(end_lsn, 0);
             }
             Some(false) if end_lsn <= self.durable_lsn => {
+                if s.spilled {
+                    // Part of it is in the open destination transaction: the session
+                    // ends, that transaction is rolled back, and the slot sends the
+                    // source transaction again (to be skipped then at its Begin).
+                    return Err(PipelineError::Destination {
+                        context: format!(
+                            "source transaction ending at {end_lsn} was already durable but \
+                             partly streamed again"
+                        ),
+                        class: ErrorClass::Transient,
+                        source: "a spilled transaction that is already durable".into(),
+                    });
+                }
                 self.dest.discard_txn();
                 s.tracker.commit(end_lsn, 0);
             }
@@ -1267,7 +1317,10 @@ impl<D: Destination> Pipeline<D> {
                 let (rows, bytes) = self.dest.batch_size();
                 ::metrics::gauge!(metrics::IN_FLIGHT_RECORDS, "stage" => D::STAGE).set(rows as f64);
                 ::metrics::gauge!(metrics::IN_FLIGHT_BYTES, "stage" => D::STAGE).set(bytes as f64);
-                let full = rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
+                // A spilled batch holds a destination transaction open: it is
+                // committed as soon as its source transaction is complete.
+                let full =
+                    s.spilled || rows >= self.args.batch_size || bytes >= self.args.batch_bytes;
                 let due = s
                     .due(r.linger, r.interval)
                     .is_some_and(|due| due <= Instant::now());
@@ -1291,12 +1344,65 @@ impl<D: Destination> Pipeline<D> {
             ProgressRecord::streaming(last_lsn).of_system(self.system_identifier.as_deref());
         let commit = self.dest.commit(&self.slot, &record);
         s.last_commit = Some(Instant::now());
+        // The commit completes the spilled destination transaction, if any.
+        s.spilled = false;
         s.in_flight = Some(InFlight {
             commit: tokio::spawn(commit),
             mark: std::mem::take(&mut s.batch),
             rows,
         });
         Ok(())
+    }
+
+    /// After a row (or message) of the open source transaction: when what the batch
+    /// holds of it has passed a batch, spills the batch (see "Large source
+    /// transactions"), after the commit in flight.
+    async fn spill_if_large(
+        &mut self,
+        s: &mut Session,
+        r: &mut Reading,
+    ) -> Result<(), PipelineError> {
+        if r.open != Some(false) {
+            return Ok(());
+        }
+        let (rows, bytes) = self.dest.batch_size();
+        let (base_rows, base_bytes) = r.txn_base;
+        if rows.saturating_sub(base_rows) < self.args.batch_size
+            && bytes.saturating_sub(base_bytes) < self.args.batch_bytes
+        {
+            return Ok(());
+        }
+        self.settle(s).await?;
+        if !s.spilled {
+            tracing::info!(
+                commit_lsn = %r.commit_lsn,
+                rows = rows - base_rows,
+                "a source transaction larger than a batch: streaming it into one open \
+                 destination transaction"
+            );
+        }
+        s.spilled = true;
+        self.dest.spill().await?;
+        ::metrics::counter!(metrics::SPILLS, "stage" => D::STAGE).increment(1);
+        #[cfg(feature = "fault-injection")]
+        AFTER_SPILL.pass();
+        r.txn_base = self.dest.batch_size();
+        Ok(())
+    }
+
+    /// A session ending with a spilled batch rolls its destination transaction back:
+    /// its source transactions (none of them confirmed) are read again from the slot.
+    async fn abandon_spilled(&mut self, s: &mut Session) {
+        if !std::mem::take(&mut s.spilled) {
+            return;
+        }
+        tracing::warn!(
+            "the session ended while a source transaction larger than a batch was being \
+             streamed: its open destination transaction is rolled back, and the slot sends \
+             it again"
+        );
+        self.dest.abandon().await;
+        s.batch = BatchMark::default();
     }
 
     /// Waits for the commit in flight, if any, and marks its batch durable.
@@ -1361,6 +1467,9 @@ impl<D: Destination> Pipeline<D> {
         s: &mut Session,
         replication: &ReplicationClient,
     ) -> Result<(), PipelineError> {
+        // A spilled batch holds part of a source transaction that did not end: it is
+        // rolled back, not committed.
+        self.abandon_spilled(s).await;
         self.flush(s).await?;
         self.settle_all(s).await?;
         s.confirm(replication);
@@ -1405,7 +1514,7 @@ impl<D: Destination> Pipeline<D> {
         }
         #[cfg(feature = "fault-injection")]
         if batch {
-            crash_point_after_commit();
+            AFTER_COMMIT.pass();
         }
         Ok(())
     }
@@ -1432,6 +1541,9 @@ struct Session {
     started: Instant,
     /// The destination's bound on confirmations, if it has one.
     gate: Option<ConfirmGate>,
+    /// The batch has been spilled into a destination transaction that is still open
+    /// (see "Large source transactions").
+    spilled: bool,
 }
 
 impl Session {
@@ -1569,26 +1681,58 @@ impl BatchMark {
     }
 }
 
-/// Test hook (the `fault-injection` feature only): `OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS=N`
-/// aborts the process right after the Nth destination commit, before the slot is told,
-/// to prove that such a crash causes no duplicate.
+/// A test hook (the `fault-injection` feature only): the environment variable `var`
+/// set to N aborts the process the Nth time the point is passed.
 #[cfg(feature = "fault-injection")]
-fn crash_point_after_commit() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COMMITS: AtomicU64 = AtomicU64::new(0);
-    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let limit = LIMIT.get_or_init(|| {
-        std::env::var("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(limit) = limit {
-        if COMMITS.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
-            eprintln!("test hook: aborting after a destination commit, before confirming the slot");
-            std::process::abort();
+pub(crate) struct CrashPoint {
+    var: &'static str,
+    message: &'static str,
+    passed: std::sync::atomic::AtomicU64,
+    limit: std::sync::OnceLock<Option<u64>>,
+}
+
+#[cfg(feature = "fault-injection")]
+impl CrashPoint {
+    pub(crate) const fn new(var: &'static str, message: &'static str) -> Self {
+        Self {
+            var,
+            message,
+            passed: std::sync::atomic::AtomicU64::new(0),
+            limit: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn pass(&self) {
+        use std::sync::atomic::Ordering;
+        let limit = self
+            .limit
+            .get_or_init(|| std::env::var(self.var).ok().and_then(|v| v.parse().ok()));
+        if let Some(limit) = limit {
+            if self.passed.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+                eprintln!("test hook: {}", self.message);
+                std::process::abort();
+            }
         }
     }
 }
+
+/// `OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS=N` aborts the process right after the Nth
+/// destination commit, before the slot is told, to prove that such a crash causes no
+/// duplicate.
+#[cfg(feature = "fault-injection")]
+static AFTER_COMMIT: CrashPoint = CrashPoint::new(
+    "OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS",
+    "aborting after a destination commit, before confirming the slot",
+);
+
+/// `OUTBOX_RELAY_TEST_CRASH_AFTER_SPILLS=N` aborts the process right after the Nth
+/// spill of a source transaction larger than a batch, its destination transaction
+/// open, to prove that none of it is delivered until it is all delivered.
+#[cfg(feature = "fault-injection")]
+static AFTER_SPILL: CrashPoint = CrashPoint::new(
+    "OUTBOX_RELAY_TEST_CRASH_AFTER_SPILLS",
+    "aborting after a spill, its destination transaction open",
+);
 
 #[cfg(test)]
 mod tests {
@@ -1606,6 +1750,7 @@ mod tests {
             last_commit: None,
             started: Instant::now(),
             gate: None,
+            spilled: false,
         }
     }
 

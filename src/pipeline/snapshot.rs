@@ -615,7 +615,7 @@ async fn settle<D: Destination>(
     })??;
     make_durable(dest, committed).await?;
     #[cfg(feature = "fault-injection")]
-    crash_point_after_chunk();
+    AFTER_CHUNK.pass();
     Ok(())
 }
 
@@ -662,27 +662,14 @@ async fn make_durable<D: Destination>(
     Ok(())
 }
 
-/// Test hook (the `fault-injection` feature only):
-/// `OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS=N` aborts the process right after the
-/// Nth chunk of the initial snapshot is committed, to prove that the snapshot resumes
-/// after it.
+/// Test hook: `OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS=N` aborts the process
+/// right after the Nth chunk of the initial snapshot is committed, to prove that the
+/// snapshot resumes after it.
 #[cfg(feature = "fault-injection")]
-fn crash_point_after_chunk() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CHUNKS: AtomicU64 = AtomicU64::new(0);
-    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let limit = LIMIT.get_or_init(|| {
-        std::env::var("OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(limit) = limit {
-        if CHUNKS.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
-            eprintln!("test hook: aborting after a snapshot chunk was committed");
-            std::process::abort();
-        }
-    }
-}
+static AFTER_CHUNK: super::CrashPoint = super::CrashPoint::new(
+    "OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS",
+    "aborting after a snapshot chunk was committed",
+);
 
 #[cfg(test)]
 mod tests {

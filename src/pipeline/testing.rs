@@ -11,6 +11,8 @@ use super::{
 #[derive(Default)]
 pub(crate) struct Counting {
     pending: usize,
+    /// Rows spilled into the open commit.
+    spilled: usize,
     /// Per commit: the rows it carried, and the progress state it recorded.
     pub(crate) committed: Vec<(usize, ProgressState)>,
 }
@@ -32,16 +34,21 @@ impl Destination for Counting {
     fn batch_size(&self) -> (usize, usize) {
         (self.pending, 0)
     }
+    fn spill(&mut self) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+        self.spilled += std::mem::take(&mut self.pending);
+        std::future::ready(Ok(()))
+    }
     fn clear(&mut self) {
         self.pending = 0;
+        self.spilled = 0;
     }
     fn commit(
         &mut self,
         _: &str,
         progress: &ProgressRecord,
     ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
-        self.committed
-            .push((std::mem::take(&mut self.pending), progress.state));
+        let rows = std::mem::take(&mut self.pending) + std::mem::take(&mut self.spilled);
+        self.committed.push((rows, progress.state));
         std::future::ready(Ok(Committed::DURABLE))
     }
 }

@@ -216,6 +216,45 @@ pub fn crash_after_snapshot_chunks(n: &'static str) -> (&'static str, &'static s
     ("OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS", n)
 }
 
+/// The environment that makes the relay abort right after its `n`th spill of a source
+/// transaction larger than a batch, its destination transaction still open (the
+/// `fault-injection` feature's hook, as [`crash_after_commits`]).
+pub fn crash_after_spills(n: &'static str) -> (&'static str, &'static str) {
+    if !cfg!(feature = "fault-injection") {
+        panic!(
+            "this test needs the relay's fault hooks: cargo test --features fault-injection \
+             (scripts/test does)"
+        );
+    }
+    ("OUTBOX_RELAY_TEST_CRASH_AFTER_SPILLS", n)
+}
+
+/// Writes ONE pg_start transaction of `rows` ledger transactions, ids `first_id` on, as
+/// a batch job would: the rows, their outbox copies and the balances.
+pub async fn write_large_transaction(source_url: &str, first_id: i64, rows: i64) {
+    let last_id = first_id + rows - 1;
+    connect(source_url)
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO main.transactions (id, account_id, amount, created_at)
+             SELECT g, g % 37, (g % 1000) * 0.01, timestamp '2026-12-04 12:00' + g * interval '1 ms'
+             FROM generate_series({first_id}, {last_id}) g;
+             INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+             SELECT id, account_id, amount, created_at FROM main.transactions
+             WHERE id BETWEEN {first_id} AND {last_id} ORDER BY id;
+             INSERT INTO main.balance AS b (account_id, current_balance, updated_at)
+             SELECT account_id, sum(amount), max(created_at) FROM main.transactions
+             WHERE id BETWEEN {first_id} AND {last_id} GROUP BY account_id
+             ON CONFLICT (account_id) DO UPDATE
+                 SET current_balance = b.current_balance + EXCLUDED.current_balance,
+                     updated_at = EXCLUDED.updated_at;
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+}
+
 /// Runs the binary to completion; returns its exit code, stdout and stderr.
 pub fn run_binary(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
