@@ -607,6 +607,8 @@ class Bench:
         self.bin = binary
         self.logs = Path(args.stack_dir) / "bench-logs"
         self.native_started = float("-inf")
+        # The large transaction's time without kills, per relay (as `snapshot_clean`).
+        self.large_clean = {}
         # The initial snapshot's time without kills, per relay: the runs with kills are
         # killed at fractions of it.
         self.snapshot_clean = {}
@@ -1070,11 +1072,12 @@ publication.autocreate.mode=disabled
         return result("COPY (SELECT …) TO STDOUT of the outbox (read ceiling)", self.args.n,
                       time.monotonic() - p.started, note="client: psql")
 
-    def snapshot_runs(self, name, argv, kills, kill_after, done, broker=False):
+    def snapshot_runs(self, name, argv, kills, kill_after, done, broker=False, before_kill=None):
         """Runs the relay `argv` on a new slot until `done()`; with `kills`, SIGKILLs it
-        `kill_after` seconds after each start (unless done by then) and starts it again.
-        With `broker`, a broker is SIGKILLed before the second run and started again after
-        it. Returns (seconds, peak RSS of any run, CPU s of all runs)."""
+        `kill_after` seconds after each start (unless done by then) and starts it again,
+        calling `before_kill()` first. With `broker`, a broker is SIGKILLed before the
+        second run and started again after it. Returns (seconds, peak RSS of any run, CPU s
+        of all runs)."""
         started = time.monotonic()
         peak, cpu = 0, 0.0
         for i in range(kills + 1):
@@ -1089,6 +1092,8 @@ publication.autocreate.mode=disabled
                     wait_for(f"{name} run {i}", lambda: done() or time.monotonic() >= deadline,
                              3600, every=0.1, procs=[p])
                     p.sample()
+                    if not done() and before_kill is not None:
+                        before_kill()
                     if not done():
                         os.killpg(p.pid, signal.SIGKILL)
                         p.popen.wait(10)
@@ -1177,6 +1182,116 @@ publication.autocreate.mode=disabled
                                f"pg_start {tuple(source)} / {source_balances}")
         label = "outbox-relay direct, initial snapshot" + (f", {kills} SIGKILLs" if kills else "")
         res = result(label, n, seconds, note=f"pg_end = pg_start ({target[0]:,} rows, balances)")
+        res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
+        return res
+
+    # --- one large source transaction (issue #27) -----------------------------------
+
+    def write_large_transaction(self, n):
+        """ONE pg_start transaction of n seed-shaped rows (ledger, outbox, balances), as a
+        batch job writes; returns (an LSN below its commit record, seconds)."""
+        started = time.monotonic()
+        with self.stack.pg("start") as conn:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO main.transactions (id, account_id, amount, created_at) "
+                    "SELECT g, g %% 1000, (g %% 10000) * 0.01, "
+                    "timestamp '2026-12-04 12:00' + g * interval '1 ms' "
+                    "FROM generate_series(1, %s) g", (n,))
+                conn.execute("INSERT INTO outbox.transactions SELECT * FROM main.transactions ORDER BY id")
+                conn.execute(
+                    "INSERT INTO main.balance (account_id, current_balance, updated_at) "
+                    "SELECT account_id, sum(amount), max(created_at) FROM main.transactions "
+                    "GROUP BY account_id")
+                x = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+            conn.execute("CHECKPOINT")
+        return lsn_int(x), time.monotonic() - started
+
+    def large_connector(self, r, slot, x, kills):
+        """The connector streams the large transaction (written after `slot` was made) into
+        one Kafka transaction; before each kill, a read_committed reader counts what it sees
+        (all or nothing); at the end every id must be in the topic exactly once."""
+        n = self.args.large_rows
+        topic, progress = f"bench-r{r}-large-{kills}", f"bench-r{r}-progress-large-{kills}"
+        argv = ["connector", "--source-url", self.stack.start_url, "--brokers", self.stack.brokers,
+                "--topic", topic, "--progress-topic", progress, "--slot", slot,
+                "--no-create-publication", *self.args.connector_extra.split()]
+        reader, visible = [None], []
+
+        def done():
+            if reader[0] is None:
+                own = f"{progress}.{slot}"
+                if own not in admin(self.stack).list_topics(timeout=10).topics:
+                    return False
+                reader[0] = ProgressReader(self.stack, own, slot)
+            return reader[0].poll() > x
+
+        def before_kill():
+            try:
+                visible.append(topic_ids(self.stack, topic)[0])
+            except Exception as e:  # noqa: BLE001 - the topic may not exist yet
+                log(f"large connector: reading before the kill: {e}")
+        try:
+            seconds, peak, cpu = self.snapshot_runs(
+                f"r{r}-large-connector-{kills}", argv, kills,
+                self.large_clean.get("connector", 20.0) / (kills + 1), done,
+                before_kill=before_kill)
+        finally:
+            if reader[0] is not None:
+                reader[0].close()
+        if not kills:
+            self.large_clean["connector"] = seconds
+        ids, duplicated = topic_ids(self.stack, topic)
+        if ids != n or duplicated:
+            raise RuntimeError(f"large connector: {ids} distinct ids of {n}, {duplicated} duplicates")
+        if any(v not in (0, n) for v in visible):
+            raise RuntimeError(f"large connector: read_committed saw part of the transaction: {visible}")
+        label = "outbox-relay connector, one source transaction" + (f", {kills} SIGKILLs" if kills else "")
+        note = f"{ids:,} ids once in the topic"
+        if visible:
+            note += f"; read_committed before each kill saw {', '.join(f'{v:,}' for v in visible)}"
+        res = result(label, n, seconds, note=note)
+        res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
+        return res
+
+    def large_direct(self, r, slot, x, kills):
+        """Direct mode applies the large transaction into one pg_end transaction; before
+        each kill pg_end's row count is taken (all or nothing); at the end pg_end must equal
+        pg_start."""
+        n = self.args.large_rows
+        empty_target(self.stack)
+        argv = ["direct", "--source-url", self.stack.start_url, "--target-url", self.stack.end_url,
+                "--slot", slot, "--no-create-publication"]
+        visible = []
+        with self.stack.pg("end") as conn:
+            def done():
+                row = conn.execute(
+                    "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = %s",
+                    (slot,)).fetchone()
+                return bool(row) and lsn_int(row[0]) > x
+
+            def before_kill():
+                visible.append(conn.execute("SELECT count(*) FROM main.transactions").fetchone()[0])
+            seconds, peak, cpu = self.snapshot_runs(
+                f"r{r}-large-direct-{kills}", argv, kills,
+                self.large_clean.get("direct", 20.0) / (kills + 1), done, before_kill=before_kill)
+            if not kills:
+                self.large_clean["direct"] = seconds
+            target = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
+            balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
+        with self.stack.pg("start") as conn:
+            source = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
+            source_balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
+        if tuple(target) != tuple(source) or balances != source_balances:
+            raise RuntimeError(f"large direct: pg_end {tuple(target)} / {balances}, "
+                               f"pg_start {tuple(source)} / {source_balances}")
+        if any(v not in (0, n) for v in visible):
+            raise RuntimeError(f"large direct: pg_end showed part of the transaction: {visible}")
+        label = "outbox-relay direct, one source transaction" + (f", {kills} SIGKILLs" if kills else "")
+        note = f"pg_end = pg_start ({target[0]:,} rows, balances)"
+        if visible:
+            note += f"; pg_end rows before each kill: {', '.join(f'{v:,}' for v in visible)}"
+        res = result(label, n, seconds, note=note)
         res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
         return res
 
@@ -1399,6 +1514,23 @@ def one_run(bench, r, legs):
             drop_bench_slots(stack)
             record("snapshot", bench.snapshot_direct, r, kills)
             drop_bench_slots(stack)
+    if "large" in legs:
+        # One source transaction of --large-rows rows, written after the slots were made.
+        drop_bench_slots(stack)
+        empty_source(stack)
+        empty_target(stack)
+        kills = bench.args.large_kills
+        lslots = {(tool, k): f"bench_r{r}_large_{tool}_{k}" for tool in ("tx", "direct")
+                  for k in sorted({0, kills})}
+        with stack.pg("start") as conn:
+            for s in lslots.values():
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s,))
+        lx, secs = bench.write_large_transaction(bench.args.large_rows)
+        log(f"run {r}: one source transaction of {bench.args.large_rows:,} rows written in {secs:.1f} s")
+        for k in sorted({0, kills}):
+            record("large", bench.large_connector, r, lslots[("tx", k)], lx, k)
+            record("large", bench.large_direct, r, lslots[("direct", k)], lx, k)
+        drop_bench_slots(stack)
     if "steady" in legs:
         try:
             out["steady"] = bench.steady(r)
@@ -1487,6 +1619,10 @@ def main():
     ap.add_argument("--connector-extra", default="", help="extra connector flags (experiments)")
     ap.add_argument("--sink-extra", default="", help="extra sink flags (experiments)")
     ap.add_argument("--debezium-snapshot-mode", default="no_data")
+    ap.add_argument("--large-rows", type=int, default=2_000_000,
+                    help="large leg: rows of the one source transaction")
+    ap.add_argument("--large-kills", type=int, default=0,
+                    help="large leg: also run each relay with this many SIGKILLs during it")
     ap.add_argument("--snapshot-kills", type=int, default=0,
                     help="snapshot leg: also run each relay's snapshot with this many SIGKILLs")
     ap.add_argument("--stack-dir", required=True)
@@ -1502,15 +1638,16 @@ def main():
         args.rates = args.rates or "250,1000"
         args.steady_seconds = args.steady_seconds or 4
         args.naive_count = min(args.naive_count, 1_000)
-    args.n = args.n or 1_000_000
+    # The large leg alone: N is its one transaction's rows.
+    args.n = args.n or (args.large_rows if args.legs == "large" else 1_000_000)
     args.runs = args.runs or 3
     args.rates = [int(x) for x in (args.rates or "250,500,1000,2000").split(",")]
     args.steady_seconds = args.steady_seconds or 15
     legs = set(args.legs.split(","))
-    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady", "snapshot"}
+    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady", "snapshot", "large"}
     if unknown:
         sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; "
-                 "use kafka, direct, sink, outbox, steady, snapshot")
+                 "use kafka, direct, sink, outbox, steady, snapshot, large")
     if "sink" in legs and "kafka" not in legs:
         sys.exit("bench: the sink leg drains the topic the kafka leg writes; use --legs kafka,sink")
     args.steady_paths = args.steady_paths.split(",")

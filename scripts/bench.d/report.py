@@ -33,7 +33,9 @@ TITLES = {
     "direct": "Backlog drain, pg_start → pg_end without Kafka",
     "sink": "Drain, Kafka → pg_end",
     "snapshot": "Initial snapshot of an outbox already holding N rows (rows/s)",
+    "large": "One source transaction of many rows (rows/s)",
 }
+LARGE_TOOLS = ("outbox-relay connector, one source transaction", "outbox-relay direct, one source transaction")
 SNAPSHOT_TOOLS = ("outbox-relay connector, initial snapshot", "outbox-relay direct, initial snapshot")
 
 
@@ -58,7 +60,7 @@ def leg_table(data, leg):
     if not rows:
         return []
     ceiling = row_of(summary, leg, CEILING.get(leg, ""))
-    base_name, base_tool = BASELINE[leg]
+    base_name, base_tool = BASELINE.get(leg, ("", ""))
     base = row_of(summary, leg, base_tool)
     second_name, second_tool = SECOND_BASELINE.get(leg, ("", ""))
     second = row_of(summary, leg, second_tool)
@@ -173,6 +175,12 @@ def targets(data):
         if rss:
             line(f"{tool.split(',')[0][len('outbox-relay '):]}: peak RSS during the snapshot < 128 MiB",
                  f"{max(rss) / 2**20:.0f} MiB", max(rss) < 128 * 2**20)
+    for tool in LARGE_TOOLS:
+        rss = [x["peak_rss"] for x in s.get("large", []) if x["tool"].startswith(tool) and x.get("peak_rss")]
+        if rss:
+            n = max(x["n"] for x in s.get("large", []))
+            line(f"{tool.split(',')[0][len('outbox-relay '):]}: peak RSS through one source transaction "
+                 f"of {n:,} rows < 256 MiB", f"{max(rss) / 2**20:.0f} MiB", max(rss) < 256 * 2**20)
     r = ratio("sink", "outbox-relay sink", BASELINE["sink"][1])
     line("sink ≥ 10× the seed-style consumer", fmt(r, 1) + "×" if r else "not measured",
          None if r is None else r >= 10)
@@ -220,7 +228,8 @@ def chart(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    legs = [leg for leg in ("kafka", "outbox", "direct", "sink", "snapshot") if data["summary"].get(leg)]
+    legs = [leg for leg in ("kafka", "outbox", "direct", "sink", "snapshot", "large")
+            if data["summary"].get(leg)]
     steady = data["summary"].get("steady", [])
     panels = len(legs) + (1 if steady else 0)
     cols = 2 if panels > 1 else 1
@@ -245,6 +254,10 @@ def chart(data, path):
         GENERIC_SINK: "relay sink\ngeneric inbox",
         "seed-style consumer (1 record per pg_end transaction, Python)": "seed-style\nconsumer",
         "COPY into an unindexed table (write ceiling)": "COPY\n(ceiling)",
+        LARGE_TOOLS[0]: "relay\nconnector",
+        LARGE_TOOLS[1]: "relay\ndirect",
+        LARGE_TOOLS[0] + ", 2 SIGKILLs": "connector\n2 SIGKILLs",
+        LARGE_TOOLS[1] + ", 2 SIGKILLs": "direct\n2 SIGKILLs",
     }
     for ax, leg in zip(axes, legs):
         rows = data["summary"][leg]
@@ -314,7 +327,7 @@ def write(data, md_path):
         *targets(data),
         "",
     ]
-    for leg in ("kafka", "outbox", "direct", "sink", "snapshot"):
+    for leg in ("kafka", "outbox", "direct", "sink", "snapshot", "large"):
         table = leg_table(data, leg)
         if table:
             lines += [f"## {TITLES[leg]}", "", *table, ""]

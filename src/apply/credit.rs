@@ -66,14 +66,16 @@ fn scaled(amount: &Amount<'_>) -> Option<(i128, u16)> {
     Some((if amount.negative { -value } else { value }, dscale))
 }
 
-/// The credits for `rows` (account, amount, created_at): one partial sum per account,
-/// then a credit of its own for each amount beyond the partial sums' reach (the
-/// statement aggregates per account and upserts in account order).
-pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> Vec<Credit<'a>> {
-    let mut sums: BTreeMap<i64, Sum> = BTreeMap::new();
-    let mut apart = Vec::new();
-    for (account_id, amount, at) in rows {
-        let added = scaled(&amount).and_then(|(value, scale)| match sums.get_mut(&account_id) {
+/// Adds `amount` to `account_id`'s partial sum in `sums`; `false` (nothing added) if it
+/// is beyond the partial sums' reach.
+fn sum_into(
+    sums: &mut BTreeMap<i64, Sum>,
+    account_id: i64,
+    amount: &Amount<'_>,
+    at: Timestamp,
+) -> bool {
+    scaled(amount)
+        .and_then(|(value, scale)| match sums.get_mut(&account_id) {
             Some(sum) => sum.add(value, scale, at),
             None => {
                 sums.insert(
@@ -86,8 +88,30 @@ pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> 
                 );
                 Some(())
             }
-        });
-        if added.is_none() {
+        })
+        .is_some()
+}
+
+/// The partial sums as credits, in account order.
+fn summed<'a, 's>(sums: &'s BTreeMap<i64, Sum>) -> impl Iterator<Item = Credit<'a>> + 's {
+    sums.iter().map(|(&account_id, sum)| Credit {
+        account_id,
+        amount: binary::Numeric::Scaled {
+            value: sum.value,
+            scale: sum.scale,
+        },
+        created_at: sum.latest,
+    })
+}
+
+/// The credits for `rows` (account, amount, created_at): one partial sum per account,
+/// then a credit of its own for each amount beyond the partial sums' reach (the
+/// statement aggregates per account and upserts in account order).
+pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> Vec<Credit<'a>> {
+    let mut sums: BTreeMap<i64, Sum> = BTreeMap::new();
+    let mut apart = Vec::new();
+    for (account_id, amount, at) in rows {
+        if !sum_into(&mut sums, account_id, &amount, at) {
             apart.push(Credit {
                 account_id,
                 amount: binary::Numeric::Written(amount),
@@ -95,17 +119,57 @@ pub fn credits<'a>(rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) -> 
             });
         }
     }
-    sums.into_iter()
-        .map(|(account_id, sum)| Credit {
-            account_id,
-            amount: binary::Numeric::Scaled {
-                value: sum.value,
-                scale: sum.scale,
+    summed(&sums).chain(apart).collect()
+}
+
+/// Credits gathered over several batches and sent once: a spilled transaction's parts
+/// ([`super::OpenApply`]). Sent per part, they would update each account's balance row
+/// once per part in one pg_end transaction, and every such update leaves a row version
+/// that the next one must step over until the commit (quadratic in the parts). Memory:
+/// one partial sum per account, and the rare amounts beyond its reach as written.
+#[derive(Debug, Default, Clone)]
+pub struct Deferred {
+    sums: BTreeMap<i64, Sum>,
+    /// (account, negative, integer digits, fraction digits, exponent, created_at).
+    apart: Vec<(i64, bool, String, String, i32, Timestamp)>,
+}
+
+impl Deferred {
+    pub fn add<'a>(&mut self, rows: impl Iterator<Item = (i64, Amount<'a>, Timestamp)>) {
+        for (account_id, amount, at) in rows {
+            if !sum_into(&mut self.sums, account_id, &amount, at) {
+                self.apart.push((
+                    account_id,
+                    amount.negative,
+                    amount.int_digits.to_string(),
+                    amount.frac_digits.to_string(),
+                    amount.exponent,
+                    at,
+                ));
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sums.is_empty() && self.apart.is_empty()
+    }
+
+    /// Everything added, as [`credits`] would give it for all the rows at once.
+    pub fn credits(&self) -> Vec<Credit<'_>> {
+        let apart = self.apart.iter().map(
+            |(account_id, negative, int_digits, frac_digits, exponent, at)| Credit {
+                account_id: *account_id,
+                amount: binary::Numeric::Written(Amount {
+                    negative: *negative,
+                    int_digits,
+                    frac_digits,
+                    exponent: *exponent,
+                }),
+                created_at: *at,
             },
-            created_at: sum.latest,
-        })
-        .chain(apart)
-        .collect()
+        );
+        summed(&self.sums).chain(apart).collect()
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +203,32 @@ mod tests {
             vec![(1, scaled(110, 0)), (2, scaled(1625, 3))]
         );
         assert_eq!(sums(&[(1, "-0.00")]), vec![(1, scaled(0, 2))]);
+    }
+
+    #[test]
+    fn deferred_credits_over_parts_are_the_credits_of_all_the_rows_at_once() {
+        let big = "9".repeat(39);
+        let rows = [
+            (2, "1.50"),
+            (1, "10"),
+            (1, big.as_str()),
+            (2, "-0.125"),
+            (1, "1e2"),
+        ];
+        let parsed: Vec<_> = rows
+            .iter()
+            .map(|(account, text)| (*account, parse_amount(text).unwrap(), Timestamp(0)))
+            .collect();
+        let mut deferred = Deferred::default();
+        deferred.add(parsed[..2].iter().copied());
+        deferred.add(parsed[2..].iter().copied());
+        let shown = |credits: Vec<Credit<'_>>| {
+            credits
+                .into_iter()
+                .map(|c| (c.account_id, format!("{:?}", c.amount)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shown(deferred.credits()), sums(&rows));
     }
 
     #[test]

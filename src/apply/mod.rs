@@ -607,6 +607,8 @@ pub struct OpenApply<'t> {
     tx: Transaction<'t>,
     statements: Statements,
     tables: Option<Arc<[table::TableStatements]>>,
+    /// The ledger's credits of every part, sent once at the commit.
+    credits: credit::Deferred,
 }
 
 impl Target {
@@ -626,6 +628,7 @@ impl Target {
             tx,
             statements,
             tables,
+            credits: credit::Deferred::default(),
         })
     }
 }
@@ -635,16 +638,38 @@ impl OpenApply<'_> {
     /// transaction unusable: drop it.
     pub async fn apply(&mut self, batch: &ApplyBatch) -> Result<ApplyOutcome, ApplyError> {
         let tables = self.tables.as_deref();
-        match apply_in(&mut self.tx, &self.statements, tables, batch, false).await? {
+        let credits = Some(&mut self.credits);
+        match apply_in(
+            &mut self.tx,
+            &self.statements,
+            tables,
+            batch,
+            false,
+            credits,
+        )
+        .await?
+        {
             Some(outcome) => Ok(outcome),
-            None => apply_in(&mut self.tx, &self.statements, tables, batch, true)
-                .await?
-                .ok_or_else(unreachable_plain),
+            None => apply_in(
+                &mut self.tx,
+                &self.statements,
+                tables,
+                batch,
+                true,
+                Some(&mut self.credits),
+            )
+            .await?
+            .ok_or_else(unreachable_plain),
         }
     }
 
-    /// Commits every part.
+    /// Credits the balances with every part's new rows, then commits.
     pub async fn commit(self) -> Result<(), ApplyError> {
+        if !self.credits.is_empty() {
+            credit_balances(&self.tx, &self.statements, &self.credits.credits())
+                .await
+                .map_err(|e| ApplyError::new("crediting the balances", e))?;
+        }
         self.tx
             .commit()
             .await
@@ -679,6 +704,7 @@ async fn apply_once(
         table_statements.as_deref(),
         batch,
         careful,
+        None,
     )
     .await
 }
@@ -708,13 +734,18 @@ impl Scope for Transaction<'_> {
 /// records (with their own fall-back), then the generic inboxes' events, plainly
 /// (`careful` false: no savepoint; `None` when they fail, to be applied again
 /// carefully) or part by part under savepoints, then the dead letters and the progress.
+/// With `deferred`, the ledger's fast path adds its credits there instead of sending
+/// them (only once this transaction has succeeded: a transaction rolled back adds
+/// nothing).
 async fn apply_in(
     scope: &mut impl Scope,
     statements: &Statements,
     table_statements: Option<&[table::TableStatements]>,
     batch: &ApplyBatch,
     careful: bool,
+    deferred: Option<&mut credit::Deferred>,
 ) -> Result<Option<ApplyOutcome>, ApplyError> {
+    let mut pending = deferred.as_deref().cloned();
     let started = std::time::Instant::now();
     let mut outcome = ApplyOutcome::default();
     let mut dead_letters: Vec<DeadLetter> = batch.dead_letters.clone();
@@ -735,7 +766,7 @@ async fn apply_in(
     let first = if records.is_empty() {
         Ok(())
     } else {
-        insert_new(&tx, statements, &records, &mut outcome).await
+        insert_new(&tx, statements, &records, &mut outcome, pending.as_mut()).await
     };
     if let Err(error) = first {
         if error::pg::classify(&error) == ErrorClass::Transient {
@@ -755,6 +786,7 @@ async fn apply_in(
             all_new,
             &mut dead_letters,
             &mut outcome,
+            pending.as_mut(),
         )
         .await?;
     }
@@ -789,6 +821,9 @@ async fn apply_in(
     tx.commit()
         .await
         .map_err(|e| ApplyError::new("committing", e))?;
+    if let (Some(deferred), Some(pending)) = (deferred, pending) {
+        *deferred = pending;
+    }
     ::metrics::histogram!(crate::metrics::APPLY_DURATION).record(started.elapsed().as_secs_f64());
     ::metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE).record(batch.records.len() as f64);
     ::metrics::counter!(crate::metrics::DEAD_LETTERS).increment(outcome.dead_letters_written);
@@ -983,6 +1018,7 @@ async fn apply_records(
     mut all_new: bool,
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
+    mut deferred: Option<&mut credit::Deferred>,
 ) -> Result<(), ApplyError> {
     // Ranges still to apply, the next one last.
     let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
@@ -994,7 +1030,14 @@ async fn apply_records(
             .await
             .map_err(|e| ApplyError::new("setting a savepoint", e))?;
         let inserted = if all_new {
-            insert_new(&savepoint, statements, part, outcome).await
+            insert_new(
+                &savepoint,
+                statements,
+                part,
+                outcome,
+                deferred.as_deref_mut(),
+            )
+            .await
         } else {
             insert_part(&savepoint, statements, part, dead_letters, outcome).await
         };
@@ -1046,12 +1089,13 @@ fn db_error_text(error: &tokio_postgres::Error) -> String {
 }
 
 /// Inserts a part none of whose ids is in pg_end (all of it, or a `unique_violation`),
-/// then credits the balances with it.
+/// then credits the balances with it, or, with `deferred`, adds the credits to it.
 async fn insert_new(
     tx: &Transaction<'_>,
     statements: &Statements,
     part: &[Checked<'_>],
     outcome: &mut ApplyOutcome,
+    deferred: Option<&mut credit::Deferred>,
 ) -> Result<(), tokio_postgres::Error> {
     let rows = part.iter().map(|c| binary::Row {
         id: c.record.id,
@@ -1064,17 +1108,29 @@ async fn insert_new(
     copy.send(binary::copy_rows(rows)).await?;
     let inserted = copy.finish().await?;
     debug_assert_eq!(inserted, part.len() as u64);
-    let credits = credit::credits(
-        part.iter()
-            .map(|c| (c.record.account_id, c.amount, c.created_at)),
-    );
+    let rows = part
+        .iter()
+        .map(|c| (c.record.account_id, c.amount, c.created_at));
+    match deferred {
+        Some(deferred) => deferred.add(rows),
+        None => credit_balances(tx, statements, &credit::credits(rows)).await?,
+    }
+    outcome.inserted += inserted;
+    Ok(())
+}
+
+/// Adds `credits` to the balances.
+async fn credit_balances(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    credits: &[credit::Credit<'_>],
+) -> Result<(), tokio_postgres::Error> {
     let (accounts, amounts, times): (Vec<i64>, Vec<_>, Vec<_>) = credits
         .iter()
         .map(|c| (c.account_id, c.amount, c.created_at))
         .collect();
     tx.execute(&statements.credit_balances, &[&accounts, &amounts, &times])
         .await?;
-    outcome.inserted += inserted;
     Ok(())
 }
 

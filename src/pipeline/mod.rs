@@ -87,7 +87,8 @@
 //! `--batch-bytes`, the batch is *spilled* ([`Destination::spill`]): once the commit in
 //! flight is settled, what the batch holds (complete transactions and the open one's
 //! rows so far) goes into one destination transaction that stays open, and the batch
-//! is empty again. The rest of the source transaction follows the same way, and the
+//! is empty again; the next part is read while that one is sent, and sent after it.
+//! The rest of the source transaction follows the same way, and the
 //! batch's commit completes that one destination transaction with the progress
 //! record, so the source transaction stays atomic (invariant 3) with memory bounded by
 //! a batch. Nothing spilled is durable before that commit: a session that ends first
@@ -291,8 +292,9 @@ pub trait Destination {
     /// The open source transaction has grown past a batch (see "Large source
     /// transactions"): hands everything in the batch to a destination transaction
     /// that stays open (begun by the first spill), leaving an empty batch, and returns
-    /// the work that does so. The pipeline awaits it before it reads on, and calls
-    /// `spill` only with no commit in flight; the next `commit` completes that
+    /// the work that does so. The pipeline runs it while it reads the next part, and
+    /// awaits it before the next `spill` or `commit` (so the parts go in order); it
+    /// calls `spill` only with no commit in flight. The next `commit` completes that
     /// transaction. The rows of the open source transaction spilled so far are no
     /// longer the batch's: `discard_txn` does not take them back, `abandon` does.
     fn spill(&mut self) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static;
@@ -977,6 +979,7 @@ impl<D: Destination> Pipeline<D> {
             started: Instant::now(),
             gate: self.dest.confirm_gate(),
             spilled: false,
+            spilling: None,
         };
         let result = self.stream_events(replication, &mut s).await;
         self.abandon_spilled(&mut s).await;
@@ -1339,6 +1342,7 @@ impl<D: Destination> Pipeline<D> {
             return Ok(());
         };
         self.settle(s).await?;
+        settle_spill(s).await?;
         let (rows, _) = self.dest.batch_size();
         let record =
             ProgressRecord::streaming(last_lsn).of_system(self.system_identifier.as_deref());
@@ -1373,6 +1377,8 @@ impl<D: Destination> Pipeline<D> {
             return Ok(());
         }
         self.settle(s).await?;
+        // One part is sent while the next is read; the parts go in order.
+        settle_spill(s).await?;
         if !s.spilled {
             tracing::info!(
                 commit_lsn = %r.commit_lsn,
@@ -1382,11 +1388,16 @@ impl<D: Destination> Pipeline<D> {
             );
         }
         s.spilled = true;
-        self.dest.spill().await?;
-        ::metrics::counter!(metrics::SPILLS, "stage" => D::STAGE).increment(1);
-        #[cfg(feature = "fault-injection")]
-        AFTER_SPILL.pass();
+        let spill = self.dest.spill();
         r.txn_base = self.dest.batch_size();
+        #[cfg(feature = "fault-injection")]
+        let spill = async move {
+            spill.await?;
+            AFTER_SPILL.pass();
+            Ok(())
+        };
+        s.spilling = Some(tokio::spawn(spill));
+        ::metrics::counter!(metrics::SPILLS, "stage" => D::STAGE).increment(1);
         Ok(())
     }
 
@@ -1396,6 +1407,8 @@ impl<D: Destination> Pipeline<D> {
         if !std::mem::take(&mut s.spilled) {
             return;
         }
+        // Its outcome does not matter: it is all rolled back.
+        let _ = settle_spill(s).await;
         tracing::warn!(
             "the session ended while a source transaction larger than a batch was being \
              streamed: its open destination transaction is rolled back, and the slot sends \
@@ -1544,6 +1557,8 @@ struct Session {
     /// The batch has been spilled into a destination transaction that is still open
     /// (see "Large source transactions").
     spilled: bool,
+    /// The spill being sent while the next part is read (at most one).
+    spilling: Option<tokio::task::JoinHandle<Result<(), PipelineError>>>,
 }
 
 impl Session {
@@ -1646,6 +1661,18 @@ struct InFlight {
     commit: tokio::task::JoinHandle<Result<Committed, PipelineError>>,
     mark: BatchMark,
     rows: usize,
+}
+
+/// Waits for the spill being sent, if any.
+async fn settle_spill(s: &mut Session) -> Result<(), PipelineError> {
+    match s.spilling.take() {
+        Some(spill) => spill.await.unwrap_or_else(|e| {
+            Err(PipelineError::Definite(format!(
+                "the destination spill task failed: {e}"
+            )))
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Completes with the in-flight commit's result; pending forever when there is none.
@@ -1751,6 +1778,7 @@ mod tests {
             started: Instant::now(),
             gate: None,
             spilled: false,
+            spilling: None,
         }
     }
 
