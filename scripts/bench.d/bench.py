@@ -376,6 +376,21 @@ def empty_source(stack):
         conn.execute("CHECKPOINT")
 
 
+def ledger_equal(stack, what):
+    """Checks that pg_end's ledger (rows, distinct ids, sum of amounts, sum of balances)
+    equals pg_start's; returns the row count."""
+    sides = []
+    for which in ("end", "start"):
+        with stack.pg(which) as conn:
+            rows = conn.execute(
+                "SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
+            balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
+            sides.append((tuple(rows), balances))
+    if sides[0] != sides[1]:
+        raise RuntimeError(f"{what}: pg_end {sides[0]}, pg_start {sides[1]}")
+    return sides[0][0][0]
+
+
 def write_backlog(stack, n, clients=2, call="bench.seed({k}, 10)", table="outbox.transactions"):
     """n transactions, each `CALL <call>` with k=1 writing one (seed-shaped by default),
     in `clients` parallel sessions; returns (X, seconds) where X is the insert LSN read
@@ -1172,16 +1187,9 @@ publication.autocreate.mode=disabled
                 self.snapshot_clean.get("direct", 10.0) / (kills + 1), done)
             if not kills:
                 self.snapshot_clean["direct"] = seconds
-            target = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
-            balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
-        with self.stack.pg("start") as conn:
-            source = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
-            source_balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
-        if tuple(target) != tuple(source) or balances != source_balances:
-            raise RuntimeError(f"snapshot direct: pg_end {tuple(target)} / {balances}, "
-                               f"pg_start {tuple(source)} / {source_balances}")
+        rows = ledger_equal(self.stack, "snapshot direct")
         label = "outbox-relay direct, initial snapshot" + (f", {kills} SIGKILLs" if kills else "")
-        res = result(label, n, seconds, note=f"pg_end = pg_start ({target[0]:,} rows, balances)")
+        res = result(label, n, seconds, note=f"pg_end = pg_start ({rows:,} rows, balances)")
         res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
         return res
 
@@ -1277,18 +1285,11 @@ publication.autocreate.mode=disabled
                 self.large_clean.get("direct", 20.0) / (kills + 1), done, before_kill=before_kill)
             if not kills:
                 self.large_clean["direct"] = seconds
-            target = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
-            balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
-        with self.stack.pg("start") as conn:
-            source = conn.execute("SELECT count(*), count(DISTINCT id), sum(amount) FROM main.transactions").fetchone()
-            source_balances = conn.execute("SELECT sum(current_balance) FROM main.balance").fetchone()[0]
-        if tuple(target) != tuple(source) or balances != source_balances:
-            raise RuntimeError(f"large direct: pg_end {tuple(target)} / {balances}, "
-                               f"pg_start {tuple(source)} / {source_balances}")
+        rows = ledger_equal(self.stack, "large direct")
         if any(v not in (0, n) for v in visible):
             raise RuntimeError(f"large direct: pg_end showed part of the transaction: {visible}")
         label = "outbox-relay direct, one source transaction" + (f", {kills} SIGKILLs" if kills else "")
-        note = f"pg_end = pg_start ({target[0]:,} rows, balances)"
+        note = f"pg_end = pg_start ({rows:,} rows, balances)"
         if visible:
             note += f"; pg_end rows before each kill: {', '.join(f'{v:,}' for v in visible)}"
         res = result(label, n, seconds, note=note)

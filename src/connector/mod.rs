@@ -771,31 +771,8 @@ impl Destination for KafkaDestination {
         self.batch.ids = std::mem::take(&mut batch.ids);
         self.batch.commit_times = std::mem::take(&mut batch.commit_times);
         self.txn_start = BatchExtent::of(&self.batch);
-        let dead_letter_topic = self.dead_letter_topic.clone();
-        let producer = Arc::clone(&self.producer);
-        let topics = Arc::clone(&self.topics);
-        async move {
-            let ensured = topics.ensure(&batch.topics).await?;
-            if !ensured.missing.is_empty() {
-                batch.reroute(&ensured.missing, &dead_letter_topic);
-            }
-            let dead_letters = tokio::task::spawn_blocking(move || {
-                let mut producer = lock(&producer)?;
-                producer.learn_topics(&ensured.learned);
-                producer.know_topics(ensured.learned);
-                producer
-                    .spill(&batch)
-                    .map_err(producer::destination_error)?;
-                Ok::<_, PipelineError>(batch.dead_letters)
-            })
-            .await
-            .map_err(|e| PipelineError::Definite(format!("kafka spill panicked: {e}")))??;
-            if dead_letters > 0 {
-                ::metrics::counter!(crate::metrics::DEAD_LETTERS, "stage" => "connector")
-                    .increment(dead_letters);
-            }
-            Ok(())
-        }
+        let send = self.send(batch, |producer, batch| producer.spill(batch));
+        async move { send.await.map(drop) }
     }
 
     async fn abandon(&mut self) {
@@ -819,13 +796,40 @@ impl Destination for KafkaDestination {
         slot: &str,
         progress: &ProgressRecord,
     ) -> impl Future<Output = Result<Committed, PipelineError>> + Send + 'static {
-        let mut batch = std::mem::take(&mut self.batch);
-        let (progress_topic, dead_letter_topic) =
-            (self.progress_topic.clone(), self.dead_letter_topic.clone());
+        let batch = std::mem::take(&mut self.batch);
+        let progress_topic = self.progress_topic.clone();
         let (slot, progress) = (slot.to_string(), progress.clone());
+        let cleanup = self.cleanup.clone();
+        let lsn = progress.lsn().unwrap_or(Lsn::ZERO);
+        let send = self.send(batch, move |producer, batch| {
+            producer.commit(batch, &progress_topic, &slot, &progress)
+        });
+        async move {
+            let batch = send.await?;
+            crate::metrics::record_latencies(Self::STAGE, &batch.commit_times);
+            // Only now, after the Kafka commit, may the rows be deleted.
+            if let Some(pending) = cleanup {
+                pending.push(lsn, batch.ids);
+            }
+            Ok(Committed::DURABLE)
+        }
+    }
+}
+
+impl KafkaDestination {
+    /// The work that hands `batch` to the producer with `hand` (a commit or a spill):
+    /// its topics made sure of first (the records of one that may not be created become
+    /// dead letters), then `hand` on a blocking thread; returns the batch once handed.
+    fn send(
+        &self,
+        mut batch: Batch,
+        hand: impl FnOnce(&mut BatchProducer, &Batch) -> Result<(), producer::FlushError>
+            + Send
+            + 'static,
+    ) -> impl Future<Output = Result<Batch, PipelineError>> + Send + 'static {
+        let dead_letter_topic = self.dead_letter_topic.clone();
         let producer = Arc::clone(&self.producer);
         let topics = Arc::clone(&self.topics);
-        let cleanup = self.cleanup.clone();
         async move {
             let ensured = topics.ensure(&batch.topics).await?;
             if !ensured.missing.is_empty() {
@@ -835,24 +839,16 @@ impl Destination for KafkaDestination {
                 let mut producer = lock(&producer)?;
                 producer.learn_topics(&ensured.learned);
                 producer.know_topics(ensured.learned);
-                producer
-                    .commit(&batch, &progress_topic, &slot, &progress)
-                    .map_err(producer::destination_error)?;
-                Ok::<_, PipelineError>((batch, progress))
+                hand(&mut producer, &batch).map_err(producer::destination_error)?;
+                Ok::<_, PipelineError>(batch)
             })
             .await
-            .map_err(|e| PipelineError::Definite(format!("kafka commit panicked: {e}")))??;
-            let (batch, progress) = batch;
-            crate::metrics::record_latencies(Self::STAGE, &batch.commit_times);
+            .map_err(|e| PipelineError::Definite(format!("the kafka producer panicked: {e}")))??;
             if batch.dead_letters > 0 {
                 ::metrics::counter!(crate::metrics::DEAD_LETTERS, "stage" => "connector")
                     .increment(batch.dead_letters);
             }
-            // Only now, after the Kafka commit, may the rows be deleted.
-            if let Some(pending) = cleanup {
-                pending.push(progress.lsn().unwrap_or(Lsn::ZERO), batch.ids);
-            }
-            Ok(Committed::DURABLE)
+            Ok(batch)
         }
     }
 }

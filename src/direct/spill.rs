@@ -151,36 +151,26 @@ async fn apply_parts(
         reply_error(next, ended());
         return false;
     };
-    let mut open = match tokio::time::timeout(apply::APPLY_TIMEOUT, target.open(tables)).await {
-        Ok(Ok(open)) => open,
-        Ok(Err(error)) => {
-            reply_error(next, failed(error));
-            return false;
-        }
-        Err(_) => {
-            reply_error(next, timed_out());
+    let mut open = match bounded(target.open(tables)).await {
+        Ok(open) => open,
+        Err(error) => {
+            reply_error(next, error);
             return false;
         }
     };
     let mut outcome = ApplyOutcome::default();
     let (last, reply) = loop {
         match next {
-            Part::Apply(batch, reply) => {
-                match tokio::time::timeout(apply::APPLY_TIMEOUT, open.apply(&batch)).await {
-                    Ok(Ok(applied)) => {
-                        add(&mut outcome, &applied);
-                        let _ = reply.send(Ok(()));
-                    }
-                    Ok(Err(error)) => {
-                        let _ = reply.send(Err(failed(error)));
-                        return false;
-                    }
-                    Err(_) => {
-                        let _ = reply.send(Err(timed_out()));
-                        return false;
-                    }
+            Part::Apply(batch, reply) => match bounded(open.apply(&batch)).await {
+                Ok(applied) => {
+                    add(&mut outcome, &applied);
+                    let _ = reply.send(Ok(()));
                 }
-            }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    return false;
+                }
+            },
             Part::Commit(batch, reply) => break (batch, reply),
         }
         match parts.recv().await {
@@ -188,38 +178,28 @@ async fn apply_parts(
             None => return false,
         }
     };
-    // Each step bounded, as every pg_end round trip of the relay.
-    let bounded = |step: Result<Result<(), ApplyError>, tokio::time::error::Elapsed>| match step {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(failed(error)),
-        Err(_) => Err(timed_out()),
-    };
-    let applied = tokio::time::timeout(apply::APPLY_TIMEOUT, open.apply(&last))
-        .await
-        .map(|r| r.map(|applied| add(&mut outcome, &applied)));
-    if let Err(error) = bounded(applied) {
-        let _ = reply.send(Err(error));
-        return false;
-    }
-    if let Err(error) = bounded(tokio::time::timeout(apply::APPLY_TIMEOUT, open.commit()).await) {
-        let _ = reply.send(Err(error));
-        return false;
-    }
-    let committed = if asynchronous {
-        match tokio::time::timeout(apply::APPLY_TIMEOUT, wal_positions(target)).await {
-            Ok(Ok(positions)) => Some(positions),
-            Ok(Err(error)) => {
-                let error = ApplyError::new("reading WAL positions", error);
-                let _ = reply.send(Err(failed(error)));
-                return false;
-            }
-            Err(_) => {
-                let _ = reply.send(Err(timed_out()));
-                return false;
+    let committed = match bounded(open.apply(&last)).await {
+        Err(error) => Err(error),
+        Ok(applied) => {
+            add(&mut outcome, &applied);
+            match bounded(open.commit()).await {
+                Ok(()) if asynchronous => bounded(async {
+                    wal_positions(target)
+                        .await
+                        .map_err(|e| ApplyError::new("reading WAL positions", e))
+                })
+                .await
+                .map(Some),
+                done => done.map(|()| None),
             }
         }
-    } else {
-        None
+    };
+    let committed = match committed {
+        Ok(committed) => committed,
+        Err(error) => {
+            let _ = reply.send(Err(error));
+            return false;
+        }
     };
     tracing::info!(
         inserted = outcome.inserted,
@@ -245,6 +225,15 @@ fn reply_error(part: Part, error: PipelineError) {
     match part {
         Part::Apply(_, reply) => drop(reply.send(Err(error))),
         Part::Commit(_, reply) => drop(reply.send(Err(error))),
+    }
+}
+
+/// A pg_end step within the apply timeout, as every pg_end round trip of the relay.
+async fn bounded<T>(step: impl Future<Output = Result<T, ApplyError>>) -> Result<T, PipelineError> {
+    match tokio::time::timeout(apply::APPLY_TIMEOUT, step).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(error)) => Err(failed(error)),
+        Err(_) => Err(timed_out()),
     }
 }
 

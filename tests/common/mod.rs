@@ -191,42 +191,36 @@ pub async fn load(dbs: &TestDbs, n: u64) {
     assert_eq!(summary.committed, n);
 }
 
-/// The environment that makes a relay abort right after its `n`th destination commit,
-/// before it confirms the slot: the test-only hook of the `fault-injection` feature.
-/// A test that needs it fails, not passes, when the relay was built without it.
-pub fn crash_after_commits(n: &'static str) -> (&'static str, &'static str) {
+/// The environment `var=n` of one of the relay's fault hooks; a test that needs one
+/// fails, not passes, when the relay was built without them.
+fn fault_hook(var: &'static str, n: &'static str) -> (&'static str, &'static str) {
     if !cfg!(feature = "fault-injection") {
         panic!(
             "this test needs the relay's fault hooks: cargo test --features fault-injection \
              (scripts/test does)"
         );
     }
-    ("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", n)
+    (var, n)
+}
+
+/// The environment that makes a relay abort right after its `n`th destination commit,
+/// before it confirms the slot: the test-only hook of the `fault-injection` feature.
+/// A test that needs it fails, not passes, when the relay was built without it.
+pub fn crash_after_commits(n: &'static str) -> (&'static str, &'static str) {
+    fault_hook("OUTBOX_RELAY_TEST_CRASH_AFTER_COMMITS", n)
 }
 
 /// The environment that makes the relay abort right after its `n`th initial-snapshot
 /// chunk is committed (the `fault-injection` feature's hook, as [`crash_after_commits`]).
 pub fn crash_after_snapshot_chunks(n: &'static str) -> (&'static str, &'static str) {
-    if !cfg!(feature = "fault-injection") {
-        panic!(
-            "this test needs the relay's fault hooks: cargo test --features fault-injection \
-             (scripts/test does)"
-        );
-    }
-    ("OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS", n)
+    fault_hook("OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS", n)
 }
 
 /// The environment that makes the relay abort right after its `n`th spill of a source
 /// transaction larger than a batch, its destination transaction still open (the
 /// `fault-injection` feature's hook, as [`crash_after_commits`]).
 pub fn crash_after_spills(n: &'static str) -> (&'static str, &'static str) {
-    if !cfg!(feature = "fault-injection") {
-        panic!(
-            "this test needs the relay's fault hooks: cargo test --features fault-injection \
-             (scripts/test does)"
-        );
-    }
-    ("OUTBOX_RELAY_TEST_CRASH_AFTER_SPILLS", n)
+    fault_hook("OUTBOX_RELAY_TEST_CRASH_AFTER_SPILLS", n)
 }
 
 /// Writes ONE pg_start transaction of `rows` ledger transactions, ids `first_id` on, as
