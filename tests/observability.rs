@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::connector::KafkaPipeline;
 use common::sink::spawn_sink;
-use common::{load, random_name, Relay};
+use common::{load, random_name};
 
 /// Series that Prometheus makes itself for each scrape, not the relay.
 const SCRAPER_SERIES: &[&str] = &["up"];
@@ -236,31 +236,6 @@ async fn scrape(addr: &str) -> String {
 
 /// The address a relay serves its metrics on (it binds port 0 in tests), from its log line
 /// `serving /metrics, /healthz, /readyz addr=…`.
-async fn metrics_addr(relay: &Relay) -> String {
-    let mut addr = String::new();
-    common::wait_until(
-        "the relay to serve /metrics",
-        Duration::from_secs(60),
-        || {
-            let found = relay.log_text().lines().find_map(|line| {
-                let line = line.split("serving /metrics").nth(1)?;
-                let rest = line.split("addr=").nth(1)?;
-                Some(
-                    rest.split(|c: char| c.is_whitespace() || c == '\u{1b}')
-                        .next()?
-                        .to_string(),
-                )
-            });
-            if let Some(found) = &found {
-                addr = found.clone();
-            }
-            std::future::ready(found.is_some())
-        },
-    )
-    .await;
-    addr
-}
-
 #[test]
 fn the_rules_and_the_dashboard_name_only_metrics_of_src_metrics_rs() {
     // Without a stack: each name is a constant of src/metrics.rs, a histogram series of one,
@@ -304,7 +279,7 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported_by_a_running_
     let pipeline = KafkaPipeline::new().await;
     // Two connectors on one slot: the second stands by (outbox_relay_standby).
     let active = pipeline.spawn_connector(&[], &[]);
-    let active_addr = metrics_addr(&active).await;
+    let active_addr = active.metrics_addr().await;
     common::wait_until(
         "the first connector to stream",
         Duration::from_secs(120),
@@ -320,8 +295,8 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported_by_a_running_
     let sink = spawn_sink(&pipeline.dbs, &pipeline.topic, &random_name("group"), &[]);
     let relays = [
         active_addr,
-        metrics_addr(&standby).await,
-        metrics_addr(&sink).await,
+        standby.metrics_addr().await,
+        sink.metrics_addr().await,
     ];
     load(&pipeline.dbs, 200).await;
     pipeline.dbs.wait_verified(Duration::from_secs(180)).await;
@@ -392,7 +367,7 @@ fn latency_bucket(body: &str, le: f64) -> Option<u64> {
 async fn the_connector_s_latency_histogram_counts_a_known_delay_in_its_bucket() {
     let pipeline = KafkaPipeline::new().await;
     let mut connector = pipeline.spawn_connector(&[], &[]);
-    let addr = metrics_addr(&connector).await;
+    let addr = connector.metrics_addr().await;
     common::wait_until("streaming", Duration::from_secs(120), || {
         let log = connector.log_text();
         async move { log.contains("streaming") }

@@ -278,10 +278,9 @@ fn metric(body: &str, name: &str) -> Option<f64> {
 async fn metrics_move_during_a_run_and_readyz_turns_unready_when_pg_start_is_down() {
     let _lock = common::fault_lock().await;
     let dbs = TestDbs::new().await;
-    let port = 20000 + rand::random::<u16>() % 20000;
-    let addr = format!("127.0.0.1:{port}");
     let slot = random_name("metrics");
-    let _direct = spawn_direct(&dbs, &slot, &["--metrics-addr", &addr], &[]);
+    let direct = spawn_direct(&dbs, &slot, &["--metrics-addr", "127.0.0.1:0"], &[]);
+    let addr = direct.metrics_addr().await;
     common::wait_until("/readyz to turn ready", Duration::from_secs(60), || async {
         scrape(&addr, "/readyz").await.0 == 200
     })

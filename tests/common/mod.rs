@@ -676,6 +676,32 @@ impl Relay {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address it serves /metrics on (it binds port 0 in tests), read from its log.
+    pub async fn metrics_addr(&self) -> String {
+        let mut addr = String::new();
+        wait_until(
+            "the relay to serve /metrics",
+            Duration::from_secs(60),
+            || {
+                let found = self.log_text().lines().find_map(|line| {
+                    let line = line.split("serving /metrics").nth(1)?;
+                    let rest = line.split("addr=").nth(1)?;
+                    Some(
+                        rest.split(|c: char| c.is_whitespace() || c == '\u{1b}')
+                            .next()?
+                            .to_string(),
+                    )
+                });
+                if let Some(found) = &found {
+                    addr = found.clone();
+                }
+                std::future::ready(found.is_some())
+            },
+        )
+        .await;
+        addr
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
