@@ -41,6 +41,9 @@ ALTER TABLE outbox_relay.direct_progress ADD COLUMN IF NOT EXISTS system_identif
 -- While the slot's initial snapshot is delivered (commit_lsn 0/0): how far it got (JSON,
 -- kept as the relay wrote it).
 ALTER TABLE outbox_relay.direct_progress ADD COLUMN IF NOT EXISTS snapshot text;
+-- The on-demand backfills requested in the stream, and how far each got (JSON, kept as
+-- the relay wrote it).
+ALTER TABLE outbox_relay.direct_progress ADD COLUMN IF NOT EXISTS backfill text;
 
 -- Records that could not be applied: kept whole (raw bytes, origin, error) and written
 -- in the same transaction as the batch they came with, so nothing is lost and nothing

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use outbox_relay::cmd::{chaos, check, load, migrate, reconcile, status, verify};
+use outbox_relay::cmd::{backfill, chaos, check, load, migrate, reconcile, status, verify};
 use outbox_relay::config::{SourceArgs, TargetArgs};
 use outbox_relay::{connector, direct, sink, telemetry};
 
@@ -61,6 +61,9 @@ enum Command {
     /// Health and lag of every component: slots, topic, sink offsets, dead letters;
     /// exit 1 if a component is unreachable or a slot is lost.
     Status(status::StatusArgs),
+    /// Send an outbox table's rows again (all, or those a WHERE clause selects) while the
+    /// relays stream, e.g. after pg_end was restored from a backup; `status` shows it.
+    Backfill(backfill::BackfillArgs),
     /// Copy the transactions pg_end lacks from pg_start (after a lost slot or an empty
     /// pg_end); report, never overwrite, rows that differ; exit 1 unless equal after.
     Reconcile(reconcile::ReconcileArgs),
@@ -245,6 +248,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             let report = status::run(&args).await;
             return print_report(&report, args.json, report.render(), report.ok);
+        }
+        Command::Backfill(args) => {
+            let requested = backfill::run(&args).await?;
+            match &requested.request {
+                outbox_relay::pipeline::backfill::Request::Start { id, table, .. } => println!(
+                    "backfill {id} requested at pg_start LSN {}: {} sends the rows of {table} \
+                     again (inboxes count each event id once); `outbox-relay status` shows how \
+                     far it got",
+                    requested.lsn,
+                    match &args.for_slot {
+                        Some(slot) => format!("the relay of slot {slot}"),
+                        None => "every relay streaming from this database".into(),
+                    }
+                ),
+                outbox_relay::pipeline::backfill::Request::Cancel { id, .. } => println!(
+                    "cancel of backfill {id} requested at pg_start LSN {}",
+                    requested.lsn
+                ),
+            }
         }
         Command::Reconcile(args) => {
             let report = reconcile::run(&args).await?;

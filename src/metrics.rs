@@ -30,6 +30,8 @@ pub const IN_FLIGHT_BYTES: &str = "outbox_relay_in_flight_bytes";
 /// Batches spilled into a destination transaction left open, because one source
 /// transaction outgrew a batch (label `stage`).
 pub const SPILLS: &str = "outbox_relay_spills_total";
+/// Rows an on-demand backfill made durable in the destination (label `stage`).
+pub const BACKFILL_ROWS: &str = "outbox_relay_backfill_rows_total";
 /// Kafka transactions by `outcome` (committed, aborted).
 pub const KAFKA_TRANSACTIONS: &str = "outbox_relay_kafka_transactions_total";
 /// Retries by `cause`.

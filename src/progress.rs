@@ -184,6 +184,79 @@ pub struct ProgressRecord {
     /// chunk). See `crate::pipeline::snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotProgress>,
+    /// The on-demand backfills requested in the stream up to `lsn`, and how far each
+    /// got (`streaming` records). See `crate::pipeline::backfill`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfills: Vec<BackfillProgress>,
+}
+
+/// One on-demand backfill: the rows of an outbox table (those its filter selects) sent
+/// again, in page order, in chunks each committed with a record of this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillProgress {
+    /// The request's id (what `backfill` printed, and the records' backfill header).
+    pub id: String,
+    /// The outbox table, as `schema.name`.
+    pub table: String,
+    /// The request's WHERE clause, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    pub state: BackfillState,
+    /// The first of the table's pages not yet read (it is read in page order).
+    #[serde(default)]
+    pub next_page: u64,
+    /// Rows sent so far.
+    #[serde(default)]
+    pub rows: u64,
+    /// Why it failed (`failed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackfillState {
+    /// Being sent, or, behind an earlier one, waiting its turn.
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl BackfillProgress {
+    /// One phrase for `status`.
+    pub fn describe(&self, queued: bool) -> String {
+        let state = match self.state {
+            BackfillState::Running if queued => "queued",
+            BackfillState::Running => "running",
+            BackfillState::Done => "done",
+            BackfillState::Failed => "failed",
+            BackfillState::Cancelled => "cancelled",
+        };
+        let mut text = format!("backfill {} of {}", self.id, self.table);
+        if let Some(filter) = &self.filter {
+            text.push_str(&format!(" where {filter}"));
+        }
+        text.push_str(&format!(": {state}, {} rows sent", self.rows));
+        if let Some(error) = &self.error {
+            text.push_str(&format!(" ({error})"));
+        }
+        text
+    }
+
+    /// Each backfill of `backfills` described, the queued ones (running behind an
+    /// earlier running one) said to be so.
+    pub fn describe_all(backfills: &[BackfillProgress]) -> Vec<String> {
+        let mut active = false;
+        backfills
+            .iter()
+            .map(|b| {
+                let queued = b.state == BackfillState::Running && active;
+                active |= b.state == BackfillState::Running;
+                b.describe(queued)
+            })
+            .collect()
+    }
 }
 
 /// How far a slot's initial snapshot got. Its rows are delivered table by table, each
@@ -244,6 +317,7 @@ impl ProgressRecord {
             lsn: lsn.to_string(),
             system_identifier: None,
             snapshot: None,
+            backfills: Vec::new(),
         }
     }
 
@@ -254,12 +328,19 @@ impl ProgressRecord {
             lsn: Lsn::ZERO.to_string(),
             system_identifier: None,
             snapshot: Some(progress),
+            backfills: Vec::new(),
         }
     }
 
     /// The same record, stamped with pg_start's system identifier.
     pub fn of_system(mut self, system_identifier: Option<&str>) -> Self {
         self.system_identifier = system_identifier.map(str::to_string);
+        self
+    }
+
+    /// The same record, carrying `backfills`.
+    pub fn with_backfills(mut self, backfills: &[BackfillProgress]) -> Self {
+        self.backfills = backfills.to_vec();
         self
     }
 

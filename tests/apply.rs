@@ -103,6 +103,7 @@ async fn apply_is_idempotent_reports_conflicts_and_progress_only_moves_forward()
                 commit_lsn: Lsn(lsn),
                 system_identifier: None,
                 snapshot: None,
+                backfills: None,
             },
             ..ApplyBatch::default()
         };

@@ -626,3 +626,120 @@ async fn a_zombie_transaction_on_any_of_the_slots_transactional_ids_is_fenced() 
     );
     assert!(connector.terminate().success());
 }
+
+/// An on-demand backfill while the stream goes on, with a kill after its fourth chunk:
+/// the topic holds every outbox row once from the stream and, as a backfill record
+/// (same key, same value, the backfill header naming the request), once more for each
+/// row present when the backfill was requested, none twice; the progress record says
+/// it is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_resends_each_row_once_across_a_kill_while_the_stream_goes_on() {
+    let p = Pipeline::new().await;
+    let args = ["--backfill-chunk-rows", "50"];
+    let mut connector = p.spawn_connector(&args, &[common::crash_after_backfill_chunks("4")]);
+    load::run(&LoadArgs::count(&p.dbs.source_url, 1000))
+        .await
+        .unwrap();
+    p.assert_topic_exactly_once().await;
+    let before =
+        common::connector::expected_records(&p.dbs.source().await, "outbox.transactions").await;
+
+    common::request_backfill(&p.dbs.source_url, &["--id", "again-1"]);
+    let writer = {
+        let url = p.dbs.source_url.clone();
+        tokio::spawn(async move { load::run(&LoadArgs::count(&url, 300)).await.unwrap() })
+    };
+    let status = common::wait_for_exit(&mut connector, Duration::from_secs(120)).await;
+    assert!(!status.success(), "the test hook aborts the process");
+    assert!(connector
+        .log_text()
+        .contains("after a backfill chunk was committed"));
+
+    let mut connector = p.spawn_connector(&args, &[]);
+    writer.await.unwrap();
+    let progress = || {
+        let (topic, slot) = (p.progress_topic.clone(), p.slot.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                outbox_relay::kafka::read_progress(
+                    common::BROKERS,
+                    &topic,
+                    &slot,
+                    Duration::from_secs(10),
+                )
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        }
+    };
+    common::wait_until(
+        "the backfill to be done",
+        Duration::from_secs(120),
+        || async {
+            progress().await.backfills.first().map(|b| b.state)
+                == Some(outbox_relay::progress::BackfillState::Done)
+        },
+    )
+    .await;
+    let done = progress().await.backfills.remove(0);
+    assert_eq!(done.id, "again-1");
+    assert!(done.rows >= before.len() as u64, "{done:?}");
+
+    let all =
+        common::connector::expected_records(&p.dbs.source().await, "outbox.transactions").await;
+    let mut streamed = std::collections::HashMap::<i64, usize>::new();
+    let mut resent = std::collections::HashMap::<i64, usize>::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let topic = p.topic.clone();
+        let records = tokio::task::spawn_blocking(move || common::read_topic(&topic))
+            .await
+            .unwrap();
+        streamed.clear();
+        resent.clear();
+        for record in &records {
+            let value: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+            let id = value["id"].as_i64().unwrap();
+            assert_eq!(
+                all.get(&id).map(String::as_str),
+                Some(std::str::from_utf8(&record.value).unwrap()),
+                "value of id {id}"
+            );
+            assert_eq!(
+                record.key.as_deref(),
+                Some(value["account_id"].to_string().as_bytes()),
+                "key of id {id}"
+            );
+            let backfill = record
+                .headers
+                .iter()
+                .find(|(k, _)| k == "outbox-relay.backfill");
+            match backfill {
+                Some((_, id_header)) => {
+                    assert_eq!(id_header.as_slice(), b"again-1");
+                    *resent.entry(id).or_default() += 1;
+                }
+                None => *streamed.entry(id).or_default() += 1,
+            }
+        }
+        if streamed.len() >= all.len() || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(streamed.len(), all.len(), "every row streamed");
+    assert!(streamed.values().all(|n| *n == 1), "a row streamed twice");
+    assert!(resent.values().all(|n| *n == 1), "a row re-sent twice");
+    assert!(
+        before.keys().all(|id| resent.contains_key(id)),
+        "every row present at the request is re-sent"
+    );
+    assert_eq!(
+        resent.len() as u64,
+        done.rows,
+        "the rows the backfill counted"
+    );
+    assert!(connector.terminate().success());
+}

@@ -571,3 +571,126 @@ async fn the_progress_read_flushes_the_row_even_with_synchronous_commit_on() {
     common::connector::assert_running(&mut relay, "after pg_end's crash");
     assert!(relay.terminate().success());
 }
+
+/// An on-demand backfill after pg_end lost rows (as a restore from an old backup would
+/// leave it), while `load` goes on: the relay sends the rows the filter selects again,
+/// a kill after its fourth chunk resumes after the last durable one, and pg_end ends
+/// exactly equal to pg_start (each row counted once); `status` reports the backfill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_restores_rows_pg_end_lost_across_a_kill_while_the_stream_goes_on() {
+    let dbs = TestDbs::new().await;
+    let slot = random_name("direct");
+    let args = ["--batch-size", "500", "--backfill-chunk-rows", "50"];
+    let mut relay = common::spawn_direct(
+        &dbs,
+        &slot,
+        &args,
+        &[common::crash_after_backfill_chunks("4")],
+    );
+    load(&dbs, 1500).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
+
+    // pg_end loses the transactions of a third of the accounts, balances included.
+    dbs.target()
+        .await
+        .batch_execute(
+            "WITH lost AS (DELETE FROM main.transactions WHERE account_id % 3 = 0 \
+                           RETURNING account_id, amount) \
+             UPDATE main.balance b SET current_balance = b.current_balance - l.total \
+             FROM (SELECT account_id, sum(amount) AS total FROM lost GROUP BY account_id) l \
+             WHERE b.account_id = l.account_id",
+        )
+        .await
+        .unwrap();
+    assert!(!dbs.verify().await.ok);
+    let lost = common::count(
+        &dbs.source_url,
+        "SELECT count(*) FROM outbox.transactions WHERE account_id % 3 = 0",
+    )
+    .await;
+    assert!(
+        lost > 300,
+        "{lost} rows to backfill: more than four chunks of a page"
+    );
+
+    let out = common::request_backfill(
+        &dbs.source_url,
+        &["--where", "account_id % 3 = 0", "--id", "restore-1"],
+    );
+    assert!(out.contains("backfill restore-1 requested"), "{out}");
+    let writer = {
+        let url = dbs.source_url.clone();
+        tokio::spawn(async move {
+            outbox_relay::cmd::load::run(&LoadArgs::count(&url, 300))
+                .await
+                .unwrap()
+        })
+    };
+    let status = common::wait_for_exit(&mut relay, Duration::from_secs(120)).await;
+    assert!(!status.success(), "the test hook aborts the process");
+    assert!(relay.log_text().contains("after a backfill chunk"));
+    let status_text = |expected: &'static str| {
+        let (source_url, target_url, slot) =
+            (dbs.source_url.clone(), dbs.target_url.clone(), slot.clone());
+        async move {
+            let (_, stdout, _) = common::run_binary(&[
+                "status",
+                "--source-url",
+                &source_url,
+                "--target-url",
+                &target_url,
+                "--no-kafka",
+                "--direct-slot",
+                &slot,
+            ]);
+            stdout.contains(expected).then_some(stdout)
+        }
+    };
+    let running = status_text(
+        "backfill restore-1 of outbox.transactions where account_id % 3 = 0: running, ",
+    )
+    .await;
+    assert!(running.is_some(), "status after the kill shows it running");
+
+    let mut relay = common::spawn_direct(&dbs, &slot, &args, &[]);
+    writer.await.unwrap();
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    common::wait_until(
+        "the backfill to be done",
+        Duration::from_secs(60),
+        || async {
+            status_text("backfill restore-1 of outbox.transactions where account_id % 3 = 0: done")
+                .await
+                .is_some()
+        },
+    )
+    .await;
+    dbs.wait_verified(Duration::from_secs(30)).await;
+    assert!(relay.terminate().success());
+    assert_eq!(dead_letter_count(&dbs).await, 0);
+}
+
+/// What `outbox-relay backfill` refuses before it writes anything: a filter that is
+/// not one condition on the table (a missing column, one that would close the query
+/// around it), a table that does not exist.
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_requests_that_cannot_run_are_refused_with_the_reason() {
+    let dbs = TestDbs::new().await;
+    for (extra, expected) in [
+        (
+            ["--where", "no_such_column = 1"],
+            "column \"no_such_column\" does not exist",
+        ),
+        (
+            ["--where", "true)); DELETE FROM main.balance; SELECT ((true"],
+            "closes a parenthesis it did not open",
+        ),
+        (["--table", "outbox.nothing"], "does not exist"),
+    ] {
+        let mut args = vec!["backfill", "--source-url", &dbs.source_url];
+        args.extend_from_slice(&extra);
+        let (code, stdout, stderr) = common::run_binary(&args);
+        assert_eq!(code, 2, "{extra:?}: {stdout}{stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+}

@@ -1296,6 +1296,117 @@ publication.autocreate.mode=disabled
         res["peak_rss"], res["cpu_per_100k"] = peak, cpu / n * 100_000
         return res
 
+    # --- on-demand backfill while the stream goes on (issue #27) ----------------------
+
+    def backfill(self, r, path):
+        """pg_start holds N rows that pg_end lacks (written before the slot, as pg_end looks
+        after a restore from an old backup); the relay streams while `load` writes
+        --backfill-rate tx/s, and `outbox-relay backfill` asks it to send the N again.
+        Measures the backfill's time, and the end-to-end latency of the live transactions
+        committed while it ran; pg_end must then equal pg_start."""
+        n = self.args.n
+        empty_target(self.stack)
+        slot = f"bench_r{r}_bf_{path.replace('-', '_')}"
+        with self.stack.pg("start") as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        topic, progress = f"bench-r{r}-bf-{path}", f"bench-r{r}-progress-bf"
+        status = [self.bin, "status", "--json", "--source-url", self.stack.start_url,
+                  "--target-url", self.stack.end_url]
+        procs = []
+        try:
+            if path == "kafka":
+                procs.append(self.relay(
+                    f"r{r}-bf-connector", "connector", "--source-url", self.stack.start_url,
+                    "--brokers", self.stack.brokers, "--topic", topic, "--progress-topic", progress,
+                    "--slot", slot, "--no-create-slot", "--no-create-publication",
+                    *self.args.connector_extra.split()))
+                procs.append(self.relay(
+                    f"r{r}-bf-sink", "sink", "--target-url", self.stack.end_url,
+                    "--brokers", self.stack.brokers, "--topic", topic,
+                    "--group", f"bench-r{r}-bf-sink", *self.args.sink_extra.split()))
+                status += ["--brokers", self.stack.brokers, "--topic", topic,
+                           "--progress-topic", progress, "--slot", slot]
+            else:
+                procs.append(self.relay(
+                    f"r{r}-bf-direct", "direct", "--source-url", self.stack.start_url,
+                    "--target-url", self.stack.end_url, "--slot", slot, "--no-create-slot",
+                    "--no-create-publication"))
+                status += ["--no-kafka", "--direct-slot", slot]
+            self.load(50, 2.0)
+            with self.stack.pg("end") as conn:
+                wait_for(f"backfill {path} warm-up", lambda: conn.execute(
+                    "SELECT count(*) FROM main.transactions").fetchone()[0] > 0, 120,
+                    every=0.2, procs=procs)
+            loader = subprocess.Popen(
+                [self.bin, "load", "--source-url", self.stack.start_url,
+                 "--rate", str(self.args.backfill_rate),
+                 "--duration", str(self.args.backfill_load_seconds),
+                 "--concurrency", str(self.args.load_concurrency), "--progress-every", "0"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(3)
+            with self.stack.pg("start") as src:
+                t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
+            started = time.monotonic()
+            backfill_id = f"bench-r{r}-{path}"
+            subprocess.run([self.bin, "backfill", "--source-url", self.stack.start_url,
+                            "--id", backfill_id, "--for-slot", slot],
+                           check=True, capture_output=True)
+
+            def state():
+                report = json.loads(subprocess.run(status, capture_output=True, text=True).stdout)
+                part = (report["kafka"].get("progress") if path == "kafka"
+                        else report["pg_end"].get("direct")) or {}
+                return next((b for b in part.get("backfills", []) if b["id"] == backfill_id), None)
+            done = wait_for(f"backfill {path}", lambda: (lambda b: b if b and b["state"] != "running"
+                                                         else None)(state()),
+                            3600, every=0.5, procs=procs)
+            seconds = time.monotonic() - started
+            with self.stack.pg("start") as src:
+                t1 = src.execute("SELECT clock_timestamp()").fetchone()[0]
+            if done["state"] != "done" or done["rows"] < n:
+                raise RuntimeError(f"backfill {path}: {done}")
+            loader.wait()
+            live = self.arrived_latencies(t0, t1, procs)
+            rows = ledger_equal(self.stack, f"backfill {path}")
+            peak = max(p.sample()[1] or 0 for p in procs)
+        finally:
+            for p in procs:
+                p.stop()
+        label = {"kafka": "outbox-relay connector + sink", "direct": "outbox-relay direct"}[path]
+        if live["p99"] is None:
+            raise RuntimeError(f"backfill {path}: no live transaction committed during it")
+        if live["seconds"] < seconds * 0.9:
+            raise RuntimeError(f"backfill {path}: the load ended before the backfill "
+                               f"({live['seconds']:.0f} s of {seconds:.0f} s): raise --backfill-load-seconds")
+        note = (f"{done['rows']:,} rows sent again; live load {self.args.backfill_rate}/s meanwhile: "
+                f"p50 {live['p50']:.0f} ms, p99 {live['p99']:.0f} ms, max {live['max']:.0f} ms "
+                f"over {live['count']:,} transactions; pg_end = pg_start ({rows:,} rows)")
+        res = result(label, n, seconds, note=note)
+        res.update({"peak_rss": peak, "live_p50": live["p50"], "live_p99": live["p99"],
+                    "live_max": live["max"], "live_count": live["count"]})
+        return res
+
+    def arrived_latencies(self, t0, t1, procs):
+        """End-to-end latency (pg_end commit - pg_start commit) of the transactions pg_start
+        committed between t0 and t1, once all of them are in pg_end."""
+        with self.stack.pg("start") as src:
+            rows = src.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
+                "WHERE pg_xact_commit_timestamp(xmin) BETWEEN %s AND %s", (t0, t1)).fetchall()
+        ids = [i for i, _ in rows]
+        source = dict(rows)
+        with self.stack.pg("end") as dst:
+            wait_for("the live transactions", lambda: dst.execute(
+                "SELECT count(*) FROM main.transactions WHERE id = ANY(%s)", (ids,)).fetchone()[0]
+                >= len(ids), 600, every=0.5, procs=procs)
+            target = dst.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
+                (ids,)).fetchall()
+        lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target)
+        span = (max(source.values()) - min(source.values())).total_seconds() if source else 0
+        return {"count": len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+                "max": lat[-1] if lat else None, "seconds": span}
+
     # --- steady state ---------------------------------------------------------------
 
     def steady(self, r):
@@ -1358,7 +1469,11 @@ publication.autocreate.mode=disabled
     def step(self, path, rate, procs):
         with self.stack.pg("start") as src:
             t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
-        committed = self.load(rate, self.args.steady_seconds)
+        # Long enough that p99 rests on MIN_LATENCY_SAMPLES transactions (not with --quick).
+        seconds = self.args.steady_seconds
+        if not self.args.quick:
+            seconds = max(seconds, MIN_LATENCY_SAMPLES / rate)
+        committed = self.load(rate, seconds)
         with self.stack.pg("start") as src:
             rows = src.execute(
                 "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
@@ -1374,7 +1489,7 @@ publication.autocreate.mode=disabled
                 "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
                 (ids,)).fetchall()
         lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target)
-        achieved = committed / self.args.steady_seconds
+        achieved = committed / seconds
         return {
             "achieved": achieved,
             "count": len(lat),
@@ -1382,6 +1497,10 @@ publication.autocreate.mode=disabled
             "p99": percentile(lat, 99),
             "max": lat[-1] if lat else None,
         }
+
+
+# The samples a steady step's p99 rests on, at least (its 100 slowest make the tail).
+MIN_LATENCY_SAMPLES = 10_000
 
 
 def percentile(sorted_values, q):
@@ -1532,6 +1651,16 @@ def one_run(bench, r, legs):
             record("large", bench.large_connector, r, lslots[("tx", k)], lx, k)
             record("large", bench.large_direct, r, lslots[("direct", k)], lx, k)
         drop_bench_slots(stack)
+    if "backfill" in legs:
+        # N rows pg_end lacks, written before the slots (as after a restore of pg_end from
+        # an old backup), sent again by a backfill while `load` writes.
+        drop_bench_slots(stack)
+        empty_source(stack)
+        _, secs = bench.write_large_transaction(n)
+        log(f"run {r}: {n:,} rows written in {secs:.1f} s")
+        record("backfill", bench.backfill, r, "kafka")
+        record("backfill", bench.backfill, r, "direct")
+        drop_bench_slots(stack)
     if "steady" in legs:
         try:
             out["steady"] = bench.steady(r)
@@ -1566,7 +1695,7 @@ def summarize(runs):
                    "tps_max": max(tps), "runs": len(rs), "n": rs[0]["n"],
                    "seconds": statistics.median(x["seconds"] for x in rs)}
             for key in ("cpu_per_100k", "peak_rss", "startup", "broker_cpu_per_100k",
-                        "machine_cpu_per_100k"):
+                        "machine_cpu_per_100k", "live_p50", "live_p99", "live_max", "live_count"):
                 vals = [x[key] for x in rs if x.get(key) is not None]
                 if vals:
                     row[key] = max(vals) if key == "peak_rss" else statistics.median(vals)
@@ -1583,6 +1712,7 @@ def summarize(runs):
          "achieved": statistics.median(s["achieved"] for s in ss),
          "p50": statistics.median(s["p50"] for s in ss),
          "p99": statistics.median(s["p99"] for s in ss),
+         "count": min(s["count"] for s in ss),
          "p99_min": min(s["p99"] for s in ss), "p99_max": max(s["p99"] for s in ss),
          "max": max(s["max"] for s in ss)}
         for (path, rate), ss in sorted(steady.items())
@@ -1624,6 +1754,10 @@ def main():
                     help="large leg: rows of the one source transaction")
     ap.add_argument("--large-kills", type=int, default=0,
                     help="large leg: also run each relay with this many SIGKILLs during it")
+    ap.add_argument("--backfill-rate", type=int, default=1000,
+                    help="backfill leg: the live load's rate (tx/s) while the backfill runs")
+    ap.add_argument("--backfill-load-seconds", type=float, default=120,
+                    help="backfill leg: how long the live load runs (longer than the backfill)")
     ap.add_argument("--snapshot-kills", type=int, default=0,
                     help="snapshot leg: also run each relay's snapshot with this many SIGKILLs")
     ap.add_argument("--stack-dir", required=True)
@@ -1645,10 +1779,10 @@ def main():
     args.rates = [int(x) for x in (args.rates or "250,500,1000,2000").split(",")]
     args.steady_seconds = args.steady_seconds or 15
     legs = set(args.legs.split(","))
-    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady", "snapshot", "large"}
+    unknown = legs - {"kafka", "direct", "sink", "outbox", "steady", "snapshot", "large", "backfill"}
     if unknown:
         sys.exit(f"bench: unknown leg(s) {', '.join(sorted(unknown))}; "
-                 "use kafka, direct, sink, outbox, steady, snapshot, large")
+                 "use kafka, direct, sink, outbox, steady, snapshot, large, backfill")
     if "sink" in legs and "kafka" not in legs:
         sys.exit("bench: the sink leg drains the topic the kafka leg writes; use --legs kafka,sink")
     args.steady_paths = args.steady_paths.split(",")

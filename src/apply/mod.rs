@@ -287,6 +287,9 @@ pub enum Progress {
         system_identifier: Option<String>,
         /// The initial snapshot's progress, as JSON (`crate::progress::SnapshotProgress`).
         snapshot: Option<String>,
+        /// The on-demand backfills, as JSON (a list of
+        /// `crate::progress::BackfillProgress`).
+        backfills: Option<String>,
     },
     /// Nothing to record (tests, manual repairs).
     #[default]
@@ -451,14 +454,15 @@ ON CONFLICT (topic, partition) DO UPDATE
 
 const UPSERT_SOURCE_LSN: &str = "\
 INSERT INTO outbox_relay.direct_progress AS d
-    (slot_name, commit_lsn, system_identifier, snapshot, updated_at)
-VALUES ($1, $2::text::pg_lsn, $3, $4, now())
+    (slot_name, commit_lsn, system_identifier, snapshot, backfill, updated_at)
+VALUES ($1, $2::text::pg_lsn, $3, $4, $5, now())
 ON CONFLICT (slot_name) DO UPDATE
     SET commit_lsn = EXCLUDED.commit_lsn, updated_at = EXCLUDED.updated_at,
         system_identifier = coalesce(EXCLUDED.system_identifier, d.system_identifier),
-        snapshot = EXCLUDED.snapshot
+        snapshot = EXCLUDED.snapshot, backfill = EXCLUDED.backfill
     WHERE EXCLUDED.commit_lsn > d.commit_lsn
-       OR (EXCLUDED.commit_lsn = '0/0' AND d.commit_lsn = '0/0')";
+       OR (EXCLUDED.commit_lsn = '0/0' AND d.commit_lsn = '0/0')
+       OR (EXCLUDED.commit_lsn = d.commit_lsn AND EXCLUDED.backfill IS DISTINCT FROM d.backfill)";
 
 const READ_KAFKA_OFFSETS: &str = "\
 SELECT s.topic, s.partition, s.last_offset
@@ -469,8 +473,8 @@ JOIN unnest($1::text[], $2::int4[]) AS p(topic, partition)
 const READ_SOURCE_LSN: &str =
     "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
-const READ_SOURCE_SYSTEM: &str =
-    "SELECT system_identifier, snapshot FROM outbox_relay.direct_progress WHERE slot_name = $1";
+const READ_SOURCE_SYSTEM: &str = "SELECT system_identifier, snapshot, backfill \
+    FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
 /// A pg_end connection with the apply statements prepared on it: parsed and planned
 /// once per connection instead of once per batch (planning the insert alone took
@@ -1295,10 +1299,17 @@ async fn store_progress(
             commit_lsn,
             system_identifier,
             snapshot,
+            backfills,
         } => {
             tx.execute(
                 &statements.upsert_source_lsn,
-                &[slot, &commit_lsn.to_string(), system_identifier, snapshot],
+                &[
+                    slot,
+                    &commit_lsn.to_string(),
+                    system_identifier,
+                    snapshot,
+                    backfills,
+                ],
             )
             .await
             .map_err(|e| ApplyError::new("storing the source LSN", e))?;
@@ -1341,17 +1352,39 @@ pub async fn read_source_lsn(
     Ok(text.parse().ok())
 }
 
-/// The pg_start system identifier and the initial snapshot's progress (JSON) stored
-/// with `slot`'s direct-mode progress, if any.
+/// What the direct-mode progress row stores besides its LSN, as stored.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredProgress {
+    pub system_identifier: Option<String>,
+    /// `crate::progress::SnapshotProgress` as JSON.
+    pub snapshot: Option<String>,
+    /// A list of `crate::progress::BackfillProgress` as JSON.
+    pub backfills: Option<String>,
+}
+
+/// The progress row of `slot`, besides its LSN (all `None` without a row).
 pub async fn read_source_system(
     client: &impl GenericClient,
     slot: &str,
-) -> Result<(Option<String>, Option<String>), ApplyError> {
+) -> Result<StoredProgress, ApplyError> {
     let row = client
         .query_opt(READ_SOURCE_SYSTEM, &[&slot])
         .await
-        .map_err(|e| ApplyError::new("reading the stored system identifier", e))?;
-    Ok(row.map_or((None, None), |r| (r.get(0), r.get(1))))
+        .map_err(|e| {
+            ApplyError::new(
+                "reading the stored progress (a column missing from \
+             outbox_relay.direct_progress means pg_end's schema is older than this relay: \
+             run `outbox-relay migrate`)",
+                e,
+            )
+        })?;
+    Ok(
+        row.map_or_else(StoredProgress::default, |r| StoredProgress {
+            system_identifier: r.get(0),
+            snapshot: r.get(1),
+            backfills: r.get(2),
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! as separate processes under faults). None of them is on the path a record takes.
 //!
 //! - [`migrate`]: applies the schemas in `sql/`.
+//! - [`backfill`]: asks the relays to send an outbox table's rows again.
 //! - [`load`]: writes seed-shaped business transactions into pg_start.
 //! - [`verify`]: compares pg_start and pg_end.
 //! - [`check`]: validates the configuration and connects to everything it names.
@@ -11,6 +12,7 @@
 //! - [`pairs`]: `verify` and `reconcile` for route → inbox pairs.
 //! - [`chaos`]: the fault-injection runner and its checkers.
 
+pub mod backfill;
 pub mod chaos;
 pub mod check;
 pub mod load;

@@ -32,7 +32,7 @@ use crate::config::{self, KafkaArgs, SlotsArgs, SourceArgs, TargetArgs};
 use crate::error::error_chain;
 use crate::kafka;
 use crate::pg;
-use crate::progress::{ProgressState, SnapshotProgress};
+use crate::progress::{BackfillProgress, ProgressState, SnapshotProgress};
 
 /// Options of `outbox-relay status`.
 #[derive(clap::Args, Debug, Clone)]
@@ -177,6 +177,9 @@ pub struct ProgressStatus {
     /// How far the initial snapshot got, while it is delivered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotProgress>,
+    /// The on-demand backfills running, queued or lately finished.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backfills: Vec<BackfillProgress>,
 }
 
 /// pg_end's part.
@@ -214,6 +217,9 @@ pub struct DirectStatus {
     /// How far the initial snapshot got, while it is delivered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotProgress>,
+    /// The on-demand backfills running, queued or lately finished.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backfills: Vec<BackfillProgress>,
 }
 
 /// The whole report.
@@ -247,7 +253,8 @@ SELECT partition, last_offset, updated_at::text FROM outbox_relay.sink_offsets
 WHERE topic = $1 ORDER BY partition";
 
 const DIRECT_PROGRESS: &str = "\
-SELECT commit_lsn::text, updated_at::text, snapshot FROM outbox_relay.direct_progress WHERE slot_name = $1";
+SELECT commit_lsn::text, updated_at::text, snapshot, backfill
+FROM outbox_relay.direct_progress WHERE slot_name = $1";
 
 const DEAD_LETTERS: &str = "\
 SELECT kind, count(*)::int8, max(received_at)::text FROM outbox_relay.dead_letters GROUP BY kind";
@@ -411,6 +418,7 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
                     state: r.state,
                     lsn: r.lsn,
                     snapshot: r.snapshot,
+                    backfills: r.backfills,
                 })
             }
             Err(error) => status.progress_error = Some(error_chain(&error)),
@@ -451,6 +459,11 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
                 .try_get::<_, Option<String>>(2)
                 .map_err(query_error)?
                 .and_then(|s| serde_json::from_str(&s).ok()),
+            backfills: r
+                .try_get::<_, Option<String>>(3)
+                .map_err(query_error)?
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default(),
         }),
         None => None,
     };
@@ -709,6 +722,11 @@ fn render_kafka(out: &mut String, part: &Part<KafkaStatus>) {
                 k.progress_topic,
                 progress_text(k)
             );
+            if let Some(p) = &k.progress {
+                for line in BackfillProgress::describe_all(&p.backfills) {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
             let _ = writeln!(
                 out,
                 "  dead-letter topic {}: {}",
@@ -770,6 +788,11 @@ fn render_target(out: &mut String, part: &Part<TargetStatus>) {
                 },
                 None => writeln!(out, "  direct: no progress stored"),
             };
+            if let Some(d) = &t.direct {
+                for line in BackfillProgress::describe_all(&d.backfills) {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
             let _ = writeln!(out, "{}", dead_letters_line(t));
         }
         Part::Unreachable { error } => {
@@ -896,6 +919,7 @@ mod tests {
                 state,
                 lsn: "0/1A2B000".into(),
                 snapshot: None,
+                backfills: Vec::new(),
             }),
             progress_error: topic_error.map(|_| "timed out".into()),
             dead_letter_topic: "outbox-relay-dead-letters".into(),
@@ -928,6 +952,15 @@ mod tests {
                 commit_lsn: "0/1A2B3C4".into(),
                 updated_at: "2026-12-01 10:00:00+00".into(),
                 snapshot: None,
+                backfills: vec![BackfillProgress {
+                    id: "restore-1".into(),
+                    table: "outbox.transactions".into(),
+                    filter: Some("id > 0".into()),
+                    state: crate::progress::BackfillState::Running,
+                    next_page: 3,
+                    rows: 42,
+                    error: None,
+                }],
             }),
             dead_letters: if rich { 3 } else { 0 },
             dead_letters_by_kind: if rich {
@@ -1016,6 +1049,7 @@ pg_end    postgres://postgres@127.0.0.1:8001/db_end
           1             -              98          98
           2             7               -           -
   direct: slot outbox_relay_direct applied through 0/1A2B3C4 (at 2026-12-01 10:00:00+00)
+    backfill restore-1 of outbox.transactions where id > 0: running, 42 rows sent
   dead letters: 3 (decode 1, invalid 2)
 =====
 outbox-relay status: OK, with warnings

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, OwnedHeaders};
 use tokio::sync::watch;
 
 use crate::config::{self, KafkaArgs, SourceArgs};
@@ -438,6 +438,8 @@ struct OpenTxn {
     lsn: Lsn,
     xid: Option<u32>,
     commit_time_micros: Option<i64>,
+    /// Rows of a backfill chunk: sent again, so not handed to the outbox cleanup.
+    backfill: bool,
 }
 
 /// The Kafka destination of the pipeline.
@@ -641,7 +643,19 @@ impl Destination for KafkaDestination {
             lsn: meta.commit_lsn,
             xid: meta.xid,
             commit_time_micros: meta.commit_time_micros,
+            backfill: false,
         });
+    }
+
+    fn begin_backfill(&mut self, meta: TxnMeta, id: &str) {
+        self.begin_txn(meta);
+        if let Some(txn) = &mut self.txn {
+            txn.backfill = true;
+            txn.headers = std::mem::replace(&mut txn.headers, OwnedHeaders::new()).insert(Header {
+                key: crate::record::HEADER_BACKFILL,
+                value: Some(id.as_bytes()),
+            });
+        }
     }
 
     fn row(&mut self, table: usize, values: &[Option<&[u8]>]) {
@@ -657,9 +671,14 @@ impl Destination for KafkaDestination {
             return;
         };
         let rendered = bound.render(values, None);
+        // A backfill's rows were delivered before (or are by the stream): the cleanup
+        // deletes what the stream delivers.
+        let cleanup = cleanup
+            .as_ref()
+            .filter(|_| !txn.as_ref().is_some_and(|t| t.backfill));
         add(
             batch,
-            cleanup.as_ref(),
+            cleanup,
             txn.as_ref(),
             dead_letter_topic,
             Some(table),

@@ -399,16 +399,21 @@ impl driver::Attempt for ApplyAndRead<'_> {
                     slot,
                     commit_lsn,
                     snapshot,
+                    backfills,
                     ..
                 },
                 true,
             ) => {
-                // The initial snapshot's chunks all stand at 0/0: one is committed
-                // when its progress is stored.
+                // The initial snapshot's chunks all stand at 0/0, and a batch of
+                // backfill chunks alone at the last record's LSN: one is committed when
+                // its progress is stored (each stores a different one).
                 let stored = apply::read_source_lsn(&**target, slot).await?;
-                let stored_snapshot = apply::read_source_system(&**target, slot).await?.1;
+                let with = apply::read_source_system(&**target, slot).await?;
                 stored.is_some_and(|stored| {
-                    stored > *commit_lsn || (stored == *commit_lsn && stored_snapshot == *snapshot)
+                    stored > *commit_lsn
+                        || (stored == *commit_lsn
+                            && with.snapshot == *snapshot
+                            && with.backfills == *backfills)
                 })
             }
             _ => false,
@@ -472,7 +477,7 @@ struct ReadProgress<'s> {
 }
 
 impl driver::Attempt for ReadProgress<'_> {
-    type Output = (Option<Lsn>, bool, (Option<String>, Option<String>));
+    type Output = (Option<Lsn>, bool, apply::StoredProgress);
     async fn run(&mut self, target: &mut apply::Target) -> Result<Self::Output, apply::ApplyError> {
         let lsn = apply::read_source_lsn(&**target, self.slot).await?;
         let system = apply::read_source_system(&**target, self.slot).await?;
@@ -679,20 +684,27 @@ impl Destination for PgEndDestination {
             pg_end.unflushed = None;
         }
         match read {
-            Ok((lsn, flushed, (system, snapshot))) => {
+            Ok((lsn, flushed, stored)) => {
                 if flushed {
                     pg_end.unflushed = None;
                 }
-                let snapshot = match snapshot.map(|s| serde_json::from_str(&s)) {
-                    Some(Ok(progress)) => Some(progress),
-                    Some(Err(error)) => {
-                        return Err(PipelineError::Definite(format!(
-                            "outbox_relay.direct_progress.snapshot of slot {slot} is not \
-                             readable ({error}): it was not written by this relay"
-                        )))
-                    }
-                    None => None,
+                let unreadable = |column: &str, error: serde_json::Error| {
+                    PipelineError::Definite(format!(
+                        "outbox_relay.direct_progress.{column} of slot {slot} is not \
+                         readable ({error}): it was not written by this relay"
+                    ))
                 };
+                let snapshot = stored
+                    .snapshot
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err(|e| unreadable("snapshot", e))?;
+                let backfills = stored
+                    .backfills
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err(|e| unreadable("backfill", e))?
+                    .unwrap_or_default();
                 Ok(lsn.map(|lsn| ProgressRecord {
                     // The snapshot marker, and the snapshot's chunks, stand at 0/0.
                     state: if lsn.is_zero() {
@@ -701,8 +713,9 @@ impl Destination for PgEndDestination {
                         ProgressState::Streaming
                     },
                     lsn: lsn.to_string(),
-                    system_identifier: system,
+                    system_identifier: stored.system_identifier,
                     snapshot,
+                    backfills,
                 }))
             }
             Err(Ended::Stopped) => Err(PipelineError::Stopped),
@@ -908,6 +921,8 @@ impl Destination for PgEndDestination {
                 .snapshot
                 .as_ref()
                 .map(|s| serde_json::to_string(s).unwrap_or_default()),
+            backfills: (!progress.backfills.is_empty())
+                .then(|| serde_json::to_string(&progress.backfills).unwrap_or_default()),
         };
         self.value_bytes = 0;
         let commit_times = std::mem::take(&mut self.commit_times);

@@ -96,11 +96,19 @@
 //! source transactions are read again from the slot (the slot was not confirmed past
 //! them). While spilled, no other commit runs (invariant 7 holds).
 //!
+//! # Backfill
+//! An on-demand backfill (`outbox-relay backfill`) is requested in the stream and
+//! carried by every progress record from then on; its chunks join batches between
+//! source transactions, at most one per batch, each moving its position in that
+//! batch's record (see [`backfill`]). A batch of chunks alone stands at the last
+//! record's LSN.
+//!
 //! # Reading
 //! Events the replication worker has queued are taken without a `select!` each, and
 //! under load the reader pauses briefly when the queue runs dry, so that the walsender
 //! is not made to wake it for every message: see [`events`].
 
+pub mod backfill;
 mod events;
 mod snapshot;
 #[cfg(test)]
@@ -138,6 +146,11 @@ pub struct StreamArgs {
     /// Bytes of row data per destination commit.
     #[arg(long, default_value_t = 4 << 20)]
     pub batch_bytes: usize,
+    /// Rows per chunk of an on-demand backfill (`outbox-relay backfill`), about (at
+    /// least a page's, at most `--batch-size`): a batch carries one chunk besides the
+    /// stream.
+    #[arg(long, default_value_t = 1000)]
+    pub backfill_chunk_rows: usize,
     /// Longest time a row waits for its batch to fill, in milliseconds.
     #[arg(long, env = "OUTBOX_RELAY_LINGER_MS", default_value_t = 20)]
     pub linger_ms: u64,
@@ -268,6 +281,11 @@ pub trait Destination {
     fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError>;
     /// A source transaction starts.
     fn begin_txn(&mut self, meta: TxnMeta);
+    /// A chunk of backfill `id` starts (see [`backfill`]): its rows come as a
+    /// transaction of their own, which ends with `end_txn`.
+    fn begin_backfill(&mut self, meta: TxnMeta, _id: &str) {
+        self.begin_txn(meta);
+    }
     /// One inserted row of outbox table `table` in the current transaction; `None` is
     /// NULL.
     fn row(&mut self, table: usize, values: &[Option<&[u8]>]);
@@ -437,6 +455,11 @@ pub struct Pipeline<D: Destination> {
     system_identifier: Option<String>,
     /// A slot is being created (see `Pipeline::session`).
     creating: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The on-demand backfills, as the batch being read leaves them.
+    backfills: backfill::Backfills,
+    /// Each outbox table's columns as the session's last Relation message gave them
+    /// (a backfill chunk's may differ while the table is altered).
+    stream_columns: Vec<Option<Vec<ColumnDef>>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -466,6 +489,8 @@ struct Reading {
     heard: Instant,
     /// An event was handled since `heard` was last set.
     fresh: bool,
+    /// The backfill requests of the open transaction (see [`backfill`]).
+    requests: Vec<Vec<u8>>,
 }
 
 /// What a wait with no event queued came to.
@@ -511,6 +536,8 @@ impl<D: Destination> Pipeline<D> {
             silence: None,
             system_identifier: None,
             creating: Default::default(),
+            backfills: Default::default(),
+            stream_columns: Vec::new(),
             stop,
         })
     }
@@ -622,6 +649,8 @@ impl<D: Destination> Pipeline<D> {
         self.silence = bounded(source::wal_sender_timeout(&client)).await?;
         let database = source::database_of(&url).unwrap_or_default();
         let slot = self.slot.clone();
+        // What the destination's progress says, once read (none for a new slot).
+        self.backfills = Default::default();
 
         let mut replication = loop {
             match bounded(source::slot_state(&client, &slot)).await? {
@@ -758,6 +787,7 @@ impl<D: Destination> Pipeline<D> {
                 .as_ref()
                 .and_then(ProgressRecord::lsn)
                 .unwrap_or(Lsn::ZERO);
+            self.backfills.list = progress.map(|r| r.backfills).unwrap_or_default();
             return Ok(replication);
         }
         // The relay created this slot and its initial snapshot did not complete.
@@ -968,20 +998,11 @@ impl<D: Destination> Pipeline<D> {
         replication: &mut ReplicationClient,
     ) -> Result<SessionEnd, PipelineError> {
         self.dest.clear();
-        let mut s = Session {
-            tracker: ProgressTracker::new(self.durable_lsn),
-            batch: BatchMark::default(),
-            in_flight: None,
-            unflushed: VecDeque::new(),
-            confirmed: Lsn::ZERO,
-            recorded: self.durable_lsn,
-            last_commit: None,
-            started: Instant::now(),
-            gate: self.dest.confirm_gate(),
-            spilled: false,
-            spilling: None,
-        };
+        let mut s = Session::new(self.durable_lsn, self.dest.confirm_gate());
+        self.stream_columns = vec![None; self.outbox.tables.len()];
+        self.start_backfill(&mut s);
         let result = self.stream_events(replication, &mut s).await;
+        s.reader = None;
         self.abandon_spilled(&mut s).await;
         if s.settled() {
             return result;
@@ -1009,6 +1030,7 @@ impl<D: Destination> Pipeline<D> {
             interval: self.dest.commit_interval(),
             heard: Instant::now(),
             fresh: false,
+            requests: Vec::new(),
         };
         let mut stop = self.stop.clone();
         let mut events = events::Events::new();
@@ -1106,6 +1128,13 @@ impl<D: Destination> Pipeline<D> {
                 }
                 Ok(Waited::Handled)
             }
+            chunk = backfill::next(&mut s.reader), if r.open.is_none() && !s.spilled && !s.batch.backfill => {
+                self.add_chunk(chunk, s);
+                if s.in_flight.is_none() && s.due(r.linger, r.interval).is_some_and(|due| due <= Instant::now()) {
+                    self.flush(s).await?;
+                }
+                Ok(Waited::Handled)
+            }
             event = replication.recv() => Ok(Waited::Event(event)),
             _ = retry::sleep_until(silent_until) => Ok(Waited::Silence(self.silence.unwrap_or_default())),
         }
@@ -1156,6 +1185,7 @@ impl<D: Destination> Pipeline<D> {
                 }
                 r.open = Some(skip);
                 r.commit_lsn = commit_lsn;
+                r.requests.clear();
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
@@ -1187,6 +1217,9 @@ impl<D: Destination> Pipeline<D> {
                         self.spill_if_large(s, r).await?;
                     }
                     (Some(i), false) => self.on_lone_message(i, lsn, &content, s, r).await?,
+                    (None, true) if prefix == backfill::PREFIX && r.open == Some(false) => {
+                        r.requests.push(content.to_vec());
+                    }
                     (None, false) => s.idle_position(lsn, replication),
                     _ => {}
                 }
@@ -1256,6 +1289,9 @@ impl<D: Destination> Pipeline<D> {
                 let columns: Vec<ColumnDef> =
                     relation.columns.iter().map(ColumnDef::from).collect();
                 self.dest.set_columns(table, &columns)?;
+                if let Some(known) = self.stream_columns.get_mut(table) {
+                    *known = Some(columns);
+                }
                 r.relations.retain(|(_, t)| *t != table);
                 r.relations.push((relation.rel_id, table));
             }
@@ -1312,6 +1348,25 @@ impl<D: Destination> Pipeline<D> {
             }
             Some(false) => {
                 self.dest.end_txn();
+                s.stream_lsn = end_lsn;
+                if !r.requests.is_empty() {
+                    let mut changed = false;
+                    for request in std::mem::take(&mut r.requests) {
+                        changed |=
+                            self.backfills
+                                .request(&request, &self.outbox.tables, &self.slot);
+                    }
+                    if changed {
+                        s.reader = None;
+                        self.start_backfill(s);
+                    }
+                    s.batch.backfill = true;
+                }
+                if !s.spilled && !s.batch.backfill {
+                    if let Some(chunk) = s.reader.as_mut().and_then(backfill::Reader::try_next) {
+                        self.add_chunk(chunk, s);
+                    }
+                }
                 let batch = &mut s.batch;
                 batch.last_end_lsn = Some(end_lsn);
                 batch.last_ticket = Some(s.tracker.commit(end_lsn, 1));
@@ -1338,14 +1393,22 @@ impl<D: Destination> Pipeline<D> {
     /// Starts the batch's commit, after the one in flight (if any) has completed:
     /// one commit at a time, in order.
     async fn flush(&mut self, s: &mut Session) -> Result<(), PipelineError> {
-        let Some(last_lsn) = s.batch.last_end_lsn else {
+        // A batch of backfill chunks alone stands at the last record's position.
+        let Some(last_lsn) = s
+            .batch
+            .last_end_lsn
+            .or(s.batch.backfill.then_some(s.last_record))
+        else {
             return Ok(());
         };
+        s.batch.last_end_lsn = Some(last_lsn);
         self.settle(s).await?;
         settle_spill(s).await?;
         let (rows, _) = self.dest.batch_size();
-        let record =
-            ProgressRecord::streaming(last_lsn).of_system(self.system_identifier.as_deref());
+        let record = ProgressRecord::streaming(last_lsn)
+            .of_system(self.system_identifier.as_deref())
+            .with_backfills(&self.backfills.list);
+        s.last_record = last_lsn;
         let commit = self.dest.commit(&self.slot, &record);
         s.last_commit = Some(Instant::now());
         // The commit completes the spilled destination transaction, if any.
@@ -1418,6 +1481,85 @@ impl<D: Destination> Pipeline<D> {
         s.batch = BatchMark::default();
     }
 
+    /// Starts reading the active backfill, if there is one and no reader.
+    fn start_backfill(&mut self, s: &mut Session) {
+        if s.reader.is_some() {
+            return;
+        }
+        if let Some(active) = self.backfills.active() {
+            s.reader = Some(backfill::Reader::spawn(
+                active,
+                backfill::ReaderSettings {
+                    source_url: self.source_url.clone(),
+                    tables: self.outbox.tables.clone(),
+                    chunk_rows: self.args.backfill_chunk_rows.min(self.args.batch_size),
+                    batch_bytes: self.args.batch_bytes,
+                },
+            ));
+        }
+    }
+
+    /// A chunk of the active backfill joins the batch, as a transaction of its own,
+    /// with the backfill's new position; or the backfill's failure does. Called
+    /// between source transactions only.
+    fn add_chunk(&mut self, chunk: Result<backfill::Chunk, String>, s: &mut Session) {
+        let reading = s.reader.as_ref().map(|r| r.id.clone());
+        if reading.is_none() || reading.as_ref() != self.backfills.active().map(|b| &b.id) {
+            // Read for a backfill that is no longer the active one.
+            s.reader = None;
+            self.start_backfill(s);
+            return;
+        }
+        s.batch.backfill = true;
+        s.batch.started.get_or_insert_with(Instant::now);
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                self.backfills.fail(error);
+                s.reader = None;
+                self.start_backfill(s);
+                return;
+            }
+        };
+        let table = chunk.table;
+        let known = self.stream_columns.get(table).cloned().flatten();
+        let differs = known.as_deref() != Some(&chunk.columns[..]);
+        if differs {
+            if let Err(error) = self.dest.set_columns(table, &chunk.columns) {
+                self.backfills.fail(error_chain(&error));
+                s.reader = None;
+                self.start_backfill(s);
+                return;
+            }
+        }
+        self.dest.begin_backfill(
+            TxnMeta {
+                commit_lsn: s.stream_lsn,
+                xid: None,
+                commit_time_micros: None,
+            },
+            reading.as_deref().unwrap_or_default(),
+        );
+        let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(chunk.columns.len());
+        for row in &chunk.rows {
+            values.clear();
+            values.extend((0..chunk.columns.len()).map(|c| row.get(c).map(str::as_bytes)));
+            self.dest.row(table, &values);
+        }
+        self.dest.end_txn();
+        if let (true, Some(known)) = (differs, known) {
+            // The stream's rows keep the stream's columns.
+            let _ = self.dest.set_columns(table, &known);
+        }
+        let rows = chunk.rows.len() as u64;
+        s.batch.backfill_rows += rows;
+        self.backfills.advance(rows, chunk.next_page, chunk.last);
+        if chunk.last {
+            s.reader = None;
+            self.start_backfill(s);
+        }
+    }
+
     /// Waits for the commit in flight, if any, and marks its batch durable.
     async fn settle(&mut self, s: &mut Session) -> Result<(), PipelineError> {
         if s.in_flight.is_none() {
@@ -1431,8 +1573,11 @@ impl<D: Destination> Pipeline<D> {
     /// ([`Session::record_due`]); the destination's batch is empty.
     fn start_record(&mut self, s: &mut Session) {
         debug_assert!(s.in_flight.is_none() && s.batch.is_empty());
-        let lsn = s.tracker.confirmable();
-        let record = ProgressRecord::streaming(lsn).of_system(self.system_identifier.as_deref());
+        let lsn = s.tracker.confirmable().max(s.last_record);
+        let record = ProgressRecord::streaming(lsn)
+            .of_system(self.system_identifier.as_deref())
+            .with_backfills(&self.backfills.list);
+        s.last_record = lsn;
         let commit = self.dest.commit(&self.slot, &record);
         s.last_commit = Some(Instant::now());
         s.in_flight = Some(InFlight {
@@ -1511,10 +1656,15 @@ impl<D: Destination> Pipeline<D> {
             }
         };
         let batch = !done.mark.is_empty();
+        let backfill_rows = done.mark.backfill_rows;
         if batch {
             ::metrics::counter!(metrics::RECORDS, "stage" => D::STAGE).increment(done.rows as u64);
             ::metrics::counter!(metrics::TRANSACTIONS, "stage" => D::STAGE)
                 .increment(done.mark.transactions);
+            if backfill_rows > 0 {
+                ::metrics::counter!(metrics::BACKFILL_ROWS, "stage" => D::STAGE)
+                    .increment(backfill_rows);
+            }
             let needed = committed.flush_needed.unwrap_or(Lsn::ZERO);
             s.unflushed.push_back((needed, done.mark));
         }
@@ -1528,6 +1678,9 @@ impl<D: Destination> Pipeline<D> {
         #[cfg(feature = "fault-injection")]
         if batch {
             AFTER_COMMIT.pass();
+            if backfill_rows > 0 {
+                AFTER_BACKFILL_CHUNK.pass();
+            }
         }
         Ok(())
     }
@@ -1559,9 +1712,35 @@ struct Session {
     spilled: bool,
     /// The spill being sent while the next part is read (at most one).
     spilling: Option<tokio::task::JoinHandle<Result<(), PipelineError>>>,
+    /// Reads the active backfill's chunks ahead, if there is one.
+    reader: Option<backfill::Reader>,
+    /// The position of the last progress record handed to the destination.
+    last_record: Lsn,
+    /// The commit end LSN of the last source transaction in a batch.
+    stream_lsn: Lsn,
 }
 
 impl Session {
+    /// A session that starts with everything up to `durable` durable.
+    fn new(durable: Lsn, gate: Option<ConfirmGate>) -> Self {
+        Self {
+            tracker: ProgressTracker::new(durable),
+            batch: BatchMark::default(),
+            in_flight: None,
+            unflushed: VecDeque::new(),
+            confirmed: Lsn::ZERO,
+            recorded: durable,
+            last_commit: None,
+            started: Instant::now(),
+            gate,
+            spilled: false,
+            spilling: None,
+            reader: None,
+            last_record: durable,
+            stream_lsn: durable,
+        }
+    }
+
     /// Nothing read is waiting to become durable.
     fn idle(&self) -> bool {
         self.batch.is_empty() && self.settled()
@@ -1616,6 +1795,12 @@ impl Session {
     /// When the batch, if it is not full, is due for its commit: `linger` after its
     /// first transaction, and not before `interval` after the last commit started.
     fn due(&self, linger: Duration, interval: Duration) -> Option<Instant> {
+        // A backfill chunk is a batch's worth already: it does not linger.
+        let linger = if self.batch.backfill {
+            Duration::ZERO
+        } else {
+            linger
+        };
         let lingered = self.batch.started? + linger;
         Some(match self.last_commit {
             Some(last) => lingered.max(last + interval),
@@ -1698,13 +1883,17 @@ struct BatchMark {
     last_ticket: Option<TxnTicket>,
     /// When the first transaction entered the batch.
     started: Option<Instant>,
+    /// The batch changes the backfills: a chunk (at most one), a request, an end.
+    backfill: bool,
+    /// Rows of the backfill chunk.
+    backfill_rows: u64,
 }
 
 impl BatchMark {
     /// Nothing to commit: no transaction (a sync's mark). A progress record alone has
     /// a position and no transaction.
     fn is_empty(&self) -> bool {
-        self.last_end_lsn.is_none()
+        self.last_end_lsn.is_none() && !self.backfill
     }
 }
 
@@ -1761,25 +1950,21 @@ static AFTER_SPILL: CrashPoint = CrashPoint::new(
     "aborting after a spill, its destination transaction open",
 );
 
+/// `OUTBOX_RELAY_TEST_CRASH_AFTER_BACKFILL_CHUNKS=N` aborts the process right after the
+/// Nth commit that carried a backfill chunk, to prove that a backfill resumes after it.
+#[cfg(feature = "fault-injection")]
+static AFTER_BACKFILL_CHUNK: CrashPoint = CrashPoint::new(
+    "OUTBOX_RELAY_TEST_CRASH_AFTER_BACKFILL_CHUNKS",
+    "aborting after a backfill chunk was committed",
+);
+
 #[cfg(test)]
 mod tests {
     use super::testing::Counting;
     use super::*;
 
     fn session() -> Session {
-        Session {
-            tracker: ProgressTracker::new(Lsn::ZERO),
-            batch: BatchMark::default(),
-            in_flight: None,
-            unflushed: VecDeque::new(),
-            confirmed: Lsn::ZERO,
-            recorded: Lsn::ZERO,
-            last_commit: None,
-            started: Instant::now(),
-            gate: None,
-            spilled: false,
-            spilling: None,
-        }
+        Session::new(Lsn::ZERO, None)
     }
 
     #[test]
@@ -1845,7 +2030,7 @@ mod tests {
                 transactions: 1,
                 last_end_lsn: Some(end_lsn),
                 last_ticket: Some(ticket),
-                started: None,
+                ..BatchMark::default()
             };
             s.unflushed.push_back((needed.map_or(Lsn::ZERO, Lsn), mark));
         }

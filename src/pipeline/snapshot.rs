@@ -56,7 +56,7 @@ const FETCH_ROWS: usize = 10_000;
 
 /// The formats of the replication session (see [`source::replication_config`]), so
 /// that snapshot rows and streamed rows are byte for byte alike.
-const FORMATS: &str = "SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3; \
+pub(super) const FORMATS: &str = "SET LOCAL datestyle = 'ISO, MDY'; SET LOCAL extra_float_digits = 3; \
     SET LOCAL TimeZone = 'UTC'; SET LOCAL bytea_output = 'hex'; SET LOCAL IntervalStyle = 'postgres'";
 
 /// Outbox rows that the slot's stream delivers, each with how many times: (table
@@ -629,6 +629,7 @@ async fn commit_marker<D: Destination>(dest: &mut D, slot: &str) -> Result<(), P
         lsn: Lsn::ZERO.to_string(),
         system_identifier: None,
         snapshot: None,
+        backfills: Vec::new(),
     };
     commit_durably(dest, slot, &marker).await
 }

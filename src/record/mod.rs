@@ -8,7 +8,8 @@
 //! - **key**: the key column's text, as is (the connector's `--key-column`);
 //! - **headers**: the source transaction's commit LSN ([`HEADER_LSN`]), xid
 //!   ([`HEADER_XID`]) and commit time ([`HEADER_COMMIT_TS`], RFC 3339 in UTC), the same
-//!   on every record of that transaction ([`txn_headers`]).
+//!   on every record of that transaction ([`txn_headers`]); a backfill's records carry
+//!   [`HEADER_BACKFILL`] instead of the last two.
 //!
 //! Invariant: whatever the connector writes, the sink reads back to the same row; a
 //! header's name and form are defined here and nowhere else, so the two sides share a
@@ -27,6 +28,10 @@ pub const HEADER_LSN: &str = "outbox-relay.lsn";
 pub const HEADER_XID: &str = "outbox-relay.xid";
 /// The source transaction's commit time, RFC 3339 in UTC with microseconds.
 pub const HEADER_COMMIT_TS: &str = "outbox-relay.commit-ts";
+/// On the records of an on-demand backfill (rows sent again, see
+/// `crate::pipeline::backfill`): its id. Their [`HEADER_LSN`] is the stream's position
+/// when they were sent, and they have no xid and no commit time.
+pub const HEADER_BACKFILL: &str = "outbox-relay.backfill";
 
 /// Headers of one source transaction's records. `commit_time_micros` is PostgreSQL's:
 /// microseconds since 2000-01-01.

@@ -223,6 +223,22 @@ pub fn crash_after_spills(n: &'static str) -> (&'static str, &'static str) {
     fault_hook("OUTBOX_RELAY_TEST_CRASH_AFTER_SPILLS", n)
 }
 
+/// The environment that makes the relay abort right after its `n`th commit that carried
+/// a backfill chunk (the `fault-injection` feature's hook, as [`crash_after_commits`]).
+pub fn crash_after_backfill_chunks(n: &'static str) -> (&'static str, &'static str) {
+    fault_hook("OUTBOX_RELAY_TEST_CRASH_AFTER_BACKFILL_CHUNKS", n)
+}
+
+/// Asks the relays streaming from `source_url` to send the outbox's rows again, with
+/// `extra` arguments (`--where`, `--id`, …); panics unless the command succeeds.
+pub fn request_backfill(source_url: &str, extra: &[&str]) -> String {
+    let mut args = vec!["backfill", "--source-url", source_url];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = run_binary(&args);
+    assert_eq!(code, 0, "backfill {extra:?}: {stdout}{stderr}");
+    stdout
+}
+
 /// Writes ONE pg_start transaction of `rows` ledger transactions, ids `first_id` on, as
 /// a batch job would: the rows, their outbox copies and the balances.
 pub async fn write_large_transaction(source_url: &str, first_id: i64, rows: i64) {
