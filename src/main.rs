@@ -253,14 +253,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let requested = backfill::run(&args).await?;
             match &requested.request {
                 outbox_relay::pipeline::backfill::Request::Start { id, table, .. } => println!(
-                    "backfill {id} requested at pg_start LSN {}: {} sends the rows of {table} \
-                     again (inboxes count each event id once); `outbox-relay status` shows how \
-                     far it got",
+                    "backfill {id} requested at pg_start LSN {} for the relays of slot(s) {}: \
+                     they send the rows of {table} again (inboxes count each event id once); \
+                     `outbox-relay status` shows how far it got",
                     requested.lsn,
-                    match &args.for_slot {
-                        Some(slot) => format!("the relay of slot {slot}"),
-                        None => "every relay streaming from this database".into(),
-                    }
+                    requested.slots.join(", ")
                 ),
                 outbox_relay::pipeline::backfill::Request::Cancel { id, .. } => println!(
                     "cancel of backfill {id} requested at pg_start LSN {}",

@@ -672,7 +672,7 @@ async fn a_backfill_restores_rows_pg_end_lost_across_a_kill_while_the_stream_goe
 
 /// What `outbox-relay backfill` refuses before it writes anything: a filter that is
 /// not one condition on the table (a missing column, one that would close the query
-/// around it), a table that does not exist.
+/// around it), a table that does not exist, a slot that does not exist.
 #[tokio::test(flavor = "multi_thread")]
 async fn backfill_requests_that_cannot_run_are_refused_with_the_reason() {
     let dbs = TestDbs::new().await;
@@ -686,6 +686,15 @@ async fn backfill_requests_that_cannot_run_are_refused_with_the_reason() {
             "closes a parenthesis it did not open",
         ),
         (["--table", "outbox.nothing"], "does not exist"),
+        (
+            ["--for-slot", "no_such_slot"],
+            "has no pgoutput slot of that name",
+        ),
+        // No relay streams from this database: none would read the request.
+        (
+            ["--id", "lost"],
+            "has no pgoutput slot: no relay streams from it",
+        ),
     ] {
         let mut args = vec!["backfill", "--source-url", &dbs.source_url];
         args.extend_from_slice(&extra);

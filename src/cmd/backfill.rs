@@ -63,6 +63,8 @@ pub struct Requested {
     pub request: Request,
     /// The request's position in pg_start's WAL.
     pub lsn: String,
+    /// The slots whose relays read it.
+    pub slots: Vec<String>,
 }
 
 /// Checks the request and writes it into pg_start's WAL.
@@ -96,6 +98,7 @@ pub async fn run(args: &BackfillArgs) -> Result<Requested, BackfillError> {
             }
         }
     };
+    let slots = reading_slots(&client, args.for_slot.as_deref()).await?;
     let lsn: String = client
         .query_one(
             "SELECT pg_logical_emit_message(true, $1, $2)::text",
@@ -104,7 +107,49 @@ pub async fn run(args: &BackfillArgs) -> Result<Requested, BackfillError> {
         .await
         .map_err(BackfillError::Emit)?
         .get(0);
-    Ok(Requested { request, lsn })
+    Ok(Requested {
+        request,
+        lsn,
+        slots,
+    })
+}
+
+/// The pgoutput slots of pg_start's database (only `for_slot`, if given): a request
+/// reaches the relays streaming from them, and is lost on a database without one (a
+/// slot made later starts after it).
+async fn reading_slots(
+    client: &tokio_postgres::Client,
+    for_slot: Option<&str>,
+) -> Result<Vec<String>, BackfillError> {
+    let slots: Vec<String> = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots \
+             WHERE database = current_database() AND plugin = 'pgoutput' ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "listing the replication slots".into(),
+            source,
+        })?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    match for_slot {
+        Some(slot) if !slots.iter().any(|s| s == slot) => {
+            Err(BackfillError::Refused(format!(
+            "--for-slot {slot}: pg_start's database has no pgoutput slot of that name (it has: {})",
+            if slots.is_empty() { "none".into() } else { slots.join(", ") }
+        )))
+        }
+        Some(slot) => Ok(vec![slot.to_string()]),
+        None if slots.is_empty() => Err(BackfillError::Refused(
+            "pg_start's database has no pgoutput slot: no relay streams from it, so none \
+             would read the request (start the relay first)"
+                .into(),
+        )),
+        None => Ok(slots),
+    }
 }
 
 /// The table exists, and the relay's query over it with `filter` is one condition that
