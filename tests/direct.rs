@@ -672,10 +672,15 @@ async fn a_backfill_restores_rows_pg_end_lost_across_a_kill_while_the_stream_goe
 
 /// What `outbox-relay backfill` refuses before it writes anything: a filter that is
 /// not one condition on the table (a missing column, one that would close the query
-/// around it), a table that does not exist, a slot that does not exist.
+/// around it), a table that does not exist or is a view, a slot that does not exist.
 #[tokio::test(flavor = "multi_thread")]
 async fn backfill_requests_that_cannot_run_are_refused_with_the_reason() {
     let dbs = TestDbs::new().await;
+    dbs.source()
+        .await
+        .batch_execute("CREATE VIEW outbox.recent AS SELECT * FROM outbox.transactions")
+        .await
+        .unwrap();
     for (extra, expected) in [
         (
             ["--where", "no_such_column = 1"],
@@ -686,6 +691,7 @@ async fn backfill_requests_that_cannot_run_are_refused_with_the_reason() {
             "closes a parenthesis it did not open",
         ),
         (["--table", "outbox.nothing"], "does not exist"),
+        (["--table", "outbox.recent"], "is not a plain table"),
         (
             ["--for-slot", "no_such_slot"],
             "has no pgoutput slot of that name",

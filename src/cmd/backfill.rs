@@ -152,14 +152,32 @@ async fn reading_slots(
     }
 }
 
-/// The table exists, and the relay's query over it with `filter` is one condition that
-/// plans in a read-only transaction (prepared, never run).
+/// The table exists and is a plain table, and the relay's query over it with `filter`
+/// is one condition that plans in a read-only transaction (prepared, never run).
 async fn check(
     client: &tokio_postgres::Client,
     table: &TableName,
     filter: Option<&str>,
 ) -> Result<(), BackfillError> {
     let columns = source::outbox_columns(client, table).await?;
+    // The relay reads a table's own pages: a view or a partitioned parent has none.
+    let kind: String = client
+        .query_one(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            context: format!("reading what {table} is"),
+            source,
+        })?
+        .get(0);
+    if kind != "r" {
+        return Err(BackfillError::Refused(format!(
+            "{table} is not a plain table (pg_class.relkind {kind}): a backfill reads a table's \
+             own pages; name the outbox table the relay streams"
+        )));
+    }
     if let Some(filter) = filter {
         backfill::check_filter(filter).map_err(BackfillError::Refused)?;
         let query = backfill::select(table, &columns, Some(filter), 0, 1);
