@@ -363,7 +363,7 @@ impl Job {
         let mut pages = 1u64;
         let mut checked = false;
         loop {
-            let end = first_value(
+            let end = super::snapshot::first_value(
                 &client
                     .simple_query(&pages_sql)
                     .await
@@ -425,13 +425,6 @@ impl Job {
             self.next_page = to;
         }
     }
-}
-
-fn first_value(messages: &[SimpleQueryMessage]) -> Option<String> {
-    messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
-        _ => None,
-    })
 }
 
 /// The query of a chunk (and what `outbox-relay backfill` checks): the rows of `table`

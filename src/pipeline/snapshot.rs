@@ -240,7 +240,7 @@ async fn snapshot_transaction<'c>(
     Ok(txn)
 }
 
-fn first_value(messages: &[SimpleQueryMessage]) -> Option<String> {
+pub(super) fn first_value(messages: &[SimpleQueryMessage]) -> Option<String> {
     messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
         _ => None,
