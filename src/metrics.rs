@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 /// Bytes of WAL between the server's end and the slot's confirmed LSN.
 pub const SLOT_LAG_BYTES: &str = "outbox_relay_slot_lag_bytes";
@@ -45,6 +47,13 @@ pub const APPLY_DURATION: &str = "outbox_relay_apply_duration_seconds";
 /// Source commit → the destination's commit, per source transaction: pg_end's for the
 /// sink and direct mode, Kafka's for the connector (label `stage`).
 pub const END_TO_END_LATENCY: &str = "outbox_relay_end_to_end_latency_seconds";
+/// [`END_TO_END_LATENCY`]'s buckets (seconds): 10 ms apart up to 100 ms and 50 ms apart
+/// up to 300 ms, so that an alert on a p99 of 100 ms or 250 ms reads it to within a
+/// bucket, then coarser out to a minute (a backlog).
+pub const LATENCY_BUCKETS: [f64; 22] = [
+    0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// Records, now that their destination commit has returned, the end-to-end latency of
 /// the source transactions committed at `commit_times` (µs since 2000-01-01).
@@ -93,25 +102,33 @@ pub fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(APPLY_BATCH_SIZE.into()),
-                        &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0],
-                    )
-                })
-                .map(|b| b.build_recorder())
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let recorder = build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (tests); then ours stays idle.
             let _ = metrics::set_global_recorder(recorder);
             handle
         })
         .clone()
+}
+
+/// The Prometheus recorder with the relay's histogram buckets.
+fn build_recorder() -> PrometheusRecorder {
+    let buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(APPLY_BATCH_SIZE.into()),
+                &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0],
+            )
+        })
+        .map(|b| b.build_recorder())
+        .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder())
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` in the background.
@@ -169,5 +186,47 @@ impl MetricsArgs {
             .await
             .map(Some)
             .map_err(|e| format!("--metrics-addr {addr}: cannot listen: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end-to-end latency histogram reads a 100 ms objective to within 10 ms: 95 ms
+    /// counts at `le="0.1"` and not at `le="0.09"`; other `_seconds` histograms keep the
+    /// coarse buckets.
+    #[test]
+    fn the_latency_histogram_has_10_ms_buckets_up_to_100_ms() {
+        let recorder = build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            ::metrics::histogram!(END_TO_END_LATENCY, "stage" => "sink").record(0.095);
+            ::metrics::histogram!(APPLY_DURATION).record(0.095);
+        });
+        let body = recorder.handle().render();
+        let count = |series: &str| {
+            body.lines()
+                .find(|line| line.starts_with(series))
+                .and_then(|line| line.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        let latency = format!("{END_TO_END_LATENCY}_bucket{{stage=\"sink\",le=");
+        assert_eq!(
+            count(&format!("{latency}\"0.09\"}}")).as_deref(),
+            Some("0"),
+            "{body}"
+        );
+        assert_eq!(
+            count(&format!("{latency}\"0.1\"}}")).as_deref(),
+            Some("1"),
+            "{body}"
+        );
+        let apply = format!("{APPLY_DURATION}_bucket{{le=");
+        assert_eq!(count(&format!("{apply}\"0.09\"}}")), None, "{body}");
+        assert_eq!(
+            count(&format!("{apply}\"0.1\"}}")).as_deref(),
+            Some("1"),
+            "{body}"
+        );
     }
 }

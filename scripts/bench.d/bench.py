@@ -31,13 +31,15 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer,
+                             TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -501,6 +503,81 @@ class Watermarks:
         self.consumer.close()
 
 
+class Visibility:
+    """When each record of a topic became visible to a read_committed consumer: a thread
+    reads the topic (a broker answers a fetch as soon as a record is visible; 100 ms is
+    only the wait when none is, the sink's setting) and notes, per record id (the JSON value's
+    "id"), the record's CreateTime (the moment the producer was handed it: the relay sets
+    no timestamp, so librdkafka stamps the produce call) and the moment it arrived here."""
+
+    def __init__(self, stack, topic):
+        self.consumer = Consumer({
+            "bootstrap.servers": stack.brokers, "group.id": f"bench-visible-{topic}",
+            "enable.auto.commit": False, "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 100})
+        md = self.consumer.list_topics(topic, timeout=10).topics[topic]
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in md.partitions])
+        self.seen = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping.is_set():
+            # poll returns with the first record; consume(n, timeout) would wait for n.
+            first = self.consumer.poll(0.05)
+            now = time.time()
+            if first is None:
+                continue
+            msgs = [first, *self.consumer.consume(1000, 0)]
+            for m in msgs:
+                if m.error() or m.value() is None:
+                    continue
+                try:
+                    i = json.loads(m.value())["id"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.seen.setdefault(i, (m.timestamp()[1] / 1000.0, now))
+
+    def wait(self, ids, timeout, procs=()):
+        wait_for("the records to be visible", lambda: all(i in self.seen for i in ids),
+                 timeout, every=0.2, procs=procs)
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join()
+        self.consumer.close()
+
+
+def scrape_histogram(addr, name, label):
+    """Cumulative bucket counts {le: count} of one histogram series at /metrics."""
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{") and label in line:
+            le = re.search(r'le="([^"]+)"', line).group(1)
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def histogram_quantile(before, after, q):
+    """Prometheus's histogram_quantile over the samples recorded between two scrapes
+    (linear inside the bucket), in ms."""
+    les = sorted(after)
+    counts = [after[le] - before.get(le, 0) for le in les]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q / 100 * counts[-1]
+    lower, below = 0.0, 0.0
+    for le, count in zip(les, counts):
+        if count >= rank:
+            if le == float("inf"):
+                return lower * 1000
+            return (lower + (le - lower) * (rank - below) / max(count - below, 1e-9)) * 1000
+        lower, below = le, count
+    return None
+
+
 class ProgressReader:
     """The connector's committed progress records (read_committed) for one slot."""
 
@@ -622,6 +699,8 @@ class Bench:
         self.bin = binary
         self.logs = Path(args.stack_dir) / "bench-logs"
         self.native_started = float("-inf")
+        # steady_floor's topics so far (each gets new ones).
+        self.floors = 0
         # The large transaction's time without kills, per relay (as `snapshot_clean`).
         self.large_clean = {}
         # The initial snapshot's time without kills, per relay: the runs with kills are
@@ -657,7 +736,6 @@ class Bench:
         transactional ids with the relay's producer settings. The records are made
         before the clock starts, and the topics and producers are set up before it too,
         so this is the floor of what the brokers take on this machine, not a tool."""
-        from confluent_kafka import Producer
         batch, producers = 5000, 4
         topics = [f"bench-r{r}-floor.{a}" for a in OUTBOX_AGGREGATES]
         for t in topics:
@@ -1412,51 +1490,131 @@ publication.autocreate.mode=disabled
     def steady(self, r):
         out = []
         for path in self.args.steady_paths:
+            if path.startswith("kafka-floor"):
+                out += self.steady_floor(r, loaded=path == "kafka-floor-loaded")
+                continue
             empty_source(self.stack)
             empty_target(self.stack)
             slot = f"bench_r{r}_ss_{path.replace('-', '_')}"
             with self.stack.pg("start") as conn:
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
             procs = []
+            # The relays serve /metrics on ports of their own choosing (they log the
+            # address): their latency histograms are read around each step.
+            metered = {}
+            probes = None
+            env = {"OUTBOX_RELAY_LOG": "warn,outbox_relay::metrics=info"}
             try:
                 if path.startswith("kafka"):
                     topic = f"bench-r{r}-ss-{path}"
-                    delivery = "at-least-once" if path == "kafka-alo" else "transactional"
-                    # kafka-lowlat: the same exactly-once path, configured for latency: the
-                    # connector's and the sink's batching windows and the consumer's fetch wait
-                    # (librdkafka's fetch.wait.max.ms defaults to 500 ms) made short.
-                    lowlat = path == "kafka-lowlat"
-                    conn_extra = ["--linger-ms", "5"] if lowlat else []
-                    sink_extra = (["--batch-linger-ms", "5", "--consumer-property", "fetch.wait.max.ms=10"]
-                                  if lowlat else [])
-                    procs.append(self.relay(
-                        f"r{r}-ss-connector", "connector", "--source-url", self.stack.start_url,
-                        "--brokers", self.stack.brokers, "--topic", topic,
-                        "--progress-topic", f"bench-r{r}-progress-ss", "--slot", slot,
-                        "--no-create-slot", "--no-create-publication", "--delivery", delivery,
-                        *conn_extra, *self.args.connector_extra.split()))
-                    procs.append(self.relay(
-                        f"r{r}-ss-sink", "sink", "--target-url", self.stack.end_url,
-                        "--brokers", self.stack.brokers, "--topic", topic,
-                        "--group", f"bench-r{r}-ss-sink-{path}", *sink_extra,
-                        *self.args.sink_extra.split()))
-                else:
-                    procs.append(self.relay(
-                        f"r{r}-ss-direct", "direct", "--source-url", self.stack.start_url,
-                        "--target-url", self.stack.end_url, "--slot", slot, "--no-create-slot",
-                        "--no-create-publication"))
-                # Warm-up: until a first transaction makes it through.
-                self.load(50, 2.0)
-                with self.stack.pg("end") as conn:
-                    wait_for(f"steady {path} warm-up", lambda: conn.execute(
-                        "SELECT count(*) FROM main.transactions").fetchone()[0] > 0, 120,
-                        every=0.2, procs=procs)
-                for rate in self.args.rates:
-                    out.append({"path": path, "rate": rate, **self.step(path, rate, procs)})
+
+                def start():
+                    if path.startswith("kafka"):
+                        delivery = "at-least-once" if path == "kafka-alo" else "transactional"
+                        # kafka-lowlat: the same exactly-once path, configured for latency:
+                        # the connector's and the sink's batching windows and the consumer's
+                        # fetch wait (librdkafka's default is 500 ms) made short.
+                        lowlat = path == "kafka-lowlat"
+                        conn_extra = ["--linger-ms", "5"] if lowlat else []
+                        sink_extra = (["--batch-linger-ms", "5", "--consumer-property",
+                                       "fetch.wait.max.ms=10"] if lowlat else [])
+                        connector = self.relay(
+                            f"r{r}-ss-connector", "connector", "--source-url", self.stack.start_url,
+                            "--brokers", self.stack.brokers, "--topic", topic,
+                            "--progress-topic", f"bench-r{r}-progress-ss", "--slot", slot,
+                            "--no-create-slot", "--no-create-publication", "--delivery", delivery,
+                            "--metrics-addr", "127.0.0.1:0",
+                            *conn_extra, *self.args.connector_extra.split(), env=env)
+                        sink = self.relay(
+                            f"r{r}-ss-sink", "sink", "--target-url", self.stack.end_url,
+                            "--brokers", self.stack.brokers, "--topic", topic,
+                            "--group", f"bench-r{r}-ss-sink-{path}", "--metrics-addr",
+                            "127.0.0.1:0", *sink_extra, *self.args.sink_extra.split(), env=env)
+                        procs.extend([connector, sink])
+                        metered.update(connector=connector, sink=sink)
+                    else:
+                        direct = self.relay(
+                            f"r{r}-ss-direct", "direct", "--source-url", self.stack.start_url,
+                            "--target-url", self.stack.end_url, "--slot", slot,
+                            "--no-create-slot", "--no-create-publication", "--metrics-addr",
+                            "127.0.0.1:0", env=env)
+                        procs.append(direct)
+                        metered.update(direct=direct)
+
+                # Warm-up: the relays start while `load` already writes the first rate
+                # (item 3 of #29: steady latency within 10 s of a start under load).
+                warmup = self.start_under_load(path, start, procs)
+                probes = {stage: metrics_addr(p) for stage, p in metered.items()}
+                if path.startswith("kafka"):
+                    probes["visibility"] = Visibility(self.stack, topic)
+                for i, rate in enumerate(self.args.rates):
+                    res = self.step(path, rate, procs, probes)
+                    if i == 0:
+                        res["warmup"] = warmup
+                    out.append({"path": path, "rate": rate, **res})
             finally:
+                if probes and "visibility" in probes:
+                    probes["visibility"].close()
                 for p in procs:
                     p.stop()
         return out
+
+    def start_under_load(self, path, start, procs):
+        """Starts the relays (`start`) one second into `load` writing the first rate for
+        WARMUP_SECONDS (5 s with --quick), and reads every transaction's latency by the
+        second of its source commit from the start. A backlog carried from the start
+        raises every latency of a second, so `settled` is the first second from which
+        every second's median stays within 1.5x (or 10 ms) of the median of the load's
+        second half (None: never); a tail spike of one second (the brokers') does not
+        count as not settled. The first second's p99 and the second half's p99 are kept."""
+        rate = self.args.rates[0]
+        seconds = 5 if self.args.quick else WARMUP_SECONDS
+        with self.stack.pg("start") as src:
+            t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
+        load = subprocess.Popen(
+            [self.bin, "load", "--source-url", self.stack.start_url, "--rate", str(rate),
+             "--duration", str(seconds), "--concurrency", str(self.args.load_concurrency),
+             "--progress-every", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)
+            start()
+            started = time.time()
+            if load.wait(seconds + 120) != 0:
+                raise RuntimeError("load failed during the warm-up")
+        finally:
+            if load.poll() is None:
+                load.kill()
+        with self.stack.pg("start") as src:
+            rows = src.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
+                "WHERE pg_xact_commit_timestamp(xmin) >= %s", (t0,)).fetchall()
+        ids = [i for i, _ in rows]
+        source = dict(rows)
+        with self.stack.pg("end") as dst:
+            wait_for(f"steady {path} warm-up", lambda: dst.execute(
+                "SELECT count(*) FROM main.transactions WHERE id = ANY(%s)", (ids,)).fetchone()[0]
+                >= len(ids), 300, every=0.5, procs=procs)
+            target = dst.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
+                (ids,)).fetchall()
+        windows, tail = {}, []
+        for i, ts in target:
+            at = source[i].timestamp() - started
+            ms = (ts - source[i]).total_seconds() * 1000
+            # The load's last second (a part of one, its last transactions waiting out
+            # the linger with nothing after them) is not the relays' warm-up.
+            if at < seconds - 2:
+                windows.setdefault(max(-1, int(at // 1)), []).append(ms)
+            if at >= seconds / 2:
+                tail.append(ms)
+        tail.sort()
+        steady_p50, steady_p99 = percentile(tail, 50), percentile(tail, 99)
+        per_second = [(w, percentile(sorted(v), 50), percentile(sorted(v), 99))
+                      for w, v in sorted(windows.items())]
+        settled = settled_second(per_second, steady_p50)
+        return {"settled": None if settled is None else max(settled, 0),
+                "first_p99": per_second[0][2] if per_second else None,
+                "steady_p50": steady_p50, "steady_p99": steady_p99, "per_second": per_second}
 
     def load(self, rate, seconds):
         p = subprocess.run(
@@ -1466,13 +1624,30 @@ publication.autocreate.mode=disabled
         m = re.search(r"committed (\d+)", p.stdout)
         return int(m.group(1)) if m else 0
 
-    def step(self, path, rate, procs):
-        with self.stack.pg("start") as src:
-            t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
+    def step_seconds(self, rate):
         # Long enough that p99 rests on MIN_LATENCY_SAMPLES transactions (not with --quick).
         seconds = self.args.steady_seconds
         if not self.args.quick:
             seconds = max(seconds, MIN_LATENCY_SAMPLES / rate)
+        return seconds
+
+    def step(self, path, rate, procs, probes):
+        """One rate: `load` writes it for the step's seconds, and every transaction's
+        latency is read from the two servers' commit timestamps. `probes`: the relays'
+        /metrics addresses by histogram stage ("connector", "sink", "direct") and, on the
+        Kafka paths, a Visibility on the topic. The Kafka paths' latency is split into
+        stages: source commit -> the record handed to the producer (its CreateTime) -> the
+        Kafka transaction committed (the connector's histogram, bucketed) -> visible to a
+        read_committed consumer -> committed in pg_end; every figure from the source's
+        commit, so p99s add up as a reader expects. `histogram` is the end stage's own
+        histogram (the sink's or direct mode's) over the step, beside the measured figure
+        it should agree with to within a bucket."""
+        with self.stack.pg("start") as src:
+            t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
+        seconds = self.step_seconds(rate)
+        histograms = {k: v for k, v in probes.items() if k != "visibility"}
+        before = {stage: scrape_histogram(addr, LATENCY_METRIC, f'stage="{stage}"')
+                  for stage, addr in histograms.items()}
         committed = self.load(rate, seconds)
         with self.stack.pg("start") as src:
             rows = src.execute(
@@ -1489,14 +1664,175 @@ publication.autocreate.mode=disabled
                 "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
                 (ids,)).fetchall()
         lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target)
-        achieved = committed / seconds
-        return {
-            "achieved": achieved,
+        res = {
+            "achieved": committed / seconds,
             "count": len(lat),
             "p50": percentile(lat, 50),
             "p99": percentile(lat, 99),
             "max": lat[-1] if lat else None,
         }
+        after = {stage: scrape_histogram(addr, LATENCY_METRIC, f'stage="{stage}"')
+                 for stage, addr in histograms.items()}
+        end = "sink" if "sink" in after else "direct"
+        res["histogram"] = [histogram_quantile(before[end], after[end], q) for q in (50, 99)]
+        if "visibility" in probes:
+            visibility = probes["visibility"]
+            visibility.wait(ids, 60, procs)
+            start = {i: ts.timestamp() for i, ts in source.items()}
+            handed = sorted((visibility.seen[i][0] - start[i]) * 1000 for i in ids)
+            visible = sorted((visibility.seen[i][1] - start[i]) * 1000 for i in ids)
+            res["stages"] = {
+                "handed": [percentile(handed, 50), percentile(handed, 99)],
+                "kafka_commit": [histogram_quantile(before["connector"], after["connector"], q)
+                                 for q in (50, 99)],
+                "visible": [percentile(visible, 50), percentile(visible, 99)],
+                "applied": [res["p50"], res["p99"]],
+            }
+        return res
+
+    def steady_floor(self, r, loaded=False):
+        """The Kafka path's floor: no PostgreSQL and no relay. Records \"arrive\" at each
+        rate (their CreateTime is the moment they are due) and a bare librdkafka producer
+        with the connector's settings commits what has arrived in one transaction, with a
+        progress record on a second topic, taking turns over 4 transactional ids and
+        starting commits at most every 50 ms: the transactions the connector makes at that
+        rate by default, at the least latency the connector's rules allow (no linger). A
+        read_committed consumer times arrival -> visible. `loaded`
+        (kafka-floor-loaded): the same while `load` writes the rate into pg_start, which
+        nothing reads (no slot): the brokers beside the source's own work."""
+        self.floors += 1
+        topic = f"bench-r{r}-ss-floor{self.floors}"
+        progress = f"{topic}-progress"
+        create_topic(self.stack, topic)
+        create_topic(self.stack, progress, partitions=1)
+        conf = {"bootstrap.servers": self.stack.brokers, "enable.idempotence": True,
+                "acks": "all", "linger.ms": 2, "batch.num.messages": 10000,
+                "queue.buffering.max.kbytes": 16384, "queue.buffering.max.messages": 100000}
+        producers = []
+        for i in range(4):
+            p = Producer({**conf, "transactional.id": f"{topic}-{i}"})
+            p.init_transactions(30)
+            producers.append(p)
+        out = []
+        visibility = None
+        try:
+            first = 0
+            # Warm-up as the relays': a moment at 50/s, then the consumer.
+            first = self.floor_load(producers, topic, progress, 50, 2.0, first, {})
+            visibility = Visibility(self.stack, topic)
+            for rate in self.args.rates:
+                seconds = self.step_seconds(rate)
+                ids = list(range(first, first + int(rate * seconds)))
+                times = {}
+                if loaded:
+                    empty_source(self.stack)
+                    source = subprocess.Popen(
+                        [self.bin, "load", "--source-url", self.stack.start_url, "--rate",
+                         str(rate), "--duration", str(seconds + 2), "--concurrency",
+                         str(self.args.load_concurrency), "--progress-every", "0"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1.0)
+                first = self.floor_load(producers, topic, progress, rate, seconds, first, times)
+                if loaded:
+                    source.wait(60)
+                visibility.wait(ids, 120)
+                # CreateTime is the arrival here (set by floor_load).
+                arrival = {i: visibility.seen[i][0] for i in ids}
+                lat = sorted((visibility.seen[i][1] - arrival[i]) * 1000 for i in ids)
+                handed = sorted((times[i][0] - arrival[i]) * 1000 for i in ids)
+                committed = sorted((times[i][1] - arrival[i]) * 1000 for i in ids)
+                out.append({"path": "kafka-floor-loaded" if loaded else "kafka-floor", "rate": rate, "achieved": len(ids) / seconds,
+                            "count": len(lat), "p50": percentile(lat, 50),
+                            "p99": percentile(lat, 99), "max": lat[-1],
+                            "stages": {
+                                "handed": [percentile(handed, 50), percentile(handed, 99)],
+                                "kafka_commit": [percentile(committed, 50), percentile(committed, 99)],
+                                "visible": [percentile(lat, 50), percentile(lat, 99)]}})
+        finally:
+            if visibility:
+                visibility.close()
+        return out
+
+    @staticmethod
+    def floor_load(producers, topic, progress, rate, seconds, first, times):
+        """Ids first.. arriving at `rate` for `seconds`, committed as steady_floor says;
+        returns the next id. `times` gets, per id, when it was handed to the producer and
+        when its transaction's commit returned."""
+        total = int(rate * seconds)
+        interval = FLOOR_COMMIT_INTERVAL
+        start = time.time()
+        sent, turn, last_start = 0, 0, float("-inf")
+        while sent < total:
+            now = time.time()
+            due = min(total, int((now - start) * rate) + 1)
+            if due <= sent or now - last_start < interval:
+                time.sleep(max(0.0005, max(start + sent / rate, last_start + interval) - now))
+                continue
+            last_start = now
+            p = producers[turn]
+            p.begin_transaction()
+            handed = time.time()
+            for k in range(sent, due):
+                i = first + k
+                value = json.dumps({"id": i, "account_id": i % 10 + 1, "amount": "10.00",
+                                    "created_at": "2026-12-05T00:00:00.000000"}).encode()
+                p.produce(topic, key=str(i % 10 + 1).encode(), value=value,
+                          timestamp=int((start + k / rate) * 1000))
+            p.produce(progress, key=b"floor", value=json.dumps({"next": first + due}).encode())
+            p.commit_transaction(30)
+            committed = time.time()
+            for k in range(sent, due):
+                times[first + k] = (handed, committed)
+            sent = due
+            turn = (turn + 1) % len(producers)
+        return first + total
+
+
+def settled_second(per_second, steady_p50):
+    """The first second from which every second's median stays within 1.5x (or 10 ms)
+    of the steady median; None: the last one does not."""
+    settled = None
+    if steady_p50 is None:
+        return None
+    for w, p50, _ in reversed(per_second):
+        if p50 > max(1.5 * steady_p50, steady_p50 + 10):
+            break
+        settled = w
+    return settled
+
+
+def metrics_addr(proc, timeout=60):
+    """The address a relay started with `--metrics-addr 127.0.0.1:0` serves /metrics on
+    (from its log)."""
+    found = []
+
+    def logged():
+        text = Path(proc.log_path).read_text(errors="replace")
+        m = re.search(r"serving /metrics.*?addr=(\S+)", text)
+        if m:
+            found.append(re.sub(r"\x1b\[[0-9;]*m", "", m.group(1)))
+        return bool(found)
+    wait_for("the connector's /metrics address", logged, timeout, procs=[proc])
+    return found[0]
+
+
+LATENCY_METRIC = "outbox_relay_end_to_end_latency_seconds"
+# The connector's --commit-interval-ms default for Kafka transactions, as the floor's.
+FLOOR_COMMIT_INTERVAL = 0.05
+# How long `load` writes while the relays start (Bench.start_under_load).
+WARMUP_SECONDS = 20
+# A Kafka step's stages, each from the source's commit (`Bench.step`).
+STAGE_NAMES = {"handed": "handed to the producer", "kafka_commit": "Kafka commit returned",
+               "visible": "visible (read_committed)", "applied": "committed in pg_end"}
+
+
+def fmt_pair(v):
+    return "p50/p99 " + "/".join("–" if x is None else f"{x:.0f}" for x in v) + " ms"
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 # The samples a steady step's p99 rests on, at least (its 100 slowest make the tail).
@@ -1670,7 +2006,11 @@ def one_run(bench, r, legs):
             out["steady"] = []
         for s in out["steady"]:
             log(f"run {r}: steady {s['path']} {s['rate']}/s (achieved {s['achieved']:.0f}/s): "
-                f"p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms, max {s['max']:.0f} ms")
+                f"p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms, max {s['max']:.0f} ms"
+                + "".join(f"; {STAGE_NAMES[k]} {fmt_pair(v)}" for k, v in s.get("stages", {}).items())
+                + (f"; {s['path']}'s histogram {fmt_pair(s['histogram'])}" if s.get("histogram") else "")
+                + (f"; started under load: settled after {s['warmup']['settled']} s "
+                   f"(first second's p99 {s['warmup']['first_p99']:.0f} ms)" if s.get("warmup") else ""))
         drop_bench_slots(stack)
     delete_topics(stack, f"bench-r{r}-")
     delete_topics(stack, f"bench_r{r}.")
@@ -1714,7 +2054,19 @@ def summarize(runs):
          "p99": statistics.median(s["p99"] for s in ss),
          "count": min(s["count"] for s in ss),
          "p99_min": min(s["p99"] for s in ss), "p99_max": max(s["p99"] for s in ss),
-         "max": max(s["max"] for s in ss)}
+         "max": max(s["max"] for s in ss),
+         **({"stages": {k: [median_or_none(s["stages"][k][j] for s in ss) for j in (0, 1)]
+                        for k in ss[0]["stages"]}} if all("stages" in s for s in ss) else {}),
+         **({"histogram": [median_or_none(s["histogram"][j] for s in ss) for j in (0, 1)]}
+            if all(s.get("histogram") for s in ss) else {}),
+         # The warm-up: the worst run's settling time (None, "never", beats any number).
+         **({"warmup": {
+             "settled": None if any(s["warmup"]["settled"] is None for s in ss)
+             else max(s["warmup"]["settled"] for s in ss),
+             "first_p99": median_or_none(s["warmup"]["first_p99"] for s in ss),
+             "steady_p50": median_or_none(s["warmup"].get("steady_p50") for s in ss),
+             "steady_p99": median_or_none(s["warmup"]["steady_p99"] for s in ss)}}
+            if all(s.get("warmup") for s in ss) else {})}
         for (path, rate), ss in sorted(steady.items())
     ]
     return summary
@@ -1743,7 +2095,7 @@ def main():
     ap.add_argument("--legs", default="kafka,direct,sink,outbox,steady")
     ap.add_argument("--rates")
     ap.add_argument("--steady-seconds", type=float)
-    ap.add_argument("--steady-paths", default="kafka,kafka-lowlat,kafka-alo,direct")
+    ap.add_argument("--steady-paths", default="kafka-floor,kafka-floor-loaded,kafka,kafka-lowlat,kafka-alo,direct")
     ap.add_argument("--naive-count", type=int, default=5_000)
     ap.add_argument("--load-concurrency", type=int, default=8)
     ap.add_argument("--skip-debezium", action="store_true")

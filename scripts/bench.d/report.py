@@ -118,9 +118,7 @@ def latency_table(data):
         "| path | target rate (tx/s) | achieved (tx/s) | samples per run | p50 (ms) | p99 (ms, median) | p99 spread (ms) | max (ms) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"kafka": "Kafka, transactional connector + sink",
-             "kafka-lowlat": "Kafka, transactional, short batching windows¹",
-             "kafka-alo": "Kafka, at-least-once connector + sink", "direct": "direct mode"}
+    names = STEADY_NAMES
     for r in rows:
         lines.append(
             f"| {names.get(r['path'], r['path'])} | {r['rate']:,} | {fmt_int(r['achieved'])} | "
@@ -130,6 +128,74 @@ def latency_table(data):
         lines += ["", "¹ connector `--linger-ms 5`, sink `--batch-linger-ms 5 --consumer-property "
                   "fetch.wait.max.ms=10`; every other row runs with the defaults (connector linger 20 ms, "
                   "sink linger 20 ms, the sink's fetch wait 100 ms)."]
+    if any(r["path"].startswith("kafka-floor") for r in rows):
+        lines += ["", "² no PostgreSQL and no relay: records arrive at the rate and a bare librdkafka "
+                  "producer with the connector's settings commits what has arrived, with a progress "
+                  "record on a second topic, taking turns over 4 transactional ids and starting commits at "
+                  "most every 50 ms (the connector's transactions at that rate, without its linger); a "
+                  "read_committed consumer times arrival → visible."]
+    return lines
+
+
+STEADY_NAMES = {"kafka": "Kafka, transactional connector + sink",
+                "kafka-lowlat": "Kafka, transactional, short batching windows¹",
+                "kafka-alo": "Kafka, at-least-once connector + sink", "direct": "direct mode",
+                "kafka-floor": "Kafka floor: bare producer + read_committed consumer²",
+                "kafka-floor-loaded": "Kafka floor, while `load` writes the rate into pg_start²"}
+
+
+def pair(v):
+    return "–" if v is None or v[0] is None else f"{fmt_int(v[0])} / {fmt_int(v[1])}"
+
+
+def stages_table(data):
+    """Where the Kafka path's time goes, each stage from the source commit (p50 / p99)."""
+    rows = [r for r in data["summary"].get("steady", []) if r.get("stages")]
+    if not rows:
+        return []
+    lines = [
+        "Each column is measured from the source transaction's commit on pg_start (p50 / p99, ms; "
+        "medians of the runs): the record handed to the producer (its Kafka CreateTime), the "
+        "connector's Kafka commit returned (its `outbox_relay_end_to_end_latency_seconds{stage=\"connector\"}` "
+        "histogram, so to within a bucket), visible to a read_committed consumer of the topic (a "
+        "probe in the bench: an upper bound, it reads at its own pace), committed in pg_end. For "
+        "the floor, from the record's arrival. The last column is the end stage's own histogram "
+        "(the sink's, direct mode's) over the same step: it should agree with the measured "
+        "pg_end figure to within a bucket (10 ms up to 100 ms, 50 ms up to 300 ms).",
+        "",
+        "| path | rate (tx/s) | handed to the producer | Kafka commit returned | visible (read_committed) | committed in pg_end | histogram of the end stage |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["summary"].get("steady", []):
+        st = r.get("stages") or {}
+        if not st and not r.get("histogram"):
+            continue
+        lines.append(f"| {STEADY_NAMES.get(r['path'], r['path'])} | {r['rate']:,} | {pair(st.get('handed'))} | "
+                     f"{pair(st.get('kafka_commit'))} | {pair(st.get('visible'))} | "
+                     f"{pair(st.get('applied'))} | {pair(r.get('histogram'))} |")
+    return lines
+
+
+def warmup_table(data):
+    rows = [r for r in data["summary"].get("steady", []) if r.get("warmup")]
+    if not rows:
+        return []
+    lines = [
+        "The relays start one second into `load` writing the first rate, on a slot made before "
+        "the load began. Per second of source commit from the start: `settled` is the first "
+        "second from which every second's median latency stays within 1.5× (or 10 ms) of the "
+        "median of the load's second half (a backlog carried from the start raises a whole "
+        "second; a tail spike of the brokers' does not move its median); the worst run; "
+        "target: within 10 s.",
+        "",
+        "| path | rate (tx/s) | settled after (s, worst run) | first second's p99 (ms) | second half's p50 / p99 (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w = r["warmup"]
+        settled = "never" if w["settled"] is None else f"{w['settled']}"
+        lines.append(f"| {STEADY_NAMES.get(r['path'], r['path'])} | {r['rate']:,} | {settled} | "
+                     f"{fmt_int(w['first_p99'])} | {pair([w.get('steady_p50'), w['steady_p99']])} |")
     return lines
 
 
@@ -207,6 +273,30 @@ def targets(data):
                  f"{fmt_int(k1000['p99'])} ms (source achieved {fmt_int(k1000['achieved'])} tx/s)"
                  if k1000 else "not measured",
                  None if k1000 is None else k1000["p99"] < 100)
+    steady = {(x["path"], x["rate"]): x for x in s.get("steady", [])}
+    floor, k = steady.get(("kafka-floor", 1000)), steady.get(("kafka", 1000))
+    if floor and k:
+        r = k["p99"] / floor["p99"]
+        line("p99 at 1,000 tx/s, transactional, within 1.5× the Kafka floor's (bare producer + "
+             "read_committed consumer, same transactions)",
+             f"{r:.2f}× ({fmt_int(k['p99'])} ms against {fmt_int(floor['p99'])} ms)", r <= 1.5)
+    loaded = steady.get(("kafka-floor-loaded", 1000))
+    if loaded and k:
+        line("p99 at 1,000 tx/s, transactional, against the floor while `load` writes the rate "
+             "into pg_start (no target)", f"{k['p99'] / loaded['p99']:.2f}× ({fmt_int(k['p99'])} ms "
+             f"against {fmt_int(loaded['p99'])} ms)", None)
+    alo = steady.get(("kafka-alo", 1000))
+    if alo:
+        line("p99 end-to-end < 50 ms at 1,000 tx/s (Kafka path, at-least-once, defaults)",
+             f"{fmt_int(alo['p99'])} ms", alo["p99"] < 50)
+    d = steady.get(("direct", 1000))
+    if d:
+        line("p99 end-to-end < 30 ms at 1,000 tx/s (direct mode)", f"{fmt_int(d['p99'])} ms", d["p99"] < 30)
+    for x in s.get("steady", []):
+        if x.get("warmup"):
+            w = x["warmup"]["settled"]
+            line(f"{STEADY_NAMES.get(x['path'], x['path'])}: started under load at {x['rate']:,} tx/s, "
+                 "steady latency within 10 s", "never" if w is None else f"{w} s", w is not None and w <= 10)
     for leg, tool, label in (("kafka", tx, "connector"), ("sink", "outbox-relay sink", "sink"),
                              ("sink", GENERIC_SINK, "sink, generic inbox")):
         r = row_of(s, leg, tool)
@@ -285,7 +375,8 @@ def chart(data, path):
         for p, label, color in (("kafka", "Kafka (transactional)", "#1f77b4"),
                                 ("kafka-lowlat", "Kafka (transactional, short windows)", "#ff7f0e"),
                                 ("kafka-alo", "Kafka (at-least-once)", "#9467bd"),
-                                ("direct", "direct mode", "#2ca02c")):
+                                ("direct", "direct mode", "#2ca02c"),
+                                ("kafka-floor", "Kafka floor (brokers alone)", "#7f7f7f")):
             pts = [x for x in steady if x["path"] == p]
             if pts:
                 ax.plot([x["rate"] for x in pts], [x["p99"] for x in pts], "o-", color=color, label=f"{label} p99")
@@ -339,9 +430,19 @@ def write(data, md_path):
     lat = latency_table(data)
     if lat:
         lines += ["## End-to-end latency at fixed source rates", "", *lat, ""]
+    st = stages_table(data)
+    if st:
+        lines += ["### Where the time goes", "", *st, ""]
+    wu = warmup_table(data)
+    if wu:
+        lines += ["### Started under load", "", *wu, ""]
+    # The sessions' notes belong to the main report; a side report (--report) has its tables.
     notes = HERE / "notes.md"
-    if notes.exists():
+    if notes.exists() and md_path.name == "benchmarks.md":
         lines += [notes.read_text().rstrip(), ""]
+    elif notes.exists():
+        lines += ["How each figure is measured, and the sessions' notes: "
+                  "[benchmarks.md](benchmarks.md).", ""]
     failures = [(run["run"], f) for run in data["runs"] for f in run.get("failures", [])]
     if failures:
         lines += ["## Failures", "", "Measurements that failed in a run (their figures are missing above):", ""]
@@ -354,4 +455,20 @@ def write(data, md_path):
             for r in results:
                 lines.append(f"| {run['run']} | {leg} | {r['tool']} | {fmt_int(r['tps'])} | {fmt(r['seconds'])} |")
     lines.append("")
+    steady_runs = [(run["run"], x) for run in data["runs"] for x in run.get("steady", [])]
+    if steady_runs:
+        lines += ["Steady state per run (p50 / p99, ms; the first run on a freshly started stack is "
+                  "the cold one):", "",
+                  "| run | path | rate (tx/s) | end to end | handed to the producer | Kafka commit returned | "
+                  "visible (read_committed) | end stage's histogram | settled after start under load (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for n, x in steady_runs:
+            st = x.get("stages") or {}
+            w = x.get("warmup")
+            settled = "–" if not w else ("never" if w["settled"] is None else str(w["settled"]))
+            lines.append(f"| {n} | {STEADY_NAMES.get(x['path'], x['path'])} | {x['rate']:,} | "
+                         f"{pair([x['p50'], x['p99']])} | {pair(st.get('handed'))} | "
+                         f"{pair(st.get('kafka_commit'))} | {pair(st.get('visible'))} | "
+                         f"{pair(x.get('histogram'))} | {settled} |")
+        lines.append("")
     md_path.write_text("\n".join(lines))
