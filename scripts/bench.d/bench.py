@@ -549,6 +549,35 @@ class Visibility:
         self.consumer.close()
 
 
+class Pressure:
+    """The kernel's pressure stall information over an interval: the share of it during
+    which some task waited for a CPU, for I/O, and during which all did for I/O (None where
+    /proc/pressure is not there). A step whose tail is far from its neighbours' shows here
+    whether the machine, not the path, was short."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.totals = self.read()
+
+    @staticmethod
+    def read():
+        totals = {}
+        for kind in ("cpu", "io"):
+            try:
+                text = Path(f"/proc/pressure/{kind}").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                scope, *fields = line.split()
+                totals[f"{kind}_{scope}"] = int(fields[-1].split("=")[1])
+        return totals
+
+    def shares(self):
+        elapsed = (time.monotonic() - self.started) * 1e6
+        now = self.read()
+        return {k: (now[k] - v) / elapsed for k, v in self.totals.items() if k in now} or None
+
+
 def scrape_histogram(addr, name, label):
     """Cumulative bucket counts {le: count} of one histogram series at /metrics."""
     text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
@@ -1648,7 +1677,9 @@ publication.autocreate.mode=disabled
         histograms = {k: v for k, v in probes.items() if k != "visibility"}
         before = {stage: scrape_histogram(addr, LATENCY_METRIC, f'stage="{stage}"')
                   for stage, addr in histograms.items()}
+        pressure = Pressure()
         committed = self.load(rate, seconds)
+        pressure = pressure.shares()
         with self.stack.pg("start") as src:
             rows = src.execute(
                 "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
@@ -1670,6 +1701,7 @@ publication.autocreate.mode=disabled
             "p50": percentile(lat, 50),
             "p99": percentile(lat, 99),
             "max": lat[-1] if lat else None,
+            "pressure": pressure,
         }
         after = {stage: scrape_histogram(addr, LATENCY_METRIC, f'stage="{stage}"')
                  for stage, addr in histograms.items()}
@@ -1732,7 +1764,9 @@ publication.autocreate.mode=disabled
                          str(self.args.load_concurrency), "--progress-every", "0"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
+                pressure = Pressure()
                 first = self.floor_load(producers, topic, progress, rate, seconds, first, times)
+                pressure = pressure.shares()
                 if loaded:
                     source.wait(60)
                 visibility.wait(ids, 120)
@@ -1743,7 +1777,7 @@ publication.autocreate.mode=disabled
                 committed = sorted((times[i][1] - arrival[i]) * 1000 for i in ids)
                 out.append({"path": "kafka-floor-loaded" if loaded else "kafka-floor", "rate": rate, "achieved": len(ids) / seconds,
                             "count": len(lat), "p50": percentile(lat, 50),
-                            "p99": percentile(lat, 99), "max": lat[-1],
+                            "p99": percentile(lat, 99), "max": lat[-1], "pressure": pressure,
                             "stages": {
                                 "handed": [percentile(handed, 50), percentile(handed, 99)],
                                 "kafka_commit": [percentile(committed, 50), percentile(committed, 99)],
@@ -2009,6 +2043,8 @@ def one_run(bench, r, legs):
                 f"p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms, max {s['max']:.0f} ms"
                 + "".join(f"; {STAGE_NAMES[k]} {fmt_pair(v)}" for k, v in s.get("stages", {}).items())
                 + (f"; {s['path']}'s histogram {fmt_pair(s['histogram'])}" if s.get("histogram") else "")
+                + (f"; pressure cpu {s['pressure'].get('cpu_some', 0):.0%} io {s['pressure'].get('io_some', 0):.0%}"
+                   if s.get("pressure") else "")
                 + (f"; started under load: settled after {s['warmup']['settled']} s "
                    f"(first second's p99 {s['warmup']['first_p99']:.0f} ms)" if s.get("warmup") else ""))
         drop_bench_slots(stack)

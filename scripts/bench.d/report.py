@@ -148,6 +148,12 @@ def pair(v):
     return "–" if v is None or v[0] is None else f"{fmt_int(v[0])} / {fmt_int(v[1])}"
 
 
+def pressure_cell(p):
+    if not p:
+        return "–"
+    return f"{p.get('cpu_some', 0):.0%} / {p.get('io_some', 0):.0%}"
+
+
 def stages_table(data):
     """Where the Kafka path's time goes, each stage from the source commit (p50 / p99)."""
     rows = [r for r in data["summary"].get("steady", []) if r.get("stages")]
@@ -460,8 +466,9 @@ def write(data, md_path):
         lines += ["Steady state per run (p50 / p99, ms; the first run on a freshly started stack is "
                   "the cold one):", "",
                   "| run | path | rate (tx/s) | end to end | handed to the producer | Kafka commit returned | "
-                  "visible (read_committed) | end stage's histogram | settled after start under load (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "visible (read_committed) | end stage's histogram | settled after start under load (s) | "
+                  "CPU / I/O pressure (share of the step some task waited) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for n, x in steady_runs:
             st = x.get("stages") or {}
             w = x.get("warmup")
@@ -469,6 +476,6 @@ def write(data, md_path):
             lines.append(f"| {n} | {STEADY_NAMES.get(x['path'], x['path'])} | {x['rate']:,} | "
                          f"{pair([x['p50'], x['p99']])} | {pair(st.get('handed'))} | "
                          f"{pair(st.get('kafka_commit'))} | {pair(st.get('visible'))} | "
-                         f"{pair(x.get('histogram'))} | {settled} |")
+                         f"{pair(x.get('histogram'))} | {settled} | {pressure_cell(x.get('pressure'))} |")
         lines.append("")
     md_path.write_text("\n".join(lines))
