@@ -1445,10 +1445,7 @@ publication.autocreate.mode=disabled
                     "SELECT count(*) FROM main.transactions").fetchone()[0] > 0, 120,
                     every=0.2, procs=procs)
             loader = subprocess.Popen(
-                [self.bin, "load", "--source-url", self.stack.start_url,
-                 "--rate", str(self.args.backfill_rate),
-                 "--duration", str(self.args.backfill_load_seconds),
-                 "--concurrency", str(self.args.load_concurrency), "--progress-every", "0"],
+                self.load_argv(self.args.backfill_rate, self.args.backfill_load_seconds),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             time.sleep(3)
             with self.stack.pg("start") as src:
@@ -1496,23 +1493,36 @@ publication.autocreate.mode=disabled
     def arrived_latencies(self, t0, t1, procs):
         """End-to-end latency (pg_end commit - pg_start commit) of the transactions pg_start
         committed between t0 and t1, once all of them are in pg_end."""
-        with self.stack.pg("start") as src:
-            rows = src.execute(
-                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
-                "WHERE pg_xact_commit_timestamp(xmin) BETWEEN %s AND %s", (t0, t1)).fetchall()
-        ids = [i for i, _ in rows]
-        source = dict(rows)
-        with self.stack.pg("end") as dst:
-            wait_for("the live transactions", lambda: dst.execute(
-                "SELECT count(*) FROM main.transactions WHERE id = ANY(%s)", (ids,)).fetchone()[0]
-                >= len(ids), 600, every=0.5, procs=procs)
-            target = dst.execute(
-                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
-                (ids,)).fetchall()
-        lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target)
+        source, target = self.commit_times("the live transactions", procs, t0, t1, timeout=600)
+        lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target.items())
         span = (max(source.values()) - min(source.values())).total_seconds() if source else 0
         return {"count": len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99),
                 "max": lat[-1] if lat else None, "seconds": span}
+
+    def commit_times(self, what, procs, since, until=None, timeout=300):
+        """The commit times of the transactions pg_start committed from `since` (to
+        `until`), in pg_start and, once every one of them is there, in pg_end: two
+        {id: commit timestamp}."""
+        with self.stack.pg("start") as src:
+            rows = src.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
+                "WHERE pg_xact_commit_timestamp(xmin) BETWEEN %s AND coalesce(%s::timestamptz, 'infinity')",
+                (since, until)).fetchall()
+        ids = [i for i, _ in rows]
+        with self.stack.pg("end") as dst:
+            wait_for(what, lambda: dst.execute(
+                "SELECT count(*) FROM main.transactions WHERE id = ANY(%s)", (ids,)).fetchone()[0]
+                >= len(ids), timeout, every=0.5, procs=procs)
+            target = dst.execute(
+                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
+                (ids,)).fetchall()
+        return dict(rows), dict(target)
+
+    def load_argv(self, rate, seconds):
+        """`outbox-relay load` writing `rate` source transactions a second for `seconds`."""
+        return [self.bin, "load", "--source-url", self.stack.start_url, "--rate", str(rate),
+                "--duration", str(seconds), "--concurrency", str(self.args.load_concurrency),
+                "--progress-every", "0"]
 
     # --- steady state ---------------------------------------------------------------
 
@@ -1600,10 +1610,8 @@ publication.autocreate.mode=disabled
         seconds = 5 if self.args.quick else WARMUP_SECONDS
         with self.stack.pg("start") as src:
             t0 = src.execute("SELECT clock_timestamp()").fetchone()[0]
-        load = subprocess.Popen(
-            [self.bin, "load", "--source-url", self.stack.start_url, "--rate", str(rate),
-             "--duration", str(seconds), "--concurrency", str(self.args.load_concurrency),
-             "--progress-every", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        load = subprocess.Popen(self.load_argv(rate, seconds), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.0)
             start()
@@ -1613,21 +1621,9 @@ publication.autocreate.mode=disabled
         finally:
             if load.poll() is None:
                 load.kill()
-        with self.stack.pg("start") as src:
-            rows = src.execute(
-                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
-                "WHERE pg_xact_commit_timestamp(xmin) >= %s", (t0,)).fetchall()
-        ids = [i for i, _ in rows]
-        source = dict(rows)
-        with self.stack.pg("end") as dst:
-            wait_for(f"steady {path} warm-up", lambda: dst.execute(
-                "SELECT count(*) FROM main.transactions WHERE id = ANY(%s)", (ids,)).fetchone()[0]
-                >= len(ids), 300, every=0.5, procs=procs)
-            target = dst.execute(
-                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
-                (ids,)).fetchall()
+        source, target = self.commit_times(f"steady {path} warm-up", procs, t0)
         windows, tail = {}, []
-        for i, ts in target:
+        for i, ts in target.items():
             at = source[i].timestamp() - started
             ms = (ts - source[i]).total_seconds() * 1000
             # The load's last second (a part of one, its last transactions waiting out
@@ -1646,10 +1642,8 @@ publication.autocreate.mode=disabled
                 "steady_p50": steady_p50, "steady_p99": steady_p99, "per_second": per_second}
 
     def load(self, rate, seconds):
-        p = subprocess.run(
-            [self.bin, "load", "--source-url", self.stack.start_url, "--rate", str(rate),
-             "--duration", str(seconds), "--concurrency", str(self.args.load_concurrency),
-             "--progress-every", "0"], capture_output=True, text=True, check=True)
+        p = subprocess.run(self.load_argv(rate, seconds), capture_output=True, text=True,
+                           check=True)
         m = re.search(r"committed (\d+)", p.stdout)
         return int(m.group(1)) if m else 0
 
@@ -1680,21 +1674,9 @@ publication.autocreate.mode=disabled
         pressure = Pressure()
         committed = self.load(rate, seconds)
         pressure = pressure.shares()
-        with self.stack.pg("start") as src:
-            rows = src.execute(
-                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions "
-                "WHERE pg_xact_commit_timestamp(xmin) >= %s", (t0,)).fetchall()
-        ids = [i for i, _ in rows]
-        source = dict(rows)
-        with self.stack.pg("end") as dst:
-            def arrived():
-                return dst.execute("SELECT count(*) FROM main.transactions WHERE id = ANY(%s)",
-                                   (ids,)).fetchone()[0] >= len(ids)
-            wait_for(f"steady {path} {rate}/s", arrived, 300, every=0.5, procs=procs)
-            target = dst.execute(
-                "SELECT id, pg_xact_commit_timestamp(xmin) FROM main.transactions WHERE id = ANY(%s)",
-                (ids,)).fetchall()
-        lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target)
+        source, target = self.commit_times(f"steady {path} {rate}/s", procs, t0)
+        ids = list(source)
+        lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target.items())
         res = {
             "achieved": committed / seconds,
             "count": len(lat),
@@ -1758,11 +1740,8 @@ publication.autocreate.mode=disabled
                 times = {}
                 if loaded:
                     empty_source(self.stack)
-                    source = subprocess.Popen(
-                        [self.bin, "load", "--source-url", self.stack.start_url, "--rate",
-                         str(rate), "--duration", str(seconds + 2), "--concurrency",
-                         str(self.args.load_concurrency), "--progress-every", "0"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    source = subprocess.Popen(self.load_argv(rate, seconds + 2),
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
                 pressure = Pressure()
                 first = self.floor_load(producers, topic, progress, rate, seconds, first, times)
