@@ -578,6 +578,103 @@ class Pressure:
         return {k: (now[k] - v) / elapsed for k, v in self.totals.items() if k in now} or None
 
 
+class CpuUse:
+    """Where the machine's CPU went over an interval, by process group, in cores (CPU
+    seconds per second of the interval): this stack's servers (pg_start and pg_end split
+    into walsenders, client backends, autovacuum workers and the rest, with the CPU of the
+    workers that exited during the interval, which their postmaster reaped, as `exited`),
+    its brokers, the other stacks' brokers, each relay process by subcommand, Kafka
+    Connect, the bench itself (its probes and the floor's producer), the rest, and the
+    machine's total from /proc/stat. Pressure says that the cores were short; this says
+    who had them."""
+
+    def __init__(self, stack):
+        self.stack_dir = stack.dir.rstrip("/") + "/"
+        self.started = time.monotonic()
+        self.total = self.busy()
+        self.procs = self.read()
+
+    @staticmethod
+    def busy():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # without idle and iowait
+
+    @staticmethod
+    def read():
+        """pid -> (ppid, argv, own ticks, reaped children's ticks)."""
+        procs = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            f = stat[stat.rindex(")") + 2:].split()
+            procs[int(d)] = (int(f[1]), [a.decode(errors="replace") for a in argv if a],
+                             int(f[11]) + int(f[12]), int(f[13]) + int(f[14]))
+        return procs
+
+    def group(self, pid, procs):
+        ppid, argv, _, _ = procs[pid]
+        line = " ".join(argv)
+        if pid == os.getpid():
+            return "bench"
+        if argv and argv[0].endswith("/postgres") and "-D" in argv:
+            return self.cluster(line) + " postmaster"
+        parent = procs.get(ppid)
+        if parent and parent[1] and parent[1][0].endswith("/postgres") and "-D" in parent[1]:
+            cluster = self.cluster(" ".join(parent[1]))
+            if "walsender" in line:
+                return f"{cluster} walsender"
+            if "autovacuum worker" in line:
+                return f"{cluster} autovacuum"
+            if re.search(r"\d+\.\d+\.\d+\.\d+\(\d+\)|\[local\]", line):
+                return f"{cluster} backends"
+            return f"{cluster} background"
+        if "java" in (argv[0] if argv else ""):
+            if "ConnectStandalone" in line:
+                return "kafka connect"
+            return "brokers" if self.stack_dir in line else "other brokers"
+        if argv and argv[0].endswith("outbox-relay"):
+            sub = next((a for a in argv[1:] if not a.startswith("-")), "?")
+            return f"relay {sub}"
+        return "other"
+
+    def cluster(self, line):
+        name = "pg_start" if "/pg_start/" in line else "pg_end" if "/pg_end/" in line else "pg"
+        return name if self.stack_dir in line else f"other {name}"
+
+    def shares(self):
+        elapsed = time.monotonic() - self.started
+        now, total = self.read(), self.busy()
+        out = {}
+
+        def add(group, ticks):
+            out[group] = out.get(group, 0) + ticks / CLK_TCK / elapsed
+
+        for pid, (_, _, own, reaped) in now.items():
+            before = self.procs.get(pid)
+            group = self.group(pid, now)
+            add(group, own - (before[2] if before else 0))
+            if group.endswith("postmaster"):
+                # Its children that exited in the interval, less what they had used before it.
+                gone = sum(p[2] + p[3] for q, p in self.procs.items()
+                           if p[0] == pid and q not in now)
+                add(group.replace("postmaster", "exited"),
+                    reaped - (before[3] if before else 0) - gone)
+        out["machine"] = (total - self.total) / CLK_TCK / elapsed
+        return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+
+
+def cpu_summary(cpu, top=6):
+    """`machine 1.62, brokers 0.41, relay connector 0.22, ...`: the machine's busy cores,
+    then the groups that used the most."""
+    groups = [(k, v) for k, v in cpu.items() if k != "machine"][:top]
+    return ", ".join(f"{k} {v:.2f}" for k, v in [("machine", cpu.get("machine", 0))] + groups)
+
+
 def scrape_histogram(addr, name, label):
     """Cumulative bucket counts {le: count} of one histogram series at /metrics."""
     text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
@@ -1544,7 +1641,7 @@ publication.autocreate.mode=disabled
             # address): their latency histograms are read around each step.
             metered = {}
             probes = None
-            env = {"OUTBOX_RELAY_LOG": "warn,outbox_relay::metrics=info"}
+            env = {"OUTBOX_RELAY_LOG": os.environ.get("BENCH_STEADY_LOG", "warn,outbox_relay::metrics=info")}
             try:
                 if path.startswith("kafka"):
                     topic = f"bench-r{r}-ss-{path}"
@@ -1560,14 +1657,14 @@ publication.autocreate.mode=disabled
                         sink_extra = (["--batch-linger-ms", "5", "--consumer-property",
                                        "fetch.wait.max.ms=10"] if lowlat else [])
                         connector = self.relay(
-                            f"r{r}-ss-connector", "connector", "--source-url", self.stack.start_url,
+                            f"r{r}-ss-{path}-connector", "connector", "--source-url", self.stack.start_url,
                             "--brokers", self.stack.brokers, "--topic", topic,
                             "--progress-topic", f"bench-r{r}-progress-ss", "--slot", slot,
                             "--no-create-slot", "--no-create-publication", "--delivery", delivery,
                             "--metrics-addr", "127.0.0.1:0",
                             *conn_extra, *self.args.connector_extra.split(), env=env)
                         sink = self.relay(
-                            f"r{r}-ss-sink", "sink", "--target-url", self.stack.end_url,
+                            f"r{r}-ss-{path}-sink", "sink", "--target-url", self.stack.end_url,
                             "--brokers", self.stack.brokers, "--topic", topic,
                             "--group", f"bench-r{r}-ss-sink-{path}", "--metrics-addr",
                             "127.0.0.1:0", *sink_extra, *self.args.sink_extra.split(), env=env)
@@ -1673,9 +1770,9 @@ publication.autocreate.mode=disabled
         histograms = {k: v for k, v in probes.items() if k != "visibility"}
         before = {stage: scrape_histogram(addr, LATENCY_METRIC, f'stage="{stage}"')
                   for stage, addr in histograms.items()}
-        pressure = Pressure()
+        pressure, cpu = Pressure(), CpuUse(self.stack)
         committed = self.load(rate, seconds)
-        pressure = pressure.shares()
+        pressure, cpu = pressure.shares(), cpu.shares()
         source, target = self.commit_times(f"steady {path} {rate}/s", procs, t0)
         ids = list(source)
         lat = sorted((ts - source[i]).total_seconds() * 1000 for i, ts in target.items())
@@ -1686,6 +1783,7 @@ publication.autocreate.mode=disabled
             "p99": percentile(lat, 99),
             "max": lat[-1] if lat else None,
             "pressure": pressure,
+            "cpu": cpu,
         }
         after = {stage: scrape_histogram(addr, LATENCY_METRIC, f'stage="{stage}"')
                  for stage, addr in histograms.items()}
@@ -1745,9 +1843,9 @@ publication.autocreate.mode=disabled
                     source = subprocess.Popen(self.load_argv(rate, seconds + 2),
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
-                pressure = Pressure()
+                pressure, cpu = Pressure(), CpuUse(self.stack)
                 first = self.floor_load(producers, topic, progress, rate, seconds, first, times)
-                pressure = pressure.shares()
+                pressure, cpu = pressure.shares(), cpu.shares()
                 if loaded:
                     source.wait(60)
                 visibility.wait(ids, 120)
@@ -1758,7 +1856,7 @@ publication.autocreate.mode=disabled
                 committed = sorted((times[i][1] - arrival[i]) * 1000 for i in ids)
                 out.append({"path": "kafka-floor-loaded" if loaded else "kafka-floor", "rate": rate, "achieved": len(ids) / seconds,
                             "count": len(lat), "p50": percentile(lat, 50),
-                            "p99": percentile(lat, 99), "max": lat[-1], "pressure": pressure,
+                            "p99": percentile(lat, 99), "max": lat[-1], "pressure": pressure, "cpu": cpu,
                             "stages": {
                                 "handed": [percentile(handed, 50), percentile(handed, 99)],
                                 "kafka_commit": [percentile(committed, 50), percentile(committed, 99)],
@@ -2026,6 +2124,7 @@ def one_run(bench, r, legs):
                 + (f"; {s['path']}'s histogram {fmt_pair(s['histogram'])}" if s.get("histogram") else "")
                 + (f"; pressure cpu {s['pressure'].get('cpu_some', 0):.0%} io {s['pressure'].get('io_some', 0):.0%}"
                    if s.get("pressure") else "")
+                + (f"; cores: {cpu_summary(s['cpu'])}" if s.get("cpu") else "")
                 + (f"; started under load: settled after {s['warmup']['settled']} s "
                    f"(first second's p99 {s['warmup']['first_p99']:.0f} ms)" if s.get("warmup") else ""))
         drop_bench_slots(stack)
