@@ -42,6 +42,8 @@ from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcept
                              TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic
 
+import report  # the same formatting for the log lines and the report (matplotlib only when charting)
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -666,13 +668,6 @@ class CpuUse:
                     reaped - (before[3] if before else 0) - gone)
         out["machine"] = (total - self.total) / CLK_TCK / elapsed
         return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.005}
-
-
-def cpu_summary(cpu, top=6):
-    """`machine 1.62, brokers 0.41, relay connector 0.22, ...`: the machine's busy cores,
-    then the groups that used the most."""
-    groups = [(k, v) for k, v in cpu.items() if k != "machine"][:top]
-    return ", ".join(f"{k} {v:.2f}" for k, v in [("machine", cpu.get("machine", 0))] + groups)
 
 
 def scrape_histogram(addr, name, label):
@@ -1554,9 +1549,9 @@ publication.autocreate.mode=disabled
                            check=True, capture_output=True)
 
             def state():
-                report = json.loads(subprocess.run(status, capture_output=True, text=True).stdout)
-                part = (report["kafka"].get("progress") if path == "kafka"
-                        else report["pg_end"].get("direct")) or {}
+                shown = json.loads(subprocess.run(status, capture_output=True, text=True).stdout)
+                part = (shown["kafka"].get("progress") if path == "kafka"
+                        else shown["pg_end"].get("direct")) or {}
                 return next((b for b in part.get("backfills", []) if b["id"] == backfill_id), None)
             done = wait_for(f"backfill {path}", lambda: (lambda b: b if b and b["state"] != "running"
                                                          else None)(state()),
@@ -2122,9 +2117,8 @@ def one_run(bench, r, legs):
                 f"p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms, max {s['max']:.0f} ms"
                 + "".join(f"; {STAGE_NAMES[k]} {fmt_pair(v)}" for k, v in s.get("stages", {}).items())
                 + (f"; {s['path']}'s histogram {fmt_pair(s['histogram'])}" if s.get("histogram") else "")
-                + (f"; pressure cpu {s['pressure'].get('cpu_some', 0):.0%} io {s['pressure'].get('io_some', 0):.0%}"
-                   if s.get("pressure") else "")
-                + (f"; cores: {cpu_summary(s['cpu'])}" if s.get("cpu") else "")
+                + (f"; pressure cpu / io {report.pressure_cell(s['pressure'])}" if s.get("pressure") else "")
+                + (f"; cores {report.cpu_cell(s['cpu'], top=6)}" if s.get("cpu") else "")
                 + (f"; started under load: settled after {s['warmup']['settled']} s "
                    f"(first second's p99 {s['warmup']['first_p99']:.0f} ms)" if s.get("warmup") else ""))
         drop_bench_slots(stack)
@@ -2278,7 +2272,6 @@ def main():
     Path(args.results).write_text(json.dumps(data, indent=1, default=str))
     log(f"results: {args.results}")
     if args.report:
-        import report  # noqa: PLC0415 - matplotlib is only needed here
         report.write(data, Path(args.report))
         log(f"report: {args.report}")
 

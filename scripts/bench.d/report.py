@@ -148,12 +148,13 @@ def pair(v):
     return "–" if v is None or v[0] is None else f"{fmt_int(v[0])} / {fmt_int(v[1])}"
 
 
-def cpu_cell(cpu):
-    """`1.58: brokers 0.81, pg_start exited 0.24, ...`: busy cores, then the top groups."""
+def cpu_cell(cpu, top=4):
+    """`1.58 busy: brokers 0.81, pg_start exited 0.24, ...`: the machine's busy cores, then
+    the `top` groups that used most (bench.CpuUse; the log line and the report)."""
     if not cpu:
         return "–"
-    groups = [f"{k} {v:.2f}" for k, v in cpu.items() if k != "machine"][:4]
-    return f"{cpu.get('machine', 0):.2f}: " + ", ".join(groups)
+    groups = [f"{k} {v:.2f}" for k, v in cpu.items() if k != "machine"][:top]
+    return f"{cpu.get('machine', 0):.2f} busy: " + ", ".join(groups)
 
 
 def pressure_cell(p):
