@@ -1624,7 +1624,8 @@ publication.autocreate.mode=disabled
         out = []
         for path in self.args.steady_paths:
             if path.startswith("kafka-floor"):
-                out += self.steady_floor(r, loaded=path == "kafka-floor-loaded")
+                out += self.steady_floor(r, loaded=path == "kafka-floor-loaded",
+                                         streamed=path == "kafka-floor-streamed")
                 continue
             empty_source(self.stack)
             empty_target(self.stack)
@@ -1799,7 +1800,7 @@ publication.autocreate.mode=disabled
             }
         return res
 
-    def steady_floor(self, r, loaded=False):
+    def steady_floor(self, r, loaded=False, streamed=False):
         """The Kafka path's floor: no PostgreSQL and no relay. Records \"arrive\" at each
         rate (their CreateTime is the moment they are due) and a bare librdkafka producer
         with the connector's settings commits what has arrived in one transaction, with a
@@ -1808,7 +1809,11 @@ publication.autocreate.mode=disabled
         rate by default, at the least latency the connector's rules allow (no linger). A
         read_committed consumer times arrival -> visible. `loaded`
         (kafka-floor-loaded): the same while `load` writes the rate into pg_start, which
-        nothing reads (no slot): the brokers beside the source's own work."""
+        nothing reads (no slot): the brokers beside the source's own work. `streamed`
+        (kafka-floor-streamed, not among the defaults): each record is handed to the open
+        transaction as it arrives instead of when its commit starts, the commits as
+        above, one transaction open at a time: the lever "stream records into the open
+        Kafka transaction" measured on the brokers alone (notes, twenty-seventh session)."""
         self.floors += 1
         topic = f"bench-r{r}-ss-floor{self.floors}"
         progress = f"{topic}-progress"
@@ -1827,7 +1832,7 @@ publication.autocreate.mode=disabled
         try:
             first = 0
             # Warm-up as the relays': a moment at 50/s, then the consumer.
-            first = self.floor_load(producers, topic, progress, 50, 2.0, first, {})
+            first = self.floor_load(producers, topic, progress, 50, 2.0, first, {}, streamed)
             visibility = Visibility(self.stack, topic)
             for rate in self.args.rates:
                 seconds = self.step_seconds(rate)
@@ -1839,7 +1844,8 @@ publication.autocreate.mode=disabled
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
                 pressure, cpu = Pressure(), CpuUse(self.stack)
-                first = self.floor_load(producers, topic, progress, rate, seconds, first, times)
+                first = self.floor_load(producers, topic, progress, rate, seconds, first, times,
+                                        streamed)
                 pressure, cpu = pressure.shares(), cpu.shares()
                 if loaded:
                     source.wait(60)
@@ -1849,7 +1855,8 @@ publication.autocreate.mode=disabled
                 lat = sorted((visibility.seen[i][1] - arrival[i]) * 1000 for i in ids)
                 handed = sorted((times[i][0] - arrival[i]) * 1000 for i in ids)
                 committed = sorted((times[i][1] - arrival[i]) * 1000 for i in ids)
-                out.append({"path": "kafka-floor-loaded" if loaded else "kafka-floor", "rate": rate, "achieved": len(ids) / seconds,
+                out.append({"path": "kafka-floor-loaded" if loaded else
+                            "kafka-floor-streamed" if streamed else "kafka-floor", "rate": rate, "achieved": len(ids) / seconds,
                             "count": len(lat), "p50": percentile(lat, 50),
                             "p99": percentile(lat, 99), "max": lat[-1], "pressure": pressure, "cpu": cpu,
                             "stages": {
@@ -1862,36 +1869,54 @@ publication.autocreate.mode=disabled
         return out
 
     @staticmethod
-    def floor_load(producers, topic, progress, rate, seconds, first, times):
+    def floor_load(producers, topic, progress, rate, seconds, first, times, streamed=False):
         """Ids first.. arriving at `rate` for `seconds`, committed as steady_floor says;
         returns the next id. `times` gets, per id, when it was handed to the producer and
-        when its transaction's commit returned."""
+        when its transaction's commit returned. `streamed`: each id is handed to the open
+        transaction when it arrives (the first one of a transaction begins it)."""
         total = int(rate * seconds)
         interval = FLOOR_COMMIT_INTERVAL
         start = time.time()
         sent, turn, last_start = 0, 0, float("-inf")
-        while sent < total:
+        handed = {}  # id -> when it was handed to the producer, for the open transaction
+
+        def produce(p, k):
+            i = first + k
+            value = json.dumps({"id": i, "account_id": i % 10 + 1, "amount": "10.00",
+                                "created_at": "2026-12-05T00:00:00.000000"}).encode()
+            p.produce(topic, key=str(i % 10 + 1).encode(), value=value,
+                      timestamp=int((start + k / rate) * 1000))
+            handed[i] = time.time()
+
+        while sent < total or handed:
             now = time.time()
             due = min(total, int((now - start) * rate) + 1)
-            if due <= sent or now - last_start < interval:
-                time.sleep(max(0.0005, max(start + sent / rate, last_start + interval) - now))
+            p = producers[turn]
+            if streamed and due > sent:
+                if not handed:
+                    p.begin_transaction()
+                for k in range(sent, due):
+                    produce(p, k)
+                p.poll(0)
+                sent = due
+            ready = handed if streamed else due > sent
+            if not ready or now - last_start < interval:
+                time.sleep(max(0.0005, min(start + sent / rate, last_start + interval) - now)
+                           if streamed else
+                           max(0.0005, max(start + sent / rate, last_start + interval) - now))
                 continue
             last_start = now
-            p = producers[turn]
-            p.begin_transaction()
-            handed = time.time()
-            for k in range(sent, due):
-                i = first + k
-                value = json.dumps({"id": i, "account_id": i % 10 + 1, "amount": "10.00",
-                                    "created_at": "2026-12-05T00:00:00.000000"}).encode()
-                p.produce(topic, key=str(i % 10 + 1).encode(), value=value,
-                          timestamp=int((start + k / rate) * 1000))
-            p.produce(progress, key=b"floor", value=json.dumps({"next": first + due}).encode())
+            if not streamed:
+                p.begin_transaction()
+                for k in range(sent, due):
+                    produce(p, k)
+                sent = due
+            p.produce(progress, key=b"floor", value=json.dumps({"next": first + sent}).encode())
             p.commit_transaction(30)
             committed = time.time()
-            for k in range(sent, due):
-                times[first + k] = (handed, committed)
-            sent = due
+            for i, at in handed.items():
+                times[i] = (at, committed)
+            handed = {}
             turn = (turn + 1) % len(producers)
         return first + total
 

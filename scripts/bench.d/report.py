@@ -141,7 +141,8 @@ STEADY_NAMES = {"kafka": "Kafka, transactional connector + sink",
                 "kafka-lowlat": "Kafka, transactional, short batching windows¹",
                 "kafka-alo": "Kafka, at-least-once connector + sink", "direct": "direct mode",
                 "kafka-floor": "Kafka floor: bare producer + read_committed consumer²",
-                "kafka-floor-loaded": "Kafka floor, while `load` writes the rate into pg_start²"}
+                "kafka-floor-loaded": "Kafka floor, while `load` writes the rate into pg_start²",
+                "kafka-floor-streamed": "Kafka floor, each record handed to the open transaction as it arrives²"}
 
 
 def pair(v):
