@@ -17,31 +17,72 @@ fn spawn_direct(dbs: &TestDbs, slot: &str, envs: &[(&str, &str)]) -> Relay {
     common::spawn_direct(dbs, slot, &BATCH, envs)
 }
 
-/// The slot's confirmed LSN and the LSN recorded in pg_end, read in that order.
-async fn confirmed_and_recorded(
-    source_url: &str,
-    target_url: &str,
-    slot: &str,
-) -> Option<(Lsn, Lsn)> {
-    let source = outbox_relay::pg::connect(source_url).await.ok()?;
-    let target = outbox_relay::pg::connect(target_url).await.ok()?;
-    let confirmed: Option<String> = source
-        .query_opt(
+/// Reads the slot's confirmed LSN and then the LSN recorded in pg_end, over
+/// connections it keeps between samples (a connection per sample made each one cost
+/// two backend starts, and a busy CI machine then took fewer than 50 samples in a
+/// whole run). A connection that fails is dropped and opened again at the next sample,
+/// as the databases are killed and restarted under it.
+struct LsnSampler {
+    source_url: String,
+    target_url: String,
+    slot: String,
+    source: Option<tokio_postgres::Client>,
+    target: Option<tokio_postgres::Client>,
+}
+
+impl LsnSampler {
+    fn new(dbs: &TestDbs, slot: &str) -> Self {
+        Self {
+            source_url: dbs.source_url.clone(),
+            target_url: dbs.target_url.clone(),
+            slot: slot.to_owned(),
+            source: None,
+            target: None,
+        }
+    }
+
+    /// The slot's confirmed LSN and the LSN recorded in pg_end, read in that order;
+    /// `None` while either is unreadable.
+    async fn sample(&mut self) -> Option<(Lsn, Lsn)> {
+        let confirmed: Option<String> = Self::read(
+            &mut self.source,
+            &self.source_url,
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
+            &self.slot,
         )
-        .await
-        .ok()??
-        .get(0);
-    let recorded: String = target
-        .query_opt(
+        .await?;
+        let recorded: Option<String> = Self::read(
+            &mut self.target,
+            &self.target_url,
             "SELECT commit_lsn::text FROM outbox_relay.direct_progress WHERE slot_name = $1",
-            &[&slot],
+            &self.slot,
         )
-        .await
-        .ok()??
-        .get(0);
-    Some((confirmed?.parse().ok()?, recorded.parse().ok()?))
+        .await?;
+        Some((confirmed?.parse().ok()?, recorded?.parse().ok()?))
+    }
+
+    /// The first column of the query's row, if there is one; `None` if the database
+    /// cannot be reached or the query fails (the connection is then dropped).
+    async fn read(
+        client: &mut Option<tokio_postgres::Client>,
+        url: &str,
+        query: &str,
+        slot: &str,
+    ) -> Option<Option<String>> {
+        if client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
+            *client = Some(outbox_relay::pg::connect(url).await.ok()?);
+        }
+        match client.as_ref()?.query_opt(query, &[&slot]).await {
+            Ok(row) => Some(row.map(|row| row.get(0))),
+            Err(_) => {
+                *client = None;
+                None
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,13 +243,11 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
     // busy machine (a fixed 40 s window once held only 45 samples).
     let (stop_sampling, sampling_stopped) = tokio::sync::watch::channel(false);
     let sampler = {
-        let (source_url, target_url, slot) =
-            (dbs.source_url.clone(), dbs.target_url.clone(), slot.clone());
+        let mut sampler = LsnSampler::new(&dbs, &slot);
         tokio::spawn(async move {
             let mut samples = Vec::new();
             while !*sampling_stopped.borrow() {
-                if let Some(sample) = confirmed_and_recorded(&source_url, &target_url, &slot).await
-                {
+                if let Some(sample) = sampler.sample().await {
                     samples.push(sample);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -245,6 +284,7 @@ async fn sigkills_and_both_databases_restarting_lose_and_duplicate_nothing() {
     dbs.wait_verified(Duration::from_secs(180)).await;
     let _ = stop_sampling.send(true);
     let samples = sampler.await.unwrap();
+    eprintln!("{} samples of the slot and pg_end", samples.len());
     assert!(samples.len() > 50, "too few samples: {}", samples.len());
     let commits = dbs.outbox_commit_lsns(&witness).await;
     assert!(
@@ -550,7 +590,8 @@ async fn the_progress_read_flushes_the_row_even_with_synchronous_commit_on() {
         "the slot confirmed up to the progress row",
         Duration::from_secs(60),
         || async {
-            confirmed_and_recorded(&dbs.source_url, &dbs.target_url, &slot)
+            LsnSampler::new(&dbs, &slot)
+                .sample()
                 .await
                 .is_some_and(|(confirmed, recorded)| confirmed >= recorded)
         },
