@@ -61,8 +61,9 @@ impl LsnSampler {
         Some((confirmed?.parse().ok()?, recorded?.parse().ok()?))
     }
 
-    /// The first column of the query's row, if there is one; `None` if the database
-    /// cannot be reached or the query fails (the connection is then dropped).
+    /// The first column of the query's row, if there is one and it is not NULL; `None`
+    /// if the database cannot be reached or the query fails (the connection is then
+    /// dropped).
     async fn read(
         client: &mut Option<tokio_postgres::Client>,
         url: &str,
@@ -76,7 +77,8 @@ impl LsnSampler {
             *client = Some(outbox_relay::pg::connect(url).await.ok()?);
         }
         match client.as_ref()?.query_opt(query, &[&slot]).await {
-            Ok(row) => Some(row.map(|row| row.get(0))),
+            // No row, or a NULL (a slot not confirmed yet): `Some(None)`.
+            Ok(row) => Some(row.and_then(|row| row.get::<_, Option<String>>(0))),
             Err(_) => {
                 *client = None;
                 None
