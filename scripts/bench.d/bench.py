@@ -1831,14 +1831,12 @@ publication.autocreate.mode=disabled
         conf = {"bootstrap.servers": self.stack.brokers, "enable.idempotence": True,
                 "acks": "all", "linger.ms": 2, "batch.num.messages": 10000,
                 "queue.buffering.max.kbytes": 16384, "queue.buffering.max.messages": 100000}
-        producers = []
-        for i in range(1 if mode == "alo" else 4):
-            if mode == "alo":
-                producers.append(Producer(conf))
-                continue
-            p = Producer({**conf, "transactional.id": f"{topic}-{i}"})
-            p.init_transactions(30)
-            producers.append(p)
+        if mode == "alo":
+            producers = [Producer(conf)]
+        else:
+            producers = [Producer({**conf, "transactional.id": f"{topic}-{i}"}) for i in range(4)]
+            for p in producers:
+                p.init_transactions(30)
         out = []
         visibility = None
         try:
@@ -1902,29 +1900,6 @@ publication.autocreate.mode=disabled
             p.produce(topic, key=str(i % 10 + 1).encode(), value=value,
                       timestamp=int((start + k / rate) * 1000))
 
-        if mode == "alo":
-            # The connector's at-least-once batches: what has arrived is handed over once
-            # the oldest of it has waited the linger and the previous batch is
-            # acknowledged, with a progress record, then every record's ack is awaited.
-            p = producers[0]
-            while sent < total:
-                now = time.time()
-                wake = start + sent / rate + FLOOR_ALO_LINGER
-                if now < wake:
-                    time.sleep(max(0.0005, wake - now))
-                    continue
-                due = min(total, int((now - start) * rate) + 1)
-                for k in range(sent, due):
-                    produce(p, k)
-                sent = due
-                p.produce(progress, key=b"floor", value=json.dumps({"next": first + sent}).encode())
-                p.flush(30)
-                acked = time.time()
-                for i, at in handed.items():
-                    times[i] = (at, acked)
-                handed = {}
-            return first + total
-
         while sent < total or handed:
             now = time.time()
             due = min(total, int((now - start) * rate) + 1)
@@ -1936,24 +1911,32 @@ publication.autocreate.mode=disabled
                     produce(p, k)
                 p.poll(0)
                 sent = due
+            # A batch may start once the commit interval has passed since the last one
+            # began (`alo`: once its oldest record has waited the linger).
+            gate = (start + sent / rate + FLOOR_ALO_LINGER if mode == "alo"
+                    else last_start + interval)
             ready = handed if streamed else due > sent
-            if not ready or now - last_start < interval:
-                # Streamed: the next arrival or the next commit, whichever is first;
-                # batched: the next commit, and at least one arrival to send.
-                wake = (min if streamed else max)(start + sent / rate, last_start + interval)
+            if not ready or now < gate:
+                # Streamed: the next arrival or the gate, whichever is first; batched:
+                # the gate, and at least one arrival to send.
+                wake = gate if mode == "alo" else (min if streamed else max)(start + sent / rate, gate)
                 time.sleep(max(0.0005, wake - now))
                 continue
             last_start = now
             if not streamed:
-                p.begin_transaction()
+                if mode != "alo":
+                    p.begin_transaction()
                 for k in range(sent, due):
                     produce(p, k)
                 sent = due
             p.produce(progress, key=b"floor", value=json.dumps({"next": first + sent}).encode())
-            p.commit_transaction(30)
-            committed = time.time()
+            if mode == "alo":
+                p.flush(30)
+            else:
+                p.commit_transaction(30)
+            settled = time.time()
             for i, at in handed.items():
-                times[i] = (at, committed)
+                times[i] = (at, settled)
             handed = {}
             turn = (turn + 1) % len(producers)
         return first + total

@@ -136,8 +136,10 @@ def latency_table(data):
                   "read_committed consumer times arrival → visible."]
     if any(r["path"] == "kafka-floor-alo" for r in rows):
         lines += ["", "³ the at-least-once path's floor: no transactions, one idempotent producer "
-                  "(acks=all, the connector's settings) hands each record over as it arrives; the "
-                  "consumer times arrival → visible; `load` writes the rate into pg_start meanwhile."]
+                  "(acks=all, the connector's settings) makes the connector's at-least-once batches: "
+                  "what has arrived, once the oldest of it has waited the connector's 20 ms linger and "
+                  "the batch before is acknowledged, with a progress record; the consumer times "
+                  "arrival → visible; `load` writes the rate into pg_start meanwhile."]
     return lines
 
 
