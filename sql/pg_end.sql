@@ -16,6 +16,8 @@ CREATE TABLE IF NOT EXISTS main.balance (
     updated_at      timestamp NOT NULL
 );
 
+-- The relay's own bookkeeping, from here to the end. `migrate --relay-only` applies
+-- this part alone (no ledger tables), for a team that brings its own inbox.
 CREATE SCHEMA IF NOT EXISTS outbox_relay;
 
 -- Sink progress: the last Kafka offset applied per (topic, partition), written in the

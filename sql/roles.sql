@@ -40,15 +40,26 @@
 --   outbox_relay.dead_letters
 --                           SELECT, INSERT, and USAGE on its id sequence
 -- No DELETE, no TRUNCATE, no DDL, and no role at all on pg_start.
+--
+-- Your own outbox and inbox (`migrate --relay-only`): the roles are made all the same
+-- (the source role in any database without the relay's bookkeeping), and the grants on
+-- the demo's tables are skipped. Grant the rest yourself:
+--   GRANT USAGE ON SCHEMA <s> TO outbox_relay_source;
+--   GRANT SELECT ON <s>.<outbox> TO outbox_relay_source;      -- (DELETE with --cleanup)
+--   GRANT USAGE ON SCHEMA <s> TO outbox_relay_sink;
+--   GRANT SELECT, INSERT ON <s>.<inbox> TO outbox_relay_sink;  -- and what the handler writes
 
 DO $$
 BEGIN
-    IF to_regclass('outbox.transactions') IS NOT NULL THEN
+    IF to_regclass('outbox.transactions') IS NOT NULL
+       OR to_regclass('outbox_relay.sink_offsets') IS NULL THEN
         BEGIN
             CREATE ROLE outbox_relay_source LOGIN REPLICATION;
         EXCEPTION WHEN duplicate_object THEN
             ALTER ROLE outbox_relay_source LOGIN REPLICATION;
         END;
+    END IF;
+    IF to_regclass('outbox.transactions') IS NOT NULL THEN
         GRANT USAGE ON SCHEMA outbox TO outbox_relay_source;
         GRANT SELECT ON outbox.transactions TO outbox_relay_source;
         -- With `connector --cleanup`:
@@ -61,9 +72,12 @@ BEGIN
         EXCEPTION WHEN duplicate_object THEN
             ALTER ROLE outbox_relay_sink LOGIN;
         END;
-        GRANT USAGE ON SCHEMA main, outbox_relay TO outbox_relay_sink;
-        GRANT SELECT, INSERT ON main.transactions TO outbox_relay_sink;
-        GRANT SELECT, INSERT, UPDATE ON main.balance TO outbox_relay_sink;
+        GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_sink;
+        IF to_regclass('main.transactions') IS NOT NULL THEN
+            GRANT USAGE ON SCHEMA main TO outbox_relay_sink;
+            GRANT SELECT, INSERT ON main.transactions TO outbox_relay_sink;
+            GRANT SELECT, INSERT, UPDATE ON main.balance TO outbox_relay_sink;
+        END IF;
         GRANT SELECT, INSERT, UPDATE
             ON outbox_relay.sink_offsets, outbox_relay.direct_progress TO outbox_relay_sink;
         GRANT SELECT, INSERT ON outbox_relay.dead_letters TO outbox_relay_sink;

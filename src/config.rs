@@ -440,6 +440,17 @@ pub fn reference(command: &clap::Command) -> String {
             table named after the command (for that command only);\n\n\
          and otherwise the default, which points at the local stack (`scripts/stack up`).\n\
          Unknown keys and values of the wrong type are refused with an error that names the key.\n\n\
+         The key follows the flag, not the variable. `direct`'s slot is its `--slot`\n\
+         (`OUTBOX_RELAY_DIRECT_SLOT`), so its key is `slot`: a top-level `slot` names the\n\
+         connector's and direct mode's slot alike, while `status` and `check` read direct mode's\n\
+         as `direct_slot`. Put `slot` under `[connector]` and `[direct]` when both run. Likewise\n\
+         the sink's `--batch-size` is the key `batch_size` but the variable\n\
+         `OUTBOX_RELAY_SINK_BATCH_SIZE`.\n\n\
+         A repeatable flag takes an array in the file (`kafka_property = [\"a=b\", \"c=d\"]`,\n\
+         `[[route]]` and `[[inbox]]` tables). Its variable holds several values only where the\n\
+         table says so: `;`-separated for `--kafka-property`, one per line for `--route`;\n\
+         `OUTBOX_RELAY_INBOX` and `OUTBOX_RELAY_CONSUMER_PROPERTY` hold one value each (an\n\
+         inbox's handler may span lines).\n\n\
          ```toml\n\
          # relay.toml\n\
          source_url = \"postgres://relay:secret@db1:5432/app\"\n\

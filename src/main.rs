@@ -42,6 +42,10 @@ enum Command {
         source: SourceArgs,
         #[command(flatten)]
         target: TargetArgs,
+        /// Only the relay's own bookkeeping (the schema outbox_relay in pg_end): nothing
+        /// in pg_start and none of the demo's tables, for your own outbox and inbox
+        #[arg(long)]
+        relay_only: bool,
     },
     /// Validate the configuration and connect to everything it names; exit 1 on a failure.
     Check(check::CheckArgs),
@@ -199,10 +203,22 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Migrate { source, target } => {
+        Command::Migrate {
+            source,
+            target,
+            relay_only: false,
+        } => {
             migrate::source(&source.source_url).await?;
             migrate::target(&target.target_url).await?;
             eprintln!("migrate: pg_start and pg_end schemas are in place");
+        }
+        Command::Migrate {
+            target,
+            relay_only: true,
+            ..
+        } => {
+            migrate::relay_only(&target.target_url).await?;
+            eprintln!("migrate: the relay's schema outbox_relay is in place in pg_end");
         }
         Command::ConfigReference => {
             use clap::CommandFactory;

@@ -155,6 +155,112 @@ async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
     );
 }
 
+/// A team with its own outbox and inbox: `migrate --relay-only` creates the relay's
+/// bookkeeping in pg_end and nothing else (it does not even connect to pg_start), and
+/// `check` with the team's routes and inbox passes without the demo's tables, while it
+/// names what is missing without the inbox or with a wrong one.
+#[tokio::test]
+async fn own_outbox_and_inbox_need_only_the_relay_s_schema() {
+    let dbs = TestDbs::new().await;
+    dbs.target()
+        .await
+        .batch_execute("DROP SCHEMA main CASCADE; DROP SCHEMA outbox_relay CASCADE")
+        .await
+        .unwrap();
+    dbs.source()
+        .await
+        .batch_execute(
+            "DROP PUBLICATION outbox_relay;
+             CREATE TABLE public.outbox (id uuid PRIMARY KEY, aggregatetype varchar(255) NOT NULL,
+                 aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL, payload jsonb);
+             CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert')",
+        )
+        .await
+        .unwrap();
+
+    // pg_start's URL points nowhere: --relay-only must not need it.
+    let output = relay(&[
+        "migrate",
+        "--relay-only",
+        "--source-url",
+        "postgres://postgres:postgres@127.0.0.1:1/nowhere",
+        "--target-url",
+        &dbs.target_url,
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let tables =
+        |schema: &str| format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}'");
+    assert_eq!(
+        common::count(&dbs.target_url, &tables("outbox_relay")).await,
+        3,
+        "the relay's bookkeeping"
+    );
+    assert_eq!(
+        common::count(&dbs.target_url, &tables("main")).await,
+        0,
+        "none of the demo's tables"
+    );
+    dbs.target()
+        .await
+        .batch_execute(
+            "CREATE SCHEMA inbox;
+             CREATE TABLE inbox.events (id uuid PRIMARY KEY, aggregateid text NOT NULL, payload jsonb)",
+        )
+        .await
+        .unwrap();
+
+    let check = |inbox: Option<&str>| {
+        let mut args = vec![
+            "check",
+            "--no-kafka",
+            "--source-url",
+            &dbs.source_url,
+            "--target-url",
+            &dbs.target_url,
+            "--table",
+            "public.outbox",
+            "--preset",
+            "event-router",
+        ];
+        if let Some(inbox) = inbox {
+            args.extend(["--inbox", inbox]);
+        }
+        let output = relay(&args);
+        let stdout = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), stdout)
+    };
+    let inbox = r#"{table = "inbox.events", topics = ['^outbox\.event\..*'], columns = {id = "$header.id", aggregateid = "$key", payload = "$body"}}"#;
+    let (code, stdout) = check(Some(inbox));
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ok    pg_end: inbox inbox.events: topics ^outbox\\.event\\..*"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("main.transactions"), "{stdout}");
+
+    // Without the inbox, the ledger is the inbox, and its tables are missing.
+    let (code, stdout) = check(None);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout
+            .contains("FAIL  pg_end: table main.transactions: missing: run `outbox-relay migrate`"),
+        "{stdout}"
+    );
+
+    // An inbox the sink would refuse at start is refused here, by name.
+    let wrong = r#"{table = "inbox.evnts", topics = ["orders"]}"#;
+    let (code, stdout) = check(Some(wrong));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL  pg_end: inboxes:") && stdout.contains("inbox.evnts"),
+        "{stdout}"
+    );
+}
+
 /// The newest installed PostgreSQL's `bin` directory.
 fn pg_bin() -> std::path::PathBuf {
     std::fs::read_dir("/usr/lib/postgresql")

@@ -10,8 +10,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
 use crate::config::{KafkaArgs, OutboxArgs, SlotsArgs, SourceArgs, TargetArgs};
+use crate::inbox::{self, InboxSpec, Inboxes};
 use crate::kafka;
 use crate::pg;
+use crate::record::decode::Format;
 use crate::route::{Rendered, Route, RouteArgs, RouteSource};
 use crate::source::{self, TableName};
 
@@ -32,6 +34,13 @@ pub struct CheckArgs {
     pub route: RouteArgs,
     #[command(flatten)]
     pub transaction_timeout: crate::connector::TransactionTimeout,
+    /// An inbox, as the sink's (docs/sink.md, "Inboxes"); `[[inbox]]` in the
+    /// configuration file. With any, each is checked against pg_end as the sink checks
+    /// it at start (table, id, columns, and the statements as PostgreSQL plans them),
+    /// instead of the seed's ledger tables (still checked when an inbox is `profile =
+    /// "ledger"`).
+    #[arg(long = "inbox", value_parser = InboxSpec::parse)]
+    pub inboxes: Vec<InboxSpec>,
     /// Skip the Kafka checks (a direct-mode deployment).
     #[arg(long)]
     pub no_kafka: bool,
@@ -329,26 +338,50 @@ fn describe(rendered: Rendered<'_>) -> String {
 
 async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     let url = &args.target.target_url;
-    let Some(client) = connect("pg_end: connect", url, lines).await else {
+    let Some(mut client) = connect("pg_end: connect", url, lines).await else {
         return;
     };
-    for table in [
-        "main.transactions",
-        "main.balance",
+    let ledger = args.inboxes.is_empty()
+        || args
+            .inboxes
+            .iter()
+            .any(|i| i.profile == Some(inbox::Profile::Ledger));
+    let ledger_tables: &[&str] = if ledger {
+        &["main.transactions", "main.balance"]
+    } else {
+        &[]
+    };
+    let relay_tables = [
         "outbox_relay.sink_offsets",
         "outbox_relay.direct_progress",
         "outbox_relay.dead_letters",
-    ] {
+    ];
+    for &table in ledger_tables.iter().chain(&relay_tables) {
         let exists = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await
             .map(|r| r.get::<_, bool>(0));
         let result = match exists {
             Ok(true) => Ok("present".into()),
-            Ok(false) => Err("missing: run `outbox-relay migrate`".into()),
+            Ok(false) if ledger => Err("missing: run `outbox-relay migrate`".into()),
+            Ok(false) => Err("missing: run `outbox-relay migrate --relay-only`".into()),
             Err(e) => Err(e.to_string()),
         };
         lines.push(line(&format!("pg_end: table {table}"), result));
+    }
+    if args.inboxes.is_empty() {
+        return;
+    }
+    match Inboxes::bind(&args.inboxes, &mut client, &args.kafka.topic, Format::Auto).await {
+        Ok(inboxes) => {
+            for inbox in &inboxes.inboxes {
+                lines.push(line(
+                    &format!("pg_end: inbox {}", inbox.name),
+                    Ok(format!("topics {}", inbox.topics.all().join(", "))),
+                ));
+            }
+        }
+        Err(e) => lines.push(line("pg_end: inboxes", Err(crate::error::error_chain(&e)))),
     }
 }
 
