@@ -3,7 +3,8 @@
 usage: manifests.py default|all FILE
 
 `default` is the chart's default values (connector and sink, a migrate hook); `all` has
-every component and option on (direct mode, the ServiceMonitor, the Secret). Exits 1 with
+every component and option on (direct mode, the ServiceMonitor, the Secret, `migrate
+--relay-only`). Exits 1 with
 every problem found, each naming the object.
 """
 
@@ -103,7 +104,8 @@ def main():
     if len(monitors) != (1 if variant == "all" else 0):
         problems.append(f"{len(monitors)} ServiceMonitors with the {variant} values")
     jobs = [o for o in objects if o["kind"] == "Job"]
-    if len(jobs) != 1 or jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"] != ["migrate"]:
+    migrate = ["migrate", "--relay-only"] if variant == "all" else ["migrate"]
+    if len(jobs) != 1 or jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"] != migrate:
         problems.append("no migrate Job")
     else:
         job = jobs[0]
