@@ -104,7 +104,7 @@ async fn configuration_file_environment_and_flags_take_effect_in_that_order() {
 }
 
 #[tokio::test]
-async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
+async fn check_passes_on_the_stack_and_says_who_creates_a_missing_publication() {
     let dbs = TestDbs::new().await;
     let check = |last: &[&str]| {
         let args: [&str; 5] = [
@@ -142,16 +142,59 @@ async fn check_passes_on_the_stack_and_fails_on_a_missing_publication() {
         .batch_execute("DROP PUBLICATION outbox_relay")
         .await
         .unwrap();
+    // The tables' owner: the connector creates it at its first start, as the slot.
     let output = check(&["--no-kafka"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "ok    pg_start: publication: absent: created at the first start, with outbox.transactions"
+        ),
+        "{stdout}"
+    );
+    // A role that may not create it: named, with what the owner must run.
+    let role = random_name("ort_role");
+    dbs.source()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw'; GRANT USAGE ON SCHEMA outbox TO {role}"
+        ))
+        .await
+        .unwrap();
+    let as_role = dbs
+        .source_url
+        .replace("postgres:postgres@", &format!("{role}:pw@"));
+    let output = relay(&[
+        "check",
+        "--no-kafka",
+        "--source-url",
+        &as_role,
+        "--target-url",
+        &dbs.target_url,
+    ]);
+    dbs.source()
+        .await
+        .batch_execute(&format!(
+            "REVOKE USAGE ON SCHEMA outbox FROM {role}; DROP ROLE {role}"
+        ))
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains("FAIL  pg_start: publication: publication outbox_relay does not exist"),
+        stdout.contains(
+            "FAIL  pg_start: publication: publication outbox_relay does not exist, and this role cannot create it"
+        ),
         "{stdout}"
     );
     assert!(
-        stdout.contains("CREATE PUBLICATION outbox_relay FOR TABLE"),
+        stdout.contains("CREATE PUBLICATION outbox_relay FOR TABLE outbox.transactions"),
         "says what to do: {stdout}"
+    );
+    // The sample row needs SELECT on the outbox: the server's reason, not "db error".
+    assert!(
+        stdout.contains("sample: db error: ERROR: permission denied for table transactions"),
+        "{stdout}"
     );
 }
 

@@ -156,16 +156,33 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
         .map(TableName::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    lines.push(line(
-        "pg_start: publication",
-        source::check_publication(&client, &tables, &args.outbox.publication, false)
+    let publication = &args.outbox.publication;
+    let result = match publication_creatable(&client, publication, &tables).await {
+        // Absent, and the connector's role may create it: as for the slot, the first
+        // start does (unless the connector runs with --no-create-publication).
+        Ok(Some(true)) => Ok(format!(
+            "absent: created at the first start, with {}",
+            if tables.is_empty() {
+                "no table (messages only)"
+            } else {
+                &listed
+            }
+        )),
+        Ok(Some(false)) => Err(format!(
+            "publication {publication} does not exist, and this role cannot create it (it \
+             needs ownership of {listed} and CREATE on the database): as their owner, run \
+             CREATE PUBLICATION {publication} FOR TABLE {listed} WITH (publish = 'insert')"
+        )),
+        Ok(None) => source::check_publication(&client, &tables, publication, false)
             .await
             .map(|()| match tables.len() {
-                0 => format!("{} exists (messages only)", args.outbox.publication),
-                _ => format!("{} publishes inserts of {listed}", args.outbox.publication),
+                0 => format!("{publication} exists (messages only)"),
+                _ => format!("{publication} publishes inserts of {listed}"),
             })
             .map_err(err),
-    ));
+        Err(e) => Err(crate::error::error_chain(&e)),
+    };
+    lines.push(line("pg_start: publication", result));
     let database = source::database_of(url).unwrap_or_default();
     for slot in [&args.slots.slot, &args.slots.direct_slot] {
         let result = match source::slot_state(&client, slot).await {
@@ -260,7 +277,7 @@ async fn route_checks(client: &tokio_postgres::Client, route: &Route, lines: &mu
         table.quoted()
     );
     let sample = match client.simple_query(&select).await {
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(crate::error::error_chain(&e)),
         Ok(messages) => {
             let row = messages.iter().find_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
@@ -336,6 +353,38 @@ fn describe(rendered: Rendered<'_>) -> String {
     }
 }
 
+/// `None` when `publication` exists; otherwise whether the session's role may create
+/// it for `tables` (superuser, or owner of every table, and CREATE on the database).
+async fn publication_creatable(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    tables: &[TableName],
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await?
+        .get(0);
+    if exists {
+        return Ok(None);
+    }
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let creatable: bool = client
+        .query_one(
+            "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                 OR (has_database_privilege(current_database(), 'CREATE')
+                     AND (SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), true)
+                          FROM pg_class c
+                          WHERE c.oid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t)))",
+            &[&names],
+        )
+        .await?
+        .get(0);
+    Ok(Some(creatable))
+}
+
 async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     let url = &args.target.target_url;
     let Some(mut client) = connect("pg_end: connect", url, lines).await else {
@@ -365,7 +414,7 @@ async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
             Ok(true) => Ok("present".into()),
             Ok(false) if ledger => Err("missing: run `outbox-relay migrate`".into()),
             Ok(false) => Err("missing: run `outbox-relay migrate --relay-only`".into()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(crate::error::error_chain(&e)),
         };
         lines.push(line(&format!("pg_end: table {table}"), result));
     }
