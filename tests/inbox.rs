@@ -97,6 +97,8 @@ async fn dead_letter_kinds(dbs: &TestDbs) -> BTreeMap<String, i64> {
 #[tokio::test]
 async fn an_event_router_topic_feeds_an_inbox_whose_handler_counts_each_event_once() {
     let dbs = TestDbs::new().await;
+    // A team's own pg_end (`migrate --relay-only`): none of the ledger's tables.
+    exec(&dbs, "DROP SCHEMA main CASCADE").await;
     exec(&dbs, INBOX_SQL).await;
     let topic = create_topic("inbox-orders", 3, &[]).await;
     let group = random_name("inbox");

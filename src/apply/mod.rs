@@ -492,13 +492,52 @@ type PreparedTables = (Arc<[table::TableTarget]>, Arc<[table::TableStatements]>)
 /// The prepared forms of the statements above (cheap to clone: reference counted).
 #[derive(Clone)]
 struct Statements {
+    /// The ledger's, prepared for the first batch with ledger records: a pg_end without
+    /// the ledger's tables (`migrate --relay-only`) serves the generic inboxes.
+    ledger: Option<Ledger>,
+    insert_dead_letters: Statement,
+    upsert_kafka_offsets: Statement,
+    upsert_source_lsn: Statement,
+}
+
+/// The ledger's prepared statements (`main.transactions`, `main.balance`).
+#[derive(Clone)]
+struct Ledger {
     copy_records: Statement,
     credit_balances: Statement,
     insert_records: Statement,
     compare_existing: Statement,
-    insert_dead_letters: Statement,
-    upsert_kafka_offsets: Statement,
-    upsert_source_lsn: Statement,
+}
+
+impl Ledger {
+    /// Prepared on `client` (pipelined: one round trip).
+    async fn prepare(client: &impl GenericClient) -> Result<Self, ApplyError> {
+        let (copy_records, credit_balances, insert_records, compare_existing) = tokio::try_join!(
+            client.prepare(COPY_RECORDS),
+            client.prepare(CREDIT_BALANCES),
+            client.prepare(INSERT_RECORDS),
+            client.prepare(COMPARE_EXISTING),
+        )
+        .map_err(|e| ApplyError::new("preparing the ledger's statements", e))?;
+        Ok(Self {
+            copy_records,
+            credit_balances,
+            insert_records,
+            compare_existing,
+        })
+    }
+}
+
+impl Statements {
+    /// The ledger's statements, which [`Target::statements`] prepared for a batch with
+    /// ledger records.
+    fn ledger(&self) -> Result<&Ledger, ApplyError> {
+        self.ledger.as_ref().ok_or_else(|| ApplyError::Statement {
+            inbox: "ledger".into(),
+            statement: "applying the records",
+            message: "the ledger's statements were not prepared".into(),
+        })
+    }
 }
 
 impl Target {
@@ -510,40 +549,32 @@ impl Target {
         }
     }
 
-    /// The prepared statements, prepared on first use (pipelined: one round trip).
-    async fn statements(&mut self) -> Result<Statements, ApplyError> {
-        if let Some(statements) = &self.statements {
-            return Ok(statements.clone());
-        }
+    /// The prepared statements, prepared on first use (pipelined: one round trip),
+    /// the ledger's too when `ledger` is set.
+    async fn statements(&mut self, ledger: bool) -> Result<Statements, ApplyError> {
         let c = &self.client;
-        let (
-            copy_records,
-            credit_balances,
-            insert_records,
-            compare_existing,
-            insert_dead_letters,
-            upsert_kafka_offsets,
-            upsert_source_lsn,
-        ) = tokio::try_join!(
-            c.prepare(COPY_RECORDS),
-            c.prepare(CREDIT_BALANCES),
-            c.prepare(INSERT_RECORDS),
-            c.prepare(COMPARE_EXISTING),
-            c.prepare(INSERT_DEAD_LETTERS),
-            c.prepare(UPSERT_KAFKA_OFFSETS),
-            c.prepare(UPSERT_SOURCE_LSN),
-        )
-        .map_err(|e| ApplyError::new("preparing the statements", e))?;
-        let statements = Statements {
-            copy_records,
-            credit_balances,
-            insert_records,
-            compare_existing,
-            insert_dead_letters,
-            upsert_kafka_offsets,
-            upsert_source_lsn,
+        let statements = match &mut self.statements {
+            Some(statements) => statements,
+            None => {
+                let (insert_dead_letters, upsert_kafka_offsets, upsert_source_lsn) =
+                    tokio::try_join!(
+                        c.prepare(INSERT_DEAD_LETTERS),
+                        c.prepare(UPSERT_KAFKA_OFFSETS),
+                        c.prepare(UPSERT_SOURCE_LSN),
+                    )
+                    .map_err(|e| ApplyError::new("preparing the statements", e))?;
+                self.statements.insert(Statements {
+                    ledger: None,
+                    insert_dead_letters,
+                    upsert_kafka_offsets,
+                    upsert_source_lsn,
+                })
+            }
         };
-        Ok(self.statements.insert(statements).clone())
+        if ledger && statements.ledger.is_none() {
+            statements.ledger = Some(Ledger::prepare(c).await?);
+        }
+        Ok(statements.clone())
     }
 }
 
@@ -621,7 +652,7 @@ impl Target {
         &mut self,
         tables: &Arc<[table::TableTarget]>,
     ) -> Result<OpenApply<'_>, ApplyError> {
-        let statements = self.statements().await?;
+        let statements = self.statements(false).await?;
         let tables = if tables.is_empty() {
             None
         } else {
@@ -641,6 +672,9 @@ impl OpenApply<'_> {
     /// Applies one part (its progress too, if it has one). An error leaves the
     /// transaction unusable: drop it.
     pub async fn apply(&mut self, batch: &ApplyBatch) -> Result<ApplyOutcome, ApplyError> {
+        if !batch.records.is_empty() && self.statements.ledger.is_none() {
+            self.statements.ledger = Some(Ledger::prepare(&self.tx).await?);
+        }
         let tables = self.tables.as_deref();
         let credits = Some(&mut self.credits);
         match apply_in(
@@ -670,7 +704,7 @@ impl OpenApply<'_> {
     /// Credits the balances with every part's new rows, then commits.
     pub async fn commit(self) -> Result<(), ApplyError> {
         if !self.credits.is_empty() {
-            credit_balances(&self.tx, &self.statements, &self.credits.credits())
+            credit_balances(&self.tx, self.statements.ledger()?, &self.credits.credits())
                 .await
                 .map_err(|e| ApplyError::new("crediting the balances", e))?;
         }
@@ -696,7 +730,7 @@ async fn apply_once(
     batch: &ApplyBatch,
     careful: bool,
 ) -> Result<Option<ApplyOutcome>, ApplyError> {
-    let statements = target.statements().await?;
+    let statements = target.statements(!batch.records.is_empty()).await?;
     let table_statements = if batch.events.is_empty() {
         None
     } else {
@@ -767,10 +801,14 @@ async fn apply_in(
     let mut tx = scope.begin().await?;
     // The common case first, with nothing to undo but the transaction itself: a
     // savepoint around it cost pg_end 5-15% of the batch (a subtransaction).
-    let first = if records.is_empty() {
-        Ok(())
+    let ledger = if records.is_empty() {
+        None
     } else {
-        insert_new(&tx, statements, &records, &mut outcome, pending.as_mut()).await
+        Some(statements.ledger()?)
+    };
+    let first = match ledger {
+        None => Ok(()),
+        Some(ledger) => insert_new(&tx, ledger, &records, &mut outcome, pending.as_mut()).await,
     };
     if let Err(error) = first {
         if error::pg::classify(&error) == ErrorClass::Transient {
@@ -785,7 +823,7 @@ async fn apply_in(
         let all_new = error.code() != Some(&SqlState::UNIQUE_VIOLATION);
         apply_records(
             &mut tx,
-            statements,
+            statements.ledger()?,
             &records,
             all_new,
             &mut dead_letters,
@@ -1017,7 +1055,7 @@ fn columns<'c, 'r: 'c>(
 /// plain insert first; cleared once an id of the batch turns out to be in pg_end.
 async fn apply_records(
     tx: &mut Transaction<'_>,
-    statements: &Statements,
+    ledger: &Ledger,
     records: &[Checked<'_>],
     mut all_new: bool,
     dead_letters: &mut Vec<DeadLetter>,
@@ -1034,16 +1072,9 @@ async fn apply_records(
             .await
             .map_err(|e| ApplyError::new("setting a savepoint", e))?;
         let inserted = if all_new {
-            insert_new(
-                &savepoint,
-                statements,
-                part,
-                outcome,
-                deferred.as_deref_mut(),
-            )
-            .await
+            insert_new(&savepoint, ledger, part, outcome, deferred.as_deref_mut()).await
         } else {
-            insert_part(&savepoint, statements, part, dead_letters, outcome).await
+            insert_part(&savepoint, ledger, part, dead_letters, outcome).await
         };
         match inserted {
             Ok(()) => savepoint
@@ -1096,7 +1127,7 @@ fn db_error_text(error: &tokio_postgres::Error) -> String {
 /// then credits the balances with it, or, with `deferred`, adds the credits to it.
 async fn insert_new(
     tx: &Transaction<'_>,
-    statements: &Statements,
+    ledger: &Ledger,
     part: &[Checked<'_>],
     outcome: &mut ApplyOutcome,
     deferred: Option<&mut credit::Deferred>,
@@ -1107,7 +1138,7 @@ async fn insert_new(
         amount: c.amount,
         created_at: c.created_at,
     });
-    let copy = tx.copy_in(&statements.copy_records).await?;
+    let copy = tx.copy_in(&ledger.copy_records).await?;
     futures_util::pin_mut!(copy);
     copy.send(binary::copy_rows(rows)).await?;
     let inserted = copy.finish().await?;
@@ -1117,7 +1148,7 @@ async fn insert_new(
         .map(|c| (c.record.account_id, c.amount, c.created_at));
     match deferred {
         Some(deferred) => deferred.add(rows),
-        None => credit_balances(tx, statements, &credit::credits(rows)).await?,
+        None => credit_balances(tx, ledger, &credit::credits(rows)).await?,
     }
     outcome.inserted += inserted;
     Ok(())
@@ -1126,14 +1157,14 @@ async fn insert_new(
 /// Adds `credits` to the balances.
 async fn credit_balances(
     tx: &Transaction<'_>,
-    statements: &Statements,
+    ledger: &Ledger,
     credits: &[credit::Credit<'_>],
 ) -> Result<(), tokio_postgres::Error> {
     let (accounts, amounts, times): (Vec<i64>, Vec<_>, Vec<_>) = credits
         .iter()
         .map(|c| (c.account_id, c.amount, c.created_at))
         .collect();
-    tx.execute(&statements.credit_balances, &[&accounts, &amounts, &times])
+    tx.execute(&ledger.credit_balances, &[&accounts, &amounts, &times])
         .await?;
     Ok(())
 }
@@ -1142,17 +1173,14 @@ async fn credit_balances(
 /// Counts into `outcome` only when the whole part succeeds.
 async fn insert_part(
     tx: &Transaction<'_>,
-    statements: &Statements,
+    ledger: &Ledger,
     part: &[Checked<'_>],
     dead_letters: &mut Vec<DeadLetter>,
     outcome: &mut ApplyOutcome,
 ) -> Result<(), tokio_postgres::Error> {
     let (ids, accounts, amounts, times) = columns(part.iter());
     let rows = tx
-        .query(
-            &statements.insert_records,
-            &[&ids, &accounts, &amounts, &times],
-        )
+        .query(&ledger.insert_records, &[&ids, &accounts, &amounts, &times])
         .await?;
     let mut inserted = std::collections::HashSet::with_capacity(rows.len());
     for row in &rows {
@@ -1168,7 +1196,7 @@ async fn insert_part(
         let (ids, accounts, amounts, times) = columns(skipped.iter().copied());
         let rows = tx
             .query(
-                &statements.compare_existing,
+                &ledger.compare_existing,
                 &[&ids, &accounts, &amounts, &times],
             )
             .await?;
