@@ -664,3 +664,84 @@ async fn verify_and_reconcile_compare_an_inbox_with_its_source_by_event_id() {
         "a second run copies nothing: {out}"
     );
 }
+
+/// A source event with a value the inbox's column refuses (the pipeline dead-letters
+/// it) does not stop `verify` or `reconcile`: it is isolated and reported apart, never
+/// counted missing or copied, and the other events are compared and copied.
+#[tokio::test]
+async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_the_rest() {
+    let dbs = TestDbs::new().await;
+    exec(
+        &dbs,
+        "CREATE SCHEMA inbox;
+         CREATE TABLE inbox.amounts (event_id uuid PRIMARY KEY, amount numeric NOT NULL);",
+    )
+    .await;
+    let mut sql = String::from(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+                                  aggregateid text NOT NULL, type text NOT NULL, payload jsonb);",
+    );
+    for n in 1..=40u64 {
+        // Event 17's amount is not a number.
+        let amount = if n == 17 {
+            "\"x\"".to_string()
+        } else {
+            n.to_string()
+        };
+        sql.push_str(&format!(
+            "INSERT INTO app.outbox VALUES ('{}', 'Order', 'o', 'Created', '{{\"amount\": {amount}}}');",
+            uuid(n)
+        ));
+    }
+    dbs.source().await.batch_execute(&sql).await.unwrap();
+    let inbox = r#"{table = "inbox.amounts", topics = ["outbox.event.Order"], format = "event-router", columns = {event_id = "$header.id", amount = "amount"}}"#;
+    let route = r#"{table = "app.outbox", preset = "event-router"}"#;
+    let run = |command: &str, extra: &[&str]| {
+        let mut args = vec![
+            command,
+            "--source-url",
+            &dbs.source_url,
+            "--target-url",
+            &dbs.target_url,
+            "--route",
+            route,
+            "--inbox",
+            inbox,
+        ];
+        args.extend_from_slice(extra);
+        common::run_binary(&args)
+    };
+
+    let (code, out, err) = run("verify", &["--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pair = &report["inboxes"][0];
+    assert_eq!(pair["source_events"], 40, "{out}");
+    assert_eq!(pair["missing_count"], 39, "{out}");
+    assert_eq!(pair["refused_count"], 1, "{out}");
+    assert_eq!(pair["refused_sample"][0]["id"], uuid(17), "{out}");
+    assert!(
+        pair["refused_sample"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("SQLSTATE 22P02"),
+        "{out}"
+    );
+
+    let (code, out, err) = run("reconcile", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("added 39"), "{out}");
+    assert!(
+        out.contains(
+            "refused by the inbox's columns (dead letters of the pipeline, never copied): 1"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        count(&dbs.target_url, "SELECT count(*) FROM inbox.amounts").await,
+        39
+    );
+    let (code, out, err) = run("verify", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}

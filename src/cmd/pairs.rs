@@ -11,7 +11,12 @@
 //! column's type, compared as PostgreSQL prints it):
 //! - **missing**: in a source, not in the inbox;
 //! - **changed**: in both, with other content (the columns that come from the record);
-//! - **extra**: in the inbox, made by none of the sources read.
+//! - **extra**: in the inbox, made by none of the sources read;
+//! - **refused**: in a source, with a value the inbox's column refuses (a data
+//!   exception, SQLSTATE class 22, e.g. `"x"` for a `numeric`). The pipeline
+//!   dead-letters such an event (`apply_failed`), so it is reported apart, never
+//!   counted missing and never copied. It is found by bisecting a batch whose compare
+//!   statement fails that way, so one bad event never stops the comparison.
 //!
 //! # Invariants
 //! 1. Read-only on both sides, except `reconcile` without `--dry-run`, which only adds
@@ -29,7 +34,7 @@ use thiserror::Error;
 use tokio_postgres::Client;
 
 use crate::apply::driver::{self, Driver, Failure};
-use crate::apply::table::{BindError, Event};
+use crate::apply::table::{BindError, Compared, Event, TableTarget};
 use crate::apply::{ApplyBatch, Origin, Progress};
 use crate::inbox::{self, Extracted, InboxKind, InboxSpec, Inboxes, RecordView};
 use crate::record::decode::Format;
@@ -109,6 +114,10 @@ pub struct PairReport {
     pub extra_sample: Vec<String>,
     pub changed_count: u64,
     pub changed_sample: Vec<ChangedEvent>,
+    /// Source events whose values the inbox's columns refuse (dead letters of the
+    /// pipeline), with the server's reason.
+    pub refused_count: u64,
+    pub refused_sample: Vec<RefusedEvent>,
     /// `reconcile`: missing events inserted now (the rest were there by then).
     pub copied: u64,
 }
@@ -156,6 +165,16 @@ impl PairReport {
                 self.extra_count, self.extra_sample
             );
         }
+        if self.refused_count > 0 {
+            let _ = write!(
+                out,
+                "\n  refused by the inbox's columns (dead letters of the pipeline, never copied): {}",
+                self.refused_count
+            );
+            for r in &self.refused_sample {
+                let _ = write!(out, "\n    id {}: {}", r.id, r.error);
+            }
+        }
         if self.changed_count > 0 {
             let _ = write!(
                 out,
@@ -168,6 +187,52 @@ impl PairReport {
         }
         out
     }
+}
+
+/// A source event the inbox's columns refuse.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusedEvent {
+    /// The event id as the source gives it.
+    pub id: String,
+    /// The server's message and SQLSTATE.
+    pub error: String,
+}
+
+/// Compares `events` with `table`; the events whose values its columns refuse (a data
+/// exception, SQLSTATE class 22) are isolated by bisection and returned apart, as
+/// (index in `events`, the server's message). Any other error ends the comparison.
+async fn compare_isolating(
+    table: &TableTarget,
+    target: &Client,
+    events: &[&Event],
+) -> Result<(Vec<Compared>, Vec<(usize, String)>), tokio_postgres::Error> {
+    let mut compared = Vec::with_capacity(events.len());
+    let mut refused = Vec::new();
+    let mut ranges = vec![(0, events.len())];
+    while let Some((start, end)) = ranges.pop() {
+        match table.compare(target, &events[start..end]).await {
+            Ok(found) => compared.extend(found.into_iter().map(|mut c| {
+                c.index += start;
+                c
+            })),
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
+                if end - start == 1 {
+                    let reason = match e.as_db_error() {
+                        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+                        None => e.to_string(),
+                    };
+                    refused.push((start, reason));
+                } else {
+                    let middle = start + (end - start) / 2;
+                    ranges.push((middle, end));
+                    ranges.push((start, middle));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    compared.sort_by_key(|c| c.index);
+    Ok((compared, refused))
 }
 
 /// Compares every table inbox with its sources; with `copy`, adds the missing events.
@@ -300,13 +365,21 @@ impl Pair {
             return Ok(());
         };
         let refs: Vec<&Event> = events.iter().collect();
-        let compared = table
-            .compare(target, &refs)
-            .await
-            .map_err(|e| PairError::Query {
-                what: format!("{} in pg_end", table.table),
-                source: e,
-            })?;
+        let (compared, refused) =
+            compare_isolating(table, target, &refs)
+                .await
+                .map_err(|e| PairError::Query {
+                    what: format!("{} in pg_end", table.table),
+                    source: e,
+                })?;
+        for (index, error) in refused {
+            self.report.source_events += 1;
+            self.report.refused_count += 1;
+            if self.report.refused_sample.len() < SAMPLE {
+                let id = events[index].values[table.id].clone().unwrap_or_default();
+                self.report.refused_sample.push(RefusedEvent { id, error });
+            }
+        }
         let mut missing = Vec::new();
         for c in compared {
             self.report.source_events += 1;
