@@ -189,6 +189,10 @@ pub struct TargetStatus {
     /// The sink's stored offset per partition of the topic (with the lag once Kafka
     /// answered), partition order.
     pub sink: Vec<SinkPartition>,
+    /// The other topics the sink stores offsets for (its inboxes' topics), as `name
+    /// (N partitions)`: `status --topic NAME` shows one of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_sink_topics: Vec<String>,
     /// The direct mode's stored LSN for its slot.
     pub direct: Option<DirectStatus>,
     pub dead_letters: i64,
@@ -251,6 +255,10 @@ ORDER BY s.ord";
 const SINK_OFFSETS: &str = "\
 SELECT partition, last_offset, updated_at::text FROM outbox_relay.sink_offsets
 WHERE topic = $1 ORDER BY partition";
+
+const OTHER_SINK_TOPICS: &str = "\
+SELECT topic, count(*)::int8 FROM outbox_relay.sink_offsets
+WHERE topic <> $1 GROUP BY topic ORDER BY topic";
 
 const DIRECT_PROGRESS: &str = "\
 SELECT commit_lsn::text, updated_at::text, snapshot, backfill
@@ -435,6 +443,16 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
         .query(SINK_OFFSETS, &[&args.kafka.topic])
         .await
         .map_err(query_error)?;
+    let mut other_sink_topics = Vec::new();
+    for r in client
+        .query(OTHER_SINK_TOPICS, &[&args.kafka.topic])
+        .await
+        .map_err(query_error)?
+    {
+        let topic: String = r.try_get(0).map_err(query_error)?;
+        let partitions: i64 = r.try_get(1).map_err(query_error)?;
+        other_sink_topics.push(format!("{topic} ({partitions} partitions)"));
+    }
     let direct = client
         .query_opt(DIRECT_PROGRESS, &[&args.slots.direct_slot])
         .await
@@ -481,6 +499,7 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
     Ok(TargetStatus {
         url: pg::redact_url(url),
         sink,
+        other_sink_topics,
         direct,
         dead_letters: by_kind.values().sum(),
         dead_letters_by_kind: by_kind,
@@ -771,6 +790,13 @@ fn render_target(out: &mut String, part: &Part<TargetStatus>) {
         Part::Reachable(t) => {
             let _ = writeln!(out, "pg_end    {}", t.url);
             render_sink_table(out, &t.sink);
+            if !t.other_sink_topics.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  sink: offsets stored for other topics too: {} (status --topic NAME shows one)",
+                    t.other_sink_topics.join(", ")
+                );
+            }
             let _ = match &t.direct {
                 Some(d) => match &d.snapshot {
                     Some(snapshot) if d.commit_lsn == "0/0" => writeln!(
@@ -868,6 +894,7 @@ mod tests {
             pg_end: Part::Reachable(TargetStatus {
                 url: "postgres://postgres@127.0.0.1:8001/db_end".into(),
                 sink,
+                other_sink_topics: vec![],
                 direct: None,
                 dead_letters: 0,
                 dead_letters_by_kind: BTreeMap::new(),
@@ -946,6 +973,11 @@ mod tests {
                 ]
             } else {
                 vec![]
+            },
+            other_sink_topics: if rich {
+                vec![]
+            } else {
+                vec!["outbox.event.order (3 partitions)".into()]
             },
             direct: rich.then(|| DirectStatus {
                 slot: "outbox_relay_direct".into(),
@@ -1060,6 +1092,7 @@ kafka     127.0.0.1:19090  topic outbox.transactions: does not exist
   dead-letter topic outbox-relay-dead-letters: 0 dead letters
 pg_end    postgres://postgres@127.0.0.1:8001/db_end
   sink: no stored offsets for this topic
+  sink: offsets stored for other topics too: outbox.event.order (3 partitions) (status --topic NAME shows one)
   direct: no progress stored
   dead letters: 0
 warning: 3 dead letters
