@@ -666,8 +666,9 @@ async fn verify_and_reconcile_compare_an_inbox_with_its_source_by_event_id() {
 }
 
 /// A source event with a value the inbox's column refuses (the pipeline dead-letters
-/// it) does not stop `verify` or `reconcile`: it is isolated and reported apart, never
-/// counted missing or copied, and the other events are compared and copied.
+/// it) does not stop `verify` or `reconcile`: it is isolated and reported apart (a
+/// difference, never counted missing or copied), and the other events are compared
+/// and copied; fixed at the source, it is copied like any missing event.
 #[tokio::test]
 async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_the_rest() {
     let dbs = TestDbs::new().await;
@@ -729,19 +730,38 @@ async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_th
         "{out}"
     );
 
+    // The refused event stays a difference: the inbox lacks it, and no copy can add it.
     let (code, out, err) = run("reconcile", &[]);
-    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("added 39"), "{out}");
     assert!(
-        out.contains(
-            "refused by the inbox's columns (dead letters of the pipeline, never copied): 1"
-        ),
+        out.contains("refused by the inbox's columns (the pipeline dead-letters them; fix the event or the mapping, never copied): 1"),
         "{out}"
     );
     assert_eq!(
         count(&dbs.target_url, "SELECT count(*) FROM inbox.amounts").await,
         39
     );
+    let (code, out, err) = run("verify", &["--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pair = &report["inboxes"][0];
+    assert_eq!(pair["missing_count"], 0, "{out}");
+    assert_eq!(pair["extra_count"], 0, "{out}");
+    assert_eq!(pair["refused_count"], 1, "{out}");
+
+    // Fixed at the source, it is an ordinary missing event, and reconcile copies it.
+    dbs.source()
+        .await
+        .batch_execute(&format!(
+            r#"UPDATE app.outbox SET payload = '{{"amount": 17}}' WHERE id = '{}'"#,
+            uuid(17)
+        ))
+        .await
+        .unwrap();
+    let (code, out, err) = run("reconcile", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("added 1"), "{out}");
     let (code, out, err) = run("verify", &[]);
     assert_eq!(code, 0, "{out}{err}");
 }

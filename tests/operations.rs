@@ -164,21 +164,46 @@ async fn check_passes_on_the_stack_and_says_who_creates_a_missing_publication() 
     let as_role = dbs
         .source_url
         .replace("postgres:postgres@", &format!("{role}:pw@"));
-    let output = relay(&[
-        "check",
-        "--no-kafka",
-        "--source-url",
-        &as_role,
-        "--target-url",
-        &dbs.target_url,
-    ]);
+    let check_as_role = || {
+        relay(&[
+            "check",
+            "--no-kafka",
+            "--source-url",
+            &as_role,
+            "--target-url",
+            &dbs.target_url,
+        ])
+    };
+    let output = check_as_role();
+    // The tables' owner with CREATE on the database, not a superuser, and without
+    // USAGE on the outbox's schema (the catalog lookup needs none): it may create it.
     dbs.source()
         .await
         .batch_execute(&format!(
-            "REVOKE USAGE ON SCHEMA outbox FROM {role}; DROP ROLE {role}"
+            "ALTER TABLE outbox.transactions OWNER TO {role};
+             GRANT CREATE ON DATABASE {db} TO {role};
+             REVOKE USAGE ON SCHEMA outbox FROM {role}",
+            db = dbs.name
         ))
         .await
         .unwrap();
+    let owner = check_as_role();
+    dbs.source()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE outbox.transactions OWNER TO postgres;
+             REVOKE CREATE ON DATABASE {db} FROM {role}; DROP ROLE {role}",
+            db = dbs.name
+        ))
+        .await
+        .unwrap();
+    let owner = String::from_utf8_lossy(&owner.stdout);
+    assert!(
+        owner.contains(
+            "ok    pg_start: publication: absent: created at the first start, with outbox.transactions"
+        ),
+        "{owner}"
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(

@@ -168,6 +168,11 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
                 &listed
             }
         )),
+        Ok(Some(false)) if tables.is_empty() => Err(format!(
+            "publication {publication} does not exist, and this role cannot create it (it \
+             needs CREATE on the database): as the database's owner, run \
+             CREATE PUBLICATION {publication} WITH (publish = 'insert')"
+        )),
         Ok(Some(false)) => Err(format!(
             "publication {publication} does not exist, and this role cannot create it (it \
              needs ownership of {listed} and CREATE on the database): as their owner, run \
@@ -355,6 +360,9 @@ fn describe(rendered: Rendered<'_>) -> String {
 
 /// `None` when `publication` exists; otherwise whether the session's role may create
 /// it for `tables` (superuser, or owner of every table, and CREATE on the database).
+/// The tables are looked up by name in the catalog, which needs no privilege on their
+/// schemas; a table that does not exist makes it `false` (and its route's check says
+/// why).
 async fn publication_creatable(
     client: &tokio_postgres::Client,
     publication: &str,
@@ -370,15 +378,19 @@ async fn publication_creatable(
     if exists {
         return Ok(None);
     }
-    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let creatable: bool = client
         .query_one(
             "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
                  OR (has_database_privilege(current_database(), 'CREATE')
-                     AND (SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), true)
-                          FROM pg_class c
-                          WHERE c.oid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t)))",
-            &[&names],
+                     AND coalesce((SELECT bool_and(c.oid IS NOT NULL
+                                                   AND pg_has_role(current_user, c.relowner, 'USAGE'))
+                                   FROM unnest($1::text[], $2::text[]) AS t(schema, name)
+                                   LEFT JOIN pg_namespace n ON n.nspname = t.schema
+                                   LEFT JOIN pg_class c
+                                          ON c.relnamespace = n.oid AND c.relname = t.name), true))",
+            &[&schemas, &names],
         )
         .await?
         .get(0);

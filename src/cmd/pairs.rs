@@ -14,9 +14,11 @@
 //! - **extra**: in the inbox, made by none of the sources read;
 //! - **refused**: in a source, with a value the inbox's column refuses (a data
 //!   exception, SQLSTATE class 22, e.g. `"x"` for a `numeric`). The pipeline
-//!   dead-letters such an event (`apply_failed`), so it is reported apart, never
-//!   counted missing and never copied. It is found by bisecting a batch whose compare
-//!   statement fails that way, so one bad event never stops the comparison.
+//!   dead-letters such an event (`apply_failed`), so it is reported apart with the
+//!   server's reason and never copied; the inbox still lacks it, so it is a
+//!   difference (a person fixes the event or the mapping). It is found by bisecting a
+//!   batch whose compare statement fails that way, so one bad event never stops the
+//!   comparison of the others.
 //!
 //! # Invariants
 //! 1. Read-only on both sides, except `reconcile` without `--dry-run`, which only adds
@@ -130,7 +132,7 @@ impl PairReport {
         } else {
             self.missing_count
         };
-        missing == 0 && self.extra_count == 0 && self.changed_count == 0
+        missing == 0 && self.extra_count == 0 && self.changed_count == 0 && self.refused_count == 0
     }
 
     pub fn render(&self, verb: &str) -> String {
@@ -168,7 +170,7 @@ impl PairReport {
         if self.refused_count > 0 {
             let _ = write!(
                 out,
-                "\n  refused by the inbox's columns (dead letters of the pipeline, never copied): {}",
+                "\n  refused by the inbox's columns (the pipeline dead-letters them; fix the event or the mapping, never copied): {}",
                 self.refused_count
             );
             for r in &self.refused_sample {
@@ -374,9 +376,13 @@ impl Pair {
                 })?;
         for (index, error) in refused {
             self.report.source_events += 1;
+            // As the source gives it (the id itself may be what the cast refused).
+            let id = events[index].values[table.id].clone().unwrap_or_default();
+            if !self.ids.insert(id.clone()) {
+                continue; // two source rows with one event id: counted once
+            }
             self.report.refused_count += 1;
             if self.report.refused_sample.len() < SAMPLE {
-                let id = events[index].values[table.id].clone().unwrap_or_default();
                 self.report.refused_sample.push(RefusedEvent { id, error });
             }
         }
