@@ -411,6 +411,8 @@ async fn a_broken_inbox_stops_the_sink_with_exit_2_and_commits_nothing() {
 #[tokio::test]
 async fn direct_mode_feeds_the_same_inbox_from_routes_through_kills() {
     let dbs = TestDbs::new().await;
+    // A team's own pg_end (`migrate --relay-only`): none of the ledger's tables.
+    exec(&dbs, "DROP SCHEMA main CASCADE").await;
     exec(&dbs, INBOX_SQL).await;
     let publication = random_name("inbox_pub");
     let prefix = random_name("orders");
@@ -486,6 +488,22 @@ async fn direct_mode_feeds_the_same_inbox_from_routes_through_kills() {
             relay = spawn();
         }
     }
+    // One source transaction larger than a batch (50): it streams into one pg_end
+    // transaction left open.
+    let mut sql = String::from("BEGIN;");
+    for _ in 0..120 {
+        n += 1;
+        let aggregate = format!("order-{}", n % 5);
+        sql.push_str(&format!(
+            "INSERT INTO app.outbox VALUES ('{}', 'Order', '{aggregate}', 'Created', '{{\"amount\": {n}}}');",
+            uuid(n)
+        ));
+        let e = expected.entry(aggregate).or_default();
+        e.0 += 1;
+        e.1 += n as i64;
+    }
+    sql.push_str("COMMIT;");
+    source.batch_execute(&sql).await.unwrap();
     // Bad input: an amount the handler refuses, and a non-transactional message.
     source
         .batch_execute(&format!(
@@ -512,7 +530,7 @@ async fn direct_mode_feeds_the_same_inbox_from_routes_through_kills() {
     assert_eq!(counters(&dbs).await, want);
     assert_eq!(
         count(&dbs.target_url, "SELECT count(*) FROM inbox.events").await,
-        480
+        600
     );
     assert_eq!(
         dead_letter_kinds(&dbs).await,
