@@ -456,30 +456,35 @@ async fn direct_mode_feeds_the_same_inbox_from_routes_through_kills() {
     })
     .await;
 
+    // Event n: aggregate order-(n % 5), amount n; counted into `expected`.
+    fn expect(expected: &mut BTreeMap<String, (i64, i64)>, n: u64) -> String {
+        let aggregate = format!("order-{}", n % 5);
+        let e = expected.entry(aggregate.clone()).or_default();
+        e.0 += 1;
+        e.1 += n as i64;
+        aggregate
+    }
+    fn outbox_insert(expected: &mut BTreeMap<String, (i64, i64)>, n: u64) -> String {
+        let aggregate = expect(expected, n);
+        format!(
+            "INSERT INTO app.outbox VALUES ('{}', 'Order', '{aggregate}', 'Created', '{{\"amount\": {n}}}');",
+            uuid(n)
+        )
+    }
     let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     let mut n = 0u64;
     for t in 0..120u64 {
         let mut sql = String::from("BEGIN;");
         for _ in 0..3 {
             n += 1;
-            let aggregate = format!("order-{}", n % 5);
-            sql.push_str(&format!(
-                "INSERT INTO app.outbox VALUES ('{}', 'Order', '{aggregate}', 'Created', '{{\"amount\": {n}}}');",
-                uuid(n)
-            ));
-            let e = expected.entry(aggregate).or_default();
-            e.0 += 1;
-            e.1 += n as i64;
+            sql.push_str(&outbox_insert(&mut expected, n));
         }
         n += 1;
-        let aggregate = format!("order-{}", n % 5);
+        let aggregate = expect(&mut expected, n);
         sql.push_str(&format!(
             "SELECT pg_logical_emit_message(true, '{prefix}', '{{\"id\": \"{}\", \"aggregatetype\": \"Order\", \"aggregateid\": \"{aggregate}\", \"payload\": {{\"amount\": {n}}}}}');",
             uuid(n)
         ));
-        let e = expected.entry(aggregate).or_default();
-        e.0 += 1;
-        e.1 += n as i64;
         sql.push_str("COMMIT;");
         source.batch_execute(&sql).await.unwrap();
         if t == 40 || t == 80 {
@@ -493,14 +498,7 @@ async fn direct_mode_feeds_the_same_inbox_from_routes_through_kills() {
     let mut sql = String::from("BEGIN;");
     for _ in 0..120 {
         n += 1;
-        let aggregate = format!("order-{}", n % 5);
-        sql.push_str(&format!(
-            "INSERT INTO app.outbox VALUES ('{}', 'Order', '{aggregate}', 'Created', '{{\"amount\": {n}}}');",
-            uuid(n)
-        ));
-        let e = expected.entry(aggregate).or_default();
-        e.0 += 1;
-        e.1 += n as i64;
+        sql.push_str(&outbox_insert(&mut expected, n));
     }
     sql.push_str("COMMIT;");
     source.batch_execute(&sql).await.unwrap();

@@ -801,14 +801,11 @@ async fn apply_in(
     let mut tx = scope.begin().await?;
     // The common case first, with nothing to undo but the transaction itself: a
     // savepoint around it cost pg_end 5-15% of the batch (a subtransaction).
-    let ledger = if records.is_empty() {
-        None
+    let first = if records.is_empty() {
+        Ok(())
     } else {
-        Some(statements.ledger()?)
-    };
-    let first = match ledger {
-        None => Ok(()),
-        Some(ledger) => insert_new(&tx, ledger, &records, &mut outcome, pending.as_mut()).await,
+        let ledger = statements.ledger()?;
+        insert_new(&tx, ledger, &records, &mut outcome, pending.as_mut()).await
     };
     if let Err(error) = first {
         if error::pg::classify(&error) == ErrorClass::Transient {
@@ -1116,7 +1113,7 @@ async fn apply_records(
 }
 
 /// The error text of a refused statement, with its SQLSTATE.
-fn db_error_text(error: &tokio_postgres::Error) -> String {
+pub(crate) fn db_error_text(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => error.to_string(),

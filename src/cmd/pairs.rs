@@ -219,11 +219,7 @@ async fn compare_isolating(
             })),
             Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
                 if end - start == 1 {
-                    let reason = match e.as_db_error() {
-                        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-                        None => e.to_string(),
-                    };
-                    refused.push((start, reason));
+                    refused.push((start, crate::apply::db_error_text(&e)));
                 } else {
                     let middle = start + (end - start) / 2;
                     ranges.push((middle, end));
