@@ -105,6 +105,8 @@ async fn configuration_file_environment_and_flags_take_effect_in_that_order() {
 
 #[tokio::test]
 async fn check_passes_on_the_stack_and_says_who_creates_a_missing_publication() {
+    // `check` connects once, without retrying: not while another test stops pg_start.
+    let _lock = common::fault_lock().await;
     let dbs = TestDbs::new().await;
     let check = |last: &[&str]| {
         let args: [&str; 5] = [
@@ -229,6 +231,8 @@ async fn check_passes_on_the_stack_and_says_who_creates_a_missing_publication() 
 /// names what is missing without the inbox or with a wrong one.
 #[tokio::test]
 async fn own_outbox_and_inbox_need_only_the_relay_s_schema() {
+    // `check` connects once, without retrying: not while another test stops pg_start.
+    let _lock = common::fault_lock().await;
     let dbs = TestDbs::new().await;
     dbs.target()
         .await
