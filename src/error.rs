@@ -36,10 +36,20 @@ pub mod pg {
     /// Transient: no SQLSTATE (I/O, a closed connection, a timeout), connection
     /// exceptions (08), insufficient resources (53), operator intervention (57: a
     /// shutdown, a crash), system errors (58), serialization failures, deadlocks, locks
-    /// not available and objects in use. Definite: everything else.
+    /// not available and objects in use. Definite: everything else, and a value that
+    /// does not convert between its Rust and PostgreSQL types (no SQLSTATE either: the
+    /// client refuses it, and it would refuse it again on every retry).
     pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
         let Some(db) = error.as_db_error() else {
-            return ErrorClass::Transient;
+            let conversion = std::error::Error::source(error).is_some_and(|cause| {
+                cause.is::<tokio_postgres::types::WrongType>()
+                    || cause.is::<tokio_postgres::types::WasNull>()
+            });
+            return if conversion {
+                ErrorClass::Definite
+            } else {
+                ErrorClass::Transient
+            };
         };
         let code = db.code();
         let class = &code.code()[..2];

@@ -47,6 +47,97 @@ async fn load_writes_each_transaction_to_ledger_outbox_and_balance() {
 }
 
 #[tokio::test]
+async fn load_with_rows_per_transaction_writes_each_as_one_source_transaction() {
+    let dbs = TestDbs::new().await;
+    let args = LoadArgs {
+        rows_per_transaction: 301,
+        concurrency: 2,
+        ..LoadArgs::count(&dbs.source_url, 4)
+    };
+    let summary = outbox_relay::cmd::load::run(&args).await.unwrap();
+    assert_eq!(summary.committed, 4);
+
+    for table in ["main.transactions", "outbox.transactions"] {
+        let sql = format!("SELECT count(*) FROM {table}");
+        assert_eq!(count(&dbs.source_url, &sql).await, 4 * 301, "{table}");
+        // One source transaction per 301 rows, its ids consecutive.
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT xmin::text, max(id) - min(id), count(*) FROM {table}
+             GROUP BY 1 HAVING max(id) - min(id) = 300 AND count(*) = 301) t"
+        );
+        assert_eq!(count(&dbs.source_url, &sql).await, 4, "{table}");
+    }
+    let bad = "SELECT count(*) FROM main.transactions
+               WHERE account_id NOT BETWEEN 1 AND 10 OR abs(amount) NOT BETWEEN 10 AND 100";
+    assert_eq!(count(&dbs.source_url, bad).await, 0);
+    let report = dbs.verify().await;
+    assert!(report.source_drift.is_empty(), "{}", report.render());
+}
+
+/// A run with --duration lasts its duration even when its rate gives it a single
+/// transaction: back-to-back runs then keep the rate (the chaos runner writes its large
+/// transactions so; a run that ended after its one transaction made them back to back).
+#[tokio::test]
+async fn load_at_a_rate_below_one_per_duration_writes_one_and_lasts_the_duration() {
+    let dbs = TestDbs::new().await;
+    let args = LoadArgs {
+        rate: 0.25,
+        count: None,
+        duration: Some(2.0),
+        concurrency: 1,
+        ..LoadArgs::count(&dbs.source_url, 0)
+    };
+    let started = std::time::Instant::now();
+    let summary = outbox_relay::cmd::load::run(&args).await.unwrap();
+    assert_eq!(summary.committed, 1);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        count(&dbs.source_url, "SELECT count(*) FROM main.transactions").await,
+        1
+    );
+}
+
+/// A value the client cannot convert has no SQLSTATE, like a lost connection, but no
+/// retry cures it: it must stop the command (found when `load` retried a parameter of
+/// the wrong type for ten minutes).
+#[tokio::test]
+async fn a_type_mismatch_is_a_definite_error_and_a_lost_connection_is_not() {
+    use outbox_relay::error::{pg::classify, ErrorClass};
+    let dbs = TestDbs::new().await;
+    let source = dbs.source().await;
+    let wrong_parameter = source
+        .execute("SELECT $1::int4", &[&1i64])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        classify(&wrong_parameter),
+        ErrorClass::Definite,
+        "{wrong_parameter}"
+    );
+    let row = source
+        .query_one("SELECT 1::int8, NULL::int4", &[])
+        .await
+        .unwrap();
+    let wrong_column = row.try_get::<_, i32>(0).unwrap_err();
+    assert_eq!(
+        classify(&wrong_column),
+        ErrorClass::Definite,
+        "{wrong_column}"
+    );
+    let null = row.try_get::<_, i32>(1).unwrap_err();
+    assert_eq!(classify(&null), ErrorClass::Definite, "{null}");
+    let refused = tokio_postgres::connect("host=127.0.0.1 port=1 user=x", tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("nothing listens on port 1");
+    assert_eq!(classify(&refused), ErrorClass::Transient, "{refused}");
+}
+
+#[tokio::test]
 async fn verify_passes_on_equal_databases() {
     let dbs = TestDbs::new().await;
     load(&dbs, 300).await;

@@ -1116,7 +1116,7 @@ async fn apply_records(
 pub(crate) fn db_error_text(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
+        None => crate::error::error_chain(error),
     }
 }
 

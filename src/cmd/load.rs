@@ -4,6 +4,12 @@
 //! trip): insert into `main.transactions`, the same row into `outbox.transactions`, and
 //! add the amount to the account's `main.balance`.
 //!
+//! With `--rows-per-transaction R` (R > 1) each source transaction inserts R rows instead,
+//! still in one statement: ids `base..base+R`, accounts taken in turn, amounts of
+//! alternating sign, and each touched account's balance moved by its rows' sum. Such a
+//! transaction, larger than the relay's `--batch-size`, is what the relay streams into
+//! one open destination transaction (the chaos runner writes some beside the small ones).
+//!
 //! Invariant: a transaction is counted at most once, through any outage of pg_start.
 //! The id is chosen by the client before the first attempt and kept for every retry; a
 //! retry that hits the primary key means an earlier attempt committed (its reply was
@@ -40,6 +46,25 @@ ON CONFLICT (account_id) DO UPDATE
     SET current_balance = b.current_balance + EXCLUDED.current_balance,
         updated_at = EXCLUDED.updated_at";
 
+/// Inserts one transaction of `$6` rows: ids `$1..$1+$6`, accounts from `$2` on in
+/// turn (modulo `$5`), amounts `$3` and `-$3` alternately, one balance upsert per account.
+const INSERT_BULK: &str = "\
+WITH t AS (
+    INSERT INTO main.transactions (id, account_id, amount, created_at)
+    SELECT $1::int8 + g, 1 + ($2::int8 - 1 + g) % $5::int8,
+           CASE WHEN g % 2 = 0 THEN $3::int8 ELSE -$3::int8 END, $4::text::timestamp
+    FROM generate_series(0::int8, $6::int8 - 1) AS g
+    RETURNING id, account_id, amount, created_at
+), o AS (
+    INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+    SELECT id, account_id, amount, created_at FROM t
+)
+INSERT INTO main.balance AS b (account_id, current_balance, updated_at)
+SELECT account_id, sum(amount), max(created_at) FROM t GROUP BY account_id
+ON CONFLICT (account_id) DO UPDATE
+    SET current_balance = b.current_balance + EXCLUDED.current_balance,
+        updated_at = EXCLUDED.updated_at";
+
 /// Options of `outbox-relay load`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
@@ -60,6 +85,11 @@ pub struct LoadArgs {
     /// Accounts are numbered 1..=ACCOUNTS.
     #[arg(long, default_value_t = 10)]
     pub accounts: i64,
+    /// Rows each source transaction inserts (ids, accounts and balances as one
+    /// transaction of that many rows); above the relay's `--batch-size` it is a large
+    /// source transaction.
+    #[arg(long, default_value_t = 1)]
+    pub rows_per_transaction: u32,
     /// Give up on a single transaction after retrying it this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub give_up_after: f64,
@@ -80,6 +110,7 @@ impl LoadArgs {
             duration: None,
             concurrency: 4,
             accounts: 10,
+            rows_per_transaction: 1,
             give_up_after: 600.0,
             progress_every: 0.0,
         }
@@ -112,23 +143,30 @@ pub struct LoadSummary {
     pub elapsed_secs: f64,
 }
 
-/// One seed-shaped source transaction.
+/// One seed-shaped source transaction: one row, or `rows` rows from `id` on.
 #[derive(Debug, Clone)]
 pub struct SourceTxn {
     pub id: i64,
     pub account_id: i64,
     pub amount: i64,
     pub created_at: String,
+    pub rows: i64,
+    /// The accounts a transaction of several rows takes in turn.
+    pub accounts: i64,
 }
 
 impl SourceTxn {
     /// A random transaction with the seed's value ranges: a client-made signed 64-bit
     /// id, an account in 1..=accounts, an amount that is a multiple of 10 in 10..=100
     /// with a random sign, and the client's local time.
-    pub fn random(rng: &mut impl Rng, accounts: i64) -> Self {
+    /// With `rows` > 1 the ids `id..id+rows` are all in range.
+    pub fn random(rng: &mut impl Rng, accounts: i64, rows: i64) -> Self {
         let sign = if rng.random_bool(0.5) { 1 } else { -1 };
+        let rows = rows.max(1);
         Self {
-            id: rng.random(),
+            id: rng.random_range(i64::MIN..=i64::MAX - (rows - 1)),
+            rows,
+            accounts: accounts.max(1),
             account_id: rng.random_range(1..=accounts.max(1)),
             amount: sign * 10 * rng.random_range(1..=10i64),
             created_at: chrono::Local::now()
@@ -156,6 +194,11 @@ pub async fn run(args: &LoadArgs) -> Result<LoadSummary, LoadError> {
     }
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         return Err(LoadError::InvalidOption("--rate must be >= 0".into()));
+    }
+    if args.rows_per_transaction < 1 {
+        return Err(LoadError::InvalidOption(
+            "--rows-per-transaction must be at least 1".into(),
+        ));
     }
     if args.accounts < 1 {
         return Err(LoadError::InvalidOption(
@@ -205,23 +248,30 @@ pub async fn run(args: &LoadArgs) -> Result<LoadSummary, LoadError> {
         };
         let (next, stop) = (next.clone(), stop.clone());
         let (rate, accounts) = (args.rate, args.accounts);
+        let rows = i64::from(args.rows_per_transaction);
         workers.spawn(async move {
             let mut worker = worker;
             loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
-                if stop.load(Ordering::Relaxed)
-                    || count.is_some_and(|c| k >= c)
-                    || deadline.is_some_and(|d| Instant::now() >= d)
-                {
+                // Transaction k is due at start + k / rate: one schedule shared by all
+                // workers, so the rate holds whatever the concurrency. One due at or
+                // after the deadline is not written, and the run still lasts until the
+                // deadline: at a rate below one per --duration, back-to-back runs keep
+                // the rate.
+                let due = (rate > 0.0).then(|| start + Duration::from_secs_f64(k as f64 / rate));
+                if stop.load(Ordering::Relaxed) || count.is_some_and(|c| k >= c) {
                     return Ok(());
                 }
-                if rate > 0.0 {
-                    // Transaction k is due at start + k / rate: one schedule shared by
-                    // all workers, so the rate holds whatever the concurrency.
-                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                if let Some(deadline) = deadline {
+                    if due.unwrap_or_else(Instant::now) >= deadline {
+                        tokio::time::sleep_until(deadline.into()).await;
+                        return Ok(());
+                    }
+                }
+                if let Some(due) = due {
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let txn = SourceTxn::random(&mut rand::rng(), accounts);
+                let txn = SourceTxn::random(&mut rand::rng(), accounts, rows);
                 if let Err(error) = worker.write(&txn).await {
                     stop.store(true, Ordering::Relaxed);
                     return Err(error);
@@ -282,7 +332,7 @@ impl Worker {
                     }
                     // A first attempt collided with an older transaction's id (about
                     // one chance in 2^64 per pair): nothing was written, draw a new id.
-                    txn.id = rand::rng().random();
+                    txn.id = rand::rng().random_range(i64::MIN..=i64::MAX - (txn.rows - 1));
                 }
                 Err(error) if error::pg::classify(&error) == ErrorClass::Transient => {
                     tracing::debug!(%error, id = txn.id, "transient error, retrying the same transaction");
@@ -309,16 +359,37 @@ impl Worker {
             Some(connected) => connected,
             None => {
                 let client = pg::connect(&self.url).await?;
-                let statement = client.prepare(INSERT_TXN).await?;
+                let sql = if txn.rows > 1 {
+                    INSERT_BULK
+                } else {
+                    INSERT_TXN
+                };
+                let statement = client.prepare(sql).await?;
                 (client, statement)
             }
         };
-        let result = client
-            .execute(
-                &statement,
-                &[&txn.id, &txn.account_id, &txn.amount, &txn.created_at],
-            )
-            .await;
+        let result = if txn.rows > 1 {
+            client
+                .execute(
+                    &statement,
+                    &[
+                        &txn.id,
+                        &txn.account_id,
+                        &txn.amount,
+                        &txn.created_at,
+                        &txn.accounts,
+                        &txn.rows,
+                    ],
+                )
+                .await
+        } else {
+            client
+                .execute(
+                    &statement,
+                    &[&txn.id, &txn.account_id, &txn.amount, &txn.created_at],
+                )
+                .await
+        };
         self.client = Some((client, statement));
         result?;
         Ok(())

@@ -469,9 +469,10 @@ pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), S
     if state.wal_status.as_deref() == Some("lost") {
         return Err(SourceError::Definite(format!(
             "slot {slot} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, \
-             so transactions may be missing from Kafka. Recover: run `outbox-relay reconcile` to \
-             copy what pg_end lacks, then drop the slot (SELECT pg_drop_replication_slot('{slot}')) \
-             and start the connector with a new --slot"
+             so transactions in it may never reach the destination (Kafka, or pg_end in direct \
+             mode). Recover (docs/operations.md, \"Slot lost or invalidated\"): drop the slot \
+             (SELECT pg_drop_replication_slot('{slot}')), start this relay with a new --slot, \
+             then run `outbox-relay reconcile` to copy what pg_end lacks"
         )));
     }
     Ok(())

@@ -98,6 +98,14 @@ pub struct ChaosArgs {
     /// Source transactions per second written by the load, per scenario.
     #[arg(long, default_value_t = 40.0)]
     pub rate: f64,
+    /// Rows of each large source transaction the load writes beside the small ones,
+    /// per scenario (above the relays' `--batch-size` of 5000, each is streamed into
+    /// one open destination transaction); 0 writes none.
+    #[arg(long, default_value_t = 6000)]
+    pub large_rows: u32,
+    /// Seconds between two large source transactions of a scenario.
+    #[arg(long, default_value_t = 30.0)]
+    pub large_every: f64,
     /// The PostgreSQL major version of the stack instance (`scripts/stack up --pg`).
     /// `pg-start-failover` needs 17 or newer (failover slots): with an older one `all`
     /// leaves it out.
@@ -729,12 +737,29 @@ impl Observers {
                 run.witness_commits.clone(),
                 stop_sampling.clone(),
             ));
-            loads.push(tokio::spawn(steady_load(
-                run.source_url.clone(),
-                args.rate,
-                args.duration,
-                lanes_done.clone(),
-            )));
+            let url = run.source_url.clone();
+            let large = (args.large_rows > 1 && args.large_every > 0.0)
+                .then_some((args.large_rows, args.large_every));
+            let (rate, min_secs, done) = (args.rate, args.duration, lanes_done.clone());
+            loads.push(tokio::spawn(async move {
+                let small = steady_load(url.clone(), rate, 1, 5.0, min_secs, done.clone());
+                let large = async {
+                    match large {
+                        Some((rows, every)) => {
+                            steady_load(url.clone(), 1.0 / every, rows, every, min_secs, done).await
+                        }
+                        None => LoadSummary::default(),
+                    }
+                };
+                let (small, large) = tokio::join!(small, large);
+                LoadSummary {
+                    committed: small.committed + large.committed,
+                    found_committed: small.found_committed + large.found_committed,
+                    retried: small.retried + large.retried,
+                    failed: small.failed + large.failed,
+                    elapsed_secs: small.elapsed_secs.max(large.elapsed_secs),
+                }
+            }));
         }
         Self {
             stop_sampling,
@@ -935,13 +960,16 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes `rate` transactions per second into `source_url` for at least `min_secs`
-/// and until the fault lanes are done, in chunks of [`load::run`] (each a few seconds,
-/// so the load ends soon after the last fault). A chunk that fails (pg_start refusing
-/// for longer than the generator's patience) is logged and the next one starts.
+/// Writes `rate` transactions of `rows` rows per second into `source_url` for at
+/// least `min_secs` and until the fault lanes are done, in chunks of [`load::run`] of
+/// `chunk_secs` each (a few seconds, so the load ends soon after the last fault). A
+/// chunk that fails (pg_start refusing for longer than the generator's patience) is
+/// logged and the next one starts.
 async fn steady_load(
     source_url: String,
     rate: f64,
+    rows: u32,
+    chunk_secs: f64,
     min_secs: f64,
     done: Arc<AtomicBool>,
 ) -> LoadSummary {
@@ -954,9 +982,10 @@ async fn steady_load(
             },
             rate,
             count: None,
-            duration: Some(5.0),
-            concurrency: 4,
+            duration: Some(chunk_secs),
+            concurrency: if rows > 1 { 1 } else { 4 },
             accounts: 10,
+            rows_per_transaction: rows,
             give_up_after: 900.0,
             progress_every: 0.0,
         };
@@ -1904,6 +1933,8 @@ chaos: FAIL"#;
             scenarios,
             faults: faults.iter().map(|f| f.to_string()).collect(),
             rate: 1.0,
+            large_rows: 0,
+            large_every: 30.0,
             pg: 15,
             stack_dir: PathBuf::new(),
             port_offset: 0,
