@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use thiserror::Error;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::SourceArgs;
@@ -143,6 +144,18 @@ pub struct LoadSummary {
     pub elapsed_secs: f64,
 }
 
+impl LoadSummary {
+    /// Adds the counts of `other`, a run beside or after this one; the elapsed time is
+    /// the longer of the two.
+    pub fn absorb(&mut self, other: &LoadSummary) {
+        self.committed += other.committed;
+        self.found_committed += other.found_committed;
+        self.retried += other.retried;
+        self.failed += other.failed;
+        self.elapsed_secs = self.elapsed_secs.max(other.elapsed_secs);
+    }
+}
+
 /// One seed-shaped source transaction: one row, or `rows` rows from `id` on.
 #[derive(Debug, Clone)]
 pub struct SourceTxn {
@@ -164,7 +177,7 @@ impl SourceTxn {
         let sign = if rng.random_bool(0.5) { 1 } else { -1 };
         let rows = rows.max(1);
         Self {
-            id: rng.random_range(i64::MIN..=i64::MAX - (rows - 1)),
+            id: Self::first_id(rng, rows),
             rows,
             accounts: accounts.max(1),
             account_id: rng.random_range(1..=accounts.max(1)),
@@ -173,6 +186,21 @@ impl SourceTxn {
                 .naive_local()
                 .format("%Y-%m-%d %H:%M:%S%.6f")
                 .to_string(),
+        }
+    }
+
+    /// A random first id such that the ids `id..id+rows` are all in range.
+    fn first_id(rng: &mut impl Rng, rows: i64) -> i64 {
+        rng.random_range(i64::MIN..=i64::MAX - (rows - 1))
+    }
+
+    /// The statement that writes this transaction, and how many of
+    /// [`SourceTxn::params`] it takes.
+    fn statement(&self) -> (&'static str, usize) {
+        if self.rows > 1 {
+            (INSERT_BULK, 6)
+        } else {
+            (INSERT_TXN, 4)
         }
     }
 }
@@ -332,7 +360,7 @@ impl Worker {
                     }
                     // A first attempt collided with an older transaction's id (about
                     // one chance in 2^64 per pair): nothing was written, draw a new id.
-                    txn.id = rand::rng().random_range(i64::MIN..=i64::MAX - (txn.rows - 1));
+                    txn.id = SourceTxn::first_id(&mut rand::rng(), txn.rows);
                 }
                 Err(error) if error::pg::classify(&error) == ErrorClass::Transient => {
                     tracing::debug!(%error, id = txn.id, "transient error, retrying the same transaction");
@@ -359,37 +387,22 @@ impl Worker {
             Some(connected) => connected,
             None => {
                 let client = pg::connect(&self.url).await?;
-                let sql = if txn.rows > 1 {
-                    INSERT_BULK
-                } else {
-                    INSERT_TXN
-                };
-                let statement = client.prepare(sql).await?;
+                let statement = client.prepare(txn.statement().0).await?;
                 (client, statement)
             }
         };
-        let result = if txn.rows > 1 {
-            client
-                .execute(
-                    &statement,
-                    &[
-                        &txn.id,
-                        &txn.account_id,
-                        &txn.amount,
-                        &txn.created_at,
-                        &txn.accounts,
-                        &txn.rows,
-                    ],
-                )
-                .await
-        } else {
-            client
-                .execute(
-                    &statement,
-                    &[&txn.id, &txn.account_id, &txn.amount, &txn.created_at],
-                )
-                .await
-        };
+        // INSERT_BULK's parameters begin with INSERT_TXN's.
+        let params: [&(dyn ToSql + Sync); 6] = [
+            &txn.id,
+            &txn.account_id,
+            &txn.amount,
+            &txn.created_at,
+            &txn.accounts,
+            &txn.rows,
+        ];
+        let result = client
+            .execute(&statement, &params[..txn.statement().1])
+            .await;
         self.client = Some((client, statement));
         result?;
         Ok(())

@@ -751,14 +751,9 @@ impl Observers {
                         None => LoadSummary::default(),
                     }
                 };
-                let (small, large) = tokio::join!(small, large);
-                LoadSummary {
-                    committed: small.committed + large.committed,
-                    found_committed: small.found_committed + large.found_committed,
-                    retried: small.retried + large.retried,
-                    failed: small.failed + large.failed,
-                    elapsed_secs: small.elapsed_secs.max(large.elapsed_secs),
-                }
+                let (mut small, large) = tokio::join!(small, large);
+                small.absorb(&large);
+                small
             }));
         }
         Self {
@@ -990,12 +985,7 @@ async fn steady_load(
             progress_every: 0.0,
         };
         match load::run(&args).await {
-            Ok(s) => {
-                total.committed += s.committed;
-                total.found_committed += s.found_committed;
-                total.retried += s.retried;
-                total.failed += s.failed;
-            }
+            Ok(s) => total.absorb(&s),
             Err(error) => {
                 eprintln!("chaos: load chunk failed: {error}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
