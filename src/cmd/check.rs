@@ -212,6 +212,15 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
         };
         lines.push(line(&format!("pg_start: slot {slot}"), result));
     }
+    // Informational: what invalidates a slot, so the operator can size it against how
+    // long a relay may be down.
+    lines.push(CheckLine {
+        check: "pg_start: slot retention".into(),
+        ok: true,
+        detail: source::slot_retention(&client)
+            .await
+            .unwrap_or_else(|e| format!("unknown: {}", err(e))),
+    });
     // Informational: most deployments have no standby of pg_start, and the relay runs
     // the same either way (a lost slot is detected and stops it).
     let failover =

@@ -10,8 +10,8 @@
 //!
 //! Invariant: status only reads (no slot, topic, group or row is created or moved), and
 //! a component that is down makes its own part say `unreachable: <error>` while the
-//! others are still shown; the command then exits 1. A lost slot (`wal_status = lost`)
-//! is a problem too. What needs a look but is not an outage (dead letters, a slot with
+//! others are still shown; the command then exits 1. An invalidated slot (`wal_status =
+//! lost`, or an `invalidation_reason`: see [`source::invalidation`]) is a problem too. What needs a look but is not an outage (dead letters, a slot with
 //! no walsender, a missing slot) is a warning.
 //!
 //! The sink's lag per partition is `high watermark - 1 - last stored offset`. On a
@@ -33,6 +33,7 @@ use crate::error::error_chain;
 use crate::kafka;
 use crate::pg;
 use crate::progress::{BackfillProgress, ProgressState, SnapshotProgress};
+use crate::source;
 
 /// Options of `outbox-relay status`.
 #[derive(clap::Args, Debug, Clone)]
@@ -128,6 +129,9 @@ pub struct SlotStatus {
     pub lag_bytes: Option<i64>,
     /// `reserved`, `extended`, `unreserved` (about to be lost) or `lost`.
     pub wal_status: Option<String>,
+    /// Why PostgreSQL invalidated the slot (17+: `wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`, 18: `idle_timeout`); `None` for a valid slot.
+    pub invalidation_reason: Option<String>,
     /// Bytes of WAL that can still be written before the slot is lost (with
     /// `max_slot_wal_keep_size`), or `None` when unlimited.
     pub safe_wal_size: Option<i64>,
@@ -247,7 +251,8 @@ SELECT s.name, s.ord, r.database::text, r.plugin::text, coalesce(r.active, false
        r.wal_status, r.safe_wal_size::int8, r.slot_name IS NOT NULL,
        ARRAY(SELECT a.pid::text || '@' || coalesce(host(a.client_addr), 'local')
              FROM pg_stat_activity a
-             WHERE a.application_name = 'outbox-relay standby:' || s.name ORDER BY a.pid)
+             WHERE a.application_name = 'outbox-relay standby:' || s.name ORDER BY a.pid),
+       to_jsonb(r) ->> 'invalidation_reason'
 FROM unnest($1::text[]) WITH ORDINALITY AS s(name, ord)
 LEFT JOIN pg_replication_slots r ON r.slot_name = s.name
 ORDER BY s.ord";
@@ -336,6 +341,7 @@ async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
             safe_wal_size: r.try_get(9).map_err(query_error)?,
             exists: r.try_get(10).map_err(query_error)?,
             standbys: r.try_get(11).map_err(query_error)?,
+            invalidation_reason: r.try_get(12).map_err(query_error)?,
         });
     }
     Ok(SourceStatus {
@@ -438,7 +444,21 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
 async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
     let url = &args.target.target_url;
     let client = connect(url).await?;
-    let query_error = |e: tokio_postgres::Error| error_chain(&e);
+    let query_error = |e: tokio_postgres::Error| {
+        let missing = e.code().is_some_and(|c| {
+            *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                || *c == tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME
+        });
+        if missing {
+            format!(
+                "{}: the relay's tables are not there; run `outbox-relay migrate` (the ledger) \
+                 or `outbox-relay migrate --relay-only` (your own inboxes)",
+                error_chain(&e)
+            )
+        } else {
+            error_chain(&e)
+        }
+    };
     let offsets = client
         .query(SINK_OFFSETS, &[&args.kafka.topic])
         .await
@@ -555,18 +575,21 @@ fn judge(args: &StatusArgs, report: &mut StatusReport) {
             if !slot.exists {
                 continue;
             }
-            match slot.wal_status.as_deref() {
-                Some("lost") => problems.push(format!(
-                    "slot {} is lost (wal_status = lost): PostgreSQL removed WAL it needed; \
-                     recover with `outbox-relay reconcile` and a new slot (docs/operations.md)",
+            if let Some(cause) = source::invalidation(
+                slot.wal_status.as_deref(),
+                slot.invalidation_reason.as_deref(),
+            ) {
+                problems.push(format!(
+                    "slot {} is invalidated: {cause}; recover with a new slot and \
+                     `outbox-relay reconcile` (docs/operations.md, \"Slot lost or invalidated\")",
                     slot.name
-                )),
-                Some("unreserved") => warnings.push(format!(
+                ));
+            } else if slot.wal_status.as_deref() == Some("unreserved") {
+                warnings.push(format!(
                     "slot {} is about to be lost (wal_status = unreserved): its consumer must \
                      catch up now",
                     slot.name
-                )),
-                _ => {}
+                ));
             }
             if !slot.active {
                 warnings.push(format!(
@@ -691,7 +714,7 @@ fn slot_line(slot: &SlotStatus) -> String {
         return format!("  slot {:<24} ({}) absent", slot.name, slot.role);
     }
     format!(
-        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}{}",
+        "  slot {:<24} ({}) {}  confirmed {}  lag {}  wal_status {}{}{}{}",
         slot.name,
         slot.role,
         match slot.active_pid {
@@ -701,6 +724,10 @@ fn slot_line(slot: &SlotStatus) -> String {
         slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
         slot.lag_bytes.map(bytes).unwrap_or_else(|| "-".into()),
         slot.wal_status.as_deref().unwrap_or("-"),
+        slot.invalidation_reason
+            .as_deref()
+            .map(|r| format!("  invalidated {r}"))
+            .unwrap_or_default(),
         slot.safe_wal_size
             .map(|s| format!("  safe_wal_size {}", bytes(s)))
             .unwrap_or_default(),
@@ -915,6 +942,7 @@ mod tests {
             confirmed_flush_lsn: exists.then(|| "0/1A2B3C4".into()),
             lag_bytes: exists.then_some(1536),
             wal_status: exists.then(|| "reserved".into()),
+            invalidation_reason: None,
             safe_wal_size: active_pid.map(|_| 3 << 30),
             standbys: Vec::new(),
         }
@@ -1002,6 +1030,41 @@ mod tests {
             },
             last_dead_letter_at: None,
         }
+    }
+
+    #[test]
+    fn an_invalidated_slot_is_a_problem_that_names_its_cause() {
+        let mut lost = slot("outbox_relay", "connector", true, None);
+        lost.wal_status = Some("lost".into());
+        lost.invalidation_reason = Some("idle_timeout".into());
+        let mut unreserved = slot("outbox_relay_direct", "direct", true, Some(7));
+        unreserved.wal_status = Some("unreserved".into());
+        let mut r = report(Part::Skipped, vec![]);
+        r.pg_start = Part::Reachable(SourceStatus {
+            url: "u".into(),
+            server_version: "18.1".into(),
+            current_wal_lsn: "0/1".into(),
+            slots: vec![lost, unreserved],
+        });
+        judge(&StatusArgs::new("a", "b", "c", "t"), &mut r);
+        assert!(!r.ok);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(
+            r.problems[0].starts_with("slot outbox_relay is invalidated: it stayed inactive")
+                && r.problems[0].contains("idle_replication_slot_timeout"),
+            "{}",
+            r.problems[0]
+        );
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.starts_with("slot outbox_relay_direct is about to be lost")),
+            "{:?}",
+            r.warnings
+        );
+        assert!(r
+            .render()
+            .contains("wal_status lost  invalidated idle_timeout"));
     }
 
     /// Reports that between them take every branch of `render`.

@@ -759,6 +759,9 @@ impl<D: Destination> Pipeline<D> {
                 Ok(Some(replication))
             }
             Ok(Err(error)) if source::slot_in_use(&error) => Ok(None),
+            Ok(Err(error)) if source::slot_invalidated(&error) => {
+                Err(source::invalidated(&self.slot, &error.to_string()).into())
+            }
             Ok(Err(error)) => Err(PipelineError::Replication(error)),
             Err(_) => Err(SourceError::Transient {
                 context: "pg_start did not start the replication session in time".into(),

@@ -2,9 +2,11 @@
 //! replication session settings.
 //!
 //! Invariant: a slot is created only when it never existed for this relay. A slot that
-//! is missing after the relay used it, or whose WAL was removed (`wal_status = lost`),
-//! is a [`SourceError::Definite`] error that says how to recover: recreating it would
-//! silently skip every transaction written in between.
+//! is missing after the relay used it, or that PostgreSQL invalidated (`wal_status =
+//! lost`: its WAL removed, or on 16 and newer a conflict with recovery, `wal_level`
+//! lowered, or on 18 `idle_replication_slot_timeout`; see [`invalidation`]), is a
+//! [`SourceError::Definite`] error that names the cause and says how to recover:
+//! recreating it would silently skip every transaction written in between.
 
 use std::time::Duration;
 
@@ -150,7 +152,42 @@ pub struct SlotState {
     pub database: Option<String>,
     pub confirmed_flush_lsn: Option<Lsn>,
     pub wal_status: Option<String>,
+    /// `invalidation_reason` (PostgreSQL 17+; `None` before, and for a valid slot).
+    pub invalidation_reason: Option<String>,
     pub active_pid: Option<i32>,
+}
+
+/// Why PostgreSQL invalidated a slot, from what `pg_replication_slots` shows of it;
+/// `None` for a slot still usable. Every invalidated slot shows `wal_status = lost`
+/// (on 16 and newer whatever the cause: seen on 16 for removed WAL and on 18 for
+/// `idle_timeout`); 17 and newer name the cause in `invalidation_reason`, which the
+/// phrase then names, with the setting behind it. On 14 and 15 the only cause is
+/// removed WAL. (16's `conflicting` is true for every invalidated logical slot, so it
+/// tells nothing more.)
+pub fn invalidation(wal_status: Option<&str>, invalidation_reason: Option<&str>) -> Option<String> {
+    let cause = match invalidation_reason {
+        Some("wal_removed") => "PostgreSQL removed WAL it still needed (it fell more than \
+                               max_slot_wal_keep_size behind)"
+            .to_string(),
+        Some("rows_removed") => "a conflict with recovery: rows it still needed were removed \
+                                (a slot synchronised to a standby without \
+                                hot_standby_feedback)"
+            .to_string(),
+        Some("wal_level_insufficient") => {
+            "wal_level on the primary was lowered below logical".to_string()
+        }
+        Some("idle_timeout") => "it stayed inactive longer than idle_replication_slot_timeout \
+                                (raise it, or 0 to turn it off, for slots whose relay may \
+                                be down that long)"
+            .to_string(),
+        Some(other) => format!("PostgreSQL invalidated it (invalidation_reason = {other})"),
+        None if wal_status == Some("lost") => "wal_status = lost: PostgreSQL removed WAL it \
+                                               still needed (most often: it fell more than \
+                                               max_slot_wal_keep_size behind)"
+            .to_string(),
+        None => return None,
+    };
+    Some(cause)
 }
 
 /// Checks the server version, `wal_level`, the outbox table and the publication
@@ -316,8 +353,11 @@ pub async fn check_publication(
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SourceError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status, active_pid
-             FROM pg_replication_slots WHERE slot_name = $1",
+            // Through to_jsonb, the columns newer servers added read as NULL on older
+            // ones: one statement for PostgreSQL 14 to 18.
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status, active_pid,
+                    to_jsonb(s) ->> 'invalidation_reason'
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -328,7 +368,43 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         confirmed_flush_lsn: r.get::<_, Option<String>>(2).and_then(|s| s.parse().ok()),
         wal_status: r.get(3),
         active_pid: r.get(4),
+        invalidation_reason: r.get(5),
     }))
+}
+
+/// What makes pg_start invalidate a slot whose relay is behind or down, in words:
+/// `max_slot_wal_keep_size` (WAL a slot may hold back) and, on PostgreSQL 18,
+/// `idle_replication_slot_timeout` (how long a slot may go unused).
+pub async fn slot_retention(client: &Client) -> Result<String, SourceError> {
+    let rows = client
+        .query(
+            "SELECT name, setting, current_setting(name) FROM pg_settings
+             WHERE name IN ('max_slot_wal_keep_size', 'idle_replication_slot_timeout')
+             ORDER BY name DESC",
+            &[],
+        )
+        .await
+        .map_err(SourceError::query("reading pg_settings"))?;
+    let mut parts = Vec::new();
+    for row in rows {
+        let name: String = row.get(0);
+        let setting: String = row.get(1);
+        let shown: String = row.get(2);
+        parts.push(match (name.as_str(), setting.as_str()) {
+            ("max_slot_wal_keep_size", "-1") => {
+                "max_slot_wal_keep_size unlimited (a relay down long enough fills pg_start's disk)"
+                    .to_string()
+            }
+            ("max_slot_wal_keep_size", _) => {
+                format!("max_slot_wal_keep_size {shown} (a slot further behind is invalidated)")
+            }
+            (_, "0") => "idle_replication_slot_timeout off".to_string(),
+            _ => format!(
+                "idle_replication_slot_timeout {shown} (a relay down longer loses its slot)"
+            ),
+        });
+    }
+    Ok(parts.join("; "))
 }
 
 /// The `application_name` of an instance standing by for `slot`: `status` lists the
@@ -466,16 +542,38 @@ pub fn check_slot(slot: &str, state: &SlotState, database: &str) -> Result<(), S
             state.database
         )));
     }
-    if state.wal_status.as_deref() == Some("lost") {
-        return Err(SourceError::Definite(format!(
-            "slot {slot} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, \
-             so transactions in it may never reach the destination (Kafka, or pg_end in direct \
-             mode). Recover (docs/operations.md, \"Slot lost or invalidated\"): drop the slot \
-             (SELECT pg_drop_replication_slot('{slot}')), start this relay with a new --slot, \
-             then run `outbox-relay reconcile` to copy what pg_end lacks"
-        )));
+    if let Some(cause) = invalidation(
+        state.wal_status.as_deref(),
+        state.invalidation_reason.as_deref(),
+    ) {
+        return Err(invalidated(slot, &cause));
     }
     Ok(())
+}
+
+/// The error for a slot PostgreSQL invalidated (`cause` says why): it needs a person,
+/// and says what to do.
+pub fn invalidated(slot: &str, cause: &str) -> SourceError {
+    SourceError::Definite(format!(
+        "slot {slot} is invalidated: {cause}. Transactions it had not yet delivered may \
+         never reach the destination (Kafka, or pg_end in direct mode). Recover \
+         (docs/operations.md, \"Slot lost or invalidated\"): drop the slot \
+         (SELECT pg_drop_replication_slot('{slot}')), start this relay with a new --slot, \
+         then run `outbox-relay reconcile` to copy what pg_end lacks"
+    ))
+}
+
+/// Whether starting the stream failed because the slot is invalidated (SQLSTATE 55000):
+/// PostgreSQL 14 and 15 say "cannot read from logical replication slot", 16 and 17
+/// "can no longer get changes from replication slot", 18 "can no longer access
+/// replication slot". [`check_slot`] sees most such
+/// slots before the stream starts; this covers one invalidated in between.
+pub fn slot_invalidated(error: &pgwire_replication::PgWireError) -> bool {
+    let pgwire_replication::PgWireError::Server(m) = error else {
+        return false;
+    };
+    m.contains("SQLSTATE 55000")
+        && (m.contains("can no longer") || m.contains("cannot read from logical replication"))
 }
 
 /// Replication session settings for `url`, `slot` and `publication`.
@@ -579,6 +677,62 @@ pub fn database_of(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slot(wal_status: &str, reason: Option<&str>) -> SlotState {
+        SlotState {
+            plugin: Some("pgoutput".into()),
+            database: Some("db_start".into()),
+            confirmed_flush_lsn: None,
+            wal_status: Some(wal_status.into()),
+            invalidation_reason: reason.map(Into::into),
+            active_pid: None,
+        }
+    }
+
+    #[test]
+    fn an_invalidated_slot_is_refused_with_its_cause_on_every_version() {
+        let definite = |state: &SlotState| match check_slot("s", state, "db_start") {
+            Err(SourceError::Definite(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        // 14 to 16: wal_status alone.
+        assert!(check_slot("s", &slot("reserved", None), "db_start").is_ok());
+        assert!(check_slot("s", &slot("unreserved", None), "db_start").is_ok());
+        let m = definite(&slot("lost", None));
+        assert!(
+            m.starts_with("slot s is invalidated: wal_status = lost"),
+            "{m}"
+        );
+        assert!(m.contains("pg_drop_replication_slot('s')") && m.contains("reconcile"));
+        // 17 and 18: the reason by name.
+        for (reason, says) in [
+            ("wal_removed", "max_slot_wal_keep_size"),
+            ("rows_removed", "hot_standby_feedback"),
+            ("wal_level_insufficient", "wal_level"),
+            ("idle_timeout", "idle_replication_slot_timeout"),
+            ("something_new", "invalidation_reason = something_new"),
+        ] {
+            let m = definite(&slot("lost", Some(reason)));
+            assert!(m.contains(says), "{reason}: {m}");
+        }
+    }
+
+    #[test]
+    fn a_stream_refused_for_an_invalidated_slot_is_recognised() {
+        use pgwire_replication::PgWireError;
+        for message in [
+            "can no longer get changes from replication slot \"s\" (SQLSTATE 55000)",
+            "can no longer access replication slot \"s\" (SQLSTATE 55000)",
+            "cannot read from logical replication slot \"s\" (SQLSTATE 55000)",
+        ] {
+            assert!(slot_invalidated(&PgWireError::Server(message.into())));
+        }
+        let in_use = "replication slot \"s\" is active for PID 7 (SQLSTATE 55006)";
+        assert!(!slot_invalidated(&PgWireError::Server(in_use.into())));
+        assert!(!slot_invalidated(&PgWireError::Protocol(
+            "can no longer".into()
+        )));
+    }
 
     #[test]
     fn table_names_are_validated_and_quoted() {
