@@ -10,7 +10,17 @@ use common::{load, random_name, spawn_direct, stack, TestDbs, BROKERS};
 /// The relay with none of the developer's `OUTBOX_RELAY_*` variables (from
 /// `scripts/stack env`): these tests set the environment they mean to test.
 fn relay(args: &[&str]) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    relay_command(Command::new(env!("CARGO_BIN_EXE_outbox-relay")), args)
+}
+
+/// [`relay`], killed after `seconds` (`timeout`'s exit 124) if it has not exited by then.
+fn relay_within(seconds: u32, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new("timeout");
+    command.args([&seconds.to_string(), env!("CARGO_BIN_EXE_outbox-relay")]);
+    relay_command(command, args)
+}
+
+fn relay_command(mut command: Command, args: &[&str]) -> std::process::Output {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("OUTBOX_RELAY_") {
             command.env_remove(name);
@@ -343,14 +353,15 @@ fn pg_bin() -> std::path::PathBuf {
         .unwrap()
 }
 
-/// A throw-away PostgreSQL cluster with `wal_level = replica`, stopped on drop.
-struct ReplicaCluster {
+/// A throw-away PostgreSQL cluster with the given settings (`-c` options), stopped on
+/// drop: for what the stack's servers must not be put through.
+struct ScratchCluster {
     dir: std::path::PathBuf,
     port: u16,
 }
 
-impl ReplicaCluster {
-    fn start() -> Self {
+impl ScratchCluster {
+    fn start(settings: &[&str]) -> Self {
         let dir =
             std::path::PathBuf::from(format!("/var/tmp/{}", random_name("outbox-relay-replica")));
         let port = 8090 + (rand::random::<u16>() % 9);
@@ -379,7 +390,14 @@ impl ReplicaCluster {
             "-E",
             "UTF8",
         ]);
-        let options = format!("-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=replica", dir.display());
+        let mut options = format!(
+            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+            dir.display()
+        );
+        for setting in settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         run(&[
             bin.join("pg_ctl").to_str().unwrap(),
             "-D",
@@ -395,7 +413,7 @@ impl ReplicaCluster {
     }
 }
 
-impl Drop for ReplicaCluster {
+impl Drop for ScratchCluster {
     fn drop(&mut self) {
         let bin = pg_bin();
         let _ = Command::new("runuser")
@@ -415,7 +433,7 @@ impl Drop for ReplicaCluster {
 
 #[tokio::test]
 async fn check_fails_on_wal_level_replica() {
-    let cluster = ReplicaCluster::start();
+    let cluster = ScratchCluster::start(&["wal_level=replica"]);
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
     let output = relay(&["check", "--source-url", &url, "--no-kafka"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -426,6 +444,119 @@ async fn check_fails_on_wal_level_replica() {
         ),
         "{stdout}"
     );
+}
+
+/// A slot PostgreSQL invalidated (here: it fell more than `max_slot_wal_keep_size`
+/// behind) stops the relay with exit 2 and the cause and runbook, instead of a retry
+/// loop or a new slot that would skip what it held; `status` reports it as a problem.
+#[tokio::test]
+async fn an_invalidated_slot_stops_the_relay_with_its_cause_and_status_reports_it() {
+    let cluster = ScratchCluster::start(&[
+        "wal_level=logical",
+        "max_slot_wal_keep_size=1MB",
+        "max_wal_size=32MB",
+        "min_wal_size=32MB",
+    ]);
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE SCHEMA outbox;
+             CREATE TABLE outbox.transactions (id bigint PRIMARY KEY, account_id bigint,
+                 amount numeric, created_at timestamptz DEFAULT now());
+             CREATE PUBLICATION p FOR TABLE outbox.transactions;",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('lost_slot', 'pgoutput')")
+        .await
+        .unwrap();
+    // WAL past the cap, segment by segment, each followed by a checkpoint, which is
+    // when PostgreSQL invalidates the slots holding too much.
+    let mut lost = false;
+    for round in 0..20_i64 {
+        for statement in [
+            format!(
+                "INSERT INTO outbox.transactions
+                 SELECT g, 1, 1 FROM generate_series({0}, {0} + 49999) g",
+                round * 50_000
+            ),
+            "SELECT pg_switch_wal()".into(),
+            "CHECKPOINT".into(),
+        ] {
+            client.batch_execute(&statement).await.unwrap();
+        }
+        let status: Option<String> = client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'lost_slot'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            lost = true;
+            break;
+        }
+    }
+    assert!(lost, "the slot was never invalidated");
+    let output = relay_within(
+        60,
+        &[
+            "direct",
+            "--source-url",
+            &url,
+            "--target-url",
+            &url,
+            "--slot",
+            "lost_slot",
+            "--publication",
+            "p",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("slot lost_slot is invalidated: wal_status = lost")
+            && stderr.contains("max_slot_wal_keep_size")
+            && stderr.contains("pg_drop_replication_slot('lost_slot')")
+            && stderr.contains("outbox-relay reconcile"),
+        "{stderr}"
+    );
+    let output = relay(&[
+        "status",
+        "--json",
+        "--source-url",
+        &url,
+        "--target-url",
+        &url,
+        "--slot",
+        "lost_slot",
+        "--timeout",
+        "5",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains("slot lost_slot is invalidated"),
+        "{problems}"
+    );
+    assert_eq!(report["pg_start"]["slots"][0]["wal_status"], "lost");
+    // The slot is still there: the relay neither dropped nor recreated it.
+    let kept: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lost_slot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1);
 }
 
 async fn scrape(addr: &str, path: &str) -> (u16, String) {
