@@ -559,6 +559,50 @@ async fn an_invalidated_slot_stops_the_relay_with_its_cause_and_status_reports_i
     assert_eq!(kept, 1);
 }
 
+/// A sink whose pg_end refuses it for good (no relay schema; a wrong password) stops
+/// with exit 2 at once. Such an error is met in the partition-assignment callback,
+/// which then takes no partition: nothing would wake the poll loop to see it, and the
+/// sink sat there for ever looking healthy.
+#[tokio::test]
+async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_password() {
+    let topic = common::create_topic("sink-refused", 1, &[]).await;
+    let name = random_name("sink_refused");
+    let admin = common::connect(common::PG_END_ADMIN).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let empty = format!("postgres://postgres:postgres@127.0.0.1:8001/{name}");
+    let wrong_password = format!("postgres://postgres:wrong@127.0.0.1:8001/{name}");
+    for (target, says) in [
+        (&empty, "outbox_relay.sink_offsets"),
+        (&wrong_password, "password authentication failed"),
+    ] {
+        let started = std::time::Instant::now();
+        let output = relay_within(
+            90,
+            &[
+                "sink",
+                "--target-url",
+                target,
+                "--brokers",
+                BROKERS,
+                "--topic",
+                &topic,
+                "--group",
+                &random_name("sink-refused"),
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{says}: {stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        eprintln!("{says}: exit 2 after {:?}", started.elapsed());
+    }
+    common::drop_databases(vec![common::PG_END_ADMIN.into()], name);
+}
+
 async fn scrape(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {

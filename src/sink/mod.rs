@@ -487,6 +487,8 @@ impl<'a> SinkLoop<'a> {
                 received = messages.next(), if !full => {
                     self.receive(received, &mut messages).await?;
                 }
+                // A definite error in a rebalance callback (on_rebalance below takes it).
+                _ = consumer.context().fatal_met() => {}
             }
             on_rebalance(
                 consumer,

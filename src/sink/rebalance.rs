@@ -176,6 +176,9 @@ pub struct SinkContext {
     events: Mutex<Vec<RebalanceEvent>>,
     /// A definite error met in a callback; the poll loop stops the sink with it.
     fatal: Mutex<Option<ApplyError>>,
+    /// Wakes the poll loop when `fatal` is set: with its partitions not taken, no
+    /// record would ever wake it to look.
+    fatal_set: tokio::sync::Notify,
     /// `--from-…`: where partitions start on their first assignment, if not pg_end's.
     replay: Option<ReplayStart>,
     /// The partitions this process was assigned before: they no longer replay.
@@ -188,6 +191,7 @@ impl SinkContext {
             reader,
             events: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
+            fatal_set: tokio::sync::Notify::new(),
             replay: None,
             assigned_before: Mutex::new(HashSet::new()),
         }
@@ -221,6 +225,12 @@ impl SinkContext {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    /// Completes once a definite error has been met in a callback (at once if one was
+    /// met before the call): the poll loop then takes it with [`Self::take_fatal`].
+    pub async fn fatal_met(&self) {
+        self.fatal_set.notified().await
+    }
+
     fn push(&self, event: RebalanceEvent) {
         self.events
             .lock()
@@ -245,6 +255,8 @@ impl SinkContext {
                 if let ReadFailure::Definite(error) = failure {
                     tracing::error!(error = %error_chain(&error), "cannot read the stored offsets from pg_end");
                     *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+                    // A permit is kept if the loop is not waiting now.
+                    self.fatal_set.notify_one();
                 }
                 // Take nothing: with no start position the partitions must not be read.
                 if !cooperative {
