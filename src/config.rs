@@ -211,6 +211,27 @@ pub mod file {
         },
     }
 
+    /// The commands that inspect a deployment rather than run a part of it.
+    const INSPECTORS: [&str; 4] = ["check", "status", "verify", "reconcile"];
+
+    /// An inspector's key, and the relays' keys that give it, first found wins: the
+    /// routes and inboxes a deployment declares under `[connector]`, `[sink]` or
+    /// `[direct]` are the ones `check`, `verify` and `reconcile` must see.
+    const DESCRIBED_BY_RELAYS: &[(&str, &[(&str, &str)])] = &[
+        ("route", &[("connector", "route"), ("direct", "route")]),
+        ("inbox", &[("sink", "inbox"), ("direct", "inbox")]),
+        ("topic", &[("connector", "topic"), ("sink", "topic")]),
+        ("slot", &[("connector", "slot")]),
+        ("direct_slot", &[("direct", "slot")]),
+        (
+            "publication",
+            &[("connector", "publication"), ("direct", "publication")],
+        ),
+        ("table", &[("connector", "table"), ("direct", "table")]),
+        ("progress_topic", &[("connector", "progress_topic")]),
+        ("dead_letter_topic", &[("connector", "dead_letter_topic")]),
+    ];
+
     /// Where each injected flag came from, to name the key when clap refuses its value.
     #[derive(Debug, Default)]
     pub struct Origins {
@@ -356,6 +377,25 @@ pub mod file {
                 settings.insert(key.clone(), (format!("{name}.{key}"), value.clone()));
             }
         }
+        // A command that inspects a deployment reads what describes it from the relays'
+        // tables too, where neither the top level nor its own table says it.
+        if INSPECTORS.contains(&name.as_str()) {
+            for (key, sources) in DESCRIBED_BY_RELAYS {
+                if settings.contains_key(*key) || !has_flag(sub, key) {
+                    continue;
+                }
+                let found = sources.iter().find_map(|(relay, relay_key)| {
+                    let toml::Value::Table(section) = table.get(*relay)? else {
+                        return None;
+                    };
+                    let value = section.get(*relay_key)?;
+                    Some((format!("{relay}.{relay_key}"), value.clone()))
+                });
+                if let Some(found) = found {
+                    settings.insert(key.to_string(), found);
+                }
+            }
+        }
 
         let given: Vec<String> = argv
             .iter()
@@ -451,6 +491,13 @@ pub fn reference(command: &clap::Command) -> String {
          table says so: `;`-separated for `--kafka-property`, one per line for `--route`;\n\
          `OUTBOX_RELAY_INBOX` and `OUTBOX_RELAY_CONSUMER_PROPERTY` hold one value each (an\n\
          inbox's handler may span lines).\n\n\
+         `check`, `status`, `verify` and `reconcile` inspect the deployment the file describes: a\n\
+         key they have that is neither at the top level nor in their own table is read from the\n\
+         relays' tables, the first found of: `route` from `[connector]`, then `[direct]`;\n\
+         `inbox` from `[sink]`, then `[direct]`; `topic` from `[connector]`, then `[sink]`;\n\
+         `publication` and `table` from `[connector]`, then `[direct]`; `slot`,\n\
+         `progress_topic` and `dead_letter_topic` from `[connector]`; `direct_slot` from\n\
+         `[direct]`'s `slot`. So `[[sink.inbox]]` tables are the inboxes `verify` compares.\n\n\
          ```toml\n\
          # relay.toml\n\
          source_url = \"postgres://relay:secret@db1:5432/app\"\n\
@@ -644,6 +691,76 @@ mod tests {
                 .unwrap()
                 .count(),
             2
+        );
+    }
+
+    #[test]
+    fn inspectors_read_the_routes_and_inboxes_the_relays_tables_declare() {
+        let hermetic = |c: Command| c.mut_args(|a| a.env(None));
+        let cli = cli()
+            .subcommand(hermetic(crate::sink::SinkArgs::augment_args(Command::new(
+                "sink",
+            ))))
+            .subcommand(hermetic(crate::cmd::verify::VerifyArgs::augment_args(
+                Command::new("verify"),
+            )))
+            .subcommand(hermetic(crate::cmd::status::StatusArgs::augment_args(
+                Command::new("status"),
+            )));
+        let merged = |args: &[&str], text: &str| -> Vec<String> {
+            merge_text(&cli, argv(args), Path::new("relay.toml"), text)
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let text = r#"
+            [connector]
+            progress_topic = "progress"
+            slot = "s1"
+            [[connector.route]]
+            table = "public.outbox"
+            preset = "event-router"
+            [direct]
+            slot = "s2"
+            [[sink.inbox]]
+            table = "inbox.events"
+        "#;
+        let verify = merged(&["outbox-relay", "verify"], text);
+        assert!(
+            verify
+                .iter()
+                .any(|a| a.starts_with("--route=") && a.contains("public.outbox"))
+                && verify
+                    .iter()
+                    .any(|a| a.starts_with("--inbox=") && a.contains("inbox.events")),
+            "{verify:?}"
+        );
+        let status = merged(&["outbox-relay", "status"], text);
+        for flag in ["--progress-topic=progress", "--slot=s1", "--direct-slot=s2"] {
+            assert!(status.iter().any(|a| a == flag), "{flag}: {status:?}");
+        }
+        // The top level, the command's own table and the command line come first.
+        let own = format!("{text}\n[[verify.inbox]]\ntable = \"inbox.mine\"\n");
+        let verify = merged(&["outbox-relay", "verify"], &own);
+        let inboxes: Vec<_> = verify
+            .iter()
+            .filter(|a| a.starts_with("--inbox="))
+            .collect();
+        assert!(
+            inboxes.len() == 1 && inboxes[0].contains("inbox.mine"),
+            "{verify:?}"
+        );
+        let status = merged(&["outbox-relay", "status", "--slot", "s9"], text);
+        assert!(!status.iter().any(|a| a == "--slot=s1"), "{status:?}");
+        // A relay reads only its own tables and the top level.
+        let direct = merged(&["outbox-relay", "direct"], text);
+        assert!(
+            !direct
+                .iter()
+                .any(|a| a.starts_with("--inbox=") || a.starts_with("--route=")),
+            "{direct:?}"
         );
     }
 
