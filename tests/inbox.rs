@@ -405,6 +405,44 @@ async fn a_broken_inbox_stops_the_sink_with_exit_2_and_commits_nothing() {
     );
 }
 
+/// An inbox subscribed by pattern takes topics created after the sink started (the
+/// event-router preset makes a topic per aggregate type, the first time one is
+/// written) within seconds: librdkafka looks for new matching topics at each metadata
+/// refresh, every 5 minutes by default, which the sink brings down to 5 s.
+#[tokio::test]
+async fn a_pattern_inbox_takes_topics_created_after_the_sink_started() {
+    let dbs = TestDbs::new().await;
+    exec(&dbs, "DROP SCHEMA main CASCADE").await;
+    exec(&dbs, INBOX_SQL).await;
+    let prefix = random_name("late");
+    let inbox = inbox_flag(&format!("^{prefix}_.*"), COUNTER_HANDLER);
+    let group = random_name("late");
+    let mut sink = spawn_sink(&dbs, "unused", &group, &["--inbox", inbox.as_str()]);
+    common::wait_until("the sink subscribes", Duration::from_secs(60), || async {
+        std::fs::read_to_string(&sink.log)
+            .unwrap_or_default()
+            .contains("sink started")
+    })
+    .await;
+    let producer = producer();
+    let mut total = 0;
+    for round in 0..2u64 {
+        let topic = create_topic(&prefix, 1, &[]).await;
+        let records: Vec<Out> = (1..=10)
+            .map(|i| event(round * 100 + i, "order-1", "1"))
+            .collect();
+        let last = produce(&producer, &topic, &records).await;
+        total += 10;
+        // Well under librdkafka's own 5 minutes.
+        wait_offsets(&dbs, &topic, &last, Duration::from_secs(60)).await;
+        assert_eq!(
+            counters(&dbs).await,
+            BTreeMap::from([("order-1".to_string(), (total, format!("{total}")))]),
+        );
+    }
+    sink.terminate();
+}
+
 /// Direct mode, the same route → inbox pair without Kafka: the connector's
 /// event-router routes (an outbox table and a logical-message prefix) feed the inbox
 /// and its handler, through SIGKILLs of the relay.

@@ -738,6 +738,11 @@ fn consumer(
         .set("fetch.wait.max.ms", "100")
         // Per-partition consumer lag for the metrics (SinkContext::stats).
         .set("statistics.interval.ms", "5000")
+        // How soon a topic created after the start is seen: an inbox subscribed by
+        // pattern takes a new matching topic (an event router's new aggregate type)
+        // at the next metadata refresh, and a named topic that did not exist yet the
+        // same way (librdkafka's default: every 5 minutes).
+        .set("topic.metadata.refresh.interval.ms", "5000")
         .set("auto.offset.reset", "earliest");
     for property in &args.consumer_properties {
         let (key, value) = property.split_once('=').ok_or_else(|| {
