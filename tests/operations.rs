@@ -575,8 +575,8 @@ async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_pa
     let empty = format!("postgres://postgres:postgres@127.0.0.1:8001/{name}");
     let wrong_password = format!("postgres://postgres:wrong@127.0.0.1:8001/{name}");
     for (target, says) in [
-        (&empty, "outbox_relay.sink_offsets"),
-        (&wrong_password, "password authentication failed"),
+        (&empty, "run `outbox-relay migrate`"),
+        (&wrong_password, "check the user and password of --target-url"),
     ] {
         let started = std::time::Instant::now();
         let output = relay_within(

@@ -346,11 +346,10 @@ pub enum ApplyError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// pg_end refused a bookkeeping statement (missing schema, permissions): a person
-    /// must look. Record content never causes this; it is bisected into dead letters.
-    #[error(
-        "pg_end refused the batch while {step} (is the schema there? run `outbox-relay migrate`)"
-    )]
+    /// pg_end refused a bookkeeping statement (missing schema, permissions, a wrong
+    /// password): a person must look. Record content never causes this; it is bisected
+    /// into dead letters.
+    #[error("pg_end refused the batch while {step}{}", what_to_do(source))]
     Definite {
         step: &'static str,
         #[source]
@@ -364,6 +363,37 @@ pub enum ApplyError {
         statement: &'static str,
         message: String,
     },
+}
+
+/// What a person does about pg_end refusing the relay for good, by the server's
+/// SQLSTATE; empty where the error says it all.
+fn what_to_do(error: &tokio_postgres::Error) -> &'static str {
+    use tokio_postgres::error::SqlState;
+    let Some(code) = error.code() else {
+        return "";
+    };
+    if [
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_COLUMN,
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::INVALID_SCHEMA_NAME,
+    ]
+    .contains(code)
+    {
+        " (pg_end lacks the relay's schema, or has an older one: run `outbox-relay migrate`, \
+         or `outbox-relay migrate --relay-only` where pg_end holds your own inboxes)"
+    } else if *code == SqlState::INVALID_PASSWORD
+        || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    {
+        " (check the user and password of --target-url, and pg_end's pg_hba.conf)"
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        " (grant the relay's role what sql/roles.sql grants)"
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        " (the database of --target-url does not exist: create it, then run \
+         `outbox-relay migrate`)"
+    } else {
+        ""
+    }
 }
 
 impl ApplyError {

@@ -688,9 +688,9 @@ impl<D: Destination> Pipeline<D> {
                         return Err(PipelineError::Definite(format!(
                             "slot {slot} is missing, but this relay has streamed from it (its destination \
                              holds up to LSN {}): recreating it would skip every transaction written since. \
-                             Recover: run `outbox-relay reconcile` so pg_end holds everything pg_start has, \
-                             then start with a new --slot (a new slot emits the outbox rows present when \
-                             it is created)",
+                             Recover (docs/operations.md, \"Slot lost or invalidated\"): start with a new \
+                             --slot (a new slot emits the outbox rows present when it is created), then \
+                             run `outbox-relay reconcile` so pg_end holds everything pg_start has",
                             record.lsn
                         )));
                     }
@@ -858,9 +858,10 @@ impl<D: Destination> Pipeline<D> {
         }
         let slot = &self.slot;
         let recover = format!(
-            "Recover: run `outbox-relay reconcile` so that pg_end holds everything pg_start \
-             has, then start with a new --slot (or drop slot {slot} and let the relay create \
-             it again: a new slot emits the outbox rows present when it is created)"
+            "Recover (docs/operations.md, \"Slot lost or invalidated\"): drop slot {slot} \
+             and start with a new --slot (a new slot emits the outbox rows present when it is \
+             created), then run `outbox-relay reconcile` so that pg_end holds everything \
+             pg_start has"
         );
         if self
             .system_identifier
