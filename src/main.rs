@@ -223,7 +223,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::ConfigReference => {
             use clap::CommandFactory;
             let command = outbox_relay::config::with_env_vars(Cli::command());
-            print!("{}", outbox_relay::config::reference(&command));
+            stdout(&outbox_relay::config::reference(&command));
         }
         Command::Check(args) => {
             let lines = check::run(&args).await;
@@ -251,15 +251,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Load(args) => {
             let summary = load::run(&args).await?;
-            println!(
-                "load: committed {} in {:.1}s ({:.0}/s), found committed on retry {}, retried {}, failed {}",
+            stdout(&format!(
+                "load: committed {} in {:.1}s ({:.0}/s), found committed on retry {}, retried {}, failed {}\n",
                 summary.committed,
                 summary.elapsed_secs,
                 summary.committed as f64 / summary.elapsed_secs.max(1e-9),
                 summary.found_committed,
                 summary.retried,
                 summary.failed
-            );
+            ));
         }
         Command::Status(args) => {
             let report = status::run(&args).await;
@@ -268,17 +268,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Backfill(args) => {
             let requested = backfill::run(&args).await?;
             match &requested.request {
-                outbox_relay::pipeline::backfill::Request::Start { id, table, .. } => println!(
-                    "backfill {id} requested at pg_start LSN {} for the relays of slot(s) {}: \
-                     they send the rows of {table} again (inboxes count each event id once); \
-                     `outbox-relay status` shows how far it got",
-                    requested.lsn,
-                    requested.slots.join(", ")
-                ),
-                outbox_relay::pipeline::backfill::Request::Cancel { id, .. } => println!(
-                    "cancel of backfill {id} requested at pg_start LSN {}",
+                outbox_relay::pipeline::backfill::Request::Start { id, table, .. } => {
+                    stdout(&format!(
+                        "backfill {id} requested at pg_start LSN {} for the relays of slot(s) \
+                         {}: they send the rows of {table} again (inboxes count each event id \
+                         once); `outbox-relay status` shows how far it got\n",
+                        requested.lsn,
+                        requested.slots.join(", ")
+                    ))
+                }
+                outbox_relay::pipeline::backfill::Request::Cancel { id, .. } => stdout(&format!(
+                    "cancel of backfill {id} requested at pg_start LSN {}\n",
                     requested.lsn
-                ),
+                )),
             }
         }
         Command::Reconcile(args) => {
@@ -289,7 +291,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let report = chaos::run(&args).await.map_err(anyhow::Error::msg)?;
             eprintln!("{}", report.render());
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?));
             }
             if !report.pass {
                 return Ok(ExitCode::from(1));
@@ -305,6 +307,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes `text` to stdout. A reader that went away (`status --json | head`) is not
+/// an error: the command's exit code stands, and nothing panics.
+fn stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {error}");
+        }
+    }
+}
+
 /// Prints a one-shot command's report, as JSON or as text, on stdout; exit 1 unless `ok`.
 fn print_report(
     report: &impl serde::Serialize,
@@ -313,9 +327,9 @@ fn print_report(
     ok: bool,
 ) -> anyhow::Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        stdout(&format!("{}\n", serde_json::to_string_pretty(report)?));
     } else {
-        println!("{text}");
+        stdout(&format!("{text}\n"));
     }
     Ok(if ok {
         ExitCode::SUCCESS

@@ -576,7 +576,10 @@ async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_pa
     let wrong_password = format!("postgres://postgres:wrong@127.0.0.1:8001/{name}");
     for (target, says) in [
         (&empty, "run `outbox-relay migrate`"),
-        (&wrong_password, "check the user and password of --target-url"),
+        (
+            &wrong_password,
+            "check the user and password of --target-url",
+        ),
     ] {
         let started = std::time::Instant::now();
         let output = relay_within(
@@ -601,6 +604,23 @@ async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_pa
         eprintln!("{says}: exit 2 after {:?}", started.elapsed());
     }
     common::drop_databases(vec![common::PG_END_ADMIN.into()], name);
+}
+
+/// A report read by a reader that stops early (`status --json | head`) ends the
+/// command quietly with its own exit code, not a panic on the broken pipe.
+#[test]
+fn a_report_piped_into_a_reader_that_stops_early_does_not_panic() {
+    let output = Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; \"$0\" config-reference | true",
+            env!("CARGO_BIN_EXE_outbox-relay"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 async fn scrape(addr: &str, path: &str) -> (u16, String) {
