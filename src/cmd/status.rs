@@ -14,10 +14,14 @@
 //! lost`, or an `invalidation_reason`: see [`source::invalidation`]) is a problem too. What needs a look but is not an outage (dead letters, a slot with
 //! no walsender, a missing slot) is a warning.
 //!
-//! The sink's lag per partition is `high watermark - 1 - last stored offset`. On a
-//! topic the connector writes in Kafka transactions, the last offset of a partition is
-//! the commit marker of its last transaction, which the sink never sees: a caught-up
-//! partition shows a lag of 1 there.
+//! The sink's lag per partition counts records it has not applied. Offsets alone
+//! cannot say it: on a topic written in Kafka transactions, a partition ends with the
+//! commit markers of its last transactions (one per transactional id that wrote there
+//! last: the connector rotates four) and maybe records of aborted ones, none of which a
+//! read_committed consumer ever sees. So where `high watermark - 1 - last stored
+//! offset` is above 0, status reads the partition read_committed from the offset after
+//! the stored one: reaching its end without a record means caught up, lag 0; a record
+//! means behind, and the offset difference (an upper bound) stands.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -212,7 +216,8 @@ pub struct SinkPartition {
     pub last_offset: Option<i64>,
     pub updated_at: Option<String>,
     pub high_watermark: Option<i64>,
-    /// Records not yet applied (see the module documentation for the commit marker).
+    /// Records not yet applied: 0 when every committed record is; otherwise `high
+    /// watermark - 1 - last_offset`, an upper bound (see the module documentation).
     pub lag: Option<i64>,
 }
 
@@ -295,8 +300,81 @@ pub async fn run(args: &StatusArgs) -> StatusReport {
         pg_end,
     };
     join_lag(&mut report);
+    settle_lag(args, &mut report, timeout).await;
     judge(args, &mut report);
     report
+}
+
+/// Sets to 0 the lag of each partition whose records after the stored offset are only
+/// commit markers or aborted records (see the module documentation).
+async fn settle_lag(args: &StatusArgs, report: &mut StatusReport, timeout: Duration) {
+    let Part::Reachable(target) = &mut report.pg_end else {
+        return;
+    };
+    let starts: Vec<(i32, i64)> = target
+        .sink
+        .iter()
+        .filter(|p| p.lag.is_some_and(|lag| lag > 0))
+        .filter_map(|p| Some((p.partition, p.last_offset? + 1)))
+        .collect();
+    if starts.is_empty() || args.no_kafka {
+        return;
+    }
+    let (brokers, topic) = (args.kafka.brokers.clone(), args.kafka.topic.clone());
+    let probe =
+        tokio::task::spawn_blocking(move || caught_up(&brokers, &topic, &starts, timeout)).await;
+    let Ok(Ok(caught_up)) = probe else {
+        return; // the offset differences stand
+    };
+    for p in &mut target.sink {
+        if caught_up.contains(&p.partition) {
+            p.lag = Some(0);
+        }
+    }
+}
+
+/// The partitions of `starts` (partition, offset) with no committed record from that
+/// offset on: a read_committed read reaches their end first.
+fn caught_up(
+    brokers: &str,
+    topic: &str,
+    starts: &[(i32, i64)],
+    timeout: Duration,
+) -> Result<std::collections::HashSet<i32>, String> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer<kafka::EndOfPartitionIsExpected> = kafka::client_config(brokers)
+        .set("group.id", "outbox-relay-status")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(kafka::EndOfPartitionIsExpected)
+        .map_err(|e| error_chain(&e))?;
+    let mut assignment = TopicPartitionList::new();
+    for (partition, start) in starts {
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Offset(*start))
+            .map_err(|e| error_chain(&e))?;
+    }
+    consumer.assign(&assignment).map_err(|e| error_chain(&e))?;
+    let mut open: std::collections::HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
+    let mut ended = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + timeout;
+    while !open.is_empty() && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            // A committed record after the stored offset: behind.
+            Some(Ok(record)) => {
+                open.remove(&record.partition());
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                if open.remove(&partition) {
+                    ended.insert(partition);
+                }
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+    Ok(ended)
 }
 
 async fn bounded<T>(timeout: Duration, part: impl Future<Output = Result<T, String>>) -> Part<T> {
