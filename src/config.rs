@@ -429,10 +429,16 @@ pub mod file {
                 expected,
                 found: type_name(&value),
             };
-            if let (ArgAction::Append, toml::Value::Array(items)) = (arg.get_action(), &value) {
-                // A repeatable flag: one value per item; a table (a `[[route]]`) as an
-                // inline TOML table on one line.
-                for item in items {
+            if let (ArgAction::Append, toml::Value::Array(_) | toml::Value::Table(_)) =
+                (arg.get_action(), &value)
+            {
+                // A repeatable flag: one value per item; a table (a `[[route]]`, or one
+                // `route = {…}`) as an inline TOML table on one line.
+                let items = match &value {
+                    toml::Value::Array(items) => items.clone(),
+                    table => vec![table.clone()],
+                };
+                for item in &items {
                     let text = match item {
                         toml::Value::String(s) => s.clone(),
                         toml::Value::Table(t) => inline_table(t),
@@ -691,6 +697,22 @@ mod tests {
                 .unwrap()
                 .count(),
             2
+        );
+    }
+
+    #[test]
+    fn one_table_for_a_repeatable_key_is_one_value() {
+        let text = r#"
+            [connector]
+            route = { table = "public.outbox", preset = "event-router" }
+        "#;
+        let args = merged(&["outbox-relay", "connector"], text).unwrap();
+        let routes: Vec<_> = args.iter().filter(|a| a.starts_with("--route=")).collect();
+        assert_eq!(routes.len(), 1, "{args:?}");
+        let route = crate::route::RouteSpec::parse(routes[0].strip_prefix("--route=").unwrap());
+        assert_eq!(
+            route.unwrap(),
+            crate::route::RouteSpec::event_router("public.outbox")
         );
     }
 
