@@ -446,15 +446,26 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
         args.progress_topic.as_str(),
         args.slots.slot.as_str(),
     );
-    let consumer: BaseConsumer = kafka::client_config(brokers)
+    // Client errors go to the report, not to the log: a broker that is down would
+    // otherwise add a line per retry to a one-screen command.
+    let consumer: BaseConsumer<kafka::LastClientError> = kafka::client_config(brokers)
         .set("group.id", "outbox-relay-status")
         .set("enable.auto.commit", "false")
-        .create()
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Critical)
+        .create_with_context(kafka::LastClientError::default())
         .map_err(|e| error_chain(&e))?;
     // Any broker answering metadata at all is "reachable"; a missing topic is not an outage.
-    let metadata = consumer
-        .fetch_metadata(None, timeout)
-        .map_err(|e| format!("no broker answered: {}", error_chain(&e)))?;
+    let metadata = consumer.fetch_metadata(None, timeout).map_err(|e| {
+        // The brokers' own reasons reach the context when the client is polled.
+        let _ = consumer.poll(Duration::from_millis(100));
+        match consumer.context().last() {
+            Some(cause) => format!(
+                "no broker answered: {}; last error: {cause}",
+                error_chain(&e)
+            ),
+            None => format!("no broker answered: {}", error_chain(&e)),
+        }
+    })?;
     let exists = |name: &str| metadata.topics().iter().any(|t| t.name() == name);
 
     let mut status = KafkaStatus {
