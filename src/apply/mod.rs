@@ -366,8 +366,9 @@ pub enum ApplyError {
 }
 
 /// What a person does about pg_end refusing the relay for good, by the server's
-/// SQLSTATE; empty where the error says it all.
-fn what_to_do(error: &tokio_postgres::Error) -> &'static str {
+/// SQLSTATE, as a parenthesis to append to the error; empty where the error says it
+/// all. (`status` appends it to its pg_end part too.)
+pub fn what_to_do(error: &tokio_postgres::Error) -> &'static str {
     use tokio_postgres::error::SqlState;
     let Some(code) = error.code() else {
         return "";

@@ -465,20 +465,7 @@ async fn kafka_checks(args: &CheckArgs, topics: &[String], lines: &mut Vec<Check
                 .map_err(|e| e.to_string())?;
             let all = consumer
                 .fetch_metadata(None, Duration::from_secs(10))
-                .map_err(|e| {
-                    // The error alone does not say why (a refused TLS handshake, a failed
-                    // login): librdkafka has queued each broker's reason, and polling
-                    // hands them to the context.
-                    // (A poll that handled a log line returns None too: poll for a while.)
-                    let deadline = std::time::Instant::now() + Duration::from_millis(500);
-                    while std::time::Instant::now() < deadline {
-                        let _ = consumer.poll(Duration::from_millis(50));
-                    }
-                    match consumer.context().last() {
-                        Some(cause) => format!("{e}; last error: {cause}"),
-                        None => e.to_string(),
-                    }
-                })?;
+                .map_err(|e| kafka::metadata_failure(&consumer, &e))?;
             let brokers: Vec<i32> = all.brokers().iter().map(|b| b.id()).collect();
             let partitions: Vec<Option<Vec<usize>>> = topics
                 .iter()

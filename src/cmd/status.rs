@@ -11,8 +11,9 @@
 //! Invariant: status only reads (no slot, topic, group or row is created or moved), and
 //! a component that is down makes its own part say `unreachable: <error>` while the
 //! others are still shown; the command then exits 1. An invalidated slot (`wal_status =
-//! lost`, or an `invalidation_reason`: see [`source::invalidation`]) is a problem too. What needs a look but is not an outage (dead letters, a slot with
-//! no walsender, a missing slot) is a warning.
+//! lost`, or an `invalidation_reason`: see [`source::invalidation`]) is a problem too.
+//! What needs a look but is not an outage (dead letters, a slot with no walsender, a
+//! missing slot) is a warning.
 //!
 //! The sink's lag per partition counts records it has not applied. Offsets alone
 //! cannot say it: on a topic written in Kafka transactions, a partition ends with the
@@ -32,6 +33,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::apply;
 use crate::config::{self, KafkaArgs, SlotsArgs, SourceArgs, TargetArgs};
 use crate::error::error_chain;
 use crate::kafka;
@@ -343,6 +345,7 @@ fn caught_up(
 ) -> Result<std::collections::HashSet<i32>, String> {
     use rdkafka::error::KafkaError;
     use rdkafka::{Message, Offset, TopicPartitionList};
+    use std::collections::HashSet;
     let consumer: BaseConsumer<kafka::EndOfPartitionIsExpected> = kafka::client_config(brokers)
         .set("group.id", "outbox-relay-status")
         .set("enable.auto.commit", "false")
@@ -357,8 +360,8 @@ fn caught_up(
             .map_err(|e| error_chain(&e))?;
     }
     consumer.assign(&assignment).map_err(|e| error_chain(&e))?;
-    let mut open: std::collections::HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
-    let mut ended = std::collections::HashSet::new();
+    let mut open: HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
+    let mut ended = HashSet::new();
     let deadline = std::time::Instant::now() + timeout;
     while !open.is_empty() && std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
@@ -456,15 +459,10 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
         .map_err(|e| error_chain(&e))?;
     // Any broker answering metadata at all is "reachable"; a missing topic is not an outage.
     let metadata = consumer.fetch_metadata(None, timeout).map_err(|e| {
-        // The brokers' own reasons reach the context when the client is polled.
-        let _ = consumer.poll(Duration::from_millis(100));
-        match consumer.context().last() {
-            Some(cause) => format!(
-                "no broker answered: {}; last error: {cause}",
-                error_chain(&e)
-            ),
-            None => format!("no broker answered: {}", error_chain(&e)),
-        }
+        format!(
+            "no broker answered: {}",
+            kafka::metadata_failure(&consumer, &e)
+        )
     })?;
     let exists = |name: &str| metadata.topics().iter().any(|t| t.name() == name);
 
@@ -533,21 +531,8 @@ fn kafka_status_blocking(args: &StatusArgs, timeout: Duration) -> Result<KafkaSt
 async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
     let url = &args.target.target_url;
     let client = connect(url).await?;
-    let query_error = |e: tokio_postgres::Error| {
-        let missing = e.code().is_some_and(|c| {
-            *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
-                || *c == tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME
-        });
-        if missing {
-            format!(
-                "{}: the relay's tables are not there; run `outbox-relay migrate` (the ledger) \
-                 or `outbox-relay migrate --relay-only` (your own inboxes)",
-                error_chain(&e)
-            )
-        } else {
-            error_chain(&e)
-        }
-    };
+    let query_error =
+        |e: tokio_postgres::Error| format!("{}{}", error_chain(&e), apply::what_to_do(&e));
     let offsets = client
         .query(SINK_OFFSETS, &[&args.kafka.topic])
         .await

@@ -452,6 +452,24 @@ impl rdkafka::ClientContext for LastClientError {
 
 impl rdkafka::consumer::ConsumerContext for LastClientError {}
 
+/// Why `consumer` could not fetch metadata: `error`, and the last broker's own reason
+/// (a refused connection or TLS handshake, a failed login), which the error alone does
+/// not say. librdkafka has queued each broker's reason; polling hands them to the
+/// context (a poll that handled a log line returns None too: it polls for a while).
+pub fn metadata_failure(
+    consumer: &rdkafka::consumer::BaseConsumer<LastClientError>,
+    error: &KafkaError,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while std::time::Instant::now() < deadline {
+        let _ = consumer.poll(std::time::Duration::from_millis(50));
+    }
+    match consumer.context().last() {
+        Some(cause) => format!("{error}; last error: {cause}"),
+        None => error.to_string(),
+    }
+}
+
 /// The topic that holds `slot`'s progress records: `<base>.<slot>` (slot names are
 /// `[a-z0-9_]`, so the name is a valid topic name). Everything that reads or writes a
 /// slot's progress records by topic name goes through this function.

@@ -566,8 +566,8 @@ pub fn invalidated(slot: &str, cause: &str) -> SourceError {
 /// Whether starting the stream failed because the slot is invalidated (SQLSTATE 55000):
 /// PostgreSQL 14 and 15 say "cannot read from logical replication slot", 16 and 17
 /// "can no longer get changes from replication slot", 18 "can no longer access
-/// replication slot". [`check_slot`] sees most such
-/// slots before the stream starts; this covers one invalidated in between.
+/// replication slot". [`check_slot`] sees most such slots before the stream starts;
+/// this covers one invalidated in between.
 pub fn slot_invalidated(error: &pgwire_replication::PgWireError) -> bool {
     let pgwire_replication::PgWireError::Server(m) = error else {
         return false;
