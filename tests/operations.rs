@@ -364,17 +364,17 @@ impl ScratchCluster {
     fn start(settings: &[&str]) -> Self {
         let dir =
             std::path::PathBuf::from(format!("/var/tmp/{}", random_name("outbox-relay-replica")));
-        let port = 8090 + (rand::random::<u16>() % 9);
         std::fs::create_dir_all(&dir).unwrap();
         let bin = pg_bin();
-        let run = |args: &[&str]| {
-            let status = Command::new("runuser")
+        let runs = |args: &[&str]| {
+            Command::new("runuser")
                 .args(["-u", "postgres", "--"])
                 .args(args)
                 .status()
-                .unwrap();
-            assert!(status.success(), "{args:?}");
+                .unwrap()
+                .success()
         };
+        let run = |args: &[&str]| assert!(runs(args), "{args:?}");
         Command::new("chown")
             .args(["postgres:postgres", dir.to_str().unwrap()])
             .status()
@@ -390,26 +390,33 @@ impl ScratchCluster {
             "-E",
             "UTF8",
         ]);
-        let mut options = format!(
-            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
-            dir.display()
-        );
-        for setting in settings {
-            options.push_str(" -c ");
-            options.push_str(setting);
+        // Ports 8090-8098, from a random one on: the tests of this binary run at once,
+        // and one whose port is taken takes the next.
+        let first = rand::random::<u16>() % 9;
+        for port in (0..9).map(|i| 8090 + (first + i) % 9) {
+            let mut options = format!(
+                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+                dir.display()
+            );
+            for setting in settings {
+                options.push_str(" -c ");
+                options.push_str(setting);
+            }
+            if runs(&[
+                bin.join("pg_ctl").to_str().unwrap(),
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &options,
+                "-l",
+                dir.join("log").to_str().unwrap(),
+                "-w",
+                "start",
+            ]) {
+                return Self { dir, port };
+            }
         }
-        run(&[
-            bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &options,
-            "-l",
-            dir.join("log").to_str().unwrap(),
-            "-w",
-            "start",
-        ]);
-        Self { dir, port }
+        panic!("no port of 8090-8098 was free for a scratch cluster");
     }
 }
 
