@@ -395,6 +395,20 @@ pub mod file {
                     settings.insert(key.to_string(), found);
                 }
             }
+            // A file that runs direct mode and no Kafka relay describes a deployment
+            // without Kafka: its inspection skips Kafka as `--no-kafka` would.
+            let relays = |name: &str| matches!(table.get(name), Some(toml::Value::Table(_)));
+            if relays("direct")
+                && !relays("connector")
+                && !relays("sink")
+                && has_flag(sub, "no_kafka")
+                && !settings.contains_key("no_kafka")
+            {
+                settings.insert(
+                    "no_kafka".into(),
+                    ("[direct] without [connector] or [sink]".into(), true.into()),
+                );
+            }
         }
 
         let given: Vec<String> = argv
@@ -503,7 +517,9 @@ pub fn reference(command: &clap::Command) -> String {
          `inbox` from `[sink]`, then `[direct]`; `topic` from `[connector]`, then `[sink]`;\n\
          `publication` and `table` from `[connector]`, then `[direct]`; `slot`,\n\
          `progress_topic` and `dead_letter_topic` from `[connector]`; `direct_slot` from\n\
-         `[direct]`'s `slot`. So `[[sink.inbox]]` tables are the inboxes `verify` compares.\n\n\
+         `[direct]`'s `slot`. So `[[sink.inbox]]` tables are the inboxes `verify` compares.\n\
+         A file with a `[direct]` table and neither `[connector]` nor `[sink]` describes a\n\
+         deployment without Kafka: `check` and `status` skip Kafka as with `--no-kafka`.\n\n\
          ```toml\n\
          # relay.toml\n\
          source_url = \"postgres://relay:secret@db1:5432/app\"\n\
@@ -776,6 +792,11 @@ mod tests {
         );
         let status = merged(&["outbox-relay", "status", "--slot", "s9"], text);
         assert!(!status.iter().any(|a| a == "--slot=s1"), "{status:?}");
+        // A file with direct mode and no Kafka relay is inspected without Kafka.
+        let no_kafka = |argv: &[String]| argv.iter().any(|a| a.starts_with("--no-kafka"));
+        assert!(!no_kafka(&status), "{status:?}");
+        let direct_only = merged(&["outbox-relay", "status"], "[direct]\nslot = \"s2\"\n");
+        assert!(no_kafka(&direct_only), "{direct_only:?}");
         // A relay reads only its own tables and the top level.
         let direct = merged(&["outbox-relay", "direct"], text);
         assert!(

@@ -819,3 +819,120 @@ async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_th
     let (code, out, err) = run("verify", &[]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// Direct mode with a route whose topic no inbox takes would make every row a dead
+/// letter: it exits 2 before the first row, and `check` (direct mode's: a file with
+/// `[direct]` only, or `--no-kafka`) says the same, naming the route, its topic and
+/// the inboxes' topics; once the inbox takes the topic, both go ahead.
+#[tokio::test]
+async fn direct_mode_and_check_refuse_a_route_whose_topic_no_inbox_takes() {
+    let dbs = TestDbs::new().await;
+    exec(&dbs, "DROP SCHEMA main CASCADE").await;
+    exec(&dbs, INBOX_SQL).await;
+    let publication = random_name("untaken_pub");
+    dbs.source()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA app;
+             CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+                                      aggregateid text NOT NULL, type text NOT NULL, payload jsonb);
+             CREATE PUBLICATION {publication} FOR TABLE app.outbox WITH (publish = 'insert');"
+        ))
+        .await
+        .unwrap();
+    let slot = random_name("untaken_slot");
+    let route = r#"{table = "app.outbox", preset = "event-router", topic = "orders"}"#;
+    let config = |inbox_topic: &str| {
+        let path = std::env::temp_dir().join(format!("{}.toml", random_name("untaken")));
+        let inbox = inbox_flag(inbox_topic, COUNTER_HANDLER).replace('\\', "\\\\");
+        std::fs::write(
+            &path,
+            format!(
+                "[direct]\nslot = \"{slot}\"\npublication = \"{publication}\"\n\
+                 route = [{route}]\ninbox = [{inbox}]\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // The databases on the command line: the stack's environment wins over a file.
+    let urls = [
+        "--source-url",
+        dbs.source_url.as_str(),
+        "--target-url",
+        dbs.target_url.as_str(),
+    ];
+    let check = |path: &std::path::Path| {
+        let mut args = vec!["check", "--config", path.to_str().unwrap(), "--json"];
+        args.extend(urls);
+        common::run_binary(&args)
+    };
+
+    let wrong = config("payments");
+    let (code, out, err) = check(&wrong);
+    assert_eq!(code, 1, "{out}{err}");
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let line = lines
+        .iter()
+        .find(|l| l["check"] == "route table app.outbox: inbox")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(line["ok"], false, "{out}");
+    let detail = line["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("topic orders") && detail.contains("orders takes payments"),
+        "{detail}"
+    );
+    // No Kafka line and no connector's slot: a file with [direct] alone is a
+    // deployment without Kafka.
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["check"].as_str().unwrap().starts_with("kafka")),
+        "{out}"
+    );
+    let slots: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["check"].as_str()?.strip_prefix("pg_start: slot "))
+        .filter(|s| *s != "retention")
+        .collect();
+    assert_eq!(slots, [slot.as_str()], "{out}");
+
+    let mut relay = common::spawn_direct(&dbs, &slot, &["--config", wrong.to_str().unwrap()], &[]);
+    let status = wait_for_exit(&mut relay, Duration::from_secs(60)).await;
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("which no inbox takes"), "{log}");
+
+    let right = config("orders");
+    let (code, out, err) = check(&right);
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let line = lines
+        .iter()
+        .find(|l| l["check"] == "route table app.outbox: inbox")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(line["detail"], "orders → inbox orders", "{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    let mut relay = common::spawn_direct(&dbs, &slot, &["--config", right.to_str().unwrap()], &[]);
+    dbs.source()
+        .await
+        .batch_execute(
+            "INSERT INTO app.outbox VALUES ('00000000-0000-0000-0000-000000000001', 'Order', \
+             'order-1', 'created', '{\"amount\": 5}')",
+        )
+        .await
+        .unwrap();
+    common::wait_until(
+        "the event in the inbox",
+        Duration::from_secs(60),
+        || async { count(&dbs.target_url, "SELECT count(*) FROM inbox.events").await == 1 },
+    )
+    .await;
+    assert_eq!(
+        counters(&dbs).await,
+        BTreeMap::from([("order-1".to_string(), (1, "5".to_string()))]),
+    );
+    relay.terminate();
+    for path in [wrong, right] {
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -581,11 +581,16 @@ async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_pa
         .unwrap();
     let empty = format!("postgres://postgres:postgres@127.0.0.1:8001/{name}");
     let wrong_password = format!("postgres://postgres:wrong@127.0.0.1:8001/{name}");
-    for (target, says) in [
-        (&empty, "run `outbox-relay migrate`"),
+    // Also on a topic that does not exist yet (the sink started before the
+    // connector): it says so at its start, not once the topic appears.
+    let absent = random_name("sink-refused-absent");
+    for (target, says, topic) in [
+        (&empty, "run `outbox-relay migrate`", &topic),
+        (&empty, "run `outbox-relay migrate`", &absent),
         (
             &wrong_password,
             "check the user and password of --target-url",
+            &topic,
         ),
     ] {
         let started = std::time::Instant::now();
@@ -598,7 +603,7 @@ async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_pa
                 "--brokers",
                 BROKERS,
                 "--topic",
-                &topic,
+                topic,
                 "--group",
                 &random_name("sink-refused"),
                 "--metrics-addr",
@@ -611,6 +616,27 @@ async fn the_sink_exits_2_at_once_when_pg_end_lacks_its_schema_or_refuses_its_pa
         eprintln!("{says}: exit 2 after {:?}", started.elapsed());
     }
     common::drop_databases(vec![common::PG_END_ADMIN.into()], name);
+}
+
+/// `load` into a pg_start database without the seed's tables stops at once and says
+/// which tables it writes and how to make them.
+#[tokio::test]
+async fn load_into_a_database_without_the_seed_s_tables_says_to_migrate() {
+    let name = random_name("load_empty");
+    let admin = common::connect(common::PG_START_ADMIN).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let empty = format!("postgres://postgres:postgres@127.0.0.1:8000/{name}");
+    let output = relay_within(60, &["load", "--source-url", &empty, "--count", "3"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("main.balance: run `outbox-relay migrate` to create them"),
+        "{stderr}"
+    );
+    common::drop_databases(vec![common::PG_START_ADMIN.into()], name);
 }
 
 /// A report read by a reader that stops early (`status --json | head`) ends the

@@ -41,7 +41,9 @@ pub struct CheckArgs {
     /// "ledger"`).
     #[arg(long = "inbox", value_parser = InboxSpec::parse)]
     pub inboxes: Vec<InboxSpec>,
-    /// Skip the Kafka checks (a direct-mode deployment).
+    /// Skip the Kafka checks (a direct-mode deployment): only direct mode's slot is
+    /// checked, and a route's topic must be taken by an inbox. Implied by a
+    /// configuration file with `[direct]` and neither `[connector]` nor `[sink]`.
     #[arg(long)]
     pub no_kafka: bool,
     /// Print the results as JSON.
@@ -75,7 +77,14 @@ fn line(check: &str, result: Result<String, String>) -> CheckLine {
 /// Runs every check; each failure is a line, never an early return.
 pub async fn run(args: &CheckArgs) -> Vec<CheckLine> {
     let mut lines = Vec::new();
-    let routes = match args.route.resolve(&args.outbox.table, &args.kafka.topic) {
+    // Without Kafka, a route or inbox without a topic means the table's name, as in
+    // direct mode.
+    let default_topic = if args.no_kafka {
+        &args.outbox.table
+    } else {
+        &args.kafka.topic
+    };
+    let routes = match args.route.resolve(&args.outbox.table, default_topic) {
         Ok(routes) => routes,
         Err(e) => {
             lines.push(line("config: routes", Err(e.to_string())));
@@ -83,7 +92,7 @@ pub async fn run(args: &CheckArgs) -> Vec<CheckLine> {
         }
     };
     source_checks(args, &routes, &mut lines).await;
-    target_checks(args, &mut lines).await;
+    target_checks(args, default_topic, &routes, &mut lines).await;
     if !args.no_kafka {
         let mut topics: Vec<String> = routes
             .iter()
@@ -189,7 +198,13 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
     };
     lines.push(line("pg_start: publication", result));
     let database = source::database_of(url).unwrap_or_default();
-    for slot in [&args.slots.slot, &args.slots.direct_slot] {
+    // Without Kafka, no connector runs: only direct mode's slot is the deployment's.
+    let slots: Vec<&str> = if args.no_kafka {
+        vec![&args.slots.direct_slot]
+    } else {
+        vec![&args.slots.slot, &args.slots.direct_slot]
+    };
+    for &slot in &slots {
         let result = match source::slot_state(&client, slot).await {
             Ok(None) => Ok("absent: created at the first start".to_string()),
             Ok(Some(state)) => source::check_slot(slot, &state, &database)
@@ -223,8 +238,7 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
     });
     // Informational: most deployments have no standby of pg_start, and the relay runs
     // the same either way (a lost slot is detected and stops it).
-    let failover =
-        source::failover_readiness(&client, &[&args.slots.slot, &args.slots.direct_slot]).await;
+    let failover = source::failover_readiness(&client, &slots).await;
     lines.push(CheckLine {
         check: "pg_start: failover slots".into(),
         ok: true,
@@ -406,7 +420,12 @@ async fn publication_creatable(
     Ok(Some(creatable))
 }
 
-async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
+async fn target_checks(
+    args: &CheckArgs,
+    default_topic: &str,
+    routes: &[Route],
+    lines: &mut Vec<CheckLine>,
+) {
     let url = &args.target.target_url;
     let Some(mut client) = connect("pg_end: connect", url, lines).await else {
         return;
@@ -442,13 +461,31 @@ async fn target_checks(args: &CheckArgs, lines: &mut Vec<CheckLine>) {
     if args.inboxes.is_empty() {
         return;
     }
-    match Inboxes::bind(&args.inboxes, &mut client, &args.kafka.topic, Format::Auto).await {
-        Ok(inboxes) => {
+    match Inboxes::bind(&args.inboxes, &mut client, default_topic, Format::Auto).await {
+        Ok(mut inboxes) => {
             for inbox in &inboxes.inboxes {
                 lines.push(line(
                     &format!("pg_end: inbox {}", inbox.name),
                     Ok(format!("topics {}", inbox.topics.all().join(", "))),
                 ));
+            }
+            // Which inbox takes each route's topic. Without Kafka (direct mode) a
+            // topic no inbox takes is refused at start; with Kafka, the sink just
+            // does not read it (another consumer may).
+            for route in routes {
+                let Some(topic) = route.topic.literal() else {
+                    continue;
+                };
+                let source = route.source.to_string();
+                let result = match inboxes.untaken(topic, &source) {
+                    None => Ok(format!(
+                        "{topic} → inbox {}",
+                        inboxes.for_topic(topic).map_or("", |i| i.name.as_str())
+                    )),
+                    Some(problem) if args.no_kafka => Err(problem),
+                    Some(_) => Ok(format!("{topic}: no inbox of this sink reads it")),
+                };
+                lines.push(line(&format!("route {source}: inbox"), result));
             }
         }
         Err(e) => lines.push(line("pg_end: inboxes", Err(crate::error::error_chain(&e)))),

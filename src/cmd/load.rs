@@ -122,11 +122,35 @@ impl LoadArgs {
 pub enum LoadError {
     #[error("invalid option: {0}")]
     InvalidOption(String),
-    #[error(
-        "pg_start refused a transaction with a non-retryable error \
-         (is the schema there? run `outbox-relay migrate`)"
-    )]
+    #[error("pg_start refused a transaction with a non-retryable error{}", what_to_do(.0))]
     Definite(#[source] tokio_postgres::Error),
+}
+
+/// What a person does about pg_start refusing `load`'s transactions, by SQLSTATE, as a
+/// parenthesis to append; empty where the error says it all.
+fn what_to_do(error: &tokio_postgres::Error) -> &'static str {
+    use tokio_postgres::error::SqlState;
+    match error.code() {
+        Some(code)
+            if [
+                SqlState::UNDEFINED_TABLE,
+                SqlState::UNDEFINED_COLUMN,
+                SqlState::INVALID_SCHEMA_NAME,
+            ]
+            .contains(code) =>
+        {
+            " (load writes the seed's tables main.transactions, outbox.transactions and \
+             main.balance: run `outbox-relay migrate` to create them)"
+        }
+        Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => {
+            " (the role of --source-url needs INSERT on main.transactions and \
+             outbox.transactions, and INSERT and UPDATE on main.balance)"
+        }
+        Some(code) if *code == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            " (--source-url names a read-only server, a standby: name the primary)"
+        }
+        _ => "",
+    }
 }
 
 /// What a load run did, as the generator saw it.

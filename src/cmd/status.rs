@@ -58,7 +58,8 @@ pub struct StatusArgs {
     /// The connector's dead-letter topic (its records are counted).
     #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", default_value = config::DEFAULT_DEAD_LETTER_TOPIC)]
     pub dead_letter_topic: String,
-    /// Skip Kafka (a deployment that runs only direct mode).
+    /// Skip Kafka (a deployment that runs only direct mode). Implied by a
+    /// configuration file with `[direct]` and neither `[connector]` nor `[sink]`.
     #[arg(long)]
     pub no_kafka: bool,
     /// Seconds each part may take before it counts as unreachable.

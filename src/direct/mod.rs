@@ -209,9 +209,19 @@ impl Routed {
         )
         .await
         .map_err(|e| PipelineError::Definite(crate::error::error_chain(&e)))?;
-        let Some(inboxes) = inboxes else {
+        let Some(mut inboxes) = inboxes else {
             return Ok(None);
         };
+        // A route whose one topic no inbox takes would make every row a dead letter:
+        // refused before the first row, as `check` reports it. (A templated topic is
+        // known per row; a row no inbox takes is a dead letter that says so.)
+        let untaken: Vec<String> = routes
+            .iter()
+            .filter_map(|r| inboxes.untaken(r.topic.literal()?, &r.source.to_string()))
+            .collect();
+        if !untaken.is_empty() {
+            return Err(PipelineError::Definite(untaken.join("; ")));
+        }
         let mut tables = Vec::new();
         let mut messages = Vec::new();
         for (index, route) in routes.iter().enumerate() {

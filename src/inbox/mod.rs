@@ -407,6 +407,24 @@ impl Inboxes {
         all
     }
 
+    /// `None` when an inbox takes `topic`; else why every record of it that `from` (a
+    /// route) makes would be a dead letter, and what to change.
+    pub fn untaken(&mut self, topic: &str, from: &str) -> Option<String> {
+        if self.for_topic(topic).is_some() {
+            return None;
+        }
+        let taken = self
+            .inboxes
+            .iter()
+            .map(|i| format!("{} takes {}", i.name, i.topics.all().join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Some(format!(
+            "route {from} sends to topic {topic}, which no inbox takes ({taken}): add \
+             {topic} to an inbox's topics, or give the route one of theirs"
+        ))
+    }
+
     /// The inbox `topic`'s records go to: the first declared that matches.
     pub fn for_topic(&mut self, topic: &str) -> Option<&Inbox> {
         // Records come in runs of one topic: the last answer first, no hashing.

@@ -81,7 +81,7 @@ use crate::record::decode::{Decoded, Detected, Format};
 use crate::record::{self, HEADER_COMMIT_TS, HEADER_LSN};
 use crate::retry;
 use crate::telemetry;
-use rebalance::{OffsetReader, RebalanceEvent, SinkContext};
+use rebalance::{OffsetReader, ReadFailure, RebalanceEvent, SinkContext};
 
 /// How often a summary line is logged while records flow.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -297,10 +297,21 @@ pub async fn run(args: SinkArgs, stop: watch::Receiver<bool>) -> Result<SinkStat
             "--batch-size must be at least 1".into(),
         ));
     }
+    // Served first: /healthz answers (and /readyz says not ready) while the sink
+    // waits for pg_end below.
+    args.metrics
+        .start(crate::metrics::SINK_METRICS)
+        .await
+        .map_err(SinkError::InvalidOption)?;
     let flag = StopFlag::follow(stop.clone());
     let Some(inboxes) = bind_inboxes(&args, &flag).await? else {
         return Ok(SinkStats::default());
     };
+    match rebalance::probe(&args.target.target_url, &flag.flag).await {
+        Ok(()) => {}
+        Err(ReadFailure::Stopped) => return Ok(SinkStats::default()),
+        Err(ReadFailure::Definite(error)) => return Err(SinkError::Definite(error)),
+    }
     let consumer = set_up(&args, &inboxes, flag.shared()).await?;
     let mut sink = SinkLoop::new(&args, &consumer, inboxes, flag.shared());
     let result = sink.poll(stop).await;
@@ -373,17 +384,12 @@ async fn bind_inboxes(args: &SinkArgs, stop: &StopFlag) -> Result<Option<Inboxes
     .map_err(|e| SinkError::Inbox(Box::new(e)))
 }
 
-/// Set-up: the metrics endpoint, the replay position, the offset reader and the
-/// subscribed consumer.
+/// Set-up: the replay position, the offset reader and the subscribed consumer.
 async fn set_up(
     args: &SinkArgs,
     inboxes: &Inboxes,
     stop: Arc<AtomicBool>,
 ) -> Result<StreamConsumer<SinkContext>, SinkError> {
-    args.metrics
-        .start(crate::metrics::SINK_METRICS)
-        .await
-        .map_err(SinkError::InvalidOption)?;
     let topics = inboxes.subscription();
     let replay = replay::resolve(&args.replay, &args.kafka.brokers, &topics)
         .await

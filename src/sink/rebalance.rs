@@ -114,6 +114,13 @@ impl OffsetReader {
     }
 }
 
+/// Reads pg_end's stored offsets of no partition, before the sink subscribes: a pg_end
+/// without the relay's schema stops the sink at its start, not once a topic it waits
+/// for has appeared. Waits while pg_end is unreachable, as the rebalance read does.
+pub async fn probe(url: &str, stop: &AtomicBool) -> Result<(), ReadFailure> {
+    read_until_done(url, &[], stop).await.map(drop)
+}
+
 /// Reads the stored offsets of `partitions`: on a new connection, retried through the
 /// [`Driver`] until pg_end answers, refuses definitively, or the sink stops.
 async fn read_until_done(
