@@ -789,7 +789,7 @@ async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_th
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("added 39"), "{out}");
     assert!(
-        out.contains("refused by the inbox's columns (the pipeline dead-letters them; fix the event or the mapping, never copied): 1"),
+        out.contains("refused by the inbox's columns or its handler (the pipeline dead-letters them; fix the event, the mapping or the handler, never copied): 1"),
         "{out}"
     );
     assert_eq!(
@@ -818,6 +818,73 @@ async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_th
     assert!(out.contains("added 1"), "{out}");
     let (code, out, err) = run("verify", &[]);
     assert_eq!(code, 0, "{out}{err}");
+}
+
+/// An event the inbox's handler refuses (the pipeline dead-letters it once) is, for
+/// `reconcile`, which runs the handler, refused and not missing: reported with the
+/// handler's error, and no run writes a dead letter for it again.
+#[tokio::test]
+async fn reconcile_reports_an_event_the_handler_refuses_and_writes_no_dead_letter() {
+    let dbs = TestDbs::new().await;
+    exec(&dbs, INBOX_SQL).await;
+    let mut sql = String::from(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+                                  aggregateid text NOT NULL, type text NOT NULL, payload jsonb);",
+    );
+    for n in 1..=5u64 {
+        // Event 3's amount is not a number: the counter handler's cast fails.
+        let amount = if n == 3 {
+            "\"abc\"".to_string()
+        } else {
+            n.to_string()
+        };
+        sql.push_str(&format!(
+            "INSERT INTO app.outbox VALUES ('{}', 'Order', 'order-1', 'Created', '{{\"amount\": {amount}}}');",
+            uuid(n)
+        ));
+    }
+    dbs.source().await.batch_execute(&sql).await.unwrap();
+    let inbox = inbox_flag("outbox.event.Order", COUNTER_HANDLER);
+    let route = r#"{table = "app.outbox", preset = "event-router"}"#;
+    let reconcile = || {
+        common::run_binary(&[
+            "reconcile",
+            "--source-url",
+            &dbs.source_url,
+            "--target-url",
+            &dbs.target_url,
+            "--route",
+            route,
+            "--inbox",
+            &inbox,
+        ])
+    };
+    for run in 0..2 {
+        let (code, out, err) = reconcile();
+        assert_eq!(code, 1, "run {run}: {out}{err}");
+        assert!(
+            out.contains("or the handler, never copied): 1")
+                && out.contains(&format!("id {}: inbox orders: the handler failed", uuid(3))),
+            "run {run}: {out}"
+        );
+        // The first run adds the four others; then nothing is missing.
+        let missing = out.contains("missing in the inbox: 4") && out.contains("added 4");
+        assert_eq!(missing, run == 0, "run {run}: {out}");
+        assert_eq!(
+            count(
+                &dbs.target_url,
+                "SELECT count(*) FROM outbox_relay.dead_letters"
+            )
+            .await,
+            0,
+            "run {run}"
+        );
+    }
+    assert_eq!(
+        counters(&dbs).await,
+        BTreeMap::from([("order-1".to_string(), (4, "12".to_string()))]),
+    );
 }
 
 /// Direct mode with a route whose topic no inbox takes would make every row a dead
@@ -932,7 +999,34 @@ async fn direct_mode_and_check_refuse_a_route_whose_topic_no_inbox_takes() {
         BTreeMap::from([("order-1".to_string(), (1, "5".to_string()))]),
     );
     relay.terminate();
-    for path in [wrong, right] {
+
+    // A templated topic naming a column the table lacks is known from the table's
+    // columns only: logged at start (as the connector does), every row a dead letter.
+    let template = config("orders");
+    let text = std::fs::read_to_string(&template)
+        .unwrap()
+        .replace(r#"topic = "orders"}"#, r#"topic = "orders${nosuch}"}"#);
+    std::fs::write(&template, text).unwrap();
+    let relay = common::spawn_direct(&dbs, &slot, &["--config", template.to_str().unwrap()], &[]);
+    dbs.source()
+        .await
+        .batch_execute(
+            "INSERT INTO app.outbox VALUES ('00000000-0000-0000-0000-000000000002', 'Order', \
+             'order-1', 'created', '{\"amount\": 5}')",
+        )
+        .await
+        .unwrap();
+    common::wait_until(
+        "the route's problem logged",
+        Duration::from_secs(60),
+        || async {
+            relay
+                .log_text()
+                .contains("every row of this outbox becomes a dead letter")
+        },
+    )
+    .await;
+    for path in [wrong, right, template] {
         let _ = std::fs::remove_file(path);
     }
 }

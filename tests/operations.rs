@@ -639,6 +639,129 @@ async fn load_into_a_database_without_the_seed_s_tables_says_to_migrate() {
     common::drop_databases(vec![common::PG_START_ADMIN.into()], name);
 }
 
+/// Whether `topic` exists on the stack's brokers.
+fn topic_exists(topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(30))
+        .expect("metadata");
+    metadata.topics().iter().any(|t| t.name() == topic)
+}
+
+/// A role without REPLICATION: pg_start refuses its replication session for good, so
+/// direct mode and the connector exit 2 at once with what to grant (they retried
+/// for ever), and `check` fails its role line. A connector that pg_start refuses
+/// creates no topic first.
+#[tokio::test]
+async fn a_role_pg_start_refuses_stops_the_relays_at_once_and_creates_no_topic() {
+    let dbs = TestDbs::new().await;
+    let role = random_name("norepl");
+    let admin = common::connect(common::PG_START_ADMIN).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+        .await
+        .unwrap();
+    dbs.source()
+        .await
+        .batch_execute(&format!(
+            "GRANT USAGE ON SCHEMA outbox TO {role}; GRANT SELECT ON outbox.transactions TO {role}"
+        ))
+        .await
+        .unwrap();
+    let as_role = dbs
+        .source_url
+        .replace("postgres:postgres@", &format!("{role}:pw@"));
+    let wrong_password = dbs
+        .source_url
+        .replace("postgres:postgres@", "postgres:wrong@");
+    let topic = random_name("refused");
+    let progress = random_name("refused_progress");
+    let slot = random_name("refused");
+    let connector = |source_url: &str| {
+        relay_within(
+            90,
+            &[
+                "connector",
+                "--source-url",
+                source_url,
+                "--brokers",
+                BROKERS,
+                "--slot",
+                &slot,
+                "--topic",
+                &topic,
+                "--progress-topic",
+                &progress,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+        )
+    };
+    let output = connector(&wrong_password);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    assert!(!topic_exists(&topic), "a refused connector created {topic}");
+
+    let output = connector(&as_role);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lacks REPLICATION"), "{stderr}");
+    let output = relay_within(
+        90,
+        &[
+            "direct",
+            "--source-url",
+            &as_role,
+            "--target-url",
+            &dbs.target_url,
+            "--slot",
+            &slot,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ALTER ROLE <role> REPLICATION"), "{stderr}");
+
+    let output = relay(&[
+        "check",
+        "--no-kafka",
+        "--source-url",
+        &as_role,
+        "--target-url",
+        &dbs.target_url,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "FAIL  pg_start: replication role: role {role} may not open a replication \
+             session: as a superuser, run ALTER ROLE {role} REPLICATION"
+        )),
+        "{stdout}"
+    );
+    let output = relay(&["check", "--no-kafka", "--source-url", &dbs.source_url]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ok    pg_start: replication role: postgres is a superuser"),
+        "{stdout}"
+    );
+    drop(dbs);
+    admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .unwrap();
+}
+
 /// A report read by a reader that stops early (`status --json | head`) ends the
 /// command quietly with its own exit code, not a panic on the broken pipe.
 #[test]

@@ -316,10 +316,14 @@ pub struct ApplyBatch {
     /// Records already known to be bad (unparsable input).
     pub dead_letters: Vec<DeadLetter>,
     pub progress: Progress,
+    /// The dead letters made while applying (events pg_end or a handler refuses) are
+    /// returned in [`ApplyOutcome::apart`] instead of written: `reconcile` reports
+    /// them, rather than adding one more dead letter per run for the same event.
+    pub dead_letters_apart: bool,
 }
 
 /// What [`apply`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {
     /// New rows in `main.transactions`, each added to its account's balance.
     pub inserted: u64,
@@ -334,6 +338,8 @@ pub struct ApplyOutcome {
     pub dead_letters_written: u64,
     /// Whether a definite error made the batch be bisected.
     pub bisected: bool,
+    /// With [`ApplyBatch::dead_letters_apart`]: the dead letters made, not written.
+    pub apart: Vec<DeadLetter>,
 }
 
 /// Why a batch could not be applied; nothing of it was committed.
@@ -884,6 +890,9 @@ async fn apply_in(
                 .map_err(|e| ApplyError::new("rolling back", e))?;
             return Ok(None);
         }
+    }
+    if batch.dead_letters_apart {
+        outcome.apart = dead_letters.split_off(batch.dead_letters.len());
     }
     outcome.dead_letters = dead_letters.len() as u64;
     outcome.dead_letters_written = insert_dead_letters(&tx, statements, &dead_letters).await?;

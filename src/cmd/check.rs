@@ -150,6 +150,10 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
             .map(|()| "logical".into())
             .map_err(err),
     ));
+    lines.push(line(
+        "pg_start: replication role",
+        source::check_replication_role(&client).await.map_err(err),
+    ));
     let tables: Vec<TableName> = routes
         .iter()
         .filter_map(|r| match &r.source {

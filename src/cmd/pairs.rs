@@ -116,8 +116,9 @@ pub struct PairReport {
     pub extra_sample: Vec<String>,
     pub changed_count: u64,
     pub changed_sample: Vec<ChangedEvent>,
-    /// Source events whose values the inbox's columns refuse (dead letters of the
-    /// pipeline), with the server's reason.
+    /// Source events whose values the inbox's columns refuse, or (found by
+    /// `reconcile`, which runs it) its handler refuses: dead letters of the pipeline,
+    /// with the server's reason.
     pub refused_count: u64,
     pub refused_sample: Vec<RefusedEvent>,
     /// `reconcile`: missing events inserted now (the rest were there by then).
@@ -170,7 +171,7 @@ impl PairReport {
         if self.refused_count > 0 {
             let _ = write!(
                 out,
-                "\n  refused by the inbox's columns (the pipeline dead-letters them; fix the event or the mapping, never copied): {}",
+                "\n  refused by the inbox's columns or its handler (the pipeline dead-letters them; fix the event, the mapping or the handler, never copied): {}",
                 self.refused_count
             );
             for r in &self.refused_sample {
@@ -411,6 +412,7 @@ impl Pair {
                 events: missing,
                 tables: inboxes.tables.clone(),
                 progress: Progress::None,
+                dead_letters_apart: true,
                 ..ApplyBatch::default()
             };
             let outcome = applier
@@ -418,6 +420,23 @@ impl Pair {
                 .await
                 .map_err(|ended| PairError::Apply(ended.into()))?;
             self.report.copied += outcome.inserted;
+            // Events the inbox's handler (or pg_end) refuses: refused, not missing;
+            // the pipeline has dead-lettered them once already.
+            for letter in outcome.apart {
+                let Some(event) = batch.events.iter().find(|e| e.origin == letter.origin) else {
+                    continue;
+                };
+                self.report.missing_count = self.report.missing_count.saturating_sub(1);
+                let id = event.values[table.id].clone().unwrap_or_default();
+                self.report.missing_sample.retain(|m| *m != id);
+                self.report.refused_count += 1;
+                if self.report.refused_sample.len() < SAMPLE {
+                    self.report.refused_sample.push(RefusedEvent {
+                        id,
+                        error: letter.error,
+                    });
+                }
+            }
         }
         Ok(())
     }

@@ -166,6 +166,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         .start(crate::metrics::CONNECTOR_METRICS)
         .await
         .map_err(PipelineError::Definite)?;
+    refuse_unusable_source(&args.source.source_url).await?;
     let mut backoff = Backoff::reconnect();
     let topics = Arc::new(Topics::new(&args));
     // Topics and producer: retried until the brokers answer.
@@ -228,6 +229,28 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         tracing::warn!(%error, "outbox cleanup task ended abnormally");
     }
     result
+}
+
+/// Before any topic is created: a pg_start that refuses the connector for good (a
+/// wrong password, no such database, an old version, `wal_level` not logical) stops it
+/// with what to do, and leaves nothing behind in Kafka. A pg_start that does not answer
+/// is the pipeline's to wait for.
+async fn refuse_unusable_source(url: &str) -> Result<(), PipelineError> {
+    let checks = async {
+        let client =
+            crate::pg::connect(url)
+                .await
+                .map_err(|source| crate::source::SourceError::Query {
+                    context: format!("connecting to pg_start ({})", crate::pg::redact_url(url)),
+                    source,
+                })?;
+        crate::source::check_version(&client).await?;
+        crate::source::check_wal_level(&client).await
+    };
+    match tokio::time::timeout(crate::pg::CONNECT_TIMEOUT * 2, checks).await {
+        Ok(Err(error)) if error.class() == ErrorClass::Definite => Err(error.into()),
+        _ => Ok(()),
+    }
 }
 
 async fn setup_kafka(

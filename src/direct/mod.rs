@@ -739,7 +739,15 @@ impl Destination for PgEndDestination {
     fn set_columns(&mut self, table: usize, columns: &[ColumnDef]) -> Result<(), PipelineError> {
         if let Some(routed) = &mut self.routed {
             if let Some((route, bound)) = routed.tables.get_mut(table) {
-                *bound = Some(routed.routes[*route].bind(columns));
+                let made = routed.routes[*route].bind(columns);
+                if let Some(problem) = made.unusable() {
+                    tracing::error!(
+                        problem,
+                        "every row of this outbox becomes a dead letter in pg_end's \
+                         outbox_relay.dead_letters until the route or the table is fixed"
+                    );
+                }
+                *bound = Some(made);
             }
             return Ok(());
         }

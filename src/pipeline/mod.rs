@@ -177,8 +177,10 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error("{0}")]
     Definite(String),
-    #[error("replication stream: {0}")]
-    Replication(#[source] PgWireError),
+    /// Not a `#[source]`: the message holds the server's words already.
+    #[error("replication stream: {error}{hint}", error = .0,
+            hint = source::replication_refused(.0).unwrap_or_default())]
+    Replication(PgWireError),
     /// A destination commit failed; `class` says whether to retry.
     #[error("{context}")]
     Destination {
@@ -207,6 +209,7 @@ impl PipelineError {
                 PgWireError::Auth(_)
                 | PgWireError::Tls(_)
                 | PgWireError::MessageTooLarge { .. } => ErrorClass::Definite,
+                e if source::replication_refused(e).is_some() => ErrorClass::Definite,
                 _ => ErrorClass::Transient,
             },
             PipelineError::Destination { class, .. } => *class,
@@ -1258,7 +1261,8 @@ impl<D: Destination> Pipeline<D> {
             prefix = %self.outbox.prefixes[prefix],
             %lsn,
             "a non-transactional logical message with an outbox prefix: only \
-             pg_logical_emit_message(true, …) is relayed; this one goes to the dead-letter topic"
+             pg_logical_emit_message(true, …) is relayed; this one is a dead letter (the \
+             connector's dead-letter topic, or pg_end's outbox_relay.dead_letters in direct mode)"
         );
         self.dest.begin_txn(TxnMeta {
             commit_lsn: lsn,

@@ -285,6 +285,7 @@ impl Pending {
                     })
                     .collect(),
             ),
+            dead_letters_apart: false,
         }
     }
 }

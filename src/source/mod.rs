@@ -241,6 +241,61 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
     Ok(())
 }
 
+/// The connecting role may open a replication session: it has `REPLICATION` (or is a
+/// superuser), or is a member of Amazon RDS's `rds_replication`. Returns how.
+pub async fn check_replication_role(client: &Client) -> Result<String, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolsuper, rolreplication,
+                    coalesce((SELECT pg_has_role(current_user, oid, 'member')
+                              FROM pg_roles WHERE rolname = 'rds_replication'), false)
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(SourceError::query("reading the role's attributes"))?;
+    let (role, superuser, replication, rds): (String, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    match (superuser, replication, rds) {
+        (true, _, _) => Ok(format!("{role} is a superuser")),
+        (_, true, _) => Ok(format!("{role} has REPLICATION")),
+        (_, _, true) => Ok(format!("{role} is a member of rds_replication")),
+        _ => Err(SourceError::Definite(format!(
+            "role {role} may not open a replication session: {}",
+            REPLICATION_ROLE_HINT.replace("<role>", &role)
+        ))),
+    }
+}
+
+/// What to do when pg_start refuses a replication session to the role.
+const REPLICATION_ROLE_HINT: &str = "as a superuser, run ALTER ROLE <role> REPLICATION \
+    (sql/roles.sql makes such a role; on Amazon RDS, GRANT rds_replication TO <role>)";
+
+/// Why pg_start refused a replication session for good, as a parenthesis to append
+/// (what to do), or `None` for a refusal a retry may cure (too many connections, a
+/// server starting or stopping, a slot in use). By the SQLSTATE the server's message
+/// ends with: 42501 (the role lacks `REPLICATION`), 28000 (no pg_hba.conf line admits
+/// it), 28P01 (wrong password), 3D000 (no such database).
+pub fn replication_refused(error: &pgwire_replication::PgWireError) -> Option<String> {
+    let pgwire_replication::PgWireError::Server(m) = error else {
+        return None;
+    };
+    let hint = if m.contains("SQLSTATE 42501") {
+        format!("the role of --source-url lacks REPLICATION: {REPLICATION_ROLE_HINT}")
+    } else if m.contains("SQLSTATE 28000") {
+        "pg_start's pg_hba.conf has no line that admits this role, database and host: add \
+         one and reload"
+            .into()
+    } else if m.contains("SQLSTATE 28P01") {
+        "check the user and password of --source-url".into()
+    } else if m.contains("SQLSTATE 3D000") {
+        "the database of --source-url does not exist on pg_start".into()
+    } else {
+        return None;
+    };
+    Some(format!(" ({hint})"))
+}
+
 /// The outbox table's columns, in table order; an error if it does not exist.
 pub async fn outbox_columns(
     client: &Client,
@@ -732,6 +787,28 @@ mod tests {
         assert!(!slot_invalidated(&PgWireError::Protocol(
             "can no longer".into()
         )));
+    }
+
+    #[test]
+    fn a_replication_session_refused_for_good_says_what_to_do() {
+        use pgwire_replication::PgWireError;
+        let refused = |m: &str| replication_refused(&PgWireError::Server(m.into()));
+        let role =
+            refused("must be superuser or replication role to start walsender (SQLSTATE 42501)");
+        assert!(role.is_some_and(|h| h.contains("REPLICATION")));
+        let hba = refused("no pg_hba.conf entry for replication connection (SQLSTATE 28000)");
+        assert!(hba.is_some_and(|h| h.contains("pg_hba.conf")));
+        for transient in [
+            "sorry, too many clients already (SQLSTATE 53300)",
+            "the database system is starting up (SQLSTATE 57P03)",
+            "replication slot \"s\" is active for PID 7 (SQLSTATE 55006)",
+        ] {
+            assert_eq!(refused(transient), None, "{transient}");
+        }
+        assert_eq!(
+            replication_refused(&PgWireError::Protocol("SQLSTATE 42501".into())),
+            None
+        );
     }
 
     #[test]
