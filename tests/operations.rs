@@ -762,6 +762,75 @@ async fn a_role_pg_start_refuses_stops_the_relays_at_once_and_creates_no_topic()
         .unwrap();
 }
 
+/// Brokers that refuse connections: the connector's retry says why (its topic request
+/// only times out), and the sink logs each distinct Kafka error once a minute, not on
+/// every reconnect attempt (it wrote ~15 lines a second).
+#[tokio::test]
+async fn unreachable_brokers_are_named_once_not_flooded() {
+    let dbs = TestDbs::new().await;
+    // A port nothing listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let sink = {
+        let (target, closed) = (dbs.target_url.clone(), closed.clone());
+        std::thread::spawn(move || {
+            relay_within(
+                12,
+                &[
+                    "sink",
+                    "--target-url",
+                    &target,
+                    "--brokers",
+                    &closed,
+                    "--topic",
+                    "t",
+                    "--group",
+                    "g",
+                    "--metrics-addr",
+                    "off",
+                ],
+            )
+        })
+    };
+    // Its first topic request times out after 30 s; then the retry's line.
+    let connector = relay_within(
+        50,
+        &[
+            "connector",
+            "--source-url",
+            &dbs.source_url,
+            "--brokers",
+            &closed,
+            "--slot",
+            &random_name("unreachable"),
+            "--metrics-addr",
+            "off",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&connector.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("kafka not ready, retrying")
+                && l.contains(&format!("{closed}/bootstrap: Connect to"))
+                && l.contains("Connection refused")),
+        "{stderr}"
+    );
+    let sink = sink.join().unwrap();
+    let stderr = String::from_utf8_lossy(&sink.stderr);
+    let kafka_lines = stderr
+        .lines()
+        .filter(|l| l.contains("kafka") || l.contains("librdkafka"))
+        .count();
+    assert!(
+        (1..=12).contains(&kafka_lines),
+        "{kafka_lines} lines about Kafka in 12 s:\n{stderr}"
+    );
+}
+
 /// A report read by a reader that stops early (`status --json | head`) ends the
 /// command quietly with its own exit code, not a panic on the broken pipe.
 #[test]

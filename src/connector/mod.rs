@@ -179,7 +179,20 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
         match attempt {
             Ok(producer) => break producer,
             Err(error) if error.class() == ErrorClass::Transient => {
-                tracing::warn!(error = %crate::error::error_chain(&error), "kafka not ready, retrying");
+                // A timed-out request does not say why; the brokers' own reason does.
+                let brokers = args.kafka.brokers.clone();
+                let because = tokio::task::spawn_blocking(move || {
+                    kafka::unreachable_because(&brokers, Duration::from_secs(5))
+                })
+                .await
+                .ok()
+                .flatten();
+                tracing::warn!(
+                    error = %crate::error::error_chain(&error),
+                    brokers = %args.kafka.brokers,
+                    unreachable = because.as_deref().unwrap_or("no: they answer metadata"),
+                    "kafka not ready, retrying"
+                );
                 tokio::select! {
                     _ = backoff.wait() => {}
                     _ = stopped.wait_for(|s| *s) => return Ok(()),

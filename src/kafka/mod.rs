@@ -19,6 +19,7 @@
 //! before the read. The shared topic of earlier versions (`<progress-topic>` itself)
 //! is read once, when the slot's own topic holds nothing yet.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -413,6 +414,51 @@ impl rdkafka::ClientContext for EndOfPartitionIsExpected {
 
 impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsExpected {}
 
+/// Repeats of one message within a window are counted, not logged: librdkafka reports
+/// "all brokers are down" on every reconnect attempt, several times a second, for as
+/// long as the brokers are unreachable. The first of each message is logged at once;
+/// a repeat once the window has passed is logged with how many were held back.
+pub struct Throttle {
+    window: Duration,
+    seen: std::sync::Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl Throttle {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            seen: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(held back since the last one logged)` when `message` is to be logged now.
+    pub fn admit(&self, message: &str) -> Option<u64> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match seen.get_mut(message) {
+            Some((last, held)) if now.duration_since(*last) < self.window => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                *last = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                // Bounded: messages carry broker names, not offsets; a few dozen at most.
+                if seen.len() >= 256 {
+                    seen.clear();
+                }
+                seen.insert(message.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// A client context that keeps the last error librdkafka reported, so that a failed
 /// request can say why: a TLS handshake the broker refused (no client certificate, an
 /// unknown CA), a failed SASL login, an address that does not resolve. librdkafka's
@@ -467,6 +513,19 @@ pub fn metadata_failure(
     match consumer.context().last() {
         Some(cause) => format!("{error}; last error: {cause}"),
         None => error.to_string(),
+    }
+}
+
+/// Why no broker of `brokers` answers a metadata request within `timeout` (the
+/// brokers' own reason: a refused connection, a TLS handshake, a login), or `None`
+/// when one does. Blocks: for a request that failed without saying why.
+pub fn unreachable_because(brokers: &str, timeout: Duration) -> Option<String> {
+    let consumer: BaseConsumer<LastClientError> = client_config(brokers)
+        .create_with_context(LastClientError::default())
+        .ok()?;
+    match consumer.fetch_metadata(None, timeout) {
+        Ok(_) => None,
+        Err(error) => Some(metadata_failure(&consumer, &error)),
     }
 }
 
@@ -657,6 +716,19 @@ fn parse_progress(
 #[cfg(test)]
 mod property_tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_admits_each_message_once_per_window_and_counts_the_rest() {
+        let throttle = Throttle::new(Duration::from_millis(200));
+        assert_eq!(throttle.admit("all brokers down"), Some(0));
+        assert_eq!(throttle.admit("another"), Some(0));
+        for _ in 0..5 {
+            assert_eq!(throttle.admit("all brokers down"), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(throttle.admit("all brokers down"), Some(5));
+        assert_eq!(throttle.admit("all brokers down"), None);
+    }
 
     #[test]
     fn the_last_client_error_keeps_a_broker_s_reason_over_all_brokers_down() {

@@ -543,8 +543,12 @@ impl<'a> SinkLoop<'a> {
                 }
                 Some(Err(error)) => {
                     self.kafka_errors += 1;
-                    // librdkafka retries by itself; log, and slow down if it repeats.
-                    tracing::warn!(%error, "kafka consumer error");
+                    // librdkafka retries by itself; log (each error once a minute),
+                    // and slow down if it repeats.
+                    if let Some(repeats) = self.consumer.context().errors.admit(&error.to_string())
+                    {
+                        tracing::warn!(%error, repeats, "kafka consumer error");
+                    }
                     if self.kafka_errors > 10 {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }

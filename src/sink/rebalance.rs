@@ -190,6 +190,8 @@ pub struct SinkContext {
     replay: Option<ReplayStart>,
     /// The partitions this process was assigned before: they no longer replay.
     assigned_before: Mutex<HashSet<Partition>>,
+    /// Repeats of one client or consumer error, logged once a minute.
+    pub errors: crate::kafka::Throttle,
 }
 
 impl SinkContext {
@@ -201,6 +203,7 @@ impl SinkContext {
             fatal_set: tokio::sync::Notify::new(),
             replay: None,
             assigned_before: Mutex::new(HashSet::new()),
+            errors: crate::kafka::Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -331,6 +334,19 @@ impl SinkContext {
 }
 
 impl ClientContext for SinkContext {
+    /// librdkafka retries by itself; each distinct error is logged at most once a
+    /// minute (with the count held back), not on every reconnect attempt.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let text = if reason.is_empty() {
+            error.to_string()
+        } else {
+            format!("{error}: {reason}")
+        };
+        if let Some(repeats) = self.errors.admit(&text) {
+            tracing::warn!(error = %text, repeats, "kafka client error; librdkafka retries");
+        }
+    }
+
     /// librdkafka's statistics carry each assigned partition's consumer lag.
     fn stats(&self, statistics: rdkafka::Statistics) {
         for topic in statistics.topics.values() {
