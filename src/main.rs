@@ -272,13 +272,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     stdout(&format!(
                         "backfill {id} requested at pg_start LSN {} for the relays of slot(s) \
                          {}: they send the rows of {table} again (inboxes count each event id \
-                         once); `outbox-relay status` shows how far it got\n",
+                         once); `outbox-relay status` shows how far it got. A relay that has \
+                         taken a backfill {id} before ignores this request (its log says so): \
+                         an id is used once, so give a new --id to send the rows again\n",
                         requested.lsn,
                         requested.slots.join(", ")
                     ))
                 }
                 outbox_relay::pipeline::backfill::Request::Cancel { id, .. } => stdout(&format!(
-                    "cancel of backfill {id} requested at pg_start LSN {}\n",
+                    "cancel of backfill {id} requested at pg_start LSN {}: a relay running or \
+                     queueing it stops it (`outbox-relay status` then shows it cancelled); a \
+                     relay without a running backfill {id} ignores the request (its log says \
+                     so)\n",
                     requested.lsn
                 )),
             }

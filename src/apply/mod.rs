@@ -355,7 +355,7 @@ pub enum ApplyError {
     /// pg_end refused a bookkeeping statement (missing schema, permissions, a wrong
     /// password): a person must look. Record content never causes this; it is bisected
     /// into dead letters.
-    #[error("pg_end refused the batch while {step}{}", what_to_do(source))]
+    #[error("pg_end refused the relay while {step}{}", what_to_do(source))]
     Definite {
         step: &'static str,
         #[source]

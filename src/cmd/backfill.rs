@@ -27,7 +27,8 @@ pub struct BackfillArgs {
     #[arg(long = "where", value_name = "SQL")]
     pub filter: Option<String>,
     /// The backfill's id (default: `backfill-` and the time): what `status` shows and
-    /// the records' `outbox-relay.backfill` header holds.
+    /// the records' `outbox-relay.backfill` header holds. Used once: a relay ignores a
+    /// request with an id it has taken before (a repeated command runs nothing twice).
     #[arg(long)]
     pub id: Option<String>,
     /// Only the relay of this slot takes the request (default: every relay streaming

@@ -537,7 +537,7 @@ impl PgEndDestination {
 
     /// A row or message that no record can be made of: a dead letter with its content.
     fn unroutable(&mut self, reason: &str, value: Vec<u8>) {
-        tracing::warn!(error = %reason, "outbox row cannot be routed; dead-lettered");
+        tracing::warn!(error = %reason, "outbox row or message cannot be routed; dead-lettered");
         self.value_bytes += value.len();
         self.batch.dead_letters.push(DeadLetter {
             kind: DeadLetterKind::Unroutable,

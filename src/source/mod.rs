@@ -510,9 +510,10 @@ pub async fn failover_readiness(client: &Client, slots: &[&str]) -> Result<Strin
         .map_err(|e| crate::error::error_chain(&e))?;
     if version < 170000 {
         return Err(format!(
-            "PostgreSQL {version} has no failover slots: a promotion of a standby loses the \
+            "PostgreSQL {} has no failover slots: a promotion of a standby loses the \
              slot, and the relay then stops and asks for `reconcile` (PostgreSQL 17 or newer \
-             keeps it)"
+             keeps it)",
+            version / 10000
         ));
     }
     let mut missing = Vec::new();
