@@ -156,6 +156,41 @@ async fn status_json_reports_slots_progress_offsets_and_an_unreachable_component
     assert!(direct_lsn > Lsn::ZERO);
     assert_eq!(target["dead_letters"], 0);
 
+    // A routed deployment's view: --topic is a default the sink never reads (it reads
+    // the routes' topics): no warning that it does not exist, and each topic the
+    // sink stores offsets for has its own lag, 0 here.
+    let absent = random_name("unused_default");
+    let routed: Vec<String> = status_args(&dbs.target_url, BROKERS)
+        .into_iter()
+        .map(|a| if a == topic { absent.clone() } else { a })
+        .collect();
+    let (code, json) = status(routed.clone());
+    assert_eq!(code, 0, "{json:#}");
+    assert_eq!(json["warnings"], serde_json::json!([]), "{json:#}");
+    let others = json["pg_end"]["other_sinks"].as_array().unwrap();
+    let ours = others
+        .iter()
+        .find(|o| o["topic"] == topic.as_str())
+        .unwrap_or_else(|| panic!("{json:#}"));
+    let lags: Vec<Option<i64>> = ours["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["lag"].as_i64())
+        .collect();
+    assert_eq!(lags, [Some(0); 3], "{json:#}");
+    let text: Vec<&str> = routed
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--json")
+        .collect();
+    let (_, stdout, _) = run_binary(&text);
+    assert!(
+        stdout.contains(&format!("  sink on topic {topic}:")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sink: no stored offsets"), "{stdout}");
+
     // The sink stopped and more transactions in Kafka: the lag of a partition with
     // records the sink has not applied is the offset difference again.
     sink.terminate();

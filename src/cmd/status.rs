@@ -200,10 +200,10 @@ pub struct TargetStatus {
     /// The sink's stored offset per partition of the topic (with the lag once Kafka
     /// answered), partition order.
     pub sink: Vec<SinkPartition>,
-    /// The other topics the sink stores offsets for (its inboxes' topics), as `name
-    /// (N partitions)`: `status --topic NAME` shows one of them.
+    /// The other topics the sink stores offsets for (its inboxes' topics, a routed
+    /// deployment's), each with its partitions' lag once Kafka answered.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub other_sink_topics: Vec<String>,
+    pub other_sinks: Vec<SinkTopic>,
     /// The direct mode's stored LSN for its slot.
     pub direct: Option<DirectStatus>,
     pub dead_letters: i64,
@@ -222,6 +222,15 @@ pub struct SinkPartition {
     /// Records not yet applied: 0 when every committed record is; otherwise `high
     /// watermark - 1 - last_offset`, an upper bound (see the module documentation).
     pub lag: Option<i64>,
+}
+
+/// The sink's progress on a topic other than `--topic`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkTopic {
+    pub topic: String,
+    /// As the `--topic` table: stored offsets, with watermarks and lag once Kafka
+    /// answered (every partition of the topic then has a row).
+    pub partitions: Vec<SinkPartition>,
 }
 
 /// The direct mode's progress.
@@ -269,9 +278,9 @@ const SINK_OFFSETS: &str = "\
 SELECT partition, last_offset, updated_at::text FROM outbox_relay.sink_offsets
 WHERE topic = $1 ORDER BY partition";
 
-const OTHER_SINK_TOPICS: &str = "\
-SELECT topic, count(*)::int8 FROM outbox_relay.sink_offsets
-WHERE topic <> $1 GROUP BY topic ORDER BY topic";
+const OTHER_SINK_OFFSETS: &str = "\
+SELECT topic, partition, last_offset, updated_at::text FROM outbox_relay.sink_offsets
+WHERE topic <> $1 ORDER BY topic, partition";
 
 const DIRECT_PROGRESS: &str = "\
 SELECT commit_lsn::text, updated_at::text, snapshot, backfill
@@ -304,6 +313,7 @@ pub async fn run(args: &StatusArgs) -> StatusReport {
     };
     join_lag(&mut report);
     settle_lag(args, &mut report, timeout).await;
+    other_lag(args, &mut report, timeout).await;
     judge(args, &mut report);
     report
 }
@@ -538,15 +548,27 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
         .query(SINK_OFFSETS, &[&args.kafka.topic])
         .await
         .map_err(query_error)?;
-    let mut other_sink_topics = Vec::new();
+    let mut other_sinks: Vec<SinkTopic> = Vec::new();
     for r in client
-        .query(OTHER_SINK_TOPICS, &[&args.kafka.topic])
+        .query(OTHER_SINK_OFFSETS, &[&args.kafka.topic])
         .await
         .map_err(query_error)?
     {
         let topic: String = r.try_get(0).map_err(query_error)?;
-        let partitions: i64 = r.try_get(1).map_err(query_error)?;
-        other_sink_topics.push(format!("{topic} ({partitions} partitions)"));
+        let partition = SinkPartition {
+            partition: r.try_get(1).map_err(query_error)?,
+            last_offset: Some(r.try_get(2).map_err(query_error)?),
+            updated_at: Some(r.try_get(3).map_err(query_error)?),
+            high_watermark: None,
+            lag: None,
+        };
+        match other_sinks.last_mut() {
+            Some(last) if last.topic == topic => last.partitions.push(partition),
+            _ => other_sinks.push(SinkTopic {
+                topic,
+                partitions: vec![partition],
+            }),
+        }
     }
     let direct = client
         .query_opt(DIRECT_PROGRESS, &[&args.slots.direct_slot])
@@ -594,7 +616,7 @@ async fn target_status(args: &StatusArgs) -> Result<TargetStatus, String> {
     Ok(TargetStatus {
         url: pg::redact_url(url),
         sink,
-        other_sink_topics,
+        other_sinks,
         direct,
         dead_letters: by_kind.values().sum(),
         dead_letters_by_kind: by_kind,
@@ -609,18 +631,24 @@ fn join_lag(report: &mut StatusReport) {
     else {
         return;
     };
-    for p in &kafka.partitions {
-        let row = match target.sink.iter_mut().find(|s| s.partition == p.partition) {
-            Some(row) => row,
+    fill_lag(&mut target.sink, &kafka.partitions);
+}
+
+/// Puts `watermarks` next to the stored offsets `sink`: every partition gets a row,
+/// with the lag `high - 1 - last` (or `high - low` when nothing is stored).
+fn fill_lag(sink: &mut Vec<SinkPartition>, watermarks: &[PartitionStatus]) {
+    for p in watermarks {
+        let row = match sink.iter_mut().position(|s| s.partition == p.partition) {
+            Some(index) => &mut sink[index],
             None => {
-                target.sink.push(SinkPartition {
+                sink.push(SinkPartition {
                     partition: p.partition,
                     last_offset: None,
                     updated_at: None,
                     high_watermark: None,
                     lag: None,
                 });
-                target.sink.last_mut().expect("just pushed")
+                sink.last_mut().expect("just pushed")
             }
         };
         row.high_watermark = Some(p.high_watermark);
@@ -629,7 +657,64 @@ fn join_lag(report: &mut StatusReport) {
             None => p.high_watermark - p.low_watermark,
         });
     }
-    target.sink.sort_by_key(|s| s.partition);
+    sink.sort_by_key(|s| s.partition);
+}
+
+/// The lag of the sink's other topics: their watermarks, then [`caught_up`] as for
+/// `--topic`. Left without lag when Kafka does not answer in time.
+async fn other_lag(args: &StatusArgs, report: &mut StatusReport, timeout: Duration) {
+    let (Part::Reachable(_), Part::Reachable(target)) = (&report.kafka, &mut report.pg_end) else {
+        return;
+    };
+    if target.other_sinks.is_empty() || args.no_kafka {
+        return;
+    }
+    let (brokers, mut others) = (args.kafka.brokers.clone(), target.other_sinks.clone());
+    let per_call = timeout.mul_f64(0.5);
+    let read = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = kafka::client_config(&brokers)
+            .create()
+            .map_err(|e| error_chain(&e))?;
+        for other in &mut others {
+            let Ok(partitions) = kafka::topic_partitions(&consumer, &other.topic, per_call) else {
+                continue; // deleted since, or no answer: its offsets stand alone
+            };
+            let watermarks: Vec<PartitionStatus> = partitions
+                .into_iter()
+                .filter_map(|partition| {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&other.topic, partition, per_call)
+                        .ok()?;
+                    Some(PartitionStatus {
+                        partition,
+                        low_watermark: low,
+                        high_watermark: high,
+                    })
+                })
+                .collect();
+            fill_lag(&mut other.partitions, &watermarks);
+            let starts: Vec<(i32, i64)> = other
+                .partitions
+                .iter()
+                .filter(|p| p.lag.is_some_and(|lag| lag > 0))
+                .filter_map(|p| Some((p.partition, p.last_offset? + 1)))
+                .collect();
+            if starts.is_empty() {
+                continue;
+            }
+            if let Ok(ended) = caught_up(&brokers, &other.topic, &starts, per_call) {
+                for p in &mut other.partitions {
+                    if ended.contains(&p.partition) {
+                        p.lag = Some(0);
+                    }
+                }
+            }
+        }
+        Ok::<_, String>(others)
+    });
+    if let Ok(Ok(Ok(others))) = tokio::time::timeout(timeout * 2, read).await {
+        target.other_sinks = others;
+    }
 }
 
 /// Fills `ok`, `problems` and `warnings`.
@@ -681,8 +766,15 @@ fn judge(args: &StatusArgs, report: &mut StatusReport) {
         }
     }
     if let Some(kafka) = report.kafka.reachable() {
+        // A --topic that does not exist says nothing where the sink reads other topics
+        // (a routed deployment, whose --topic is the unused default).
+        let sink_reads_others = report.pg_end.reachable().is_some_and(|t| {
+            t.sink.iter().all(|p| p.last_offset.is_none()) && !t.other_sinks.is_empty()
+        });
         if let Some(error) = &kafka.topic_error {
-            warnings.push(format!("topic {}: {error}", kafka.topic));
+            if !(sink_reads_others && kafka.partitions.is_empty()) {
+                warnings.push(format!("topic {}: {error}", kafka.topic));
+            }
         }
         if let Some(error) = &kafka.progress_error {
             warnings.push(format!("progress topic {}: {error}", kafka.progress_topic));
@@ -891,13 +983,14 @@ fn render_target(out: &mut String, part: &Part<TargetStatus>) {
     match part {
         Part::Reachable(t) => {
             let _ = writeln!(out, "pg_end    {}", t.url);
-            render_sink_table(out, &t.sink);
-            if !t.other_sink_topics.is_empty() {
-                let _ = writeln!(
-                    out,
-                    "  sink: offsets stored for other topics too: {} (status --topic NAME shows one)",
-                    t.other_sink_topics.join(", ")
-                );
+            // A routed deployment's sink reads other topics only: no empty table for
+            // --topic then.
+            if !t.sink.is_empty() || t.other_sinks.is_empty() {
+                render_sink_table(out, &t.sink);
+            }
+            for other in &t.other_sinks {
+                let _ = writeln!(out, "  sink on topic {}:", other.topic);
+                render_sink_table(out, &other.partitions);
             }
             let _ = match &t.direct {
                 Some(d) => match &d.snapshot {
@@ -996,7 +1089,7 @@ mod tests {
             pg_end: Part::Reachable(TargetStatus {
                 url: "postgres://postgres@127.0.0.1:8001/db_end".into(),
                 sink,
-                other_sink_topics: vec![],
+                other_sinks: vec![],
                 direct: None,
                 dead_letters: 0,
                 dead_letters_by_kind: BTreeMap::new(),
@@ -1077,10 +1170,13 @@ mod tests {
             } else {
                 vec![]
             },
-            other_sink_topics: if rich {
+            other_sinks: if rich {
                 vec![]
             } else {
-                vec!["outbox.event.order (3 partitions)".into()]
+                vec![SinkTopic {
+                    topic: "outbox.event.order".into(),
+                    partitions: vec![sink(0, Some(41), Some(42)), sink(1, Some(9), Some(12))],
+                }]
             },
             direct: rich.then(|| DirectStatus {
                 slot: "outbox_relay_direct".into(),
@@ -1229,8 +1325,10 @@ kafka     127.0.0.1:19090  topic outbox.transactions: does not exist
   progress topic outbox-relay-progress: connector LSN in Kafka unreadable: timed out
   dead-letter topic outbox-relay-dead-letters: 0 dead letters
 pg_end    postgres://postgres@127.0.0.1:8001/db_end
-  sink: no stored offsets for this topic
-  sink: offsets stored for other topics too: outbox.event.order (3 partitions) (status --topic NAME shows one)
+  sink on topic outbox.event.order:
+  partition   sink offset  high watermark         lag
+          0            41              42           0
+          1             9              12           2
   direct: no progress stored
   dead letters: 0
 warning: 3 dead letters
