@@ -26,6 +26,12 @@ CREATE TABLE inbox.counters (
     total        numeric NOT NULL
 );";
 
+/// A Debezium-shaped outbox on pg_start.
+const APP_OUTBOX_SQL: &str = "
+CREATE SCHEMA app;
+CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+                         aggregateid text NOT NULL, type text NOT NULL, payload jsonb);";
+
 /// Adds each new event to its aggregate's counter; `amount` must be a number (an
 /// event whose amount is not makes the handler raise an error for that event).
 const COUNTER_HANDLER: &str = "
@@ -457,9 +463,7 @@ async fn direct_mode_feeds_the_same_inbox_from_routes_through_kills() {
     let source = dbs.source().await;
     source
         .batch_execute(&format!(
-            "CREATE SCHEMA app;
-             CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
-                                      aggregateid text NOT NULL, type text NOT NULL, payload jsonb);
+            "{APP_OUTBOX_SQL}
              CREATE PUBLICATION {publication} FOR TABLE app.outbox WITH (publish = 'insert');"
         ))
         .await
@@ -599,14 +603,7 @@ async fn verify_and_reconcile_compare_an_inbox_with_its_source_by_event_id() {
     let dbs = TestDbs::new().await;
     exec(&dbs, INBOX_SQL).await;
     let source = dbs.source().await;
-    source
-        .batch_execute(
-            "CREATE SCHEMA app;
-             CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
-                                      aggregateid text NOT NULL, type text NOT NULL, payload jsonb);",
-        )
-        .await
-        .unwrap();
+    source.batch_execute(APP_OUTBOX_SQL).await.unwrap();
     let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     let mut sql = String::new();
     for n in 1..=500u64 {
@@ -732,11 +729,7 @@ async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_th
          CREATE TABLE inbox.amounts (event_id uuid PRIMARY KEY, amount numeric NOT NULL);",
     )
     .await;
-    let mut sql = String::from(
-        "CREATE SCHEMA app;
-         CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
-                                  aggregateid text NOT NULL, type text NOT NULL, payload jsonb);",
-    );
+    let mut sql = String::from(APP_OUTBOX_SQL);
     for n in 1..=40u64 {
         // Event 17's amount is not a number.
         let amount = if n == 17 {
@@ -827,11 +820,7 @@ async fn verify_reports_an_event_the_inbox_refuses_apart_and_reconcile_copies_th
 async fn reconcile_reports_an_event_the_handler_refuses_and_writes_no_dead_letter() {
     let dbs = TestDbs::new().await;
     exec(&dbs, INBOX_SQL).await;
-    let mut sql = String::from(
-        "CREATE SCHEMA app;
-         CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
-                                  aggregateid text NOT NULL, type text NOT NULL, payload jsonb);",
-    );
+    let mut sql = String::from(APP_OUTBOX_SQL);
     for n in 1..=5u64 {
         // Event 3's amount is not a number: the counter handler's cast fails.
         let amount = if n == 3 {
@@ -900,9 +889,7 @@ async fn direct_mode_and_check_refuse_a_route_whose_topic_no_inbox_takes() {
     dbs.source()
         .await
         .batch_execute(&format!(
-            "CREATE SCHEMA app;
-             CREATE TABLE app.outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
-                                      aggregateid text NOT NULL, type text NOT NULL, payload jsonb);
+            "{APP_OUTBOX_SQL}
              CREATE PUBLICATION {publication} FOR TABLE app.outbox WITH (publish = 'insert');"
         ))
         .await

@@ -318,29 +318,43 @@ pub async fn run(args: &StatusArgs) -> StatusReport {
     report
 }
 
-/// Sets to 0 the lag of each partition whose records after the stored offset are only
-/// commit markers or aborted records (see the module documentation).
+/// Sets to 0 the lag of each `--topic` partition whose records after the stored
+/// offset are only commit markers or aborted records (see the module documentation).
 async fn settle_lag(args: &StatusArgs, report: &mut StatusReport, timeout: Duration) {
     let Part::Reachable(target) = &mut report.pg_end else {
         return;
     };
-    let starts: Vec<(i32, i64)> = target
-        .sink
+    if args.no_kafka || !target.sink.iter().any(|p| p.lag.is_some_and(|lag| lag > 0)) {
+        return;
+    }
+    let (brokers, topic) = (args.kafka.brokers.clone(), args.kafka.topic.clone());
+    let mut sink = target.sink.clone();
+    let settled = tokio::task::spawn_blocking(move || {
+        settle(&brokers, &topic, &mut sink, timeout);
+        sink
+    })
+    .await;
+    if let Ok(sink) = settled {
+        target.sink = sink;
+    }
+}
+
+/// Sets to 0 the lag of each partition of `topic` in `sink` that [`caught_up`] finds
+/// at its end; the offset differences stand where Kafka does not answer. Blocks.
+fn settle(brokers: &str, topic: &str, sink: &mut [SinkPartition], timeout: Duration) {
+    let starts: Vec<(i32, i64)> = sink
         .iter()
         .filter(|p| p.lag.is_some_and(|lag| lag > 0))
         .filter_map(|p| Some((p.partition, p.last_offset? + 1)))
         .collect();
-    if starts.is_empty() || args.no_kafka {
+    if starts.is_empty() {
         return;
     }
-    let (brokers, topic) = (args.kafka.brokers.clone(), args.kafka.topic.clone());
-    let probe =
-        tokio::task::spawn_blocking(move || caught_up(&brokers, &topic, &starts, timeout)).await;
-    let Ok(Ok(caught_up)) = probe else {
-        return; // the offset differences stand
+    let Ok(ended) = caught_up(brokers, topic, &starts, timeout) else {
+        return;
     };
-    for p in &mut target.sink {
-        if caught_up.contains(&p.partition) {
+    for p in sink {
+        if ended.contains(&p.partition) {
             p.lag = Some(0);
         }
     }
@@ -693,22 +707,7 @@ async fn other_lag(args: &StatusArgs, report: &mut StatusReport, timeout: Durati
                 })
                 .collect();
             fill_lag(&mut other.partitions, &watermarks);
-            let starts: Vec<(i32, i64)> = other
-                .partitions
-                .iter()
-                .filter(|p| p.lag.is_some_and(|lag| lag > 0))
-                .filter_map(|p| Some((p.partition, p.last_offset? + 1)))
-                .collect();
-            if starts.is_empty() {
-                continue;
-            }
-            if let Ok(ended) = caught_up(&brokers, &other.topic, &starts, per_call) {
-                for p in &mut other.partitions {
-                    if ended.contains(&p.partition) {
-                        p.lag = Some(0);
-                    }
-                }
-            }
+            settle(&brokers, &other.topic, &mut other.partitions, per_call);
         }
         Ok::<_, String>(others)
     });
