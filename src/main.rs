@@ -130,9 +130,30 @@ fn parse_cli() -> Result<Cli, ExitCode> {
                 });
             match flag.and_then(|f| origins.keys.get(&f)) {
                 Some(key) => {
+                    // The value parser's own message, without clap's rendering of the
+                    // flag and its pointer to `--help`: the user wrote a key, not a flag.
+                    let value = error
+                        .get(clap::error::ContextKind::InvalidValue)
+                        .map(|value| value.to_string());
+                    let reason = match (std::error::Error::source(&error), value) {
+                        (Some(source), Some(value)) if !source.to_string().contains(&value) => {
+                            format!("invalid value '{value}': {source}")
+                        }
+                        (Some(source), _) => source.to_string(),
+                        (None, Some(value)) => {
+                            match error.get(clap::error::ContextKind::ValidValue) {
+                                Some(valid) => {
+                                    format!("invalid value '{value}' (possible values: {valid})")
+                                }
+                                None => format!("invalid value '{value}'"),
+                            }
+                        }
+                        (None, None) => error.to_string(),
+                    };
                     eprintln!(
-                        "error: configuration file {}: key `{key}`: {error}",
-                        origins.path.display()
+                        "error: configuration file {}: key `{key}`: {}",
+                        origins.path.display(),
+                        reason.trim_end()
                     );
                     ExitCode::from(2)
                 }

@@ -63,6 +63,14 @@ fn a_bad_configuration_file_gives_a_precise_error() {
         ),
         ("[connector]\nslot =\n", "not valid TOML"),
         ("[connectr]\nslot = \"x\"\n", "unknown key `connectr`"),
+        (
+            "[[connector.route]]\ntable = \"public.outbox\"\ntopik = \"x\"\n",
+            "key `connector.route`: invalid value '{\"table\" = \"public.outbox\", \"topik\" = \"x\"}': invalid route: unknown field `topik`",
+        ),
+        (
+            "[connector]\ndelivery = \"exactly\"\n",
+            "key `connector.delivery`: invalid value 'exactly' (possible values: transactional",
+        ),
     ] {
         let path = write_config(text);
         let output = relay(&["connector", "--config", path.to_str().unwrap()]);
@@ -75,6 +83,10 @@ fn a_bad_configuration_file_gives_a_precise_error() {
         assert!(
             stderr.contains(path.to_str().unwrap()),
             "names the file: {stderr}"
+        );
+        assert!(
+            !stderr.contains("--help") && !stderr.contains("--route <"),
+            "a key in a file is not a flag: {stderr}"
         );
     }
 }

@@ -163,7 +163,7 @@ impl InboxSpec {
         }
         toml::from_str::<Wrapper>(&body)
             .map(|w| w.inbox)
-            .map_err(|e| format!("invalid inbox {text:?}: {}", e.message()))
+            .map_err(|e| format!("invalid inbox: {}", e.message()))
     }
 
     fn label(&self) -> String {

@@ -178,7 +178,7 @@ impl RouteSpec {
         }
         toml::from_str::<Wrapper>(&body)
             .map(|w| w.route)
-            .map_err(|e| format!("invalid route {text:?}: {}", e.message()))
+            .map_err(|e| format!("invalid route: {}", e.message()))
     }
 
     /// Debezium's Outbox Event Router defaults on `table` (`table.field.event.id=id`,
