@@ -370,8 +370,8 @@ pub struct Batch {
     pub dead_letters: u64,
     /// The event id of each delivered table row, with `--cleanup` only: (table, id).
     pub ids: Vec<(usize, String)>,
-    /// The source commit time of each source transaction (µs since 2000-01-01), for
-    /// the latency histogram once the batch is committed.
+    /// The source commit time of each source transaction (µs since the Unix epoch),
+    /// for the latency histogram once the batch is committed.
     pub commit_times: Vec<i64>,
 }
 
@@ -801,7 +801,10 @@ impl Destination for KafkaDestination {
         if let Some(txn) = self.txn.take() {
             self.batch.headers.push(txn.headers);
             self.batch.txns.push((txn.lsn, txn.xid));
-            self.batch.commit_times.extend(txn.commit_time_micros);
+            self.batch.commit_times.extend(
+                txn.commit_time_micros
+                    .and_then(|micros| micros.checked_add(crate::pgoutput::PG_EPOCH_UNIX_MICROS)),
+            );
         }
     }
 

@@ -273,7 +273,7 @@ struct PgEndDestination {
     batch: ApplyBatch,
     value_bytes: usize,
     txn: Option<OpenTxn>,
-    /// Source commit times of the batch's transactions.
+    /// Source commit times of the batch's transactions (µs since the Unix epoch).
     commit_times: Vec<i64>,
     /// The open pg_end transaction of a spilled batch (see [`spill`]).
     spill: Option<spill::Spill>,
@@ -866,7 +866,10 @@ impl Destination for PgEndDestination {
     }
 
     fn end_txn(&mut self) {
-        if let Some(micros) = self.txn.take().and_then(|t| t.commit_time_micros) {
+        let micros = self.txn.take().and_then(|t| t.commit_time_micros);
+        if let Some(micros) =
+            micros.and_then(|m| m.checked_add(crate::pgoutput::PG_EPOCH_UNIX_MICROS))
+        {
             self.commit_times.push(micros);
         }
     }
@@ -1133,6 +1136,9 @@ mod tests {
         assert_eq!(ids, [4]);
         assert_eq!(d.batch.records[0].1.source_lsn, Some(Lsn(400)));
         assert!(d.batch.dead_letters.is_empty());
-        assert_eq!(d.commit_times, [400]);
+        assert_eq!(
+            d.commit_times,
+            [400 + crate::pgoutput::PG_EPOCH_UNIX_MICROS]
+        );
     }
 }

@@ -633,17 +633,6 @@ impl<'a> SinkLoop<'a> {
     }
 }
 
-/// Source commit → pg_end commit, per applied record that carries the connector's
-/// commit-time header.
-fn record_latency(commit_times: &[i64]) {
-    let now = chrono::Utc::now().timestamp_micros();
-    for committed in commit_times {
-        let micros = (now - committed).max(0);
-        ::metrics::histogram!(crate::metrics::END_TO_END_LATENCY, "stage" => "sink")
-            .record(micros as f64 / 1e6);
-    }
-}
-
 /// A batch being applied to pg_end by a task of its own, while the consumer loop
 /// decodes the next one: at most one batch in flight and one pending, and batches are
 /// applied one after the other, in the order they were consumed.
@@ -710,7 +699,9 @@ fn finish_batch(
     *writer = Some(applied.writer);
     let committed = applied.result?;
     if committed {
-        record_latency(&applied.commit_times);
+        // Source commit → pg_end commit, per applied record that carries the
+        // connector's commit-time header.
+        crate::metrics::record_latencies("sink", &applied.commit_times);
         telemetry::applied(&applied.traced);
         group_offsets.committed(consumer, &applied.progress);
     }
