@@ -186,7 +186,10 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     if let Some(kafka) = cli.command.kafka() {
-        outbox_relay::kafka::set_client_properties(&kafka.kafka_property);
+        if let Err(error) = outbox_relay::kafka::set_client_properties(&kafka.kafka_property) {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
     }
     // The replication pipelines (connector, direct) run on one thread: the slot
     // reader task hands the decoder one event per message, and waking a task parked on

@@ -91,6 +91,54 @@ fn a_bad_configuration_file_gives_a_precise_error() {
     }
 }
 
+/// A Kafka property librdkafka refuses stops every command that makes a Kafka client
+/// at once (exit 2), naming the key and never the credential: librdkafka's own message
+/// quotes the whole value (a pasted Java JAAS line with its password; a misspelt
+/// `sasl.pasword` that the redaction of `*password*` keys misses).
+#[test]
+fn a_refused_kafka_property_is_named_without_its_secret() {
+    let secret = "TopSecretJaas";
+    let jaas = format!(
+        "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule \
+         required username=\"relay\" password=\"{secret}\""
+    );
+    let typo = format!("sasl.pasword={secret}");
+    let missing = "ssl.ca.location=/nonexistent/kafka-ca.pem".to_string();
+    for (property, expected) in [
+        (
+            &jaas,
+            "kafka property sasl.jaas.config: librdkafka refuses it: Java JAAS",
+        ),
+        (
+            &typo,
+            "kafka property sasl.pasword: librdkafka refuses it: No such configuration property",
+        ),
+        (
+            &missing,
+            "kafka property ssl.ca.location: cannot read /nonexistent/kafka-ca.pem",
+        ),
+    ] {
+        for command in ["check", "status", "connector", "sink"] {
+            let output = relay_within(20, &[command, "--kafka-property", property]);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{command} {property}: {stderr}"
+            );
+            assert!(
+                stderr.contains(expected),
+                "{command}: expected {expected:?} in {stderr}"
+            );
+            assert!(
+                !stderr.contains(secret) && !stdout.contains(secret),
+                "{command} shows the secret: {stdout}{stderr}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn configuration_file_environment_and_flags_take_effect_in_that_order() {
     let dbs = TestDbs::new().await;

@@ -311,7 +311,16 @@ static CLIENT_PROPERTIES: std::sync::RwLock<Vec<KafkaProperty>> =
 
 /// Sets the properties every Kafka client of this process gets, and logs them with
 /// their secrets redacted.
-pub fn set_client_properties(properties: &[KafkaProperty]) {
+///
+/// Each is checked first, as librdkafka will take it, so that a property it refuses
+/// stops the command here, with an error that names the key and never shows the
+/// value (librdkafka's own message carries the whole value: a pasted JAAS line with
+/// its password, or a misspelt `sasl.pasword`). A `*.location` property must name a
+/// file (or, for `ssl.ca.location`, a directory) this process can read.
+pub fn set_client_properties(properties: &[KafkaProperty]) -> Result<(), String> {
+    for property in properties {
+        check_client_property(property)?;
+    }
     if !properties.is_empty() {
         let shown: Vec<String> = properties.iter().map(ToString::to_string).collect();
         tracing::info!(properties = %shown.join(", "), "kafka client properties");
@@ -320,6 +329,42 @@ pub fn set_client_properties(properties: &[KafkaProperty]) {
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     *current = properties.to_vec();
+    Ok(())
+}
+
+/// Whether librdkafka takes `property`, and can read the file a `*.location` names.
+fn check_client_property(property: &KafkaProperty) -> Result<(), String> {
+    let key = property.key.as_str();
+    let value = property.value.expose();
+    let mut config = ClientConfig::new();
+    config.set(key, value);
+    if let Err(error) = config.create_native_config() {
+        let reason = match error {
+            KafkaError::ClientConfig(_, description, _, _) => description,
+            other => other.to_string(),
+        };
+        // The description may quote the value (an invalid enum value does).
+        let reason = if value.is_empty() || !property.is_sensitive() {
+            reason
+        } else {
+            reason.replace(value, "<redacted>")
+        };
+        return Err(format!(
+            "kafka property {key}: librdkafka refuses it: {}",
+            reason.trim_end_matches('.')
+        ));
+    }
+    if key.ends_with(".location") && !(key == "ssl.ca.location" && value == "probe") {
+        let path = std::path::Path::new(value);
+        let readable = if path.is_dir() && key == "ssl.ca.location" {
+            std::fs::read_dir(path).map(drop)
+        } else {
+            std::fs::File::open(path).map(drop)
+        };
+        readable
+            .map_err(|e| format!("kafka property {key}: cannot read {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Whether a `--kafka-property` sets `key`.
@@ -745,6 +790,47 @@ mod property_tests {
         );
         context.error(down, "3/3 brokers are down");
         assert_eq!(context.last().as_deref(), Some(reason));
+    }
+
+    #[test]
+    fn a_property_librdkafka_refuses_is_named_without_its_value() {
+        let refused =
+            |text: &str| check_client_property(&KafkaProperty::parse(text).unwrap()).unwrap_err();
+        let jaas = refused(
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule \
+             required username=\"relay\" password=\"TopSecretJaas\";",
+        );
+        assert!(
+            jaas.contains("sasl.jaas.config") && jaas.contains("JAAS"),
+            "{jaas}"
+        );
+        assert!(!jaas.contains("TopSecretJaas"), "{jaas}");
+        let typo = refused("sasl.pasword=relay-secret");
+        assert!(typo.contains("sasl.pasword"), "{typo}");
+        assert!(!typo.contains("relay-secret"), "{typo}");
+        let wrong = refused("security.protocol=ssll");
+        assert!(wrong.contains("Invalid value \"ssll\""), "{wrong}");
+        let wrong = refused("sasl.oauthbearer.method=hunter2");
+        assert!(wrong.contains("sasl.oauthbearer.method"), "{wrong}");
+        assert!(!wrong.contains("hunter2"), "{wrong}");
+        let missing = refused("ssl.ca.location=/nonexistent/ca.pem");
+        assert!(
+            missing.contains("cannot read /nonexistent/ca.pem") && missing.contains("No such file"),
+            "{missing}"
+        );
+        for fine in [
+            "security.protocol=SASL_SSL",
+            "sasl.password=hunter2",
+            "ssl.ca.location=probe",
+            "ssl.ca.location=/etc",
+            "linger.ms=5",
+        ] {
+            assert_eq!(
+                check_client_property(&KafkaProperty::parse(fine).unwrap()),
+                Ok(()),
+                "{fine}"
+            );
+        }
     }
 
     #[test]
