@@ -720,6 +720,115 @@ fn topic_exists(topic: &str) -> bool {
     metadata.topics().iter().any(|t| t.name() == topic)
 }
 
+/// What the client refuses before the server has a say is as definite as a refused
+/// password: a URL without the password its role needs stops each relay at once
+/// (they retried it for ever, as "pg_end unavailable"), and so does an X.509 v1 client
+/// certificate (which libpq takes and rustls does not), with what to do.
+#[tokio::test]
+async fn a_missing_password_and_a_v1_client_certificate_stop_the_relays_at_once() {
+    let dbs = TestDbs::new().await;
+    let no_password = |url: &str| url.replacen(":postgres@", "@", 1);
+    let (source, target) = (no_password(&dbs.source_url), no_password(&dbs.target_url));
+    assert_ne!(source, dbs.source_url, "the test's URL carries a password");
+    let slot = random_name("nopassword");
+    let topic = random_name("nopassword");
+    for args in [
+        vec![
+            "direct",
+            "--source-url",
+            &source,
+            "--target-url",
+            &dbs.target_url,
+            "--slot",
+            &slot,
+        ],
+        vec![
+            "sink",
+            "--target-url",
+            &target,
+            "--topic",
+            &topic,
+            "--group",
+            &topic,
+        ],
+        vec![
+            "connector",
+            "--source-url",
+            &source,
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+        ],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--metrics-addr", "off"]);
+        let output = relay_within(30, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{}: {stderr}", args[0]);
+        assert!(stderr.contains("password missing"), "{}: {stderr}", args[0]);
+    }
+
+    let dir = std::env::temp_dir().join(random_name("v1cert"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "c.key",
+        "-out",
+        "c.csr",
+        "-subj",
+        "/CN=relay",
+    ]);
+    // No -extfile: version 1.
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "c.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "c.pem",
+        "-days",
+        "2",
+    ]);
+    let d = dir.display();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={d}/ca.pem&sslcert={d}/c.pem&sslkey={d}/c.key",
+        dbs.source_url
+    );
+    let output = relay_within(30, &["check", "--no-kafka", "--source-url", &url]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("sslcert={d}/c.pem"))
+            && stderr.contains("X.509 version 1")
+            && stderr.contains("version 3"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A role without REPLICATION: pg_start refuses its replication session for good, so
 /// direct mode and the connector exit 2 at once with what to grant (they retried
 /// for ever), and `check` fails its role line. A connector that pg_start refuses
@@ -863,9 +972,10 @@ async fn unreachable_brokers_are_named_once_not_flooded() {
             )
         })
     };
-    // Its first topic request times out after 30 s; then the retry's line.
+    // Named at once (a metadata request of 5 s), not when the first topic request times
+    // out, 30 s later.
     let connector = relay_within(
-        50,
+        15,
         &[
             "connector",
             "--source-url",
@@ -938,6 +1048,35 @@ fn metric(body: &str, name: &str) -> Option<f64> {
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .reduce(f64::max)
+}
+
+/// A sink on a quiet topic is ready once the group has taken it, with nothing to apply,
+/// and so is a member left without a partition (more sinks than partitions): a
+/// rollout that waits for `/readyz` must not wait for traffic.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_sink_and_one_without_a_partition_are_ready() {
+    let dbs = TestDbs::new().await;
+    let topic = common::create_topic("idle", 1, &[]).await;
+    let group = random_name("idle");
+    let extra = ["--metrics-addr", "127.0.0.1:0"];
+    let first = common::sink::spawn_sink(&dbs, &topic, &group, &extra);
+    let first_addr = first.metrics_addr().await;
+    common::wait_until(
+        "the idle sink to be ready",
+        Duration::from_secs(90),
+        || async { scrape(&first_addr, "/readyz").await.0 == 200 },
+    )
+    .await;
+    let second = common::sink::spawn_sink(&dbs, &topic, &group, &extra);
+    let second_addr = second.metrics_addr().await;
+    common::wait_until(
+        "the sink without a partition to be ready",
+        Duration::from_secs(90),
+        || async { scrape(&second_addr, "/readyz").await.0 == 200 },
+    )
+    .await;
+    assert_eq!(scrape(&first_addr, "/readyz").await.0, 200);
+    drop((first, second));
 }
 
 #[tokio::test(flavor = "multi_thread")]

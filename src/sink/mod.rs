@@ -494,8 +494,9 @@ impl<'a> SinkLoop<'a> {
                 received = messages.next(), if !full => {
                     self.receive(received, &mut messages).await?;
                 }
-                // A definite error in a rebalance callback (on_rebalance below takes it).
-                _ = consumer.context().fatal_met() => {}
+                // A change of assignment or a definite error in a rebalance callback
+                // (on_rebalance below takes them).
+                _ = consumer.context().changed() => {}
             }
             on_rebalance(
                 consumer,
@@ -785,7 +786,10 @@ fn on_rebalance(
                     tracing::info!(dropped, "dropped buffered records of revoked partitions");
                 }
             }
-            RebalanceEvent::Assigned(_) => {}
+            // The group took this member (with partitions or none) and pg_end told
+            // where they start: the sink consumes, idle or not, so it is ready.
+            // (An applied batch says so too; a pg_end retry says it is not.)
+            RebalanceEvent::Assigned(_) => crate::metrics::health().set_ready(true),
         }
     }
     Ok(())

@@ -183,9 +183,10 @@ pub struct SinkContext {
     events: Mutex<Vec<RebalanceEvent>>,
     /// A definite error met in a callback; the poll loop stops the sink with it.
     fatal: Mutex<Option<ApplyError>>,
-    /// Wakes the poll loop when `fatal` is set: with its partitions not taken, no
-    /// record would ever wake it to look.
-    fatal_set: tokio::sync::Notify,
+    /// Wakes the poll loop when an event is pushed or `fatal` is set: the callbacks
+    /// run inside a poll that returns no record, and on a quiet topic (or with the
+    /// partitions not taken) no record would ever wake it to look.
+    changed: tokio::sync::Notify,
     /// `--from-…`: where partitions start on their first assignment, if not pg_end's.
     replay: Option<ReplayStart>,
     /// The partitions this process was assigned before: they no longer replay.
@@ -200,7 +201,7 @@ impl SinkContext {
             reader,
             events: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
-            fatal_set: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
             replay: None,
             assigned_before: Mutex::new(HashSet::new()),
             errors: crate::kafka::Throttle::new(Duration::from_secs(60)),
@@ -235,10 +236,11 @@ impl SinkContext {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Completes once a definite error has been met in a callback (at once if one was
-    /// met before the call): the poll loop then takes it with [`Self::take_fatal`].
-    pub async fn fatal_met(&self) {
-        self.fatal_set.notified().await
+    /// Completes once a callback has pushed an event or met a definite error (at once
+    /// if one did since the last call): the poll loop then takes them with
+    /// [`Self::take_events`] and [`Self::take_fatal`].
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     fn push(&self, event: RebalanceEvent) {
@@ -246,6 +248,8 @@ impl SinkContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(event);
+        // A permit is kept if the loop is not waiting now.
+        self.changed.notify_one();
     }
 
     fn assign(
@@ -266,7 +270,7 @@ impl SinkContext {
                     tracing::error!(error = %error_chain(&error), "cannot read the stored offsets from pg_end");
                     *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                     // A permit is kept if the loop is not waiting now.
-                    self.fatal_set.notify_one();
+                    self.changed.notify_one();
                 }
                 // Take nothing: with no start position the partitions must not be read.
                 if !cooperative {
