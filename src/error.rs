@@ -36,16 +36,23 @@ pub mod pg {
     /// Transient: no SQLSTATE (I/O, a closed connection, a timeout), connection
     /// exceptions (08), insufficient resources (53), operator intervention (57: a
     /// shutdown, a crash), system errors (58), serialization failures, deadlocks, locks
-    /// not available and objects in use. Definite: everything else, and a value that
-    /// does not convert between its Rust and PostgreSQL types (no SQLSTATE either: the
-    /// client refuses it, and it would refuse it again on every retry).
+    /// not available and objects in use. Definite: everything else; and, with no
+    /// SQLSTATE either, what the client refuses and would refuse again on every retry:
+    /// a value that does not convert between its Rust and PostgreSQL types, a
+    /// configuration it cannot use (no password for a role that needs one), and a TLS
+    /// handshake that failed on a certificate (the server's is not signed by
+    /// `sslrootcert`, or the server refused the relay's).
     pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
         let Some(db) = error.as_db_error() else {
             let conversion = std::error::Error::source(error).is_some_and(|cause| {
                 cause.is::<tokio_postgres::types::WrongType>()
                     || cause.is::<tokio_postgres::types::WasNull>()
             });
-            return if conversion {
+            // tokio-postgres shows its error kind, and has no other way to tell it.
+            let text = error.to_string();
+            let configuration = text.starts_with("invalid configuration")
+                || text.starts_with("invalid connection string");
+            return if conversion || configuration || super::certificate_refused(error) {
                 ErrorClass::Definite
             } else {
                 ErrorClass::Transient
@@ -64,6 +71,41 @@ pub mod pg {
             ErrorClass::Definite
         }
     }
+}
+
+/// Whether a TLS handshake in `error`'s chain failed on a certificate: one side did not
+/// trust the other's, or a certificate is expired, revoked or of the wrong kind. A
+/// retry meets the same certificates.
+fn certificate_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as Alert;
+    let mut next = Some(error);
+    while let Some(current) = next {
+        // An I/O error carries the TLS library's error inside, not as its source.
+        let inner = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(current), inner].into_iter().flatten() {
+            if let Some(tls) = candidate.downcast_ref::<rustls::Error>() {
+                return matches!(
+                    tls,
+                    rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::NoCertificatesPresented
+                        | rustls::Error::AlertReceived(
+                            Alert::BadCertificate
+                                | Alert::UnsupportedCertificate
+                                | Alert::CertificateRevoked
+                                | Alert::CertificateExpired
+                                | Alert::CertificateUnknown
+                                | Alert::UnknownCA
+                                | Alert::CertificateRequired
+                        )
+                );
+            }
+        }
+        next = current.source();
+    }
+    false
 }
 
 /// Kafka producer errors (librdkafka's transactional API).

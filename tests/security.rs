@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::{random_name, repo, Relay, TestDbs};
 use outbox_relay::cmd::load::{self, LoadArgs};
-use outbox_relay::error::error_chain;
+use outbox_relay::error::pg::classify;
+use outbox_relay::error::{error_chain, ErrorClass};
 
 const TLS_STATE: &str = "/var/tmp/outbox-relay-tls";
 const TLS_OFFSET: u16 = 300;
@@ -469,12 +470,19 @@ async fn direct_mode_logs_in_with_client_certificates_and_no_password() {
     direct_mode_delivers(&dbs, &source, &target).await;
 }
 
-/// Why `url` cannot connect (it must not).
+/// Why `url` cannot connect (it must not). A refusal is definite: the relays stop
+/// with it (exit 2) instead of retrying what would be refused again.
 async fn refusal(url: &str) -> String {
     let error = outbox_relay::pg::connect(url)
         .await
         .map(|_| ())
         .expect_err("the connection must be refused");
+    assert_eq!(
+        classify(&error),
+        ErrorClass::Definite,
+        "retried: {}",
+        error_chain(&error)
+    );
     error_chain(&error)
 }
 
@@ -682,11 +690,7 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
         8000 + TLS_OFFSET,
         ca.display()
     );
-    let error = outbox_relay::pg::connect(&wrong_name)
-        .await
-        .map(|_| ())
-        .expect_err("verify-full must refuse a certificate for another host");
-    let text = error_chain(&error);
+    let text = refusal(&wrong_name).await;
     assert!(
         text.contains("certificate") && text.contains("not valid for"),
         "{text}"
@@ -711,15 +715,8 @@ async fn verify_full_refuses_a_certificate_for_another_host() {
     let untrusted = tls_url("postgres", "postgres", 8000 + TLS_OFFSET, "postgres")
         .replace(&ca.display().to_string(), &other_ca.display().to_string())
         .replace("verify-full", "verify-ca");
-    let error = outbox_relay::pg::connect(&untrusted)
-        .await
-        .map(|_| ())
-        .unwrap_err();
-    assert!(
-        error_chain(&error).contains("certificate"),
-        "{}",
-        error_chain(&error)
-    );
+    let text = refusal(&untrusted).await;
+    assert!(text.contains("certificate"), "{text}");
     let _ = std::fs::remove_file(other_ca);
     let _ = std::fs::remove_file(other_key);
 }

@@ -170,8 +170,34 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
     let mut backoff = Backoff::reconnect();
     let topics = Arc::new(Topics::new(&args));
     // Topics and producer: retried until the brokers answer.
+    let unreachable_because = || {
+        let brokers = args.kafka.brokers.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                kafka::unreachable_because(&brokers, Duration::from_secs(5))
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+    };
     let producer = loop {
         let mut stopped = stop.clone();
+        // Brokers that refuse the relay (a wrong SASL password, an untrusted
+        // certificate) or do not answer are named at once: the topic request below
+        // would only say so when it times out, 30 s later.
+        if let Some(because) = unreachable_because().await {
+            tracing::warn!(
+                brokers = %args.kafka.brokers,
+                unreachable = %because,
+                "kafka not ready, retrying"
+            );
+            tokio::select! {
+                _ = backoff.wait() => {}
+                _ = stopped.wait_for(|s| *s) => return Ok(()),
+            }
+            continue;
+        }
         let attempt = tokio::select! {
             attempt = setup_kafka(&args, &routes, &topics, stop.clone()) => attempt,
             _ = stopped.wait_for(|s| *s) => return Ok(()),
@@ -180,13 +206,7 @@ pub async fn run(args: ConnectorArgs, stop: watch::Receiver<bool>) -> Result<(),
             Ok(producer) => break producer,
             Err(error) if error.class() == ErrorClass::Transient => {
                 // A timed-out request does not say why; the brokers' own reason does.
-                let brokers = args.kafka.brokers.clone();
-                let because = tokio::task::spawn_blocking(move || {
-                    kafka::unreachable_because(&brokers, Duration::from_secs(5))
-                })
-                .await
-                .ok()
-                .flatten();
+                let because = unreachable_because().await;
                 tracing::warn!(
                     error = %crate::error::error_chain(&error),
                     brokers = %args.kafka.brokers,
