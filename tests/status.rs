@@ -24,7 +24,7 @@ async fn status_json_reports_slots_progress_offsets_and_an_unreachable_component
     let mut sink = spawn_sink(&dbs, &topic, &random_name("group"), &[]);
     // Direct mode into the same pg_end, from a slot of its own: apply is idempotent,
     // so the two paths together still count every transaction once.
-    let _direct = spawn_direct(&dbs, &direct_slot, &[], &[]);
+    let mut direct = spawn_direct(&dbs, &direct_slot, &[], &[]);
     load(&dbs, 200).await;
     dbs.wait_verified(Duration::from_secs(180)).await;
 
@@ -251,4 +251,27 @@ async fn status_json_reports_slots_progress_offsets_and_an_unreachable_component
     assert_eq!(code, 1);
     assert!(stdout.contains("pg_end    unreachable: "), "{stdout}");
     assert!(stdout.contains(&format!("slot {slot}")), "{stdout}");
+
+    // Direct mode's slot dropped (as a promotion without failover slots loses it):
+    // pg_end's progress says direct mode streamed from it, so it is a problem (direct
+    // mode would refuse to start), not just an absent slot.
+    direct.terminate();
+    dbs.source()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&direct_slot])
+        .await
+        .unwrap();
+    let (code, json) = status(status_args(&dbs.target_url, BROKERS));
+    assert_eq!(code, 1, "{json:#}");
+    let problems = json["problems"].as_array().unwrap();
+    let lost = format!(
+        "slot {direct_slot} is missing on pg_start, but direct mode's progress says it \
+         streamed from it (through "
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.starts_with(&lost))),
+        "{json:#}"
+    );
 }

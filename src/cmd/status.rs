@@ -311,11 +311,34 @@ pub async fn run(args: &StatusArgs) -> StatusReport {
         kafka,
         pg_end,
     };
+    reread_absent_slots(args, &mut report, timeout).await;
     join_lag(&mut report);
     settle_lag(args, &mut report, timeout).await;
     other_lag(args, &mut report, timeout).await;
     judge(args, &mut report);
     report
+}
+
+/// Reads pg_start's slots again when one was absent while its relay's progress says it
+/// streamed from it: the three parts are read at once, so a relay that created its slot
+/// and wrote its first progress meanwhile looks like a lost slot. A relay creates its
+/// slot before it writes any progress, so a slot still absent now, after the progress
+/// was read, is lost.
+async fn reread_absent_slots(args: &StatusArgs, report: &mut StatusReport, timeout: Duration) {
+    let Some(source) = report.pg_start.reachable() else {
+        return;
+    };
+    if !source
+        .slots
+        .iter()
+        .any(|slot| !slot.exists && streamed_from(report, slot).is_some())
+    {
+        return;
+    }
+    let again = bounded(timeout, source_status(args)).await;
+    if again.reachable().is_some() {
+        report.pg_start = again;
+    }
 }
 
 /// Sets to 0 the lag of each `--topic` partition whose records after the stored
@@ -717,6 +740,35 @@ async fn other_lag(args: &StatusArgs, report: &mut StatusReport, timeout: Durati
 }
 
 /// Fills `ok`, `problems` and `warnings`.
+/// Where `slot`'s relay got to, by its own progress, if it ever streamed from it: the
+/// connector's progress topic, or direct mode's row in pg_end.
+fn streamed_from(report: &StatusReport, slot: &SlotStatus) -> Option<String> {
+    match slot.role {
+        "connector" => {
+            let progress = report.kafka.reachable()?.progress.as_ref()?;
+            Some(match progress.state {
+                ProgressState::Streaming => format!("through {}", progress.lsn),
+                ProgressState::Snapshot => "its initial snapshot had begun".to_string(),
+            })
+        }
+        "direct" => {
+            let direct = report.pg_end.reachable()?.direct.as_ref()?;
+            if direct.slot != slot.name {
+                return None;
+            }
+            if direct.commit_lsn != "0/0" {
+                Some(format!("through {}", direct.commit_lsn))
+            } else {
+                direct
+                    .snapshot
+                    .as_ref()
+                    .map(|_| "its initial snapshot had begun".to_string())
+            }
+        }
+        _ => None,
+    }
+}
+
 fn judge(args: &StatusArgs, report: &mut StatusReport) {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
@@ -732,6 +784,24 @@ fn judge(args: &StatusArgs, report: &mut StatusReport) {
     if let Some(source) = report.pg_start.reachable() {
         for slot in &source.slots {
             if !slot.exists {
+                // A slot its relay has streamed from (its progress says so) is lost: the
+                // relay refuses to start, since a new slot would skip what was written
+                // since (a drop, or a promotion that did not keep it).
+                if let Some(through) = streamed_from(report, slot) {
+                    let relay = if slot.role == "direct" {
+                        "direct mode"
+                    } else {
+                        "the connector"
+                    };
+                    problems.push(format!(
+                        "slot {} is missing on pg_start, but {relay}'s progress says it streamed \
+                         from it ({through}): it was dropped, or lost at a promotion (not a \
+                         failover slot), and {relay} refuses to start; recover with a new slot \
+                         and `outbox-relay reconcile` (docs/operations.md, \"Slot lost or \
+                         invalidated\")",
+                        slot.name
+                    ));
+                }
                 continue;
             }
             if let Some(cause) = source::invalidation(
@@ -1235,6 +1305,59 @@ mod tests {
         assert!(r
             .render()
             .contains("wal_status lost  invalidated idle_timeout"));
+    }
+
+    #[test]
+    fn a_missing_slot_its_relay_streamed_from_is_a_problem() {
+        let absent = || {
+            Part::Reachable(SourceStatus {
+                url: "u".into(),
+                server_version: "17.2".into(),
+                current_wal_lsn: "0/1".into(),
+                slots: vec![
+                    slot("outbox_relay", "connector", false, None),
+                    slot("outbox_relay_direct", "direct", false, None),
+                ],
+            })
+        };
+        // Neither relay has progress: a deployment not started yet (a warning only).
+        let mut r = report(Part::Reachable(kafka_part(None, None)), vec![]);
+        r.pg_start = absent();
+        judge(&StatusArgs::new("a", "b", "c", "t"), &mut r);
+        assert!(r.ok, "{:?}", r.problems);
+        // The connector's progress topic and direct mode's row say they streamed.
+        let mut r = report(
+            Part::Reachable(kafka_part(None, Some(ProgressState::Streaming))),
+            vec![],
+        );
+        r.pg_start = absent();
+        if let Part::Reachable(target) = &mut r.pg_end {
+            target.direct = Some(DirectStatus {
+                slot: "outbox_relay_direct".into(),
+                commit_lsn: "0/C3AD190".into(),
+                updated_at: "now".into(),
+                snapshot: None,
+                backfills: Vec::new(),
+            });
+        }
+        judge(&StatusArgs::new("a", "b", "c", "t"), &mut r);
+        assert!(!r.ok);
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        assert!(
+            r.problems[0].starts_with(
+                "slot outbox_relay is missing on pg_start, but the connector's progress says \
+                 it streamed from it (through 0/1A2B000)"
+            ),
+            "{}",
+            r.problems[0]
+        );
+        assert!(
+            r.problems[1].starts_with("slot outbox_relay_direct is missing on pg_start")
+                && r.problems[1].contains("through 0/C3AD190")
+                && r.problems[1].contains("reconcile"),
+            "{}",
+            r.problems[1]
+        );
     }
 
     /// Reports that between them take every branch of `render`.
