@@ -18,7 +18,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-/// Bytes of WAL between the server's end and the slot's confirmed LSN.
+/// Bytes of WAL between pg_start's current position and the slot's confirmed LSN, read
+/// from pg_start every 5 s while the relay streams (the figure `status` shows).
 pub const SLOT_LAG_BYTES: &str = "outbox_relay_slot_lag_bytes";
 /// The LSN confirmed to the slot, as a number.
 pub const CONFIRMED_LSN: &str = "outbox_relay_confirmed_lsn";

@@ -1109,6 +1109,7 @@ async fn metrics_move_during_a_run_and_readyz_turns_unready_when_pg_start_is_dow
         "outbox_relay_apply_duration_seconds_bucket",
         "outbox_relay_apply_batch_size_bucket",
         "outbox_relay_end_to_end_latency_seconds_bucket",
+        "outbox_relay_slot_lag_bytes",
     ] {
         assert!(body.contains(series), "{series} missing from:\n{body}");
     }

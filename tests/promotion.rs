@@ -100,6 +100,39 @@ async fn direct_mode_follows_a_promotion_of_pg_start_s_standby_exactly_once() {
     )
     .await;
 
+    // Pointed at the standby alone, `check` fails its `primary` line and `status` says
+    // what to change (the relay would wait there, saying the same).
+    let on_the_standby = url(standby, "db_start");
+    let (code, stdout, _) = common::run_binary(&[
+        "check",
+        "--no-kafka",
+        "--source-url",
+        &on_the_standby,
+        "--target-url",
+        &target_url,
+        "--direct-slot",
+        slot,
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL  pg_start: primary: ")
+                && l.contains("it is a standby (in recovery)")
+                && l.contains("target_session_attrs=read-write")),
+        "{stdout}"
+    );
+    let (code, stdout, _) = common::run_binary(&[
+        "status",
+        "--no-kafka",
+        "--source-url",
+        &on_the_standby,
+        "--target-url",
+        &target_url,
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("it is a standby (in recovery)"), "{stdout}");
+
     // pg_start goes down; its standby is promoted; the writers and the relay find it.
     stack(&["stop", "pg_start"]);
     let promoted = std::time::Instant::now();

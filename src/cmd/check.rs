@@ -151,6 +151,13 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
             .map_err(err),
     ));
     lines.push(line(
+        "pg_start: primary",
+        source::check_primary(&client)
+            .await
+            .map(|()| "not in recovery".into())
+            .map_err(err),
+    ));
+    lines.push(line(
         "pg_start: replication role",
         source::check_replication_role(&client).await.map_err(err),
     ));

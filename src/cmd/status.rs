@@ -117,6 +117,11 @@ pub struct SourceStatus {
     pub current_wal_lsn: String,
     /// The connector's slot, then the direct mode's.
     pub slots: Vec<SlotStatus>,
+    /// The physical slots `synchronized_standby_slots` names (PostgreSQL 17+) that no
+    /// standby holds: pg_start holds back the logical slots' changes until they do, so
+    /// the relays stall while their slots' lag grows.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for_standby_slots: Vec<String>,
 }
 
 /// One replication slot.
@@ -446,6 +451,10 @@ async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
     let url = &args.source.source_url;
     let client = connect(url).await?;
     let query_error = |e: tokio_postgres::Error| error_chain(&e);
+    // A standby has no current WAL position of its own to measure the slots against.
+    source::check_primary(&client)
+        .await
+        .map_err(|e| error_chain(&e))?;
     let row = client
         .query_one(
             "SELECT current_setting('server_version'), pg_current_wal_lsn()::text",
@@ -473,11 +482,26 @@ async fn source_status(args: &StatusArgs) -> Result<SourceStatus, String> {
             invalidation_reason: r.try_get(12).map_err(query_error)?,
         });
     }
+    let waiting_for_standby_slots = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots
+             WHERE slot_type = 'physical' AND NOT active
+               AND slot_name = ANY (string_to_array(replace(
+                   current_setting('synchronized_standby_slots', true), ' ', ''), ','))
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(query_error)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(SourceStatus {
         url: pg::redact_url(url),
         server_version: row.try_get(0).map_err(query_error)?,
         current_wal_lsn: row.try_get(1).map_err(query_error)?,
         slots,
+        waiting_for_standby_slots,
     })
 }
 
@@ -826,6 +850,14 @@ fn judge(args: &StatusArgs, report: &mut StatusReport) {
                     slot.name, slot.role
                 ));
             }
+        }
+        for physical in &source.waiting_for_standby_slots {
+            warnings.push(format!(
+                "synchronized_standby_slots names the physical slot {physical}, which no \
+                 standby holds: pg_start holds back the outbox's changes from the relays \
+                 until its standby reconnects, or the setting drops it (the relays stall \
+                 meanwhile, and their slots' lag grows)"
+            ));
         }
         if source.slots.iter().all(|s| !s.exists) {
             warnings.push(format!(
@@ -1285,6 +1317,7 @@ mod tests {
             server_version: "18.1".into(),
             current_wal_lsn: "0/1".into(),
             slots: vec![lost, unreserved],
+            waiting_for_standby_slots: Vec::new(),
         });
         judge(&StatusArgs::new("a", "b", "c", "t"), &mut r);
         assert!(!r.ok);
@@ -1318,6 +1351,7 @@ mod tests {
                     slot("outbox_relay", "connector", false, None),
                     slot("outbox_relay_direct", "direct", false, None),
                 ],
+                waiting_for_standby_slots: Vec::new(),
             })
         };
         // Neither relay has progress: a deployment not started yet (a warning only).
@@ -1380,6 +1414,7 @@ mod tests {
                 server_version: "17.2".into(),
                 current_wal_lsn: "0/1A2B3C4".into(),
                 slots,
+                waiting_for_standby_slots: Vec::new(),
             })
         };
         vec![

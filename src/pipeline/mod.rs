@@ -614,11 +614,9 @@ impl<D: Destination> Pipeline<D> {
         backoff.reset();
         // Releases the creation lock, if this session took it.
         drop(client);
-        let heartbeat = self.spawn_heartbeat();
+        let monitor = self.spawn_monitor();
         let result = self.stream(&mut replication).await;
-        if let Some(h) = heartbeat {
-            h.abort();
-        }
+        monitor.abort();
         // Dropping the client ends the session (stop()+join() can hang on some paths).
         drop(replication);
         result
@@ -634,12 +632,23 @@ impl<D: Destination> Pipeline<D> {
         // Every call to pg_start here is bounded ([`bounded`]): a server (or a proxy)
         // that accepts and never answers ends the attempt, which is retried.
         let client = bounded(async {
-            pg::connect(&url)
-                .await
-                .map_err(|source| SourceError::Query {
-                    context: format!("connecting to pg_start ({})", pg::redact_url(&url)),
-                    source,
-                })
+            match pg::connect(&url).await {
+                Ok(client) => Ok(client),
+                Err(source) => {
+                    let error = SourceError::Query {
+                        context: format!("connecting to pg_start ({})", pg::redact_url(&url)),
+                        source,
+                    };
+                    // Of several hosts, tokio-postgres reports the last one's error
+                    // alone: ask each, so that the log says which refused and why
+                    // (during a failover: one down, the other still a standby).
+                    let several = pg::PgTarget::from_url(&url).is_ok_and(|t| t.host_count() > 1);
+                    if several && error.class() == ErrorClass::Transient {
+                        source::replication_target(&url).await?;
+                    }
+                    Err(error)
+                }
+            }
         })
         .await?;
         let info = bounded(source::check_source(
@@ -968,34 +977,70 @@ impl<D: Destination> Pipeline<D> {
         Ok(replication)
     }
 
-    fn spawn_heartbeat(&self) -> Option<tokio::task::JoinHandle<()>> {
-        if self.args.heartbeat_secs <= 0.0 {
-            return None;
-        }
+    /// Beside a stream, on a pg_start connection of its own: every [`LAG_EVERY`] the
+    /// slot's lag as pg_start measures it (`pg_current_wal_lsn()` minus the slot's
+    /// `confirmed_flush_lsn`, the figure `status` shows) into the slot-lag gauge, and
+    /// the heartbeat message every `--heartbeat-secs` if asked. The walsender's
+    /// keepalives cannot tell the lag: while it waits for a standby named in
+    /// `synchronized_standby_slots`, its position is what it may send, and the gauge
+    /// read 0 while the stream stalled.
+    fn spawn_monitor(&self) -> tokio::task::JoinHandle<()> {
         let url = self.source_url.clone();
-        let every = Duration::from_secs_f64(self.args.heartbeat_secs);
-        Some(tokio::spawn(async move {
+        let slot = self.slot.clone();
+        let heartbeat = (self.args.heartbeat_secs > 0.0)
+            .then(|| Duration::from_secs_f64(self.args.heartbeat_secs));
+        let every = heartbeat.map_or(LAG_EVERY, |h| h.min(LAG_EVERY));
+        let stage = D::STAGE;
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             let mut client = None;
+            let (mut last_lag, mut last_heartbeat) = (None::<Instant>, None::<Instant>);
             loop {
                 tick.tick().await;
                 if client.is_none() {
                     client = pg::connect(&url).await.ok();
                 }
-                if let Some(c) = &client {
+                let Some(c) = &client else { continue };
+                let due = |last: Option<Instant>, every: Duration| {
+                    last.is_none_or(|at| at.elapsed() + Duration::from_millis(50) >= every)
+                };
+                let mut failed = false;
+                if heartbeat.is_some_and(|h| due(last_heartbeat, h)) {
+                    last_heartbeat = Some(Instant::now());
                     // Non-transactional: it reaches the slot at once and touches no table.
-                    let sent = c
+                    failed |= c
                         .execute(
                             "SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
                             &[],
                         )
-                        .await;
-                    if sent.is_err() {
-                        client = None;
+                        .await
+                        .is_err();
+                }
+                if due(last_lag, LAG_EVERY) {
+                    last_lag = Some(Instant::now());
+                    match c
+                        .query_opt(
+                            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8
+                             FROM pg_replication_slots WHERE slot_name = $1",
+                            &[&slot],
+                        )
+                        .await
+                    {
+                        Ok(Some(row)) => {
+                            if let Ok(Some(lag)) = row.try_get::<_, Option<i64>>(0) {
+                                ::metrics::gauge!(metrics::SLOT_LAG_BYTES, "stage" => stage)
+                                    .set(lag.max(0) as f64);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => failed = true,
                     }
                 }
+                if failed {
+                    client = None;
+                }
             }
-        }))
+        })
     }
 
     /// Streams from the slot into the destination until an error or a stop; never
@@ -1205,10 +1250,7 @@ impl<D: Destination> Pipeline<D> {
                 s.confirm(replication);
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                let wal_end = Lsn(wal_end.as_u64());
-                ::metrics::gauge!(metrics::SLOT_LAG_BYTES, "stage" => D::STAGE)
-                    .set(wal_end.as_u64().saturating_sub(s.confirmed.as_u64()) as f64);
-                s.idle_position(wal_end, replication);
+                s.idle_position(Lsn(wal_end.as_u64()), replication);
             }
             ReplicationEvent::Message {
                 transactional,
@@ -1842,6 +1884,10 @@ impl Session {
 /// How often, at most, an idle pipeline commits a progress record alone so that the
 /// slot may be confirmed past the last transaction (to a keepalive's WAL end).
 const IDLE_RECORD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often a streaming session reads its slot's lag from pg_start (see
+/// `Pipeline::spawn_monitor`).
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// How long commits that are not yet durable wait, when no batch follows them, before
 /// the pipeline asks the destination to make them so. A later commit usually finds

@@ -200,6 +200,7 @@ pub async fn check_source(
 ) -> Result<SourceInfo, SourceError> {
     let server_version_num = check_version(client).await?;
     check_wal_level(client).await?;
+    check_primary(client).await?;
     let mut columns = Vec::with_capacity(tables.len());
     for table in tables {
         columns.push(outbox_columns(client, table).await?);
@@ -240,6 +241,30 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
     }
     Ok(())
 }
+
+/// pg_start is a primary, not a standby in recovery: the relay's slot, its publication
+/// and its writes (backfill, cleanup) live on the primary. Transient: a relay left on
+/// one host of a pair after a failover waits there until it is the primary again (a
+/// failback), saying what to change meanwhile.
+pub async fn check_primary(client: &Client) -> Result<(), SourceError> {
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(SourceError::query("reading pg_is_in_recovery()"))?
+        .get(0);
+    if in_recovery {
+        return Err(SourceError::Transient {
+            context: STANDBY_HINT.to_string(),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+/// What a relay (or `check`, `status`) pointed at a standby says.
+pub const STANDBY_HINT: &str = "it is a standby (in recovery), and the relay streams \
+     from the primary: point --source-url at the primary, or name every host of the pair \
+     with target_session_attrs=read-write (docs/operations.md, \"Failover slots\")";
 
 /// The connecting role may open a replication session: it has `REPLICATION` (or is a
 /// superuser), or is a member of Amazon RDS's `rds_replication`. Returns how.
