@@ -47,7 +47,8 @@ enum Command {
         #[arg(long)]
         relay_only: bool,
     },
-    /// Validate the configuration and connect to everything it names; exit 1 on a failure.
+    /// Validate the configuration and connect to everything it names; exit 1 on a failed
+    /// check, 2 on a configuration it cannot use at all.
     Check(check::CheckArgs),
     /// Print docs/configuration.md: every setting with its flag, variable and default.
     #[command(hide = true)]

@@ -927,9 +927,13 @@ impl<D: Destination> Pipeline<D> {
             .await
             .map_err(query("marking this session as a standby"))?;
         match holder {
-            Holder::Slot(pid) => tracing::info!(
+            Holder::Slot(Some(pid)) => tracing::info!(
                 %slot,
-                holder_pid = ?pid,
+                holder_pid = pid,
+                "standing by: another instance streams from the slot; taking over when it is released"
+            ),
+            Holder::Slot(None) => tracing::info!(
+                %slot,
                 "standing by: another instance streams from the slot; taking over when it is released"
             ),
             Holder::Creation => tracing::info!(
