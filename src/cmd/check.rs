@@ -255,7 +255,7 @@ async fn source_checks(args: &CheckArgs, routes: &[Route], lines: &mut Vec<Check
         ok: true,
         detail: match failover {
             Ok(ready) => ready,
-            Err(missing) => format!("a promotion would lose the slots: {missing}"),
+            Err(missing) => format!("not ready for a promotion: {missing}"),
         },
     });
 }
