@@ -763,7 +763,6 @@ async fn other_lag(args: &StatusArgs, report: &mut StatusReport, timeout: Durati
     }
 }
 
-/// Fills `ok`, `problems` and `warnings`.
 /// Where `slot`'s relay got to, by its own progress, if it ever streamed from it: the
 /// connector's progress topic, or direct mode's row in pg_end.
 fn streamed_from(report: &StatusReport, slot: &SlotStatus) -> Option<String> {
@@ -793,6 +792,7 @@ fn streamed_from(report: &StatusReport, slot: &SlotStatus) -> Option<String> {
     }
 }
 
+/// Fills `ok`, `problems` and `warnings`.
 fn judge(args: &StatusArgs, report: &mut StatusReport) {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();

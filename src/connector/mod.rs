@@ -823,7 +823,7 @@ impl Destination for KafkaDestination {
             self.batch.txns.push((txn.lsn, txn.xid));
             self.batch.commit_times.extend(
                 txn.commit_time_micros
-                    .and_then(|micros| micros.checked_add(crate::pgoutput::PG_EPOCH_UNIX_MICROS)),
+                    .and_then(crate::pgoutput::unix_micros),
             );
         }
     }

@@ -867,9 +867,7 @@ impl Destination for PgEndDestination {
 
     fn end_txn(&mut self) {
         let micros = self.txn.take().and_then(|t| t.commit_time_micros);
-        if let Some(micros) =
-            micros.and_then(|m| m.checked_add(crate::pgoutput::PG_EPOCH_UNIX_MICROS))
-        {
+        if let Some(micros) = micros.and_then(crate::pgoutput::unix_micros) {
             self.commit_times.push(micros);
         }
     }

@@ -56,30 +56,31 @@ pub(super) fn client_config(settings: &TlsSettings) -> Result<ClientConfig, Stri
     match (&settings.client_cert, &settings.client_key) {
         (Some(cert), Some(key)) => {
             let chain = certificates(cert, "sslcert")?;
-            let key_path = key;
-            let key = PrivateKeyDer::from_pem_file(key)
+            let private_key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| format!("cannot read the client key sslkey={}: {e}", key.display()))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                // rustls speaks of a "peer certificate" and shows its reason as Rust
-                // debug text; this one is the relay's own.
-                let reason = match &e {
-                    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
-                        if format!("{other:?}").contains("UnsupportedCertVersion") =>
-                    {
-                        "it is an X.509 version 1 certificate, which the relay's TLS library \
+            builder
+                .with_client_auth_cert(chain, private_key)
+                .map_err(|e| {
+                    // rustls speaks of a "peer certificate" and shows its reason as Rust
+                    // debug text; this one is the relay's own.
+                    let reason = match &e {
+                        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                            other,
+                        )) if format!("{other:?}").contains("UnsupportedCertVersion") => {
+                            "it is an X.509 version 1 certificate, which the relay's TLS library \
                          (rustls) does not take: issue it as version 3 (`openssl x509 -req` \
                          with `-extfile` naming at least `basicConstraints=CA:FALSE`)"
-                            .to_string()
-                    }
-                    rustls::Error::InvalidCertificate(reason) => format!("{reason:?}"),
-                    other => other.to_string(),
-                };
-                format!(
+                                .to_string()
+                        }
+                        rustls::Error::InvalidCertificate(reason) => format!("{reason:?}"),
+                        other => other.to_string(),
+                    };
+                    format!(
                     "the client certificate sslcert={} and key sslkey={} cannot be used: {reason}",
                     cert.display(),
-                    key_path.display()
+                    key.display()
                 )
-            })
+                })
         }
         (None, None) => Ok(builder.with_no_client_auth()),
         _ => Err("sslcert and sslkey must be given together".to_string()),

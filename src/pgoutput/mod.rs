@@ -49,6 +49,11 @@ use reader::Reader;
 /// Microseconds from the Unix epoch to the PostgreSQL epoch (2000-01-01 UTC).
 pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
+/// A PostgreSQL time (µs since 2000-01-01) as µs since the Unix epoch.
+pub fn unix_micros(pg_micros: i64) -> Option<i64> {
+    pg_micros.checked_add(PG_EPOCH_UNIX_MICROS)
+}
+
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogicalMessage {
@@ -108,7 +113,7 @@ pub struct Begin {
 impl Begin {
     /// [`Self::commit_time_micros`] as microseconds since the Unix epoch.
     pub fn commit_time_unix_micros(&self) -> Option<i64> {
-        self.commit_time_micros.checked_add(PG_EPOCH_UNIX_MICROS)
+        unix_micros(self.commit_time_micros)
     }
 }
 
@@ -128,7 +133,7 @@ pub struct Commit {
 impl Commit {
     /// [`Self::commit_time_micros`] as microseconds since the Unix epoch.
     pub fn commit_time_unix_micros(&self) -> Option<i64> {
-        self.commit_time_micros.checked_add(PG_EPOCH_UNIX_MICROS)
+        unix_micros(self.commit_time_micros)
     }
 }
 

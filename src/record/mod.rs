@@ -60,9 +60,7 @@ pub fn txn_headers(lsn: Lsn, xid: Option<u32>, commit_time_micros: Option<i64>) 
 
 /// PostgreSQL's epoch is 2000-01-01; Unix time is 946684800 s later.
 pub fn pg_micros_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::from_timestamp_micros(
-        micros.checked_add(crate::pgoutput::PG_EPOCH_UNIX_MICROS)?,
-    )
+    chrono::DateTime::from_timestamp_micros(crate::pgoutput::unix_micros(micros)?)
 }
 
 /// A [`HEADER_LSN`] value, parsed; `None` when it is not an LSN.

@@ -262,7 +262,7 @@ pub async fn check_primary(client: &Client) -> Result<(), SourceError> {
 }
 
 /// What a relay (or `check`, `status`) pointed at a standby says.
-pub const STANDBY_HINT: &str = "it is a standby (in recovery), and the relay streams \
+const STANDBY_HINT: &str = "it is a standby (in recovery), and the relay streams \
      from the primary: point --source-url at the primary, or name every host of the pair \
      with target_session_attrs=read-write (docs/operations.md, \"Failover slots\")";
 
