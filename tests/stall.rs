@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TestDbs;
+use outbox_relay::apply::driver::{self, Attempt, Driver, Ended};
+use outbox_relay::apply::{ApplyError, Target};
 use outbox_relay::cmd::load::{self, LoadArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -212,6 +214,110 @@ async fn a_pg_end_that_stops_answering_is_left_and_found_again() {
         healed.elapsed()
     );
     assert!(relay.terminate().success());
+}
+
+/// The driver's session: never stopped, no log.
+struct Quiet;
+
+impl driver::Session for Quiet {
+    fn stopped(&self) -> bool {
+        false
+    }
+    fn retrying(&mut self, _: &str, _: u32) {}
+}
+
+/// Adds one to the row; with a proxy to stall, stalls it before the COMMIT (which is
+/// then never delivered: pg_end holds the transaction open, and the row locked).
+struct Increment<'p> {
+    stall_before_commit: Option<&'p StallProxy>,
+}
+
+impl Attempt for Increment<'_> {
+    type Output = ();
+    async fn run(&mut self, target: &mut Target) -> Result<(), ApplyError> {
+        let tx = target
+            .transaction()
+            .await
+            .map_err(|e| ApplyError::new("begin", e))?;
+        tx.execute("UPDATE stall_lock SET n = n + 1 WHERE id = 1", &[])
+            .await
+            .map_err(|e| ApplyError::new("update", e))?;
+        if let Some(proxy) = self.stall_before_commit {
+            proxy.stall();
+        }
+        tx.commit().await.map_err(|e| ApplyError::new("commit", e))
+    }
+}
+
+/// A connection the driver gives up while its transaction is open on pg_end (its
+/// COMMIT stalled on the way, the socket held open) does not block the next one: pg_end
+/// ends the abandoned transaction within the driver's timeout, and its locks with it.
+/// Without that, the next connection's write of the same row (direct mode's progress
+/// row, a sink's offsets) waited for as long as the proxy held the socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_abandoned_on_a_stalled_connection_does_not_block_the_next() {
+    let dbs = TestDbs::new().await;
+    dbs.target()
+        .await
+        .batch_execute(
+            "CREATE TABLE stall_lock (id int PRIMARY KEY, n int NOT NULL); \
+             INSERT INTO stall_lock VALUES (1, 0)",
+        )
+        .await
+        .unwrap();
+    let proxy = StallProxy::start(8001).await;
+    let via_proxy = dbs
+        .target_url
+        .replace("127.0.0.1:8001/", &format!("127.0.0.1:{}/", proxy.port));
+    let timeout = Duration::from_secs(3);
+    let mut abandoning = Driver::new(via_proxy.clone())
+        .with_timeout(timeout)
+        .with_attempts(1);
+    let stalled = abandoning
+        .run(
+            &mut Quiet,
+            &mut Increment {
+                stall_before_commit: Some(&proxy),
+            },
+        )
+        .await;
+    assert!(
+        matches!(stalled, Err(Ended::Failed(_))),
+        "the stalled COMMIT times out: {stalled:?}"
+    );
+    proxy.heal();
+
+    // The next connection (a driver of its own, waiting far longer than the abandoned
+    // one's timeout) writes the same row.
+    let started = Instant::now();
+    let mut next = Driver::new(via_proxy)
+        .with_timeout(Duration::from_secs(60))
+        .with_attempts(1);
+    let result = next
+        .run(
+            &mut Quiet,
+            &mut Increment {
+                stall_before_commit: None,
+            },
+        )
+        .await;
+    assert!(result.is_ok(), "the next write failed: {result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the next write waited {:?} for the abandoned transaction",
+        started.elapsed()
+    );
+    let n: i32 = dbs
+        .target()
+        .await
+        .query_one("SELECT n FROM stall_lock WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 1,
+        "the abandoned transaction is rolled back, the next committed"
+    );
 }
 
 /// A SIGTERM while every broker is unreachable (the connector's brokers are a port

@@ -20,7 +20,14 @@
 //! ```
 //!
 //! Invariant: every attempt (connecting, the setup statement and the caller's work) is
-//! bounded by the timeout ([`APPLY_TIMEOUT`] unless set otherwise); a definite error is
+//! bounded by the timeout ([`APPLY_TIMEOUT`] unless set otherwise), on both ends: each
+//! connection tells pg_end to end a statement, or a transaction left idle, that outlasts
+//! it (`statement_timeout`, `idle_in_transaction_session_timeout`). A connection given
+//! up without being closed (a black-holed network, a proxy that stops forwarding) leaves
+//! its backend and the locks of its open transaction behind: pg_end ends them within
+//! the timeout, where they would otherwise block every later connection (the progress
+//! row, the rows of the batch) until pg_end's TCP keepalive noticed, or never if a
+//! proxy held the socket open. A definite error is
 //! never retried; a transient one is retried, after capped backoff, on a new connection,
 //! unless the session says a commit on the connection is in doubt (then the run ends
 //! with [`Ended::InDoubt`] and the caller's session with it: no later connection can
@@ -216,7 +223,7 @@ impl Driver {
         }
         let target = match self.target.take() {
             Some(target) => target,
-            None => tokio::time::timeout(self.timeout, connect(&self.url, &self.setup))
+            None => tokio::time::timeout(self.timeout, self.connect())
                 .await
                 .map_err(|_| self.timed_out())??,
         };
@@ -270,7 +277,7 @@ impl Driver {
         let work = async {
             let target = match self.target.take() {
                 Some(target) => target,
-                None => connect(&self.url, &self.setup).await?,
+                None => self.connect().await?,
             };
             attempt
                 .run(self.target.insert(target))
@@ -283,26 +290,33 @@ impl Driver {
         }
     }
 
+    /// A new connection, its statements and idle transactions bounded on pg_end by the
+    /// timeout, with the setup statement run on it.
+    async fn connect(&self) -> Result<Target, Failure> {
+        let client = pg::connect(&self.url)
+            .await
+            .map_err(|e| ApplyError::new("connecting", e))?;
+        let bound = self.timeout.as_millis().max(1);
+        let mut statements = format!(
+            "SET statement_timeout = {bound}; SET idle_in_transaction_session_timeout = {bound}"
+        );
+        if let Some(setup) = &self.setup {
+            statements.push_str("; ");
+            statements.push_str(setup);
+        }
+        client
+            .batch_execute(&statements)
+            .await
+            .map_err(|e| ApplyError::new("setting up the session", e))?;
+        Ok(Target::new(client))
+    }
+
     fn timed_out(&self) -> Failure {
         Failure::Transient(format!(
             "pg_end did not answer within {}s",
             self.timeout.as_secs_f64()
         ))
     }
-}
-
-/// A new connection, with the setup statement run on it.
-async fn connect(url: &str, setup: &Option<String>) -> Result<Target, Failure> {
-    let client = pg::connect(url)
-        .await
-        .map_err(|e| ApplyError::new("connecting", e))?;
-    if let Some(statement) = setup {
-        client
-            .batch_execute(statement)
-            .await
-            .map_err(|e| ApplyError::new("setting up the session", e))?;
-    }
-    Ok(Target::new(client))
 }
 
 /// What follows a transient failure.

@@ -268,34 +268,32 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
             });
         }
     }
-    // Applies retry a bounded number of times, reconnecting; reads use the same
-    // connection (or the one an apply left behind).
+    // Reads (whole-table scans, unbounded) have a connection of their own; applies
+    // retry a bounded number of times, reconnecting, each attempt bounded on both ends
+    // (see `apply::driver`).
+    let reader = connect("pg_end", &args.target.target_url).await?;
     let mut pg_end = Driver::new(args.target.target_url.clone())
         .with_backoff(Backoff::new(
             Duration::from_millis(200),
             Duration::from_secs(5),
         ))
-        .with_attempts(APPLY_ATTEMPTS)
-        .with_connection(apply::Target::new(
-            connect("pg_end", &args.target.target_url).await?,
-        ));
+        .with_attempts(APPLY_ATTEMPTS);
     let mut report = ReconcileReport {
         dry_run: args.dry_run,
         ..ReconcileReport::default()
     };
     let mut missing_ids: Vec<i64> = Vec::new();
 
-    let buckets = verify::differing_buckets(&source, reading(&mut pg_end).await?).await?;
+    let buckets = verify::differing_buckets(&source, &reader).await?;
     tracing::info!(
         differing_buckets = buckets.len(),
         of = verify::BUCKETS,
         "compared pg_start and pg_end"
     );
     for step in buckets.chunks(BUCKETS_PER_STEP) {
-        let target = reading(&mut pg_end).await?;
         let (source_rows, target_rows) = tokio::try_join!(
             verify::bucket_rows("pg_start", &source, step),
-            verify::bucket_rows("pg_end", target, step)
+            verify::bucket_rows("pg_end", &reader, step)
         )?;
         let diff = verify::row_diff(&source_rows, &target_rows);
         drop((source_rows, target_rows));
@@ -326,7 +324,7 @@ pub async fn run(args: &ReconcileArgs) -> Result<ReconcileReport, ReconcileError
     if !missing_ids.is_empty() {
         report.credits = credits(&source, &missing_ids).await?;
     }
-    report.verify = verify::compare(&source, reading(&mut pg_end).await?).await?;
+    report.verify = verify::compare(&source, &reader).await?;
     report.inboxes = inboxes;
     tracing::info!(
         dry_run = args.dry_run,
@@ -353,14 +351,6 @@ async fn connect(which: &'static str, url: &str) -> Result<Client, ReconcileErro
             url: pg::redact_url(url),
             source,
         })
-}
-
-/// pg_end's connection for a read: the open one, or one new attempt.
-async fn reading(pg_end: &mut Driver) -> Result<&apply::Target, ReconcileError> {
-    match pg_end.connection().await {
-        Ok(target) => Ok(target),
-        Err(failure) => Err(ReconcileError::Apply(failure)),
-    }
 }
 
 /// The per-account sums of the missing rows, read from pg_start in one query.
