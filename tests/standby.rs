@@ -192,6 +192,86 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     );
 }
 
+/// Counts pg_end's backends of this database that `condition` (over pg_stat_activity)
+/// selects.
+async fn backends(dbs: &TestDbs, condition: &str) -> i64 {
+    dbs.target()
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND {condition}"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// An active direct instance frozen (SIGSTOP) inside a pg_end transaction leaves its
+/// backend idle in that transaction, the batch's ids and balances locked. The standby
+/// takes the slot once pg_start's `wal_sender_timeout` (3 s here) ends the frozen one's
+/// walsender, and applies the same batch, which waits for those locks: pg_end ends the
+/// abandoned transaction within the relay's apply timeout (60 s), so pg_end is exact
+/// while the old instance is still frozen. Resumed, the old one repeats nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_its_successor() {
+    let dbs = TestDbs::new().await;
+    dbs.set_wal_sender_timeout("3s").await;
+    let slot = common::random_name("slot");
+    let mut old = common::spawn_direct(&dbs, &slot, &[], &[]);
+    common::load(&dbs, 200).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    wait_log(&old, "streaming", Duration::from_secs(60)).await;
+    let mut new = common::spawn_direct(&dbs, &slot, &[], &[]);
+    wait_log(&new, "standing by", Duration::from_secs(60)).await;
+
+    // main.balance held: the old instance's next apply stops inside its transaction,
+    // after the COPY of its ids, at the credit of the balances.
+    let blocker = dbs.target().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE main.balance IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut args = LoadArgs::count(&dbs.source_url, 300);
+    args.rate = 100.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    common::wait_until(
+        "the apply waits for main.balance",
+        Duration::from_secs(60),
+        || async { backends(&dbs, "wait_event_type = 'Lock'").await > 0 },
+    )
+    .await;
+    old.pause();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    // The credit goes through; its client, frozen, never sends the COMMIT.
+    common::wait_until(
+        "the frozen instance's backend idles in its transaction",
+        Duration::from_secs(10),
+        || async { backends(&dbs, "state = 'idle in transaction'").await > 0 },
+    )
+    .await;
+    let frozen = Instant::now();
+    assert_eq!(load.await.unwrap().unwrap().committed, 300);
+    dbs.wait_verified(Duration::from_secs(150)).await;
+    eprintln!(
+        "pg_end exact {:?} after the old instance froze inside its transaction",
+        frozen.elapsed()
+    );
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old instance is frozen, not gone"
+    );
+
+    old.resume();
+    common::load(&dbs, 100).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    common::connector::assert_running(&mut new, "after the old instance came back");
+    assert!(new.terminate().success());
+    let _ = old.terminate();
+}
+
 /// Between its creation and the start of its stream a slot is free while its creator
 /// delivers the initial snapshot. A second instance started then stands by: it neither
 /// takes the slot (which would fence the creator and start the snapshot over) nor
