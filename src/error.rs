@@ -36,7 +36,11 @@ pub mod pg {
     /// Transient: no SQLSTATE (I/O, a closed connection, a timeout), connection
     /// exceptions (08), insufficient resources (53), operator intervention (57: a
     /// shutdown, a crash), system errors (58), serialization failures, deadlocks, locks
-    /// not available and objects in use. Definite: everything else; and, with no
+    /// not available, objects in use, and a session pg_end ended because it sat idle in
+    /// a transaction (25P03: the relay sets `idle_in_transaction_session_timeout` on its
+    /// pg_end connections, so this is a relay that was frozen or cut off mid-transaction
+    /// and has come back; the transaction was rolled back and is simply applied again on
+    /// a new connection). Definite: everything else; and, with no
     /// SQLSTATE either, what the client refuses and would refuse again on every retry:
     /// a value that does not convert between its Rust and PostgreSQL types, a
     /// configuration it cannot use (no password for a role that needs one), and a TLS
@@ -58,13 +62,18 @@ pub mod pg {
                 ErrorClass::Transient
             };
         };
-        let code = db.code();
+        of_sqlstate(db.code())
+    }
+
+    /// The class of a server error by its SQLSTATE; see [`classify`].
+    pub fn of_sqlstate(code: &SqlState) -> ErrorClass {
         let class = &code.code()[..2];
         if matches!(class, "08" | "53" | "57" | "58")
             || *code == SqlState::T_R_SERIALIZATION_FAILURE
             || *code == SqlState::T_R_DEADLOCK_DETECTED
             || *code == SqlState::LOCK_NOT_AVAILABLE
             || *code == SqlState::OBJECT_IN_USE
+            || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         {
             ErrorClass::Transient
         } else {
@@ -158,6 +167,34 @@ mod tests {
     fn the_chain_lists_every_source_in_order() {
         let error = Outer(std::io::Error::other("inner"));
         assert_eq!(error_chain(&error), "outer: inner");
+    }
+
+    #[test]
+    fn server_errors_a_retry_cures_are_transient_and_the_rest_definite() {
+        use tokio_postgres::error::SqlState;
+        for code in [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::QUERY_CANCELED,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+        ] {
+            assert_eq!(pg::of_sqlstate(&code), ErrorClass::Transient, "{code:?}");
+        }
+        for code in [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_PASSWORD,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+            SqlState::IN_FAILED_SQL_TRANSACTION,
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+        ] {
+            assert_eq!(pg::of_sqlstate(&code), ErrorClass::Definite, "{code:?}");
+        }
     }
 
     #[test]
