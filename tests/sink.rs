@@ -18,7 +18,7 @@ use common::sink::{
     dead_letter_count, dead_letters, merge, produce, producer, seed, source_rows, spawn_sink,
     stored_offsets, wait_offsets, Out, Row, MAX_MESSAGE_BYTES,
 };
-use common::{load, random_name, TestDbs};
+use common::{load, random_name, TestDbs, CREDIT_WAITING};
 use rand::Rng;
 
 /// A topic of `partitions` partitions that accepts values above the sink's 1 MiB limit,
@@ -520,6 +520,113 @@ async fn two_sinks_in_one_group_one_killed_mid_run() {
         "the survivor owns every partition"
     );
     assert_eq!(dead_letter_count(&dbs).await, 0);
+}
+
+/// A sink member frozen (SIGSTOP) inside a pg_end transaction leaves its backend idle
+/// in that transaction, the batch's ids and balances locked. The group drops it after
+/// its session timeout (10 s) and the other member, given its partition, applies the
+/// same records, which wait for those locks: pg_end ends the abandoned transaction
+/// within the sink's apply timeout (60 s), so pg_end is exact while the frozen member
+/// is still frozen. Resumed, it finds its session ended by pg_end, a failure it retries
+/// (not one that stops it), and repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_frozen_inside_a_pg_end_transaction_does_not_hold_up_the_group() {
+    let _faults = common::fault_lock().await;
+    let dbs = TestDbs::new().await;
+    load(&dbs, 1500).await;
+    // One partition: one member applies, the other stands by in the group.
+    let topic = create_topic(1).await;
+    let records: Vec<Out> = source_rows(&dbs).await.iter().map(seed).collect();
+    let (first, rest) = records.split_at(500);
+    let (held, rest) = rest.split_at(300);
+    let group = random_name("group");
+    let extra = ["--log-format", "json"];
+    let producer = producer();
+    let mut last = produce(&producer, &topic, first).await;
+    let mut one = spawn_sink(&dbs, &topic, &group, &extra);
+    wait_offsets(&dbs, &topic, &last, Duration::from_secs(60)).await;
+    let mut two = spawn_sink(&dbs, &topic, &group, &extra);
+    // The second member's join moves the partition (eagerly: revoked, then assigned to
+    // one of the two); wait for that second assignment.
+    let assignments = |relay: &common::Relay| {
+        std::fs::read_to_string(&relay.log)
+            .unwrap_or_default()
+            .matches("\"partition assigned\"")
+            .count()
+    };
+    common::wait_until(
+        "the partition is assigned again after the second member joins",
+        Duration::from_secs(60),
+        || async {
+            assignments(&one) + assignments(&two) >= 2
+                && assigned_partitions(&one.log).len() + assigned_partitions(&two.log).len() == 1
+        },
+    )
+    .await;
+    let (owner, other) = if assigned_partitions(&one.log).is_empty() {
+        (&mut two, &mut one)
+    } else {
+        (&mut one, &mut two)
+    };
+
+    // main.balance held: the owner's next apply stops inside its transaction, after the
+    // COPY of its ids, at the credit of the balances.
+    let blocker = dbs.target().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE main.balance IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    merge(&mut last, produce(&producer, &topic, held).await);
+    common::wait_until(
+        "the owner's apply waits for main.balance",
+        Duration::from_secs(60),
+        || async { dbs.target_backends(CREDIT_WAITING).await > 0 },
+    )
+    .await;
+    owner.pause();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    // The credit goes through; its client, frozen, never sends the COMMIT.
+    common::wait_until(
+        "the frozen member's backend idles in its transaction",
+        Duration::from_secs(10),
+        || async { dbs.target_backends("state = 'idle in transaction'").await > 0 },
+    )
+    .await;
+    let frozen = Instant::now();
+    merge(&mut last, produce(&producer, &topic, rest).await);
+    dbs.wait_verified(Duration::from_secs(150)).await;
+    wait_offsets(&dbs, &topic, &last, Duration::from_secs(60)).await;
+    eprintln!(
+        "pg_end exact {:?} after the owner froze inside its transaction",
+        frozen.elapsed()
+    );
+    assert!(
+        owner.child.try_wait().unwrap().is_none(),
+        "the owner is frozen, not gone"
+    );
+    assert_eq!(
+        assigned_partitions(&other.log).len(),
+        1,
+        "the other member took the partition"
+    );
+
+    owner.resume();
+    // Back, it finds its session ended and its partition gone; it stays in the group.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (member, name) in [
+        (&mut *owner, "the resumed member"),
+        (&mut *other, "the other"),
+    ] {
+        assert!(
+            member.child.try_wait().unwrap().is_none(),
+            "{name} exited:\n{}",
+            member.log_text()
+        );
+    }
+    dbs.wait_verified(Duration::from_secs(60)).await;
+    assert_eq!(dead_letter_count(&dbs).await, 0);
+    assert!(owner.terminate().success(), "{}", owner.log_text());
+    assert!(other.terminate().success(), "{}", other.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

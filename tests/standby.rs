@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::connector::KafkaPipeline as Pipeline;
-use common::{Relay, TestDbs};
+use common::{Relay, TestDbs, CREDIT_WAITING};
 use outbox_relay::cmd::load::{self, LoadArgs};
 
 /// The pid of the walsender holding `slot`; `None` when it is free (or missing).
@@ -192,29 +192,13 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     );
 }
 
-/// Counts pg_end's backends of this database that `condition` (over pg_stat_activity)
-/// selects.
-async fn backends(dbs: &TestDbs, condition: &str) -> i64 {
-    dbs.target()
-        .await
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND {condition}"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// An active direct instance frozen (SIGSTOP) inside a pg_end transaction leaves its
 /// backend idle in that transaction, the batch's ids and balances locked. The standby
 /// takes the slot once pg_start's `wal_sender_timeout` (3 s here) ends the frozen one's
 /// walsender, and applies the same batch, which waits for those locks: pg_end ends the
 /// abandoned transaction within the relay's apply timeout (60 s), so pg_end is exact
-/// while the old instance is still frozen. Resumed, the old one repeats nothing.
+/// while the old instance is still frozen. Resumed, the old one repeats nothing and
+/// stands by.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_its_successor() {
     let dbs = TestDbs::new().await;
@@ -240,7 +224,7 @@ async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_i
     common::wait_until(
         "the apply waits for main.balance",
         Duration::from_secs(60),
-        || async { backends(&dbs, "wait_event_type = 'Lock'").await > 0 },
+        || async { dbs.target_backends(CREDIT_WAITING).await > 0 },
     )
     .await;
     old.pause();
@@ -249,7 +233,7 @@ async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_i
     common::wait_until(
         "the frozen instance's backend idles in its transaction",
         Duration::from_secs(10),
-        || async { backends(&dbs, "state = 'idle in transaction'").await > 0 },
+        || async { dbs.target_backends("state = 'idle in transaction'").await > 0 },
     )
     .await;
     let frozen = Instant::now();
@@ -268,8 +252,12 @@ async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_i
     common::load(&dbs, 100).await;
     dbs.wait_verified(Duration::from_secs(120)).await;
     common::connector::assert_running(&mut new, "after the old instance came back");
+    // Back, the old one finds its pg_end session ended (a failure it retries, not one
+    // that stops it) and the slot held: it stands by.
+    wait_log(&old, "standing by", Duration::from_secs(60)).await;
+    common::connector::assert_running(&mut old, "after it was resumed");
     assert!(new.terminate().success());
-    let _ = old.terminate();
+    assert!(old.terminate().success(), "{}", old.log_text());
 }
 
 /// Between its creation and the start of its stream a slot is free while its creator

@@ -363,6 +363,11 @@ pub struct TestDbs {
     pub target_url: String,
 }
 
+/// A [`TestDbs::target_backends`] condition: a ledger apply waiting, at the credit of
+/// `main.balance`, for a lock (a test's `LOCK TABLE main.balance`).
+pub const CREDIT_WAITING: &str =
+    "wait_event_type = 'Lock' AND query LIKE '%INSERT INTO main.balance%'";
+
 impl TestDbs {
     pub async fn new() -> Self {
         let name = random_name("ort");
@@ -490,6 +495,24 @@ impl TestDbs {
     /// [`wait_verified`] on this pair.
     /// Sets pg_start's `wal_sender_timeout` for this pair's source database (new
     /// sessions, the relay's included, take it).
+    /// Counts pg_end's client backends of this database that `condition` (over
+    /// pg_stat_activity) selects (autovacuum's workers, which wait on table locks too,
+    /// are not counted).
+    pub async fn target_backends(&self, condition: &str) -> i64 {
+        self.target()
+            .await
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND backend_type = 'client backend' AND {condition}"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub async fn set_wal_sender_timeout(&self, value: &str) {
         let name = self.source_url.rsplit('/').next().unwrap();
         connect(PG_START_ADMIN)
