@@ -538,7 +538,8 @@ async fn a_member_frozen_inside_a_pg_end_transaction_does_not_hold_up_the_group(
     let topic = create_topic(1).await;
     let records: Vec<Out> = source_rows(&dbs).await.iter().map(seed).collect();
     let (first, rest) = records.split_at(500);
-    let (held, rest) = rest.split_at(300);
+    let (warm, rest) = rest.split_at(50);
+    let (held, rest) = rest.split_at(250);
     let group = random_name("group");
     let extra = ["--log-format", "json"];
     let producer = producer();
@@ -568,6 +569,11 @@ async fn a_member_frozen_inside_a_pg_end_transaction_does_not_hold_up_the_group(
     } else {
         (&mut one, &mut two)
     };
+    // The owner applies on its current connection once, so that its statements are
+    // prepared there (a `Parse` of the credit would wait for the lock below outside
+    // any transaction).
+    merge(&mut last, produce(&producer, &topic, warm).await);
+    wait_offsets(&dbs, &topic, &last, Duration::from_secs(60)).await;
 
     // main.balance held: the owner's next apply stops inside its transaction, after the
     // COPY of its ids, at the credit of the balances.

@@ -363,10 +363,13 @@ pub struct TestDbs {
     pub target_url: String,
 }
 
-/// A [`TestDbs::target_backends`] condition: a ledger apply waiting, at the credit of
-/// `main.balance`, for a lock (a test's `LOCK TABLE main.balance`).
-pub const CREDIT_WAITING: &str =
-    "wait_event_type = 'Lock' AND query LIKE '%INSERT INTO main.balance%'";
+/// A [`TestDbs::target_backends`] condition: a ledger apply waiting, inside its
+/// transaction (its rows inserted: it has a transaction id), at the credit of
+/// `main.balance` for a lock (a test's `LOCK TABLE main.balance`). Without the
+/// transaction id it could be the `Parse` of the credit on a new connection, which
+/// takes the table's lock too, outside any transaction.
+pub const CREDIT_WAITING: &str = "wait_event_type = 'Lock' AND backend_xid IS NOT NULL \
+     AND query LIKE '%INSERT INTO main.balance%'";
 
 impl TestDbs {
     pub async fn new() -> Self {
