@@ -18,7 +18,7 @@ use common::sink::{
     dead_letter_count, dead_letters, merge, produce, producer, seed, source_rows, spawn_sink,
     stored_offsets, wait_offsets, Out, Row, MAX_MESSAGE_BYTES,
 };
-use common::{load, random_name, TestDbs, CREDIT_WAITING};
+use common::{load, random_name, TestDbs};
 use rand::Rng;
 
 /// A topic of `partitions` partitions that accepts values above the sink's 1 MiB limit,
@@ -575,29 +575,9 @@ async fn a_member_frozen_inside_a_pg_end_transaction_does_not_hold_up_the_group(
     merge(&mut last, produce(&producer, &topic, warm).await);
     wait_offsets(&dbs, &topic, &last, Duration::from_secs(60)).await;
 
-    // main.balance held: the owner's next apply stops inside its transaction, after the
-    // COPY of its ids, at the credit of the balances.
-    let blocker = dbs.target().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE main.balance IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let blocker = dbs.hold_balances().await;
     merge(&mut last, produce(&producer, &topic, held).await);
-    common::wait_until(
-        "the owner's apply waits for main.balance",
-        Duration::from_secs(60),
-        || async { dbs.target_backends(CREDIT_WAITING).await > 0 },
-    )
-    .await;
-    owner.pause();
-    blocker.batch_execute("COMMIT").await.unwrap();
-    // The credit goes through; its client, frozen, never sends the COMMIT.
-    common::wait_until(
-        "the frozen member's backend idles in its transaction",
-        Duration::from_secs(10),
-        || async { dbs.target_backends("state = 'idle in transaction'").await > 0 },
-    )
-    .await;
+    dbs.freeze_inside_transaction(blocker, owner).await;
     let frozen = Instant::now();
     merge(&mut last, produce(&producer, &topic, rest).await);
     dbs.wait_verified(Duration::from_secs(150)).await;

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::connector::KafkaPipeline as Pipeline;
-use common::{Relay, TestDbs, CREDIT_WAITING};
+use common::{Relay, TestDbs};
 use outbox_relay::cmd::load::{self, LoadArgs};
 
 /// The pid of the walsender holding `slot`; `None` when it is free (or missing).
@@ -211,31 +211,11 @@ async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_i
     let mut new = common::spawn_direct(&dbs, &slot, &[], &[]);
     wait_log(&new, "standing by", Duration::from_secs(60)).await;
 
-    // main.balance held: the old instance's next apply stops inside its transaction,
-    // after the COPY of its ids, at the credit of the balances.
-    let blocker = dbs.target().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE main.balance IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let blocker = dbs.hold_balances().await;
     let mut args = LoadArgs::count(&dbs.source_url, 300);
     args.rate = 100.0;
     let load = tokio::spawn(async move { load::run(&args).await });
-    common::wait_until(
-        "the apply waits for main.balance",
-        Duration::from_secs(60),
-        || async { dbs.target_backends(CREDIT_WAITING).await > 0 },
-    )
-    .await;
-    old.pause();
-    blocker.batch_execute("COMMIT").await.unwrap();
-    // The credit goes through; its client, frozen, never sends the COMMIT.
-    common::wait_until(
-        "the frozen instance's backend idles in its transaction",
-        Duration::from_secs(10),
-        || async { dbs.target_backends("state = 'idle in transaction'").await > 0 },
-    )
-    .await;
+    dbs.freeze_inside_transaction(blocker, &mut old).await;
     let frozen = Instant::now();
     assert_eq!(load.await.unwrap().unwrap().committed, 300);
     dbs.wait_verified(Duration::from_secs(150)).await;

@@ -363,12 +363,12 @@ pub struct TestDbs {
     pub target_url: String,
 }
 
-/// A [`TestDbs::target_backends`] condition: a ledger apply waiting, inside its
+/// A `TestDbs::target_backends` condition: a ledger apply waiting, inside its
 /// transaction (its rows inserted: it has a transaction id), at the credit of
 /// `main.balance` for a lock (a test's `LOCK TABLE main.balance`). Without the
 /// transaction id it could be the `Parse` of the credit on a new connection, which
 /// takes the table's lock too, outside any transaction.
-pub const CREDIT_WAITING: &str = "wait_event_type = 'Lock' AND backend_xid IS NOT NULL \
+const CREDIT_WAITING: &str = "wait_event_type = 'Lock' AND backend_xid IS NOT NULL \
      AND query LIKE '%INSERT INTO main.balance%'";
 
 impl TestDbs {
@@ -495,13 +495,23 @@ impl TestDbs {
             .expect("verify reads both databases")
     }
 
-    /// [`wait_verified`] on this pair.
     /// Sets pg_start's `wal_sender_timeout` for this pair's source database (new
     /// sessions, the relay's included, take it).
+    pub async fn set_wal_sender_timeout(&self, value: &str) {
+        let name = self.source_url.rsplit('/').next().unwrap();
+        connect(PG_START_ADMIN)
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{name}\" SET wal_sender_timeout = '{value}'"
+            ))
+            .await
+            .unwrap();
+    }
+
     /// Counts pg_end's client backends of this database that `condition` (over
     /// pg_stat_activity) selects (autovacuum's workers, which wait on table locks too,
     /// are not counted).
-    pub async fn target_backends(&self, condition: &str) -> i64 {
+    async fn target_backends(&self, condition: &str) -> i64 {
         self.target()
             .await
             .query_one(
@@ -516,17 +526,41 @@ impl TestDbs {
             .get(0)
     }
 
-    pub async fn set_wal_sender_timeout(&self, value: &str) {
-        let name = self.source_url.rsplit('/').next().unwrap();
-        connect(PG_START_ADMIN)
-            .await
-            .batch_execute(&format!(
-                "ALTER DATABASE \"{name}\" SET wal_sender_timeout = '{value}'"
-            ))
+    /// Holds `main.balance` in pg_end (`LOCK TABLE … IN EXCLUSIVE MODE` in an open
+    /// transaction) so that the next ledger apply stops inside its transaction, after
+    /// the COPY of its ids, at the credit of the balances. Give the returned session to
+    /// [`TestDbs::freeze_inside_transaction`].
+    pub async fn hold_balances(&self) -> Client {
+        let blocker = self.target().await;
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE main.balance IN EXCLUSIVE MODE")
             .await
             .unwrap();
+        blocker
     }
 
+    /// Waits for `relay`'s apply to wait at the credit that `blocker` (from
+    /// [`TestDbs::hold_balances`]) holds up, freezes `relay` (SIGSTOP), and lets the
+    /// credit through: its backend is then idle inside the transaction, its locks held,
+    /// and its client never sends the COMMIT. Returns when pg_end shows that.
+    pub async fn freeze_inside_transaction(&self, blocker: Client, relay: &mut Relay) {
+        wait_until(
+            "the apply waits for main.balance",
+            Duration::from_secs(60),
+            || async { self.target_backends(CREDIT_WAITING).await > 0 },
+        )
+        .await;
+        relay.pause();
+        blocker.batch_execute("COMMIT").await.unwrap();
+        wait_until(
+            "the frozen relay's backend idles in its transaction",
+            Duration::from_secs(10),
+            || async { self.target_backends("state = 'idle in transaction'").await > 0 },
+        )
+        .await;
+    }
+
+    /// [`wait_verified`] on this pair.
     pub async fn wait_verified(&self, timeout: Duration) {
         wait_verified(&self.source_url, &self.target_url, timeout).await
     }
