@@ -430,7 +430,12 @@ impl driver::Attempt for ApplyAndRead<'_> {
         };
         self.tried = true;
         let outcome = if committed_before {
-            tracing::info!("the batch's commit went through before its connection broke");
+            // This instance's commit that went through before its connection broke,
+            // or a successor's commit of the same source transactions while this one
+            // was frozen: either way pg_end holds the batch, and it is not applied again.
+            tracing::info!(
+                "pg_end already holds the batch (its progress row covers it): not applying it again"
+            );
             apply::ApplyOutcome::default()
         } else {
             #[cfg(feature = "fault-injection")]
