@@ -1,5 +1,5 @@
-//! The short chaos run of CI: `outbox-relay chaos` with both scenarios (Kafka path and
-//! direct mode) at once and every fault kind at least once, on a stack instance of its
+//! The short chaos run of CI: `outbox-relay chaos` with its three scenarios (Kafka path,
+//! direct mode, and routes into a generic inbox) at once and every fault kind at least once, on a stack instance of its
 //! own (its own state dir and port offset, brokers with the proxied listener), which is
 //! stopped afterwards. It must report nothing lost, nothing duplicated, and pass.
 //!
@@ -34,7 +34,7 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
                     "--duration",
                     "60",
                     "--scenarios",
-                    "kafka,direct",
+                    "kafka,direct,routes",
                     "--faults",
                     "all",
                     "--rate",
@@ -109,7 +109,7 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         );
     }
     let scenarios = report["scenarios"].as_array().expect("scenarios");
-    assert_eq!(scenarios.len(), 2);
+    assert_eq!(scenarios.len(), 3);
     for s in scenarios {
         assert!(s["committed_at_source"].as_u64().unwrap_or(0) > 1000, "{s}");
         assert_eq!(s["lost"], 0, "{s}");

@@ -426,21 +426,55 @@ pub struct TopicCheck {
     pub unreadable: u64,
 }
 
-/// Reads every committed record of `topic` and compares its ids with `source_ids`.
-pub fn check_topic(
-    brokers: &str,
-    topic: &str,
-    source_ids: &HashSet<i64>,
-    timeout: Duration,
-) -> Result<TopicCheck, String> {
-    let consumer: BaseConsumer<Quiet> = ClientConfig::new()
+/// The topics a scenario's connector writes.
+#[derive(Debug, Clone)]
+pub enum Topics {
+    /// One topic.
+    Name(String),
+    /// Every topic whose name starts with this (routed topics, created as records come).
+    Prefix(String),
+}
+
+impl Topics {
+    fn matches(&self, topic: &str) -> bool {
+        match self {
+            Topics::Name(name) => topic == name,
+            Topics::Prefix(prefix) => topic.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for Topics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Topics::Name(name) => f.write_str(name),
+            Topics::Prefix(prefix) => write!(f, "{prefix}*"),
+        }
+    }
+}
+
+/// A `read_committed` consumer that reports the end of each partition.
+fn reader(brokers: &str) -> Result<BaseConsumer<Quiet>, String> {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "outbox-relay-chaos-reader")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .create_with_context(Quiet)
-        .map_err(|e| format!("consumer: {e}"))?;
+        .map_err(|e| format!("consumer: {e}"))
+}
+
+/// Reads every committed record of `topic` from the beginning to its end (its last
+/// stable offset), counting the ids of the values into `counts`.
+fn read_ids(
+    brokers: &str,
+    topic: &str,
+    deadline: std::time::Instant,
+    counts: &mut HashMap<i64, u64>,
+    check: &mut TopicCheck,
+) -> Result<(), String> {
+    let consumer = reader(brokers)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
         .map_err(|e| format!("metadata of {topic}: {e}"))?;
@@ -460,14 +494,9 @@ pub fn check_topic(
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     let mut at_end = HashSet::new();
-    let mut counts: HashMap<i64, u64> = HashMap::new();
-    let mut check = TopicCheck::default();
-    let deadline = std::time::Instant::now() + timeout;
     while at_end.len() < partitions.len() {
         if std::time::Instant::now() > deadline {
-            return Err(format!(
-                "reading {topic} did not reach its end in {timeout:?}"
-            ));
+            return Err(format!("reading {topic} did not reach its end in time"));
         }
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
@@ -491,6 +520,36 @@ pub fn check_topic(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Reads every committed record of `topics` and compares their ids with `source_ids`.
+pub fn check_topic(
+    brokers: &str,
+    topics: &Topics,
+    source_ids: &HashSet<i64>,
+    timeout: Duration,
+) -> Result<TopicCheck, String> {
+    let consumer = reader(brokers)?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(30))
+        .map_err(|e| format!("metadata of {topics}: {e}"))?;
+    let names: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|name| topics.matches(name))
+        .collect();
+    if names.is_empty() {
+        return Err(format!("no topic {topics}"));
+    }
+    drop(consumer);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut counts: HashMap<i64, u64> = HashMap::new();
+    let mut check = TopicCheck::default();
+    for name in &names {
+        read_ids(brokers, name, deadline, &mut counts, &mut check)?;
     }
     check.distinct_ids = counts.len() as u64;
     for (id, n) in &counts {

@@ -3,18 +3,22 @@
 //! The runner brings up a stack instance of its own (`scripts/stack` with a state dir
 //! and a port offset), a toxiproxy server between the relay and every component, fresh
 //! databases, topics, slots and group per run, and the relay as child processes of this
-//! binary: connector + sink (scenario `kafka`) and direct (scenario `direct`), both at
-//! once. It writes a steady load into pg_start, injects faults from a seeded schedule
-//! ([`schedule`]), heals everything, waits for the pipeline to drain, and checks:
+//! binary: connector + sink (scenario `kafka`), direct (scenario `direct`), and a routed
+//! connector + a sink with a generic inbox (scenario `routes`), all at once. It writes a
+//! steady load into pg_start, injects faults from a seeded schedule ([`schedule`]), heals
+//! everything, waits for the pipeline to drain, and checks:
 //!
 //! ```text
 //!   load ─▶ pg_start ──proxy──▶ connector ──proxy──▶ Kafka ──proxy──▶ sink ──proxy──▶ pg_end
 //!              │     ──proxy──▶ direct ───────────────────────────────────proxy──▶ pg_end
+//!              │     ──proxy──▶ connector, a route ─▶ topic per account ─▶ sink, an inbox ─▶ pg_end
 //!              └─ witness slot (test_decoding): every outbox commit LSN
 //! ```
 //!
-//! - `verify`: every id exactly once in pg_end, balances equal, balance = sum;
-//! - the topic read with `read_committed` holds every outbox id exactly once;
+//! - `verify`: every id exactly once in pg_end, balances equal, balance = sum (in scenario
+//!   `routes` the balances are the inbox handler's work, not the built-in ledger's);
+//! - the topic (every routed topic) read with `read_committed` holds every outbox id
+//!   exactly once;
 //! - the slot never confirmed past what the next stage held (sampled, [`check`]);
 //! - no dead letters; no relay process exited unless a fault made it.
 //!
@@ -45,7 +49,7 @@ use relay::{Leave, RelayProc, UnexpectedExit};
 use schedule::{Fault, FaultKind, Lane, Schedule};
 use stack::{Stack, Toxiproxy};
 
-/// The two pipelines a run can drive.
+/// The pipelines a run can drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scenario {
@@ -53,13 +57,17 @@ pub enum Scenario {
     Kafka,
     /// pg_start → direct → pg_end.
     Direct,
+    /// pg_start → connector with a route (a topic per account, created by the connector
+    /// when its first record comes) → Kafka → sink with a generic inbox on the topics'
+    /// pattern (`main.transactions`, and the balances kept by a SQL handler) → pg_end.
+    Routes,
 }
 
 impl Scenario {
     /// Whether `kind` touches this scenario's pipeline.
     fn affected_by(self, kind: FaultKind) -> bool {
         match self {
-            Scenario::Kafka => kind.affects_kafka_path(),
+            Scenario::Kafka | Scenario::Routes => kind.affects_kafka_path(),
             Scenario::Direct => kind.affects_direct_path(),
         }
     }
@@ -69,7 +77,29 @@ impl Scenario {
         match self {
             Scenario::Kafka => "kafka",
             Scenario::Direct => "direct",
+            Scenario::Routes => "routes",
         }
+    }
+
+    /// Whether the pipeline goes through Kafka (a connector, a progress topic, a sink).
+    fn through_kafka(self) -> bool {
+        matches!(self, Scenario::Kafka | Scenario::Routes)
+    }
+
+    /// The prefix of its relay processes' names (`<prefix>connector`): none for the
+    /// first two scenarios, whose processes the reports have always called `connector`,
+    /// `sink` and `direct`.
+    fn process_prefix(self) -> &'static str {
+        match self {
+            Scenario::Routes => "routes-",
+            _ => "",
+        }
+    }
+
+    /// Whether this scenario's relay process `process` is its `role` (`connector`,
+    /// `sink`, `direct`).
+    fn plays(self, process: &str, role: &str) -> bool {
+        process.strip_prefix(self.process_prefix()) == Some(role)
     }
 }
 
@@ -88,7 +118,7 @@ pub struct ChaosArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kafka,direct"
+        default_value = "kafka,direct,routes"
     )]
     pub scenarios: Vec<Scenario>,
     /// Fault kinds to inject, comma separated, or `all`. Kinds that touch no selected
@@ -393,9 +423,21 @@ struct ScenarioRun {
     witness: String,
     /// What the witness gave so far ([`check::witness_reader`]).
     witness_commits: check::WitnessCommits,
+    /// The topic (scenario `routes`: the routed topics' common prefix, followed by the
+    /// account).
     topic: String,
     progress_topic: String,
     relays: Vec<RelayProc>,
+}
+
+impl ScenarioRun {
+    /// The topics its connector writes: one, or (scenario `routes`) every one of a prefix.
+    fn topics(&self) -> check::Topics {
+        match self.scenario {
+            Scenario::Routes => check::Topics::Prefix(self.topic.clone()),
+            _ => check::Topics::Name(self.topic.clone()),
+        }
+    }
 }
 
 /// What the fault lanes share.
@@ -410,18 +452,27 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn relay(&self, name: &str) -> Option<&RelayProc> {
+    /// The relay processes of `role` (`connector`, `sink`, `direct`) in every scenario:
+    /// a relay fault hits all of them at once.
+    fn relays(&self, role: &str) -> Vec<&RelayProc> {
         self.runs
             .iter()
-            .flat_map(|r| &r.relays)
-            .find(|p| p.name == name)
+            .flat_map(|r| r.relays.iter().filter(|p| r.scenario.plays(&p.name, role)))
+            .collect()
     }
 
-    fn kafka_topic(&self) -> Option<&str> {
-        self.runs
+    /// A topic of the run whose partition leaders `leader-kill` looks up: the Kafka
+    /// scenario's, else the first account's routed topic.
+    fn kafka_topic(&self) -> Option<String> {
+        let run = self
+            .runs
             .iter()
             .find(|r| r.scenario == Scenario::Kafka)
-            .map(|r| r.topic.as_str())
+            .or_else(|| self.runs.iter().find(|r| r.scenario == Scenario::Routes))?;
+        Some(match run.scenario {
+            Scenario::Routes => format!("{}1", run.topic),
+            _ => run.topic.clone(),
+        })
     }
 
     /// Runs `f` on toxiproxy; a failed call restarts it ([`Toxiproxy::call`]).
@@ -711,11 +762,11 @@ impl Observers {
         let mut samplers = Vec::new();
         let mut loads = Vec::new();
         for run in &ctx.runs {
-            let next = match run.scenario {
-                Scenario::Direct => NextStage::PgEnd {
+            let next = match run.scenario.through_kafka() {
+                false => NextStage::PgEnd {
                     url: Stack::url(ctx.stack.pg_end_port(), &run.db),
                 },
-                Scenario::Kafka => NextStage::ProgressTopic {
+                true => NextStage::ProgressTopic {
                     brokers: ctx.stack.brokers(),
                     topic: run.progress_topic.clone(),
                 },
@@ -724,9 +775,9 @@ impl Observers {
                 run.source_url.clone(),
                 run.slot.clone(),
                 next,
-                Duration::from_millis(match run.scenario {
-                    Scenario::Direct => 250,
-                    Scenario::Kafka => 1000,
+                Duration::from_millis(match run.scenario.through_kafka() {
+                    false => 250,
+                    true => 1000,
                 }),
                 stop_sampling.clone(),
             )));
@@ -1110,7 +1161,10 @@ async fn prepare(
     check::create_witness(&source, &witness, stack.failover_slots())
         .await
         .map_err(|e| format!("witness slot: {}", error_chain(&e)))?;
-    let topic = format!("{db}_txns");
+    let topic = match scenario {
+        Scenario::Routes => format!("{db}_account_"),
+        _ => format!("{db}_txns"),
+    };
     // The connector's --progress-topic; its records are in the slot's own topic.
     let progress_base = format!("{db}_progress");
     let progress_topic = kafka::progress_topic_of(&progress_base, &slot);
@@ -1118,7 +1172,7 @@ async fn prepare(
     let relay_target = Stack::url(stack.pg_end_proxy_port(), &db);
     let relays = match scenario {
         Scenario::Kafka => {
-            create_topics(stack, &topic, &progress_topic).await?;
+            create_topics(stack, Some(&topic), &progress_topic).await?;
             let proxied = stack.proxied_brokers();
             let group = format!("{db}_sink");
             vec![
@@ -1169,6 +1223,57 @@ async fn prepare(
             ],
             2,
         )],
+        Scenario::Routes => {
+            // The routed topics are the connector's to create; the progress topic is
+            // made here, as for the Kafka scenario.
+            create_topics(stack, None, &progress_topic).await?;
+            let proxied = stack.proxied_brokers();
+            let group = format!("{db}_sink");
+            let route = format!(
+                "{{table = \"outbox.transactions\", key = \"account_id\", topic = \"{topic}${{account_id}}\"}}"
+            );
+            let inbox = format!(
+                "{{name = \"ledger-as-inbox\", topics = [\"^{topic}.*\"], \
+                 table = \"main.transactions\", handler = \"{LEDGER_HANDLER}\"}}"
+            );
+            let dead_letters = format!("{db}_dead_letters");
+            vec![
+                spawner.relay(
+                    "routes-connector",
+                    &[
+                        "connector",
+                        "--source-url",
+                        &relay_source,
+                        "--brokers",
+                        &proxied,
+                        "--route",
+                        &route,
+                        "--dead-letter-topic",
+                        &dead_letters,
+                        "--progress-topic",
+                        &progress_base,
+                        "--slot",
+                        &slot,
+                    ],
+                    3,
+                ),
+                spawner.relay(
+                    "routes-sink",
+                    &[
+                        "sink",
+                        "--target-url",
+                        &relay_target,
+                        "--brokers",
+                        &proxied,
+                        "--inbox",
+                        &inbox,
+                        "--group",
+                        &group,
+                    ],
+                    4,
+                ),
+            ]
+        }
     };
     eprintln!("chaos: scenario {short}: database {db}, slot {slot}, witness {witness}");
     Ok(ScenarioRun {
@@ -1214,24 +1319,37 @@ async fn create_databases(stack: &Stack, db: &str) -> Result<(String, String), S
     Ok((source_url, target_url))
 }
 
-/// Creates the Kafka scenario's topic (3 partitions) and its compacted progress topic,
+/// The seed's balance rule as a generic inbox's handler (docs/sink.md, "the ledger, as
+/// an inbox"): scenario `routes` checks it with the same `verify` as the built-in ledger.
+const LEDGER_HANDLER: &str =
+    "INSERT INTO main.balance AS b (account_id, current_balance, updated_at) \
+     SELECT account_id, sum(amount), max(created_at) FROM new_events \
+     GROUP BY account_id ORDER BY account_id \
+     ON CONFLICT (account_id) DO UPDATE \
+     SET current_balance = b.current_balance + EXCLUDED.current_balance, \
+     updated_at = GREATEST(b.updated_at, EXCLUDED.updated_at)";
+
+/// Creates a scenario's topic, if any (3 partitions), and its compacted progress topic,
 /// each replicated on the three brokers.
-async fn create_topics(stack: &Stack, topic: &str, progress_topic: &str) -> Result<(), String> {
+async fn create_topics(
+    stack: &Stack,
+    topic: Option<&str>,
+    progress_topic: &str,
+) -> Result<(), String> {
     let brokers = stack.brokers();
-    for spec in [
-        TopicSpec {
-            name: topic,
-            partitions: 3,
-            replication_factor: 3,
-            configs: &[],
-        },
-        TopicSpec {
-            name: progress_topic,
-            partitions: 1,
-            replication_factor: 3,
-            configs: &[("cleanup.policy", "compact")],
-        },
-    ] {
+    let data = topic.map(|name| TopicSpec {
+        name,
+        partitions: 3,
+        replication_factor: 3,
+        configs: &[],
+    });
+    let progress = TopicSpec {
+        name: progress_topic,
+        partitions: 1,
+        replication_factor: 3,
+        configs: &[("cleanup.policy", "compact")],
+    };
+    for spec in data.into_iter().chain([progress]) {
         kafka::ensure_topic(&brokers, &spec)
             .await
             .map_err(|e| format!("create topic {}: {e}", spec.name))?;
@@ -1338,17 +1456,17 @@ async fn judge(
         .await
         .map_err(|e| format!("witness: {e}"))?;
     let commits: Vec<_> = locked(&run.witness_commits).iter().copied().collect();
-    let history = match run.scenario {
-        Scenario::Kafka => read_progress_history(stack, run).await?,
-        Scenario::Direct => Vec::new(),
+    let history = match run.scenario.through_kafka() {
+        true => read_progress_history(stack, run).await?,
+        false => Vec::new(),
     };
     let lsn = check::judge_lsns(&check::resolve_samples(samples, &history), &commits);
     let dead_letters = check::dead_letters(&target)
         .await
         .map_err(|e| format!("dead letters: {e}"))?;
-    let topic = match run.scenario {
-        Scenario::Kafka => Some(read_topic(stack, run, &ids).await?),
-        Scenario::Direct => None,
+    let topic = match run.scenario.through_kafka() {
+        true => Some(read_topic(stack, run, &ids).await?),
+        false => None,
     };
     let affecting: Vec<&FaultOutcome> = outcomes
         .iter()
@@ -1411,16 +1529,16 @@ async fn read_progress_history(
     .map_err(|e| format!("progress history: {e}"))?
 }
 
-/// The topic read back against pg_start's outbox ids (see [`check::check_topic`]), on a
-/// blocking thread.
+/// The topic, or every routed topic, read back against pg_start's outbox ids (see
+/// [`check::check_topic`]), on a blocking thread.
 async fn read_topic(
     stack: &Stack,
     run: &ScenarioRun,
     ids: &std::collections::HashSet<i64>,
 ) -> Result<TopicCheck, String> {
-    let (brokers, topic, ids) = (stack.brokers(), run.topic.clone(), ids.clone());
+    let (brokers, topics, ids) = (stack.brokers(), run.topics(), ids.clone());
     tokio::task::spawn_blocking(move || {
-        check::check_topic(&brokers, &topic, &ids, Duration::from_secs(300))
+        check::check_topic(&brokers, &topics, &ids, Duration::from_secs(300))
     })
     .await
     .map_err(|e| format!("topic check: {e}"))?
@@ -1598,16 +1716,38 @@ async fn hand_over(
         DirectTakeover | ConnectorTakeover => Leave::Kill,
         _ => Leave::Term(Duration::from_secs(60)),
     };
-    let relay = ctx.relay(name).ok_or(format!("no {name} in this run"))?;
-    let done = relay.hand_over(leave, side_by_side).await?;
-    *note = done.note;
-    if let Some(status) = done.unclean {
-        locked(&ctx.unclean_terms).push(format!(
-            "{name} (hand-over) at t+{:.1}s: {status}",
-            ctx.t0.elapsed().as_secs_f64()
-        ));
+    let relays = ctx.relays(name);
+    if relays.is_empty() {
+        return Err(format!("no {name} in this run"));
     }
-    Ok(())
+    let done = futures_util::future::join_all(
+        relays
+            .iter()
+            .map(|relay| relay.hand_over(leave, side_by_side)),
+    )
+    .await;
+    let mut notes = Vec::new();
+    let mut failed = Vec::new();
+    for (relay, done) in relays.iter().zip(done) {
+        match done {
+            Ok(done) => {
+                notes.push(format!("{}: {}", relay.name, done.note));
+                if let Some(status) = done.unclean {
+                    locked(&ctx.unclean_terms).push(format!(
+                        "{} (hand-over) at t+{:.1}s: {status}",
+                        relay.name,
+                        ctx.t0.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+            Err(e) => failed.push(format!("{}: {e}", relay.name)),
+        }
+    }
+    *note = notes.join("; ");
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(failed.join("; ")),
+    }
 }
 
 /// Stops every process of component `name` with SIGSTOP for `hold`, then SIGCONT.
@@ -1643,7 +1783,7 @@ async fn brokers_down(
 ) -> Result<(), String> {
     let stack = &ctx.stack;
     let targets: Vec<u8> = if fault.kind == FaultKind::LeaderKill {
-        let topic = ctx.kafka_topic().unwrap_or_default().to_string();
+        let topic = ctx.kafka_topic().unwrap_or_default();
         let partition = i32::from(fault.targets.first().copied().unwrap_or(0));
         let brokers = stack.brokers();
         let leader = tokio::task::spawn_blocking(move || {
@@ -1691,21 +1831,34 @@ async fn relay_down(
         ConnectorKill | ConnectorTerm => "connector",
         _ => "sink",
     };
-    let relay = ctx.relay(name).ok_or(format!("no {name} in this run"))?;
+    let relays = ctx.relays(name);
+    if relays.is_empty() {
+        return Err(format!("no {name} in this run"));
+    }
     if matches!(kind, DirectKill | ConnectorKill | SinkKill) {
-        relay.kill();
+        relays.iter().for_each(|relay| relay.kill());
     } else {
-        let (status, clean) = relay.term(Duration::from_secs(60)).await;
-        *note = format!("exit {status}");
-        if !clean {
-            locked(&ctx.unclean_terms).push(format!(
-                "{name} at t+{:.1}s: {status}",
-                ctx.t0.elapsed().as_secs_f64()
-            ));
+        let exits = futures_util::future::join_all(
+            relays
+                .iter()
+                .map(|relay| relay.term(Duration::from_secs(60))),
+        )
+        .await;
+        let mut notes = Vec::new();
+        for (relay, (status, clean)) in relays.iter().zip(exits) {
+            notes.push(format!("{}: {status}", relay.name));
+            if !clean {
+                locked(&ctx.unclean_terms).push(format!(
+                    "{} at t+{:.1}s: {status}",
+                    relay.name,
+                    ctx.t0.elapsed().as_secs_f64()
+                ));
+            }
         }
+        *note = notes.join("; ");
     }
     tokio::time::sleep(hold).await;
-    relay.start()
+    relays.iter().try_for_each(|relay| relay.start())
 }
 
 /// Cuts (`cut`) or blackholes the proxies of `names` for `hold`, then restores them.
@@ -1916,6 +2069,17 @@ chaos: FAIL"#;
     }
 
     #[test]
+    fn a_relay_fault_finds_its_role_in_every_scenario() {
+        assert!(Scenario::Kafka.plays("connector", "connector"));
+        assert!(Scenario::Routes.plays("routes-connector", "connector"));
+        assert!(Scenario::Routes.plays("routes-sink", "sink"));
+        assert!(Scenario::Direct.plays("direct", "direct"));
+        assert!(!Scenario::Routes.plays("routes-connector", "sink"));
+        assert!(!Scenario::Kafka.plays("routes-connector", "connector"));
+        assert!(!Scenario::Routes.plays("connector", "connector"));
+    }
+
+    #[test]
     fn kinds_leave_out_what_touches_no_selected_scenario() {
         let args = |scenarios: Vec<Scenario>, faults: &[&str]| ChaosArgs {
             seed: Some(1),
@@ -1945,6 +2109,12 @@ chaos: FAIL"#;
         );
         assert_eq!(kafka.kinds().unwrap(), [FaultKind::SinkKill]);
         assert!(args(vec![Scenario::Kafka], &["nope"]).kinds().is_err());
+        // The routes scenario is a Kafka path: its connector and sink, no direct relay.
+        let routes = args(vec![Scenario::Routes], &["all"]).kinds().unwrap();
+        assert!(routes.contains(&FaultKind::ConnectorTakeover));
+        assert!(routes.contains(&FaultKind::SinkKill));
+        assert!(routes.contains(&FaultKind::LeaderKill));
+        assert!(!routes.contains(&FaultKind::DirectKill));
         // pg-start-failover needs PostgreSQL 17: left out of `all` before, refused when named.
         assert!(!direct.contains(&FaultKind::PgStartFailover));
         assert!(args(vec![Scenario::Direct], &["pg-start-failover"])
