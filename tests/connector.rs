@@ -627,6 +627,63 @@ async fn a_zombie_transaction_on_any_of_the_slots_transactional_ids_is_fenced() 
     assert!(connector.terminate().success());
 }
 
+/// Run 17 of the chaos runner (docs/reliability.md, finding 11): an instance whose
+/// `init_transactions` completed after it had lost the slot fenced the standby that had
+/// just taken the slot, and the fenced one exited 2, leaving nobody to stream until
+/// something restarted it. Here the active connector is fenced while it streams, by a
+/// producer that initialises every one of its transactional ids as such a late
+/// instance would: the connector must not exit. It ends its session, takes the slot
+/// again (nobody else holds it), fences in turn, reads its progress back and goes on,
+/// every row in the topic exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connector_fenced_by_a_late_instance_ends_its_session_instead_of_exiting() {
+    use outbox_relay::connector::{transactional_id, TRANSACTIONAL_PRODUCERS};
+    use outbox_relay::kafka;
+    use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
+
+    let p = Pipeline::new().await;
+    let mut connector = p.spawn_connector(&[], &[]);
+    let mut args = LoadArgs::count(&p.dbs.source_url, 3000);
+    args.rate = 300.0;
+    let load = tokio::spawn(async move { load::run(&args).await });
+    common::wait_until(
+        "the connector streams",
+        Duration::from_secs(120),
+        || async { connector.log_text().contains("streaming") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slot = p.slot.clone();
+    let late: Vec<ThreadedProducer<DefaultProducerContext>> =
+        tokio::task::spawn_blocking(move || {
+            (0..TRANSACTIONAL_PRODUCERS)
+                .map(|turn| {
+                    let producer: ThreadedProducer<DefaultProducerContext> =
+                        kafka::client_config(common::BROKERS)
+                            .set("transactional.id", transactional_id(&slot, turn))
+                            .create()
+                            .unwrap();
+                    producer.init_transactions(Duration::from_secs(30)).unwrap();
+                    producer
+                })
+                .collect()
+        })
+        .await
+        .unwrap();
+    common::wait_until(
+        "the connector meets the fence",
+        Duration::from_secs(60),
+        || async { connector.log_text().contains("this instance was fenced") },
+    )
+    .await;
+    let summary = load.await.unwrap().unwrap();
+    assert_eq!(summary.committed, 3000);
+    p.assert_topic_exactly_once().await;
+    common::connector::assert_running(&mut connector, "after it was fenced");
+    drop(late);
+    assert!(connector.terminate().success());
+}
+
 /// An on-demand backfill while the stream goes on, with a kill after its fourth chunk:
 /// the topic holds every outbox row once from the stream and, as a backfill record
 /// (same key, same value, the backfill header naming the request), once more for each

@@ -136,8 +136,8 @@ async fn two_direct_instances_on_one_slot_the_standby_takes_over_each_time_the_a
 /// An active connector that goes silent (SIGSTOP: as a host cut off) loses the slot
 /// once pg_start's `wal_sender_timeout` (3 s for this database) ends its walsender; the
 /// standby takes over within that and 5 s, and fences it in Kafka. Resumed, the old
-/// instance either finds the slot taken and stands by, or meets the fence and exits 2
-/// naming it; it never fences its successor back.
+/// instance finds the slot taken, or meets the fence and ends its session, and either
+/// way stands by: it neither exits nor fences its successor back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor() {
     let p = Pipeline::new().await;
@@ -178,8 +178,10 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     .await
     .expect("the old instance neither stood by nor exited");
     if let Some(status) = outcome {
-        assert_eq!(status.code(), Some(2), "{}", old.log_text());
-        assert!(old.log_text().contains("fenced"), "{}", old.log_text());
+        panic!(
+            "the old instance exited ({status}) instead of standing by:\n{}",
+            old.log_text()
+        );
     }
     let summary = load.await.unwrap().unwrap();
     assert_eq!(summary.committed, 3000);

@@ -64,9 +64,18 @@ pub enum DeliveryMode {
 
 #[derive(Debug, Error)]
 pub enum FlushError {
+    /// Transient: the session ends, and the next one finds out who holds the slot. An
+    /// instance fences only once it holds the slot, but its `init_transactions` can
+    /// complete after it lost the slot (a Kafka outage drew the call out while pg_start
+    /// ended its walsender, and the standby took the slot and fenced first): the
+    /// instance that holds the slot is then the fenced one. Stopping would leave no
+    /// instance streaming until something restarted it; ending the session lets the
+    /// slot decide again (the holder stands by if the other now holds it, or takes it
+    /// back and fences on its next start, which reads the progress record after).
     #[error(
-        "another connector with transactional.id {0} took over (this instance was fenced): \
-         it holds the slot now, and this one stops rather than fence it back"
+        "another connector initialised transactional.id {0} after this one (this instance \
+         was fenced): the session ends, and this instance stands by while the other holds \
+         the slot, or takes the slot back and fences it in turn"
     )]
     Fenced(String),
     #[error("the producer hit a fatal error")]
@@ -96,12 +105,11 @@ pub enum FlushError {
 impl FlushError {
     pub fn class(&self) -> ErrorClass {
         match self {
+            FlushError::Setup(_) | FlushError::TransactionTooLong { .. } => ErrorClass::Definite,
             FlushError::Fenced(_)
-            | FlushError::Setup(_)
-            | FlushError::TransactionTooLong { .. } => ErrorClass::Definite,
-            FlushError::Fatal(_) | FlushError::Spilled(_) | FlushError::Stopped => {
-                ErrorClass::Transient
-            }
+            | FlushError::Fatal(_)
+            | FlushError::Spilled(_)
+            | FlushError::Stopped => ErrorClass::Transient,
         }
     }
 }
@@ -531,8 +539,9 @@ impl BatchProducer {
     ///   with the connection), and the batch is durable as it is;
     /// - the last record this instance committed (or read when its session began): no
     ///   one else has written; the batch is sent again;
-    /// - anything else: another instance has committed since, and this one stops as
-    ///   fenced rather than commit what it holds a second time.
+    /// - anything else: another instance has committed since, and this one ends its
+    ///   session as fenced ([`FlushError::Fenced`]) rather than commit what it holds a
+    ///   second time.
     fn recreate(
         &mut self,
         progress_topic: &str,
@@ -550,7 +559,7 @@ impl BatchProducer {
                     if let Some(judged) = judge(found.as_ref(), pending, self.committed.as_ref()) {
                         return Ok(judged);
                     }
-                    tracing::error!(
+                    tracing::warn!(
                         ours = ?self.committed,
                         ?found,
                         "the progress topic moved on without this instance: another connector took over"

@@ -26,7 +26,8 @@
 //!    pgwire-replication's bounded channel makes the walsender wait. A source
 //!    transaction larger than a batch is streamed (see "Large source transactions").
 //! 5. Transient failures are retried with capped backoff; only a definite error (a lost
-//!    slot, a fenced producer, a bad configuration) stops the pipeline.
+//!    slot, a bad configuration) stops the pipeline. A producer fenced by another
+//!    instance is transient: the session ends, and the slot decides who streams.
 //! 6. A slot is created only when the destination has no streaming progress for it. A
 //!    slot missing after use, or invalidated, is a definite error (see [`source`]).
 //! 7. Commits complete in order, one at a time: a batch's commit starts only after the

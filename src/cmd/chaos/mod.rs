@@ -308,35 +308,13 @@ impl ChaosReport {
     /// Unexpected exits and failed fault steps (the first ten of each), unclean
     /// SIGTERMs, toxiproxy restarts; a line only for what happened, except the exits.
     fn render_process_findings(&self, out: &mut String) {
-        let fenced = self
-            .unexpected_exits
-            .iter()
-            .filter(|e| e.fenced_by_successor)
-            .count();
         let _ = writeln!(
             out,
             "  unexpected relay exits: {}",
-            self.unexpected_exits.len() - fenced
+            self.unexpected_exits.len()
         );
-        if fenced > 0 {
-            let _ = writeln!(
-                out,
-                "  exits fenced by a hand-over successor (exit 2, as designed): {fenced}"
-            );
-        }
         for e in self.unexpected_exits.iter().take(10) {
-            let _ = writeln!(
-                out,
-                "    {} {} at t+{:.1}s{}",
-                e.process,
-                e.status,
-                e.at_secs,
-                if e.fenced_by_successor {
-                    " (fenced by its successor)"
-                } else {
-                    ""
-                }
-            );
+            let _ = writeln!(out, "    {} {} at t+{:.1}s", e.process, e.status, e.at_secs);
         }
         if !self.unclean_terms.is_empty() {
             let _ = writeln!(out, "  unclean SIGTERMs: {:?}", self.unclean_terms);
@@ -969,9 +947,7 @@ fn assemble_report(
                 .map(|e| format!("{} #{} {}: {e}", o.kind, o.seq, o.started_secs))
         })
         .collect();
-    // An instance fenced by its hand-over successor exits 2 by design.
-    let pass =
-        scenarios.iter().all(|s| s.pass) && unexpected_exits.iter().all(|e| e.fenced_by_successor);
+    let pass = scenarios.iter().all(|s| s.pass) && unexpected_exits.is_empty();
     ChaosReport {
         seed,
         duration_secs: args.duration,
@@ -1958,7 +1934,6 @@ mod tests {
                         process: "connector".into(),
                         status: "exit status: 1".into(),
                         at_secs: f64::from(i) * 1.25,
-                        fenced_by_successor: false,
                     })
                     .collect()
             },
