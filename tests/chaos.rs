@@ -1,7 +1,8 @@
 //! The short chaos run of CI: `outbox-relay chaos` with its three scenarios (Kafka path,
-//! direct mode, and routes into a generic inbox) at once and every fault kind at least once, on a stack instance of its
-//! own (its own state dir and port offset, brokers with the proxied listener), which is
-//! stopped afterwards. It must report nothing lost, nothing duplicated, and pass.
+//! direct mode, and routes into a generic inbox) at once and every fault kind at least
+//! once, on a stack instance of its own (its own state dir and port offset, brokers with
+//! the proxied listener), which is stopped afterwards. It must report nothing lost,
+//! nothing duplicated, and pass.
 //!
 //! It holds `common::fault_lock()` all along: it does not touch the shared stack, but
 //! it loads the machine, and the other fault tests have timing of their own.
