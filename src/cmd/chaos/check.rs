@@ -465,29 +465,24 @@ fn reader(brokers: &str) -> Result<BaseConsumer<Quiet>, String> {
         .map_err(|e| format!("consumer: {e}"))
 }
 
-/// Reads every committed record of `topic` from the beginning to its end (its last
-/// stable offset), counting the ids of the values into `counts`.
+/// Reads every committed record of `topic`'s `partitions` from the beginning to their
+/// end (the last stable offset), counting the ids of the values into `counts`. One
+/// consumer per topic: a partition's end-of-file event names its partition, not its
+/// topic.
 fn read_ids(
     brokers: &str,
     topic: &str,
+    partitions: &[i32],
     deadline: std::time::Instant,
     counts: &mut HashMap<i64, u64>,
     check: &mut TopicCheck,
 ) -> Result<(), String> {
-    let consumer = reader(brokers)?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
     if partitions.is_empty() {
         return Err(format!("topic {topic} has no partitions"));
     }
+    let consumer = reader(brokers)?;
     let mut assignment = TopicPartitionList::new();
-    for p in &partitions {
+    for p in partitions {
         assignment
             .add_partition_offset(topic, *p, Offset::Beginning)
             .map_err(|e| e.to_string())?;
@@ -531,25 +526,30 @@ pub fn check_topic(
     source_ids: &HashSet<i64>,
     timeout: Duration,
 ) -> Result<TopicCheck, String> {
-    let consumer = reader(brokers)?;
-    let metadata = consumer
+    let metadata = reader(brokers)?
         .fetch_metadata(None, Duration::from_secs(30))
         .map_err(|e| format!("metadata of {topics}: {e}"))?;
-    let names: Vec<String> = metadata
+    let found: Vec<(&str, Vec<i32>)> = metadata
         .topics()
         .iter()
-        .map(|t| t.name().to_string())
-        .filter(|name| topics.matches(name))
+        .filter(|t| topics.matches(t.name()))
+        .map(|t| (t.name(), t.partitions().iter().map(|p| p.id()).collect()))
         .collect();
-    if names.is_empty() {
+    if found.is_empty() {
         return Err(format!("no topic {topics}"));
     }
-    drop(consumer);
     let deadline = std::time::Instant::now() + timeout;
     let mut counts: HashMap<i64, u64> = HashMap::new();
     let mut check = TopicCheck::default();
-    for name in &names {
-        read_ids(brokers, name, deadline, &mut counts, &mut check)?;
+    for (topic, partitions) in &found {
+        read_ids(
+            brokers,
+            topic,
+            partitions,
+            deadline,
+            &mut counts,
+            &mut check,
+        )?;
     }
     check.distinct_ids = counts.len() as u64;
     for (id, n) in &counts {

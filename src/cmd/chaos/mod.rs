@@ -740,22 +740,24 @@ impl Observers {
         let mut samplers = Vec::new();
         let mut loads = Vec::new();
         for run in &ctx.runs {
-            let next = match run.scenario.through_kafka() {
-                false => NextStage::PgEnd {
-                    url: Stack::url(ctx.stack.pg_end_port(), &run.db),
-                },
-                true => NextStage::ProgressTopic {
+            let next = if run.scenario.through_kafka() {
+                NextStage::ProgressTopic {
                     brokers: ctx.stack.brokers(),
                     topic: run.progress_topic.clone(),
-                },
+                }
+            } else {
+                NextStage::PgEnd {
+                    url: Stack::url(ctx.stack.pg_end_port(), &run.db),
+                }
             };
             samplers.push(tokio::spawn(check::sample_lsns(
                 run.source_url.clone(),
                 run.slot.clone(),
                 next,
-                Duration::from_millis(match run.scenario.through_kafka() {
-                    false => 250,
-                    true => 1000,
+                Duration::from_millis(if run.scenario.through_kafka() {
+                    1000
+                } else {
+                    250
                 }),
                 stop_sampling.clone(),
             )));
@@ -1432,17 +1434,19 @@ async fn judge(
         .await
         .map_err(|e| format!("witness: {e}"))?;
     let commits: Vec<_> = locked(&run.witness_commits).iter().copied().collect();
-    let history = match run.scenario.through_kafka() {
-        true => read_progress_history(stack, run).await?,
-        false => Vec::new(),
+    let history = if run.scenario.through_kafka() {
+        read_progress_history(stack, run).await?
+    } else {
+        Vec::new()
     };
     let lsn = check::judge_lsns(&check::resolve_samples(samples, &history), &commits);
     let dead_letters = check::dead_letters(&target)
         .await
         .map_err(|e| format!("dead letters: {e}"))?;
-    let topic = match run.scenario.through_kafka() {
-        true => Some(read_topic(stack, run, &ids).await?),
-        false => None,
+    let topic = if run.scenario.through_kafka() {
+        Some(read_topic(stack, run, &ids).await?)
+    } else {
+        None
     };
     let affecting: Vec<&FaultOutcome> = outcomes
         .iter()
@@ -1720,9 +1724,10 @@ async fn hand_over(
         }
     }
     *note = notes.join("; ");
-    match failed.is_empty() {
-        true => Ok(()),
-        false => Err(failed.join("; ")),
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
     }
 }
 
