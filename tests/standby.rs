@@ -146,8 +146,7 @@ async fn a_silent_active_connector_loses_the_slot_and_never_fences_its_successor
     args.rate = 300.0;
     let load = tokio::spawn(async move { load::run(&args).await });
     let mut old = p.spawn_connector(&[], &[]);
-    // Past the initial snapshot: a creator paused during it would hold the creation
-    // lock (and the standby) for as long as its pg_start sessions live.
+    // Past the initial snapshot (a creator frozen during it is the test below).
     wait_log(&old, "streaming", Duration::from_secs(120)).await;
     let pid = wait_held(&p.dbs, &p.slot, None, Duration::from_secs(120)).await;
     let mut new = p.spawn_connector(&[], &[]);
@@ -300,4 +299,126 @@ async fn a_second_instance_waits_for_the_initial_snapshot_and_never_starts_it_ov
         "the second instance stood by during the snapshot: {}",
         !snapshot_done
     );
+}
+
+/// Starts an instance with these environment variables.
+type SpawnWith<'a> = dyn Fn(&[(&str, &str)]) -> Relay + 'a;
+
+/// The creator of a slot is frozen (SIGSTOP, as a host cut off) right after the third
+/// chunk of its initial snapshot is committed. Its pg_start session, which holds the
+/// slot creation lock, outlives it (the kernel still answers for it), but the lock is a
+/// lease: pg_start ends that session once `wal_sender_timeout` (3 s here) passes
+/// without a ping. The standby then takes the slot, resumes the snapshot after the last
+/// committed chunk and streams, while the creator is still frozen. Woken, the creator
+/// finds its lease run out before it commits its next chunk (or its lock's session
+/// gone), ends its session and stands by: it neither exits nor takes anything back.
+/// Returns the creator and the instance that took over.
+async fn the_standby_takes_over_a_frozen_snapshot(spawn: &SpawnWith<'_>) -> (Relay, Relay) {
+    let mut creator = spawn(&[common::freeze_after_snapshot_chunks("3")]);
+    wait_log(
+        &creator,
+        "freezing after a snapshot chunk",
+        Duration::from_secs(120),
+    )
+    .await;
+    let frozen = Instant::now();
+    let mut successor = spawn(&[]);
+    wait_log(
+        &successor,
+        "resuming the slot's initial snapshot",
+        Duration::from_secs(60),
+    )
+    .await;
+    let took = frozen.elapsed();
+    eprintln!("the standby resumed the snapshot {took:?} after its creator froze");
+    assert!(
+        took < Duration::from_secs(3 + 10),
+        "took {took:?}, wal_sender_timeout 3 s"
+    );
+    wait_log(&successor, "streaming", Duration::from_secs(120)).await;
+    assert!(
+        creator.child.try_wait().unwrap().is_none(),
+        "the creator is frozen, not gone"
+    );
+    assert!(
+        !creator
+            .log_text()
+            .contains("delivered the outbox rows present"),
+        "the creator finished its snapshot before it froze:\n{}",
+        creator.log_text()
+    );
+
+    let woken = creator.log_text().len();
+    creator.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !creator.log_text()[woken..].contains("standing by") {
+        if let Some(status) = creator.child.try_wait().unwrap() {
+            panic!(
+                "the creator exited ({status}) instead of standing by:\n{}",
+                creator.log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the woken creator never stood by:\n{}",
+            creator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It learns that before it commits anything: its next chunk finds the lease run
+    // out, or its ping finds the lock's session gone.
+    let log = creator.log_text();
+    assert!(
+        log[woken..].contains("lease may have run out")
+            || log[woken..].contains("lost the slot creation lock"),
+        "{log}"
+    );
+    common::connector::assert_running(&mut successor, "after the creator woke");
+    (creator, successor)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connector_frozen_during_its_initial_snapshot_loses_it_to_the_standby() {
+    let p = Pipeline::new().await;
+    p.dbs.set_wal_sender_timeout("3s").await;
+    p.dbs
+        .source()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+             SELECT g, g % 100 + 1, g % 1000, now() FROM generate_series(1, 50000) g",
+        )
+        .await
+        .unwrap();
+    let (mut creator, mut successor) =
+        the_standby_takes_over_a_frozen_snapshot(&|envs| p.spawn_connector(&[], envs)).await;
+    let mut args = LoadArgs::count(&p.dbs.source_url, 500);
+    args.rate = 500.0;
+    load::run(&args).await.unwrap();
+    p.assert_topic_exactly_once().await;
+    common::connector::assert_running(&mut successor, "at the end");
+    common::connector::assert_running(&mut creator, "standing by");
+    let log = successor.log_text();
+    assert!(
+        !log.contains("fenced"),
+        "the creator fenced its successor:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_instance_frozen_during_its_initial_snapshot_loses_it_to_the_standby() {
+    let dbs = TestDbs::new().await;
+    dbs.set_wal_sender_timeout("3s").await;
+    common::load(&dbs, 20_000).await;
+    let slot = common::random_name("slot");
+    let (mut creator, mut successor) = the_standby_takes_over_a_frozen_snapshot(&|envs| {
+        common::spawn_direct(&dbs, &slot, &["--batch-size", "500"], envs)
+    })
+    .await;
+    common::load(&dbs, 500).await;
+    dbs.wait_verified(Duration::from_secs(120)).await;
+    common::connector::assert_running(&mut successor, "at the end");
+    common::connector::assert_running(&mut creator, "standing by");
+    assert!(successor.terminate().success());
+    assert!(creator.terminate().success(), "{}", creator.log_text());
 }

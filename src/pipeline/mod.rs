@@ -57,6 +57,19 @@
 //! the slot is free, so a session takes a free slot only under the same lock, and
 //! stands by while another holds it.
 //!
+//! The lock is held by a pg_start session, which outlives a frozen or cut-off holder as
+//! long as its kernel answers: so it is a lease ([`leased`]). While it holds the lock, a
+//! session pings it and sets its `idle_session_timeout` to pg_start's
+//! `wal_sender_timeout`, so pg_start ends it, and the lock goes to a standby, after the
+//! same silence that ends a silent instance's walsender and frees the slot. A creator
+//! that comes back commits nothing more under it: pg_start ends the session no sooner
+//! than a lease after the last ping it answered, and before each commit of the
+//! snapshot the creator checks that this is still ahead ([`LeaseClock::check`]); then
+//! its session ends, and it stands by. (A freeze between that check and the commit
+//! leaves one chunk to a Kafka destination's fence, which the instance that took over
+//! set, and to pg_end's event ids.) Without a `wal_sender_timeout` (0) there is no
+//! lease, as there is no takeover from a silent active instance.
+//!
 //! # Slot identity
 //! Every progress record carries pg_start's system identifier. With invariant 9, a slot
 //! confirmed past the record's LSN was advanced, or dropped and created again, behind
@@ -387,6 +400,110 @@ enum Holder {
     Creation,
 }
 
+/// Runs `work`, which holds the slot creation lock on `client`, under the lock's lease
+/// (see "Standby"): `client`'s session ends after `lease` without a ping, so a frozen
+/// holder loses the lock, and `work` ends with a transient error once this instance
+/// learns it lost it (a ping fails, or pg_start does not answer one within `lease`).
+async fn leased<T>(
+    client: &Arc<tokio_postgres::Client>,
+    lease: Option<Duration>,
+    clock: &Arc<LeaseClock>,
+    work: impl Future<Output = Result<T, PipelineError>>,
+) -> Result<T, PipelineError> {
+    let Some(lease) = lease else {
+        return work.await;
+    };
+    let lost = move |detail: String| -> PipelineError {
+        SourceError::Transient {
+            context: format!(
+                "lost the slot creation lock: {detail}; pg_start ends its session after \
+                 {lease:?} (wal_sender_timeout) without a sign of this instance, and \
+                 another instance may have taken over the slot's creation or snapshot"
+            ),
+            source: None,
+        }
+        .into()
+    };
+    let set = |value: String| async move {
+        let statement = format!("SET idle_session_timeout = {value}");
+        bounded(async {
+            (client.batch_execute(&statement).await)
+                .map_err(SourceError::query("setting the creation lock's lease"))
+        })
+        .await
+    };
+    let sent = Instant::now();
+    set(lease.as_millis().max(1).to_string()).await?;
+    clock.held_until(Some(sent + lease));
+    // A task of its own: a long stretch of work without an await does not starve it.
+    let pinger = Arc::clone(client);
+    let pinged = Arc::clone(clock);
+    let mut heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(lease / 4).await;
+            let sent = Instant::now();
+            match tokio::time::timeout(lease, pinger.simple_query("")).await {
+                Ok(Ok(_)) => pinged.held_until(Some(sent + lease)),
+                Ok(Err(error)) => return lost(format!("its session failed ({error})")),
+                Err(_) => return lost(format!("pg_start did not answer within {lease:?}")),
+            }
+        }
+    });
+    tokio::pin!(work);
+    let result = tokio::select! {
+        result = &mut work => {
+            heartbeat.abort();
+            // The task's reference to the session is gone once it has ended, so a
+            // caller that drops `client` releases the lock then.
+            let _ = heartbeat.await;
+            result
+        }
+        error = &mut heartbeat => Err(error.unwrap_or_else(|e| lost(format!("{e}")))),
+    };
+    clock.held_until(None);
+    if result.is_ok() {
+        set("DEFAULT".into()).await?;
+    }
+    result
+}
+
+/// Until when this instance surely holds the slot creation lock: pg_start ends the
+/// lock's session no sooner than its lease after the last ping this instance sent and
+/// saw answered. `None` outside a lease.
+#[derive(Debug, Default)]
+struct LeaseClock(std::sync::Mutex<Option<Instant>>);
+
+impl LeaseClock {
+    fn held_until(&self, until: Option<Instant>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+    }
+
+    /// An error if the lease may have run out: this instance was frozen or cut off for
+    /// longer than it, so another may hold the lock, and what was to be committed under
+    /// it is not.
+    fn check(&self) -> Result<(), PipelineError> {
+        let until = *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match until {
+            Some(until) if Instant::now() >= until => Err(SourceError::Transient {
+                context: "the slot creation lock's lease may have run out (no ping answered \
+                          for longer than wal_sender_timeout: this instance was frozen or cut \
+                          off), so another instance may be delivering the snapshot; not \
+                          committing under it"
+                    .into(),
+                source: None,
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A pg_start query within [`QUERY_TIMEOUT`].
 async fn bounded<T, E: Into<PipelineError>>(
     query: impl Future<Output = Result<T, E>>,
@@ -459,6 +576,8 @@ pub struct Pipeline<D: Destination> {
     system_identifier: Option<String>,
     /// A slot is being created (see `Pipeline::session`).
     creating: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Until when the slot creation lock is surely held (see [`leased`]).
+    lease: Arc<LeaseClock>,
     /// The on-demand backfills, as the batch being read leaves them.
     backfills: backfill::Backfills,
     /// Each outbox table's columns as the session's last Relation message gave them
@@ -540,6 +659,7 @@ impl<D: Destination> Pipeline<D> {
             silence: None,
             system_identifier: None,
             creating: Default::default(),
+            lease: Default::default(),
             backfills: Default::default(),
             stream_columns: Vec::new(),
             stop,
@@ -548,6 +668,12 @@ impl<D: Destination> Pipeline<D> {
 
     fn stopping(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Before a commit made under the slot creation lock (the initial snapshot's): an
+    /// error if its lease may have run out (see "Standby").
+    fn check_lease(&self) -> Result<(), PipelineError> {
+        self.lease.check()
     }
 
     /// Runs sessions until a stop or a definite error.
@@ -626,7 +752,9 @@ impl<D: Destination> Pipeline<D> {
     /// A session's set-up: checks, then the slot held and streaming started, with the
     /// destination's progress read (returned with the pg_start connection, which holds
     /// the creation lock if it was taken).
-    async fn open(&mut self) -> Result<(ReplicationClient, tokio_postgres::Client), PipelineError> {
+    async fn open(
+        &mut self,
+    ) -> Result<(ReplicationClient, Arc<tokio_postgres::Client>), PipelineError> {
         let url = self.source_url.clone();
         // A refused password or a missing database is definite; a server that is
         // down or starting is transient (SourceError::Query classifies by SQLSTATE).
@@ -634,7 +762,7 @@ impl<D: Destination> Pipeline<D> {
         // that accepts and never answers ends the attempt, which is retried.
         let client = bounded(async {
             match pg::connect(&url).await {
-                Ok(client) => Ok(client),
+                Ok(client) => Ok(Arc::new(client)),
                 Err(source) => {
                     let error = SourceError::Query {
                         context: format!("connecting to pg_start ({})", pg::redact_url(&url)),
@@ -681,50 +809,30 @@ impl<D: Destination> Pipeline<D> {
                         continue;
                     }
                     let start = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-                    let Some(replication) = self.acquire(start).await? else {
+                    let (silence, clock) = (self.silence, Arc::clone(&self.lease));
+                    let resumed = leased(&client, silence, &clock, async {
+                        match self.acquire(start).await? {
+                            Some(replication) => self
+                                .resume(replication, &client, &info, start)
+                                .await
+                                .map(Some),
+                            None => Ok(None),
+                        }
+                    })
+                    .await?;
+                    match resumed {
+                        Some(replication) => break replication,
                         // Another instance took it in between.
-                        self.stand_by(&client, Holder::Slot(None)).await?;
-                        continue;
-                    };
-                    break self.resume(replication, &client, &info, start).await?;
+                        None => self.stand_by(&client, Holder::Slot(None)).await?,
+                    }
                 }
                 None => {
                     if !bounded(lock_creation(&client, &slot)).await? {
                         self.stand_by(&client, Holder::Creation).await?;
                         continue;
                     }
-                    let progress = self.dest.read_progress(&slot).await?;
-                    if let Some(record) = progress
-                        .as_ref()
-                        .filter(|r| r.state == ProgressState::Streaming)
-                    {
-                        return Err(PipelineError::Definite(format!(
-                            "slot {slot} is missing, but this relay has streamed from it (its destination \
-                             holds up to LSN {}): recreating it would skip every transaction written since. \
-                             Recover (docs/operations.md, \"Slot lost or invalidated\"): start with a new \
-                             --slot (a new slot emits the outbox rows present when it is created), then \
-                             run `outbox-relay reconcile` so pg_end holds everything pg_start has",
-                            record.lsn
-                        )));
-                    }
-                    if let Some(snapshot) = progress.as_ref().and_then(|r| r.snapshot.as_ref()) {
-                        return Err(PipelineError::Definite(format!(
-                            "slot {slot} is missing, but its initial snapshot had delivered {} rows \
-                             (its stream, which was to bring the rows written since, is gone with \
-                             it): a new slot here would deliver those rows again. Recover: start \
-                             with a new --slot (its snapshot delivers every row present then, and \
-                             inboxes count an event id once), then run `outbox-relay reconcile`",
-                            snapshot.rows
-                        )));
-                    }
-                    if self.args.no_create_slot {
-                        return Err(PipelineError::Definite(format!(
-                            "slot {slot} does not exist in pg_start; create it \
-                             (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) \
-                             or start without --no-create-slot"
-                        )));
-                    }
-                    break self.create_slot(&info).await?;
+                    let (silence, clock) = (self.silence, Arc::clone(&self.lease));
+                    break leased(&client, silence, &clock, self.create_missing(&info)).await?;
                 }
             }
         };
@@ -746,6 +854,48 @@ impl<D: Destination> Pipeline<D> {
             .into());
         }
         Ok((replication, client))
+    }
+
+    /// Creates the slot that does not exist (with the creation lock held), unless the
+    /// destination's progress says this relay delivered from a slot of that name: then
+    /// a new one would skip or repeat what it held.
+    async fn create_missing(
+        &mut self,
+        info: &source::SourceInfo,
+    ) -> Result<ReplicationClient, PipelineError> {
+        let slot = self.slot.clone();
+        let progress = self.dest.read_progress(&slot).await?;
+        if let Some(record) = progress
+            .as_ref()
+            .filter(|r| r.state == ProgressState::Streaming)
+        {
+            return Err(PipelineError::Definite(format!(
+                "slot {slot} is missing, but this relay has streamed from it (its destination \
+                 holds up to LSN {}): recreating it would skip every transaction written since. \
+                 Recover (docs/operations.md, \"Slot lost or invalidated\"): start with a new \
+                 --slot (a new slot emits the outbox rows present when it is created), then \
+                 run `outbox-relay reconcile` so pg_end holds everything pg_start has",
+                record.lsn
+            )));
+        }
+        if let Some(snapshot) = progress.as_ref().and_then(|r| r.snapshot.as_ref()) {
+            return Err(PipelineError::Definite(format!(
+                "slot {slot} is missing, but its initial snapshot had delivered {} rows \
+                 (its stream, which was to bring the rows written since, is gone with \
+                 it): a new slot here would deliver those rows again. Recover: start \
+                 with a new --slot (its snapshot delivers every row present then, and \
+                 inboxes count an event id once), then run `outbox-relay reconcile`",
+                snapshot.rows
+            )));
+        }
+        if self.args.no_create_slot {
+            return Err(PipelineError::Definite(format!(
+                "slot {slot} does not exist in pg_start; create it \
+                 (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) \
+                 or start without --no-create-slot"
+            )));
+        }
+        self.create_slot(info).await
     }
 
     /// Starts streaming from the existing slot at `start`; `None` if another session
@@ -1957,11 +2107,14 @@ impl BatchMark {
 }
 
 /// A test hook (the `fault-injection` feature only): the environment variable `var`
-/// set to N aborts the process the Nth time the point is passed.
+/// set to N aborts the process the Nth time the point is passed, or, made with
+/// [`CrashPoint::freezing`], stops it (SIGSTOP, as a host cut off; SIGCONT resumes it)
+/// that one time.
 #[cfg(feature = "fault-injection")]
 pub(crate) struct CrashPoint {
     var: &'static str,
     message: &'static str,
+    freeze: bool,
     passed: std::sync::atomic::AtomicU64,
     limit: std::sync::OnceLock<Option<u64>>,
 }
@@ -1972,6 +2125,17 @@ impl CrashPoint {
         Self {
             var,
             message,
+            freeze: false,
+            passed: std::sync::atomic::AtomicU64::new(0),
+            limit: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) const fn freezing(var: &'static str, message: &'static str) -> Self {
+        Self {
+            var,
+            message,
+            freeze: true,
             passed: std::sync::atomic::AtomicU64::new(0),
             limit: std::sync::OnceLock::new(),
         }
@@ -1982,11 +2146,22 @@ impl CrashPoint {
         let limit = self
             .limit
             .get_or_init(|| std::env::var(self.var).ok().and_then(|v| v.parse().ok()));
-        if let Some(limit) = limit {
-            if self.passed.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
-                eprintln!("test hook: {}", self.message);
-                std::process::abort();
-            }
+        let Some(limit) = limit else {
+            return;
+        };
+        let passed = self.passed.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.freeze && passed == *limit {
+            eprintln!("test hook: {}", self.message);
+            let stopped = std::process::Command::new("kill")
+                .args(["-STOP", &std::process::id().to_string()])
+                .status();
+            assert!(
+                stopped.is_ok_and(|s| s.success()),
+                "SIGSTOP to itself failed"
+            );
+        } else if !self.freeze && passed >= *limit {
+            eprintln!("test hook: {}", self.message);
+            std::process::abort();
         }
     }
 }
@@ -2024,6 +2199,23 @@ mod tests {
 
     fn session() -> Session {
         Session::new(Lsn::ZERO, None)
+    }
+
+    #[test]
+    fn nothing_is_committed_under_a_creation_lock_whose_lease_may_have_run_out() {
+        let clock = LeaseClock::default();
+        clock.check().expect("no lease: nothing to run out");
+        clock.held_until(Some(Instant::now() + Duration::from_secs(60)));
+        clock.check().expect("within the lease");
+        clock.held_until(Some(Instant::now() - Duration::from_millis(1)));
+        let error = clock.check().expect_err("past the lease");
+        assert_eq!(error.class(), ErrorClass::Transient);
+        assert!(
+            error.to_string().contains("lease may have run out"),
+            "{error}"
+        );
+        clock.held_until(None);
+        clock.check().expect("the lease ended with its work");
     }
 
     #[test]

@@ -70,6 +70,7 @@ pub(super) async fn create_slot_and_emit<D: Destination>(
 ) -> Result<(ReplicationClient, Lsn), PipelineError> {
     let slot = pipeline.slot.clone();
     // 1. The marker.
+    pipeline.check_lease()?;
     commit_marker(&mut pipeline.dest, &slot).await?;
 
     // 2. The slot, on a session that stays idle until the snapshot is imported.
@@ -578,6 +579,7 @@ async fn deliver_chunks<D: Destination>(
                 if settled && pipeline.stopping() {
                     return Err(PipelineError::Stopped);
                 }
+                pipeline.check_lease()?;
                 *committing = Some(tokio::spawn(pipeline.dest.commit(&slot, &record(progress))));
             }
             if finished {
@@ -590,6 +592,7 @@ async fn deliver_chunks<D: Destination>(
     }
     settle(&mut pipeline.dest, committing.take()).await?;
     // 4. The stream starts at the consistent point.
+    pipeline.check_lease()?;
     commit_durably(
         &mut pipeline.dest,
         &slot,
@@ -615,7 +618,10 @@ async fn settle<D: Destination>(
     })??;
     make_durable(dest, committed).await?;
     #[cfg(feature = "fault-injection")]
-    AFTER_CHUNK.pass();
+    {
+        AFTER_CHUNK.pass();
+        FREEZE_AFTER_CHUNK.pass();
+    }
     Ok(())
 }
 
@@ -670,6 +676,15 @@ async fn make_durable<D: Destination>(
 static AFTER_CHUNK: super::CrashPoint = super::CrashPoint::new(
     "OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS",
     "aborting after a snapshot chunk was committed",
+);
+
+/// Test hook: `OUTBOX_RELAY_TEST_FREEZE_AFTER_SNAPSHOT_CHUNKS=N` stops the process
+/// (SIGSTOP) right after the Nth chunk of the initial snapshot is committed, holding
+/// the slot creation lock, to prove that a standby takes the snapshot over.
+#[cfg(feature = "fault-injection")]
+static FREEZE_AFTER_CHUNK: super::CrashPoint = super::CrashPoint::freezing(
+    "OUTBOX_RELAY_TEST_FREEZE_AFTER_SNAPSHOT_CHUNKS",
+    "freezing after a snapshot chunk was committed",
 );
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ impl SourceError {
         }
     }
 
-    fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
+    pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let context = context.into();
         move |source| SourceError::Query { context, source }
     }

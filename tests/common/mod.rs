@@ -216,6 +216,12 @@ pub fn crash_after_snapshot_chunks(n: &'static str) -> (&'static str, &'static s
     fault_hook("OUTBOX_RELAY_TEST_CRASH_AFTER_SNAPSHOT_CHUNKS", n)
 }
 
+/// The environment that makes the relay stop itself (SIGSTOP, as a host cut off) right
+/// after its `n`th initial-snapshot chunk is committed; [`Relay::resume`] wakes it.
+pub fn freeze_after_snapshot_chunks(n: &'static str) -> (&'static str, &'static str) {
+    fault_hook("OUTBOX_RELAY_TEST_FREEZE_AFTER_SNAPSHOT_CHUNKS", n)
+}
+
 /// The environment that makes the relay abort right after its `n`th spill of a source
 /// transaction larger than a batch, its destination transaction still open (the
 /// `fault-injection` feature's hook, as [`crash_after_commits`]).
