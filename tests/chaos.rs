@@ -1,6 +1,7 @@
-//! The short chaos run of CI: `outbox-relay chaos` with its three scenarios (Kafka path,
-//! direct mode, and routes into a generic inbox) at once and every fault kind at least
-//! once, on a stack instance of its own (its own state dir and port offset, brokers with
+//! The short chaos run of CI: `outbox-relay chaos` with its four scenarios (Kafka path,
+//! direct mode, routes into a generic inbox, the event-router preset on a table and on
+//! logical messages) at once and every fault kind at least once, at 30 transactions/s
+//! each (the source's load of three scenarios at 40), on a stack instance of its own (its own state dir and port offset, brokers with
 //! the proxied listener), which is stopped afterwards. It must report nothing lost,
 //! nothing duplicated, and pass.
 //!
@@ -35,11 +36,11 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
                     "--duration",
                     "60",
                     "--scenarios",
-                    "kafka,direct,routes",
+                    "kafka,direct,routes,events",
                     "--faults",
                     "all",
                     "--rate",
-                    "40",
+                    "30",
                     "--stack-dir",
                     &dir,
                     "--port-offset",
@@ -110,7 +111,7 @@ async fn short_chaos_run_loses_and_duplicates_nothing() {
         );
     }
     let scenarios = report["scenarios"].as_array().expect("scenarios");
-    assert_eq!(scenarios.len(), 3);
+    assert_eq!(scenarios.len(), 4);
     for s in scenarios {
         assert!(s["committed_at_source"].as_u64().unwrap_or(0) > 1000, "{s}");
         assert_eq!(s["lost"], 0, "{s}");

@@ -3,8 +3,10 @@
 //! The runner brings up a stack instance of its own (`scripts/stack` with a state dir
 //! and a port offset), a toxiproxy server between the relay and every component, fresh
 //! databases, topics, slots and group per run, and the relay as child processes of this
-//! binary: connector + sink (scenario `kafka`), direct (scenario `direct`), and a routed
-//! connector + a sink with a generic inbox (scenario `routes`), all at once. It writes a
+//! binary: connector + sink (scenario `kafka`), direct (scenario `direct`), a routed
+//! connector + a sink with a generic inbox (scenario `routes`), and the `event-router`
+//! preset on a Debezium-shaped outbox table and on logical messages + a sink with a
+//! `payload` inbox (scenario `events`), all at once. It writes a
 //! steady load into pg_start, injects faults from a seeded schedule ([`schedule`]), heals
 //! everything, waits for the pipeline to drain, and checks:
 //!
@@ -12,11 +14,13 @@
 //!   load ─▶ pg_start ──proxy──▶ connector ──proxy──▶ Kafka ──proxy──▶ sink ──proxy──▶ pg_end
 //!              │     ──proxy──▶ direct ───────────────────────────────────proxy──▶ pg_end
 //!              │     ──proxy──▶ connector, a route ─▶ topic per account ─▶ sink, an inbox ─▶ pg_end
+//!              │     ──proxy──▶ connector, event router ─▶ outbox.event.* ─▶ sink, an inbox ─▶ pg_end
 //!              └─ witness slot (test_decoding): every outbox commit LSN
 //! ```
 //!
-//! - `verify`: every id exactly once in pg_end, balances equal, balance = sum (in scenario
-//!   `routes` the balances are the inbox handler's work, not the built-in ledger's);
+//! - `verify`: every id exactly once in pg_end, balances equal, balance = sum (in scenarios
+//!   `routes` and `events` the balances are the inbox handler's work, not the built-in
+//!   ledger's);
 //! - the topic (every routed topic) read with `read_committed` holds every outbox id
 //!   exactly once;
 //! - the slot never confirmed past what the next stage held (sampled, [`check`]);
@@ -61,13 +65,19 @@ pub enum Scenario {
     /// when its first record comes) → Kafka → sink with a generic inbox on the topics'
     /// pattern (`main.transactions`, and the balances kept by a SQL handler) → pg_end.
     Routes,
+    /// pg_start → connector with the `event-router` preset on two sources at once: a
+    /// Debezium-shaped outbox table, and transactional logical messages of the same
+    /// shape (a trigger turns each ledger row into one or the other, by account) →
+    /// `outbox.event.<aggregatetype>` topics, created by the connector → sink with a
+    /// `payload` inbox on their pattern and the ledger handler → pg_end.
+    Events,
 }
 
 impl Scenario {
     /// Whether `kind` touches this scenario's pipeline.
     fn affected_by(self, kind: FaultKind) -> bool {
         match self {
-            Scenario::Kafka | Scenario::Routes => kind.affects_kafka_path(),
+            Scenario::Kafka | Scenario::Routes | Scenario::Events => kind.affects_kafka_path(),
             Scenario::Direct => kind.affects_direct_path(),
         }
     }
@@ -78,12 +88,13 @@ impl Scenario {
             Scenario::Kafka => "kafka",
             Scenario::Direct => "direct",
             Scenario::Routes => "routes",
+            Scenario::Events => "events",
         }
     }
 
     /// Whether the pipeline goes through Kafka (a connector, a progress topic, a sink).
     fn through_kafka(self) -> bool {
-        matches!(self, Scenario::Kafka | Scenario::Routes)
+        matches!(self, Scenario::Kafka | Scenario::Routes | Scenario::Events)
     }
 
     /// The prefix of its relay processes' names (`<prefix>connector`): none for the
@@ -92,6 +103,7 @@ impl Scenario {
     fn process_prefix(self) -> &'static str {
         match self {
             Scenario::Routes => "routes-",
+            Scenario::Events => "events-",
             _ => "",
         }
     }
@@ -118,7 +130,7 @@ pub struct ChaosArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kafka,direct,routes"
+        default_value = "kafka,direct,routes,events"
     )]
     pub scenarios: Vec<Scenario>,
     /// Fault kinds to inject, comma separated, or `all`. Kinds that touch no selected
@@ -401,18 +413,18 @@ struct ScenarioRun {
     witness: String,
     /// What the witness gave so far ([`check::witness_reader`]).
     witness_commits: check::WitnessCommits,
-    /// The topic (scenario `routes`: the routed topics' common prefix, followed by the
-    /// account).
+    /// The topic (scenarios `routes` and `events`: the routed topics' common prefix).
     topic: String,
     progress_topic: String,
     relays: Vec<RelayProc>,
 }
 
 impl ScenarioRun {
-    /// The topics its connector writes: one, or (scenario `routes`) every one of a prefix.
+    /// The topics its connector writes: one, or (scenarios `routes` and `events`) every
+    /// one of a prefix.
     fn topics(&self) -> check::Topics {
         match self.scenario {
-            Scenario::Routes => check::Topics::Prefix(self.topic.clone()),
+            Scenario::Routes | Scenario::Events => check::Topics::Prefix(self.topic.clone()),
             _ => check::Topics::Name(self.topic.clone()),
         }
     }
@@ -440,15 +452,14 @@ impl Ctx {
     }
 
     /// A topic of the run whose partition leaders `leader-kill` looks up: the Kafka
-    /// scenario's, else the first account's routed topic.
+    /// scenario's, else the first account's routed topic, else the first event topic.
     fn kafka_topic(&self) -> Option<String> {
-        let run = self
-            .runs
+        let run = [Scenario::Kafka, Scenario::Routes, Scenario::Events]
             .iter()
-            .find(|r| r.scenario == Scenario::Kafka)
-            .or_else(|| self.runs.iter().find(|r| r.scenario == Scenario::Routes))?;
+            .find_map(|s| self.runs.iter().find(|r| r.scenario == *s))?;
         Some(match run.scenario {
             Scenario::Routes => format!("{}1", run.topic),
+            Scenario::Events => format!("{}t0", run.topic),
             _ => run.topic.clone(),
         })
     }
@@ -703,16 +714,25 @@ impl Supervisor {
 }
 
 /// Starts every relay and its supervisor, and returns once every relay slot is active:
-/// relays up, slots created, before the load starts.
+/// relays up, slots created, before the load starts. On an error the relays started
+/// are shut down (they would outlive the runner, holding their metrics ports).
 async fn start_pipelines(ctx: &Arc<Ctx>) -> Result<Supervisor, String> {
-    for run in &ctx.runs {
-        for relay in &run.relays {
-            relay.start()?;
+    let relays = || ctx.runs.iter().flat_map(|r| &r.relays);
+    if let Err(error) = relays().try_for_each(RelayProc::start) {
+        for relay in relays() {
+            relay.shutdown().await;
         }
+        return Err(error);
     }
     let supervisor = Supervisor::spawn(ctx.clone());
     for run in &ctx.runs {
-        wait_for_slot(&ctx.stack, run, Duration::from_secs(180)).await?;
+        if let Err(error) = wait_for_slot(&ctx.stack, run, Duration::from_secs(180)).await {
+            supervisor.stop().await;
+            for relay in relays() {
+                relay.shutdown().await;
+            }
+            return Err(error);
+        }
     }
     eprintln!(
         "chaos: pipelines up after {:.1}s; load and faults start",
@@ -1141,8 +1161,15 @@ async fn prepare(
         .map_err(|e| format!("witness slot: {}", error_chain(&e)))?;
     let topic = match scenario {
         Scenario::Routes => format!("{db}_account_"),
+        Scenario::Events => format!("outbox.event.{db}_"),
         _ => format!("{db}_txns"),
     };
+    if scenario == Scenario::Events {
+        source
+            .batch_execute(&events_outbox(&db))
+            .await
+            .map_err(|e| format!("the events outbox of {db}: {e}"))?;
+    }
     // The connector's --progress-topic; its records are in the slot's own topic.
     let progress_base = format!("{db}_progress");
     let progress_topic = kafka::progress_topic_of(&progress_base, &slot);
@@ -1252,6 +1279,58 @@ async fn prepare(
                 ),
             ]
         }
+        Scenario::Events => {
+            create_topics(stack, None, &progress_topic).await?;
+            let proxied = stack.proxied_brokers();
+            let group = format!("{db}_sink");
+            let table = "{table = \"outbox.events\", preset = \"event-router\"}".to_string();
+            let messages =
+                format!("{{message_prefix = \"{db}_ledger\", preset = \"event-router\"}}");
+            let pattern = format!("^{}.*", topic.replace('.', "\\."));
+            let inbox = format!(
+                "{{name = \"ledger-events\", topics = ['{pattern}'], format = \"payload\", \
+                 table = \"main.transactions\", handler = \"{LEDGER_HANDLER}\"}}"
+            );
+            let dead_letters = format!("{db}_dead_letters");
+            vec![
+                spawner.relay(
+                    "events-connector",
+                    &[
+                        "connector",
+                        "--source-url",
+                        &relay_source,
+                        "--brokers",
+                        &proxied,
+                        "--route",
+                        &table,
+                        "--route",
+                        &messages,
+                        "--dead-letter-topic",
+                        &dead_letters,
+                        "--progress-topic",
+                        &progress_base,
+                        "--slot",
+                        &slot,
+                    ],
+                    5,
+                ),
+                spawner.relay(
+                    "events-sink",
+                    &[
+                        "sink",
+                        "--target-url",
+                        &relay_target,
+                        "--brokers",
+                        &proxied,
+                        "--inbox",
+                        &inbox,
+                        "--group",
+                        &group,
+                    ],
+                    6,
+                ),
+            ]
+        }
     };
     eprintln!("chaos: scenario {short}: database {db}, slot {slot}, witness {witness}");
     Ok(ScenarioRun {
@@ -1295,6 +1374,44 @@ async fn create_databases(stack: &Stack, db: &str) -> Result<(String, String), S
         .await
         .map_err(|e| format!("migrate {db} on pg_end: {e}"))?;
     Ok((source_url, target_url))
+}
+
+/// Scenario `events`' outbox on pg_start: Debezium's outbox table (`outbox.events`), and
+/// a trigger that turns each ledger row the load writes into an event of that shape, in
+/// the same transaction: a row of `outbox.events` for an even account, a transactional
+/// logical message (prefix `<db>_ledger`) for an odd one. The payload is the ledger row
+/// as JSON (what the inbox writes into `main.transactions`); the aggregate type, which
+/// names the topic, is `<db>_t<account % 4>` for rows and `<db>_m<account % 4>` for
+/// messages. The event id is derived from the row's id, so it is the same on a replay.
+/// The relay's publication holds `outbox.events` alone.
+fn events_outbox(db: &str) -> String {
+    format!(
+        "CREATE TABLE outbox.events (
+             id uuid PRIMARY KEY,
+             aggregatetype varchar(255) NOT NULL,
+             aggregateid varchar(255) NOT NULL,
+             type varchar(255) NOT NULL,
+             payload jsonb);
+         CREATE FUNCTION outbox.transactions_as_events() RETURNS trigger LANGUAGE plpgsql AS $f$
+         DECLARE
+             event_id uuid := md5('ledger:' || NEW.id)::uuid;
+         BEGIN
+             IF NEW.account_id % 2 = 0 THEN
+                 INSERT INTO outbox.events (id, aggregatetype, aggregateid, type, payload)
+                 VALUES (event_id, '{db}_t' || NEW.account_id % 4, NEW.account_id::text,
+                         'credit', to_jsonb(NEW));
+             ELSE
+                 PERFORM pg_logical_emit_message(true, '{db}_ledger', jsonb_build_object(
+                     'id', event_id, 'aggregatetype', '{db}_m' || NEW.account_id % 4,
+                     'aggregateid', NEW.account_id::text, 'type', 'credit',
+                     'payload', to_jsonb(NEW))::text);
+             END IF;
+             RETURN NULL;
+         END $f$;
+         CREATE TRIGGER as_events AFTER INSERT ON outbox.transactions
+             FOR EACH ROW EXECUTE FUNCTION outbox.transactions_as_events();
+         ALTER PUBLICATION outbox_relay SET TABLE outbox.events;"
+    )
 }
 
 /// The seed's balance rule as a generic inbox's handler (docs/sink.md, "the ledger, as
@@ -2057,6 +2174,10 @@ chaos: FAIL"#;
         assert!(!Scenario::Routes.plays("routes-connector", "sink"));
         assert!(!Scenario::Kafka.plays("routes-connector", "connector"));
         assert!(!Scenario::Routes.plays("connector", "connector"));
+        assert!(Scenario::Events.plays("events-connector", "connector"));
+        assert!(Scenario::Events.plays("events-sink", "sink"));
+        assert!(!Scenario::Events.plays("routes-sink", "sink"));
+        assert!(Scenario::Events.through_kafka());
     }
 
     #[test]
