@@ -167,4 +167,20 @@ fn a_toxiproxy_that_stops_answering_is_restarted_with_clean_proxies() {
     assert_eq!(toxi.restarts, 1);
     TcpStream::connect(("127.0.0.1", stack.pg_start_proxy_port()))
         .expect("the pg_start proxy listens again");
+
+    // A runner that did not end cleanly leaves its server behind (chaos run 19's first
+    // attempt talked to such a one, which had wedged, and restarting its own never
+    // replaced it): the next start kills it and runs its own.
+    let leftover = toxi.pid();
+    std::mem::forget(toxi);
+    let toxi = Toxiproxy::start(&binary, &stack, &dir.join("toxiproxy-restart-test.log"))
+        .expect("start toxiproxy beside a leftover one");
+    assert_ne!(toxi.pid(), leftover);
+    // Gone, or (this test being its parent, which never waits for it) a zombie.
+    let state = std::fs::read_to_string(format!("/proc/{leftover}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "the leftover server {leftover} is still running: {state}"
+    );
+    toxi.heal_all().expect("the new server answers");
 }

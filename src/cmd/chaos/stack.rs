@@ -313,8 +313,60 @@ pub fn proxies(stack: &Stack) -> Vec<(String, u16, u16)> {
     list
 }
 
-/// Starts `toxiproxy-server` on `port`, appending its output to `log`.
+/// Starts `toxiproxy-server` on `port`, appending its output to `log`, after killing
+/// any server of `binary` on that port left behind by a runner that did not end
+/// cleanly: a new one could not bind the port, and the runner would talk to the old one,
+/// which a restart (the cure for a wedged API) then never replaces.
 fn spawn_toxiproxy(binary: &Path, port: u16, log: &Path) -> Result<Child, String> {
+    for pid in leftover_servers(binary, port) {
+        eprintln!("chaos: killing toxiproxy {pid}, left on port {port} by an earlier run");
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let gone = Instant::now() + Duration::from_secs(5);
+        while !leftover_servers(binary, port).is_empty() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut child = spawn_toxiproxy_process(binary, port, log)?;
+    // One that cannot bind its port exits at once.
+    std::thread::sleep(Duration::from_millis(200));
+    if let Ok(Some(status)) = child.try_wait() {
+        return Err(format!(
+            "toxiproxy exited at start ({status}); is port {port} taken? (its log: {})",
+            log.display()
+        ));
+    }
+    Ok(child)
+}
+
+/// The processes running `binary -host 127.0.0.1 -port <port>` (how the runner starts
+/// toxiproxy), read from /proc.
+fn leftover_servers(binary: &Path, port: u16) -> Vec<u32> {
+    let wanted = [
+        binary.to_string_lossy().into_owned(),
+        "-host".into(),
+        "127.0.0.1".into(),
+        "-port".into(),
+        port.to_string(),
+    ];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args == wanted
+            })
+        })
+        .collect()
+}
+
+fn spawn_toxiproxy_process(binary: &Path, port: u16, log: &Path) -> Result<Child, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
