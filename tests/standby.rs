@@ -38,6 +38,20 @@ async fn wait_held(dbs: &TestDbs, slot: &str, previous: Option<i32>, timeout: Du
     }
 }
 
+/// Writes `rows` outbox rows straight into pg_start's outbox (ids 1..=rows), for an
+/// initial snapshot to deliver.
+async fn fill_outbox(dbs: &TestDbs, rows: i64) {
+    dbs.source()
+        .await
+        .execute(
+            "INSERT INTO outbox.transactions (id, account_id, amount, created_at)
+             SELECT g, g % 100 + 1, g % 1000, now() FROM generate_series(1, $1::int8) g",
+            &[&rows],
+        )
+        .await
+        .unwrap();
+}
+
 async fn wait_log(relay: &Relay, text: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !relay.log_text().contains(text) {
@@ -248,15 +262,7 @@ async fn a_direct_instance_frozen_inside_a_pg_end_transaction_does_not_hold_up_i
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_instance_waits_for_the_initial_snapshot_and_never_starts_it_over() {
     let p = Pipeline::new().await;
-    p.dbs
-        .source()
-        .await
-        .batch_execute(
-            "INSERT INTO outbox.transactions (id, account_id, amount, created_at)
-             SELECT g, g % 100 + 1, g % 1000, now() FROM generate_series(1, 300000) g",
-        )
-        .await
-        .unwrap();
+    fill_outbox(&p.dbs, 300000).await;
     let mut creator = p.spawn_connector(&[], &[]);
     wait_log(
         &creator,
@@ -381,15 +387,7 @@ async fn the_standby_takes_over_a_frozen_snapshot(spawn: &SpawnWith<'_>) -> (Rel
 async fn a_connector_frozen_during_its_initial_snapshot_loses_it_to_the_standby() {
     let p = Pipeline::new().await;
     p.dbs.set_wal_sender_timeout("3s").await;
-    p.dbs
-        .source()
-        .await
-        .batch_execute(
-            "INSERT INTO outbox.transactions (id, account_id, amount, created_at)
-             SELECT g, g % 100 + 1, g % 1000, now() FROM generate_series(1, 50000) g",
-        )
-        .await
-        .unwrap();
+    fill_outbox(&p.dbs, 50000).await;
     let (mut creator, mut successor) =
         the_standby_takes_over_a_frozen_snapshot(&|envs| p.spawn_connector(&[], envs)).await;
     let mut args = LoadArgs::count(&p.dbs.source_url, 500);

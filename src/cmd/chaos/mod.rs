@@ -1228,42 +1228,54 @@ async fn prepare(
             ],
             2,
         )],
-        Scenario::Routes => {
+        Scenario::Routes | Scenario::Events => {
             // The routed topics are the connector's to create; the progress topic is
             // made here, as for the Kafka scenario.
             create_topics(stack, None, &progress_topic).await?;
+            let (routes, inbox, first_port) = if scenario == Scenario::Routes {
+                let route = format!(
+                    "{{table = \"outbox.transactions\", key = \"account_id\", topic = \"{topic}${{account_id}}\"}}"
+                );
+                let inbox = format!(
+                    "{{name = \"ledger-as-inbox\", topics = [\"^{topic}.*\"], \
+                     table = \"main.transactions\", handler = \"{LEDGER_HANDLER}\"}}"
+                );
+                (vec![route], inbox, 3)
+            } else {
+                let table = "{table = \"outbox.events\", preset = \"event-router\"}".to_string();
+                let messages =
+                    format!("{{message_prefix = \"{db}_ledger\", preset = \"event-router\"}}");
+                let pattern = format!("^{}.*", topic.replace('.', "\\."));
+                let inbox = format!(
+                    "{{name = \"ledger-events\", topics = ['{pattern}'], format = \"payload\", \
+                     table = \"main.transactions\", handler = \"{LEDGER_HANDLER}\"}}"
+                );
+                (vec![table, messages], inbox, 5)
+            };
             let proxied = stack.proxied_brokers();
             let group = format!("{db}_sink");
-            let route = format!(
-                "{{table = \"outbox.transactions\", key = \"account_id\", topic = \"{topic}${{account_id}}\"}}"
-            );
-            let inbox = format!(
-                "{{name = \"ledger-as-inbox\", topics = [\"^{topic}.*\"], \
-                 table = \"main.transactions\", handler = \"{LEDGER_HANDLER}\"}}"
-            );
             let dead_letters = format!("{db}_dead_letters");
+            let mut connector = vec![
+                "connector",
+                "--source-url",
+                &relay_source,
+                "--brokers",
+                &proxied,
+                "--dead-letter-topic",
+                &dead_letters,
+                "--progress-topic",
+                &progress_base,
+                "--slot",
+                &slot,
+            ];
+            for route in &routes {
+                connector.extend(["--route", route.as_str()]);
+            }
+            let prefix = scenario.process_prefix();
             vec![
+                spawner.relay(&format!("{prefix}connector"), &connector, first_port),
                 spawner.relay(
-                    "routes-connector",
-                    &[
-                        "connector",
-                        "--source-url",
-                        &relay_source,
-                        "--brokers",
-                        &proxied,
-                        "--route",
-                        &route,
-                        "--dead-letter-topic",
-                        &dead_letters,
-                        "--progress-topic",
-                        &progress_base,
-                        "--slot",
-                        &slot,
-                    ],
-                    3,
-                ),
-                spawner.relay(
-                    "routes-sink",
+                    &format!("{prefix}sink"),
                     &[
                         "sink",
                         "--target-url",
@@ -1275,59 +1287,7 @@ async fn prepare(
                         "--group",
                         &group,
                     ],
-                    4,
-                ),
-            ]
-        }
-        Scenario::Events => {
-            create_topics(stack, None, &progress_topic).await?;
-            let proxied = stack.proxied_brokers();
-            let group = format!("{db}_sink");
-            let table = "{table = \"outbox.events\", preset = \"event-router\"}".to_string();
-            let messages =
-                format!("{{message_prefix = \"{db}_ledger\", preset = \"event-router\"}}");
-            let pattern = format!("^{}.*", topic.replace('.', "\\."));
-            let inbox = format!(
-                "{{name = \"ledger-events\", topics = ['{pattern}'], format = \"payload\", \
-                 table = \"main.transactions\", handler = \"{LEDGER_HANDLER}\"}}"
-            );
-            let dead_letters = format!("{db}_dead_letters");
-            vec![
-                spawner.relay(
-                    "events-connector",
-                    &[
-                        "connector",
-                        "--source-url",
-                        &relay_source,
-                        "--brokers",
-                        &proxied,
-                        "--route",
-                        &table,
-                        "--route",
-                        &messages,
-                        "--dead-letter-topic",
-                        &dead_letters,
-                        "--progress-topic",
-                        &progress_base,
-                        "--slot",
-                        &slot,
-                    ],
-                    5,
-                ),
-                spawner.relay(
-                    "events-sink",
-                    &[
-                        "sink",
-                        "--target-url",
-                        &relay_target,
-                        "--brokers",
-                        &proxied,
-                        "--inbox",
-                        &inbox,
-                        "--group",
-                        &group,
-                    ],
-                    6,
+                    first_port + 1,
                 ),
             ]
         }
